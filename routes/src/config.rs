@@ -1,0 +1,145 @@
+//! The route file as operators write it: raw serde types, one per section, before validation.
+//!
+//! Every struct denies unknown keys so a typo is an error instead of a silent default. These
+//! types are converted once into the compiled [`crate::RouteTable`]; nothing on the request
+//! path reads them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One backend: a place requests can be sent to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `http://host:port[/prefix]` or `https://...`; a path is prefixed to forwarded paths.
+    pub url: String,
+    /// Optional active health check; without one the backend is always considered up.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    /// Forward the client's Host header (default) or, when false, the backend URL's host.
+    #[serde(default = "default_true")]
+    pub preserve_host: bool,
+    /// How long to wait for a TCP (and TLS) connection before falling back.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// An active HTTP health check of a backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Path requested with GET; any 2xx answer counts as healthy.
+    pub path: String,
+    /// Time between two checks.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long one check may take before it counts as failed.
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failures before the backend is marked down.
+    #[serde(default = "default_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes before a down backend is marked up again.
+    #[serde(default = "default_threshold")]
+    pub healthy_threshold: u32,
+}
+
+/// The `[defaults]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsConfig {
+    /// Where requests that match no route go.
+    pub backend: String,
+    /// How a client is identified: `header:NAME`, `cookie:NAME`, `query:NAME`, `ip` or `none`.
+    /// Absent means the client-id cookie that ficus itself hands out.
+    #[serde(default)]
+    pub sticky: Option<String>,
+    /// Header naming the backend to use for one request; absent disables overrides.
+    #[serde(default)]
+    pub override_header: Option<String>,
+    /// Cookie that carries the id given to clients that arrive without a sticky key.
+    #[serde(default = "default_client_id_cookie")]
+    pub client_id_cookie: String,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique name, used in logs, metrics and errors.
+    pub name: String,
+    /// Which requests this route takes; all conditions must hold.
+    #[serde(rename = "match")]
+    pub match_: MatchConfig,
+    /// The backend taking this route over.
+    pub to: String,
+    /// Share of this route's clients sent to `to`, 0 to 100 in steps of 0.01.
+    pub percent: f64,
+    /// The backend the route is taken from; defaults to `defaults.backend`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Overrides `defaults.sticky` for this route.
+    #[serde(default)]
+    pub sticky: Option<String>,
+    /// Path rewriting applied only to requests sent to `to`.
+    #[serde(default)]
+    pub rewrite: Option<RewriteConfig>,
+}
+
+/// The conditions of a route's `match`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Exact path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Path prefix matching whole segments.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Regular expression searched in the path (anchor it with `^...$` to match the whole path).
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    /// Host header, port ignored, case-insensitive.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// HTTP methods; empty means any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Headers that must be present with exactly these values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A route's `rewrite`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteConfig {
+    /// Prefix removed from the path before forwarding to `to`.
+    pub strip_prefix: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_threshold() -> u32 {
+    2
+}
+
+fn default_client_id_cookie() -> String {
+    "ficus_id".to_string()
+}

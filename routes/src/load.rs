@@ -1,0 +1,383 @@
+//! Reading a route file (TOML, YAML or JSON by extension) and validating it into a [`RouteTable`].
+//!
+//! Each section is deserialized on its own so that one bad route does not hide the problems of
+//! the others: every error found is returned, each naming the file, the route and the field.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use regex::Regex;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::{BackendConfig, DefaultsConfig, RouteConfig};
+use crate::error::{LoadError, ValidationError};
+use crate::matcher::{Matcher, PathMatch};
+use crate::sticky::{is_token, Sticky, BUCKETS};
+use crate::table::{Backend, BackendId, Route, RouteTable};
+
+const TOP_LEVEL_KEYS: [&str; 3] = ["backends", "defaults", "routes"];
+const METHODS: [&str; 9] =
+    ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"];
+
+/// The formats a route file can be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Yaml,
+    Json,
+}
+
+impl Format {
+    /// The format a file's extension says it is in.
+    pub fn from_path(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "toml" => Some(Format::Toml),
+            "yaml" | "yml" => Some(Format::Yaml),
+            "json" => Some(Format::Json),
+            _ => None,
+        }
+    }
+
+    fn as_config(self) -> config::FileFormat {
+        match self {
+            Format::Toml => config::FileFormat::Toml,
+            Format::Yaml => config::FileFormat::Yaml,
+            Format::Json => config::FileFormat::Json,
+        }
+    }
+}
+
+impl RouteTable {
+    /// Reads and validates a route file.
+    pub fn load(path: &Path) -> Result<RouteTable, LoadError> {
+        let file = path.display().to_string();
+        let format = Format::from_path(path).ok_or_else(|| LoadError::Unreadable {
+            file: file.clone(),
+            message: "unknown file extension: use .toml, .yaml, .yml or .json".into(),
+        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::Unreadable {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        RouteTable::parse(&text, format, &file)
+    }
+
+    /// Validates route-file text; `file` names it in errors.
+    pub fn parse(text: &str, format: Format, file: &str) -> Result<RouteTable, LoadError> {
+        let value: Value = config::Config::builder()
+            .add_source(config::File::from_str(text, format.as_config()))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| LoadError::Unreadable { file: file.to_string(), message: e.to_string() })?;
+        Validator { file, errors: Vec::new() }.table(&value)
+    }
+}
+
+/// Collects every problem while compiling a table.
+struct Validator<'f> {
+    file: &'f str,
+    errors: Vec<ValidationError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, location: &str, field: &str, message: impl Into<String>) {
+        self.errors.push(ValidationError {
+            file: self.file.to_string(),
+            location: location.to_string(),
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section, recording a failure at its location.
+    fn section<T: DeserializeOwned>(&mut self, location: &str, value: &Value) -> Option<T> {
+        match serde_json::from_value(value.clone()) {
+            Ok(parsed) => Some(parsed),
+            Err(e) => {
+                let message = e.to_string();
+                // serde names the field inside the message ("unknown field `x`"); keep it there.
+                self.error(location, "", message);
+                None
+            }
+        }
+    }
+
+    fn table(mut self, value: &Value) -> Result<RouteTable, LoadError> {
+        let empty = serde_json::Map::new();
+        let top = value.as_object().unwrap_or(&empty);
+        for key in top.keys().filter(|k| !TOP_LEVEL_KEYS.contains(&k.as_str())) {
+            self.error("", key, "unknown key: expected backends, defaults or routes");
+        }
+
+        let backends = self.backends(top.get("backends"));
+        let names: BTreeMap<&str, BackendId> =
+            backends.iter().enumerate().map(|(id, b)| (b.name.as_str(), id)).collect();
+
+        let defaults: Option<DefaultsConfig> = match top.get("defaults") {
+            Some(v) => self.section("defaults", v),
+            None => {
+                self.error("", "defaults", "missing section: [defaults] with at least `backend`");
+                None
+            }
+        };
+        let mut default_backend = None;
+        let mut default_sticky = Sticky::None;
+        let mut override_header = None;
+        let mut client_id_cookie = String::new();
+        if let Some(d) = &defaults {
+            default_backend = self.backend_ref(&names, "defaults", "backend", &d.backend);
+            client_id_cookie = d.client_id_cookie.clone();
+            if !is_token(&client_id_cookie) {
+                self.error("defaults", "client_id_cookie", "not a valid cookie name");
+            }
+            default_sticky = match &d.sticky {
+                None => Sticky::Cookie(client_id_cookie.clone()),
+                Some(spec) => Sticky::parse(spec).unwrap_or_else(|e| {
+                    self.error("defaults", "sticky", e);
+                    Sticky::None
+                }),
+            };
+            if let Some(header) = &d.override_header {
+                if is_token(header) {
+                    override_header = Some(header.to_ascii_lowercase());
+                } else {
+                    self.error("defaults", "override_header", format!("\"{header}\" is not a valid header name"));
+                }
+            }
+        }
+
+        let routes = self.routes(top.get("routes"), &names, default_backend, &default_sticky);
+
+        match default_backend {
+            Some(default_backend) if self.errors.is_empty() => Ok(RouteTable {
+                backends,
+                routes,
+                default_backend,
+                override_header,
+                client_id_cookie,
+                version: format!("{:016x}", xxh3_64(value.to_string().as_bytes())),
+            }),
+            _ => Err(LoadError::Invalid(self.errors)),
+        }
+    }
+
+    fn backend_ref(
+        &mut self,
+        names: &BTreeMap<&str, BackendId>,
+        location: &str,
+        field: &str,
+        name: &str,
+    ) -> Option<BackendId> {
+        let found = names.get(name).copied();
+        if found.is_none() {
+            let known = names.keys().copied().collect::<Vec<_>>().join(", ");
+            self.error(location, field, format!("unknown backend \"{name}\" (known: {known})"));
+        }
+        found
+    }
+
+    fn backends(&mut self, value: Option<&Value>) -> Vec<Backend> {
+        let Some(map) = value.and_then(Value::as_object) else {
+            self.error("", "backends", "missing section: at least one [backends.NAME] with a url");
+            return Vec::new();
+        };
+        let mut backends = Vec::new();
+        for (name, value) in map {
+            let location = format!("backends.{name}");
+            if let Some(config) = self.section::<BackendConfig>(&location, value) {
+                if let Some(backend) = self.backend(&location, name, config) {
+                    backends.push(backend);
+                }
+            }
+        }
+        backends
+    }
+
+    fn backend(&mut self, location: &str, name: &str, config: BackendConfig) -> Option<Backend> {
+        let url = match url::Url::parse(&config.url) {
+            Ok(url) => url,
+            Err(e) => {
+                self.error(location, "url", format!("malformed URL \"{}\": {e}", config.url));
+                return None;
+            }
+        };
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            other => {
+                self.error(location, "url", format!("scheme \"{other}\" is not http or https"));
+                return None;
+            }
+        };
+        let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+            self.error(location, "url", format!("\"{}\" has no host", config.url));
+            return None;
+        };
+        if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+            self.error(location, "url", "a backend URL takes no query, fragment or credentials");
+            return None;
+        }
+        if let Some(health) = &config.health {
+            if !health.path.starts_with('/') {
+                self.error(location, "health.path", "must start with /");
+            }
+            if health.interval.is_zero() || health.timeout.is_zero() {
+                self.error(location, "health", "interval and timeout must be above zero");
+            }
+        }
+        Some(Backend {
+            name: name.to_string(),
+            url: config.url.clone(),
+            tls,
+            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port: url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 }),
+            path_prefix: url.path().trim_end_matches('/').to_string(),
+            health: config.health,
+            preserve_host: config.preserve_host,
+            connect_timeout: config.connect_timeout,
+        })
+    }
+
+    fn routes(
+        &mut self,
+        value: Option<&Value>,
+        names: &BTreeMap<&str, BackendId>,
+        default_backend: Option<BackendId>,
+        default_sticky: &Sticky,
+    ) -> Vec<Route> {
+        let Some(value) = value else { return Vec::new() };
+        let Some(list) = value.as_array() else {
+            self.error("", "routes", "must be a list of [[routes]] entries");
+            return Vec::new();
+        };
+        let mut seen = HashSet::new();
+        let mut routes = Vec::new();
+        for (index, value) in list.iter().enumerate() {
+            let name = value.get("name").and_then(Value::as_str).unwrap_or("");
+            let location = format!("routes[{index}] \"{name}\"");
+            let Some(config) = self.section::<RouteConfig>(&location, value) else { continue };
+            if config.name.trim().is_empty() {
+                self.error(&location, "name", "must not be empty");
+            } else if !seen.insert(config.name.clone()) {
+                self.error(&location, "name", format!("duplicate route name \"{}\"", config.name));
+            }
+            if let Some(route) = self.route(&location, config, names, default_backend, default_sticky) {
+                routes.push(route);
+            }
+        }
+        routes
+    }
+
+    fn route(
+        &mut self,
+        location: &str,
+        config: RouteConfig,
+        names: &BTreeMap<&str, BackendId>,
+        default_backend: Option<BackendId>,
+        default_sticky: &Sticky,
+    ) -> Option<Route> {
+        let to = self.backend_ref(names, location, "to", &config.to);
+        let from = match &config.from {
+            Some(from) => self.backend_ref(names, location, "from", from),
+            None => default_backend,
+        };
+        if to.is_some() && to == from {
+            self.error(location, "to", "is the same backend as `from`");
+        }
+        let threshold = self.percent(location, config.percent);
+        let sticky = match &config.sticky {
+            Some(spec) => Sticky::parse(spec).map_err(|e| self.error(location, "sticky", e)).ok(),
+            None => Some(default_sticky.clone()),
+        };
+        let matcher = self.matcher(location, &config.match_);
+        let strip_prefix = match config.rewrite {
+            Some(rewrite) if !rewrite.strip_prefix.starts_with('/') => {
+                self.error(location, "rewrite.strip_prefix", "must start with /");
+                None
+            }
+            Some(rewrite) => Some(rewrite.strip_prefix.trim_end_matches('/').to_string()),
+            None => None,
+        };
+        Some(Route {
+            name: config.name,
+            matcher: matcher?,
+            to: to?,
+            from: from?,
+            threshold: threshold?,
+            sticky: sticky?,
+            strip_prefix,
+        })
+    }
+
+    /// Converts a percentage to a bucket threshold, rejecting values off the 0.01 grid.
+    fn percent(&mut self, location: &str, percent: f64) -> Option<u16> {
+        if !(0.0..=100.0).contains(&percent) {
+            self.error(location, "percent", format!("{percent} is outside 0..=100"));
+            return None;
+        }
+        let hundredths = (percent * 100.0).round();
+        if (percent * 100.0 - hundredths).abs() > 1e-6 {
+            self.error(location, "percent", format!("{percent} is not a multiple of 0.01"));
+            return None;
+        }
+        // In 0..=10000 after the checks above.
+        Some((hundredths as u16).min(BUCKETS))
+    }
+
+    fn matcher(&mut self, location: &str, config: &crate::config::MatchConfig) -> Option<Matcher> {
+        let before = self.errors.len();
+        let given = [&config.path, &config.path_prefix, &config.path_regex]
+            .iter()
+            .filter(|p| p.is_some())
+            .count();
+        if given > 1 {
+            self.error(location, "match", "give at most one of path, path_prefix, path_regex");
+        }
+        let path = if let Some(path) = &config.path {
+            if !path.starts_with('/') {
+                self.error(location, "match.path", "must start with /");
+            }
+            PathMatch::Exact(path.clone())
+        } else if let Some(prefix) = &config.path_prefix {
+            if !prefix.starts_with('/') {
+                self.error(location, "match.path_prefix", "must start with /");
+            }
+            PathMatch::prefix(prefix)
+        } else if let Some(pattern) = &config.path_regex {
+            match Regex::new(pattern) {
+                Ok(regex) => PathMatch::Regex(regex),
+                Err(e) => {
+                    let detail = e.to_string().replace('\n', " ");
+                    self.error(location, "match.path_regex", format!("bad regex: {detail}"));
+                    PathMatch::Any
+                }
+            }
+        } else {
+            PathMatch::Any
+        };
+        let mut methods = Vec::new();
+        for method in &config.methods {
+            let upper = method.to_ascii_uppercase();
+            if METHODS.contains(&upper.as_str()) {
+                methods.push(upper);
+            } else {
+                self.error(location, "match.methods", format!("unknown HTTP method \"{method}\""));
+            }
+        }
+        let mut headers = Vec::new();
+        for (name, value) in &config.headers {
+            if is_token(name) {
+                headers.push((name.to_ascii_lowercase(), value.clone()));
+            } else {
+                self.error(location, "match.headers", format!("\"{name}\" is not a valid header name"));
+            }
+        }
+        let host = config.host.as_ref().map(|h| h.trim().to_ascii_lowercase());
+        if host.as_deref() == Some("") {
+            self.error(location, "match.host", "must not be empty");
+        }
+        (self.errors.len() == before).then_some(Matcher { path, host, methods, headers })
+    }
+}

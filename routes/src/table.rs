@@ -1,0 +1,235 @@
+//! The compiled route table and the routing decision for one request.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use crate::config::HealthConfig;
+use crate::matcher::{is_segment_prefix, Matcher};
+use crate::request::{find_query_param, RequestView};
+use crate::sticky::{bucket_of, Sticky, BUCKETS};
+
+/// Index of a backend in [`RouteTable::backends`].
+pub type BackendId = usize;
+
+/// A validated backend.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    /// The URL as written in the route file.
+    pub url: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Prefixed to every forwarded path; empty or `/v2` (never a trailing `/`).
+    pub path_prefix: String,
+    pub health: Option<HealthConfig>,
+    pub preserve_host: bool,
+    pub connect_timeout: Duration,
+}
+
+impl Backend {
+    /// The `host:port` to connect to.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    pub to: BackendId,
+    pub from: BackendId,
+    /// Buckets below this go to `to`: `percent * 100`, 0 to 10,000.
+    pub threshold: u16,
+    pub sticky: Sticky,
+    /// Removed from the path of requests sent to `to`; no trailing `/`.
+    pub strip_prefix: Option<String>,
+}
+
+impl Route {
+    /// The share of clients sent to `to`, in percent.
+    pub fn percent(&self) -> f64 {
+        f64::from(self.threshold) / 100.0
+    }
+}
+
+/// A whole route file, validated and compiled. Immutable: a reload builds a new one.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    pub backends: Vec<Backend>,
+    pub routes: Vec<Route>,
+    pub default_backend: BackendId,
+    /// Lowercase header name, when overrides are enabled.
+    pub override_header: Option<String>,
+    pub client_id_cookie: String,
+    /// A hash of the table's content: equal files give equal versions, whatever their format.
+    pub version: String,
+}
+
+/// Where randomness comes from, so that decisions stay pure and testable.
+pub trait Entropy {
+    /// A fresh, unguessable client id for a client that has no sticky key.
+    fn new_client_id(&mut self) -> String;
+    /// A uniformly random bucket, for routes with `sticky = "none"`.
+    fn random_bucket(&mut self) -> u16;
+}
+
+/// Where the key that bucketed a client came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// The route's sticky setting (header, cookie, query or ip).
+    Sticky,
+    /// The client-id cookie ficus handed out earlier.
+    ClientIdCookie,
+    /// Nothing identified the client: a new id was minted and must be sent back as a cookie.
+    Minted,
+    /// The route is not sticky; the bucket was drawn at random.
+    Random,
+}
+
+/// The key a client was bucketed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientKey<'r> {
+    pub source: KeySource,
+    pub value: Cow<'r, str>,
+}
+
+/// Why a backend was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason<'r> {
+    /// No route matched: the default backend.
+    NoRoute,
+    /// The override header named this backend.
+    Override,
+    /// The client's bucket against the route's threshold.
+    Split { key: ClientKey<'r>, bucket: u16 },
+}
+
+/// The routing decision for one request.
+#[derive(Debug, Clone)]
+pub struct Decision<'t, 'r> {
+    /// The matched route and its index in the file.
+    pub route: Option<(usize, &'t Route)>,
+    pub backend: BackendId,
+    pub reason: Reason<'r>,
+}
+
+impl Decision<'_, '_> {
+    /// True when the request goes to its route's `to`: the new service.
+    pub fn is_to(&self) -> bool {
+        self.route.is_some_and(|(_, route)| route.to == self.backend)
+    }
+
+    /// The id to hand the client in the client-id cookie, if one was minted.
+    pub fn minted_client_id(&self) -> Option<&str> {
+        match &self.reason {
+            Reason::Split { key, .. } if key.source == KeySource::Minted => Some(&key.value),
+            _ => None,
+        }
+    }
+}
+
+impl RouteTable {
+    /// The backend with this name.
+    pub fn backend_named(&self, name: &str) -> Option<BackendId> {
+        self.backends.iter().position(|b| b.name == name)
+    }
+
+    /// The first route, in file order, that matches the request.
+    pub fn match_route(&self, req: &impl RequestView) -> Option<(usize, &Route)> {
+        self.routes
+            .iter()
+            .enumerate()
+            .find(|(_, route)| route.matcher.matches(req))
+    }
+
+    /// Decides which backend serves the request.
+    pub fn decide<'t, 'r>(
+        &'t self,
+        req: &'r impl RequestView,
+        entropy: &mut impl Entropy,
+    ) -> Decision<'t, 'r> {
+        let Some((index, route)) = self.match_route(req) else {
+            return Decision { route: None, backend: self.default_backend, reason: Reason::NoRoute };
+        };
+        let route_ref = Some((index, route));
+        if let Some(backend) = self.overridden_backend(route, req) {
+            return Decision { route: route_ref, backend, reason: Reason::Override };
+        }
+        let (key, bucket) = self.client_key(route, req, entropy);
+        let backend = if bucket < route.threshold { route.to } else { route.from };
+        Decision { route: route_ref, backend, reason: Reason::Split { key, bucket } }
+    }
+
+    /// The override header's backend, when it names the route's `from` or `to`.
+    fn overridden_backend(&self, route: &Route, req: &impl RequestView) -> Option<BackendId> {
+        let wanted = req.header(self.override_header.as_deref()?)?.trim();
+        [route.to, route.from]
+            .into_iter()
+            .find(|&id| self.backends[id].name == wanted)
+    }
+
+    /// Identifies the client: the route's sticky key, else the client-id cookie, else a new id.
+    fn client_key<'r>(
+        &self,
+        route: &Route,
+        req: &'r impl RequestView,
+        entropy: &mut impl Entropy,
+    ) -> (ClientKey<'r>, u16) {
+        let sticky_value: Option<Cow<'r, str>> = match &route.sticky {
+            Sticky::None => {
+                let key = ClientKey { source: KeySource::Random, value: Cow::Borrowed("") };
+                return (key, entropy.random_bucket() % BUCKETS);
+            }
+            Sticky::Header(name) => req.header(name).map(Cow::Borrowed),
+            Sticky::Cookie(name) => req.cookie(name).map(Cow::Borrowed),
+            Sticky::Query(name) => req
+                .query()
+                .and_then(|query| find_query_param(query, name))
+                .map(Cow::Borrowed),
+            Sticky::Ip => req.client_ip().map(|ip| Cow::Owned(ip.to_string())),
+        };
+        let key = match sticky_value.filter(|value| !value.is_empty()) {
+            Some(value) => ClientKey { source: KeySource::Sticky, value },
+            None => match req.cookie(&self.client_id_cookie).filter(|v| !v.is_empty()) {
+                Some(id) => ClientKey { source: KeySource::ClientIdCookie, value: Cow::Borrowed(id) },
+                None => ClientKey {
+                    source: KeySource::Minted,
+                    value: Cow::Owned(entropy.new_client_id()),
+                },
+            },
+        };
+        let bucket = bucket_of(&key.value);
+        (key, bucket)
+    }
+
+    /// The path and query to send upstream: the rewrite (for `to` only), then the backend's prefix.
+    pub fn upstream_path(&self, decision: &Decision<'_, '_>, path: &str, query: Option<&str>) -> String {
+        let backend = &self.backends[decision.backend];
+        let mut path = path;
+        if let Some((_, route)) = decision.route.filter(|_| decision.is_to()) {
+            if let Some(strip) = route.strip_prefix.as_deref() {
+                if is_segment_prefix(strip, path) {
+                    path = &path[strip.len()..];
+                }
+            }
+        }
+        let mut out = String::with_capacity(backend.path_prefix.len() + path.len() + 1);
+        out.push_str(&backend.path_prefix);
+        if !path.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(path);
+        if let Some(query) = query {
+            out.push('?');
+            out.push_str(query);
+        }
+        out
+    }
+}
