@@ -1,1 +1,150 @@
-fn main(){}
+//! The `ficus` command: the proxy, the CDC pipeline, route-file tools and the demo.
+
+#![forbid(unsafe_code)]
+
+mod demo;
+mod routes_cmd;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ficus_proxy::ProxySettings;
+
+#[derive(Parser)]
+#[command(name = "ficus", version, about = "Strangler-fig migrations: move a monolith's routes to new services one share at a time")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FICUS_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the reverse proxy in front of the legacy app.
+    Proxy(ProxyArgs),
+    /// Stream PostgreSQL changes to Kafka (not available yet).
+    Cdc,
+    /// Check or explain a route file.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+    /// Run ficus on a local example: two sample backends and the proxy in front of them.
+    Demo(demo::DemoArgs),
+}
+
+/// Settings given on the command line win over `FICUS_PROXY__*` variables, which win over
+/// the `[proxy]` section of `--config`.
+#[derive(Args)]
+struct ProxyArgs {
+    /// Config file with a `[proxy]` section (TOML, YAML or JSON).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The route file.
+    #[arg(long)]
+    routes: Option<PathBuf>,
+    /// Address for client traffic (HTTP/1.1 and h2c).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address of the admin API (health, routes, metrics, reload).
+    #[arg(long)]
+    admin: Option<String>,
+    /// Address for TLS client traffic (HTTP/2 and HTTP/1.1 by ALPN); needs --tls-cert and --tls-key.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Option<String>,
+    /// PEM certificate chain for --tls-listen.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-listen.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Worker threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum RoutesCommand {
+    /// Validate route files: a summary line per route, or every error (exit 1).
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show which route and backend a request would get, and why.
+    Explain(routes_cmd::ExplainArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let code = match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(command: Command) -> Result<i32> {
+    match command {
+        Command::Proxy(args) => {
+            let settings = proxy_settings(&args)?;
+            ficus_proxy::run(settings).context("ficus proxy cannot start")?;
+            Ok(0)
+        }
+        Command::Cdc => anyhow::bail!("`ficus cdc` is not available in this version yet"),
+        Command::Routes(RoutesCommand::Check { files }) => Ok(routes_cmd::check(&files)),
+        Command::Routes(RoutesCommand::Explain(args)) => routes_cmd::explain(&args),
+        Command::Demo(args) => demo::run(&args),
+    }
+}
+
+/// Layers the proxy settings: `--config` file, then environment, then flags.
+fn proxy_settings(args: &ProxyArgs) -> Result<ProxySettings> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = &args.config {
+        builder = builder.add_source(config::File::from(path.as_path()).required(true));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix("FICUS").prefix_separator("_").separator("__").try_parsing(true),
+    );
+    let flags: [(&str, Option<String>); 7] = [
+        ("proxy.routes", args.routes.as_ref().map(|p| p.display().to_string())),
+        ("proxy.listen", args.listen.clone()),
+        ("proxy.admin", args.admin.clone()),
+        ("proxy.tls.listen", args.tls_listen.clone()),
+        ("proxy.tls.cert", args.tls_cert.as_ref().map(|p| p.display().to_string())),
+        ("proxy.tls.key", args.tls_key.as_ref().map(|p| p.display().to_string())),
+        ("proxy.threads", args.threads.map(|t| t.to_string())),
+    ];
+    for (key, value) in flags {
+        if let Some(value) = value {
+            builder = builder.set_override(key, value)?;
+        }
+    }
+    let source = args.config.as_ref().map_or("flags and environment".to_string(), |p| p.display().to_string());
+    let settings: ProxySettings = builder
+        .build()
+        .and_then(|c| c.get("proxy"))
+        .with_context(|| format!("invalid proxy settings (from {source}); --routes FILE is required"))?;
+    Ok(settings)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

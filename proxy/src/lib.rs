@@ -1,1 +1,133 @@
+//! The ficus proxy: Pingora in front of the legacy app, sending each route's clients to the
+//! legacy backend or the new service by the active route table.
+//!
+//! [`run`] assembles the Pingora server: the proxy service ([`service`]), the admin API
+//! ([`admin`]), and the background service that reloads the table ([`reload`]) and runs
+//! health checks ([`health`]).
 
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod health;
+pub mod metrics;
+pub mod reload;
+pub mod request;
+pub mod service;
+pub mod settings;
+pub mod state;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use ficus_routes::LoadError;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings as PingoraTls;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+pub use settings::{ProxySettings, TlsSettings};
+
+use crate::admin::AdminApp;
+use crate::reload::{ReloadTriggers, Reloader};
+use crate::service::FicusProxy;
+use crate::state::{ActiveTable, Shared};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid route file:\n{0}")]
+    Routes(#[from] LoadError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen { addr: String, what: &'static str, source: std::io::Error },
+    #[error("TLS certificate {cert} or key {key} unusable: {message}")]
+    Tls { cert: String, key: String, message: String },
+}
+
+/// Loads the route table and runs the proxy until the process is told to stop.
+///
+/// Returns only on a start-up error; a normal shutdown (SIGTERM, SIGINT) exits the process.
+pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
+    run_with(settings, |_| {})
+}
+
+/// Like [`run`], letting the caller add its own services (the demo's sample backends) to
+/// the same server before it starts.
+pub fn run_with(settings: ProxySettings, add_services: impl FnOnce(&mut Server)) -> Result<(), ProxyError> {
+    let active = ActiveTable::load(&settings.routes, None)?;
+    tracing::info!(
+        routes_file = %settings.routes.display(),
+        version = active.table.version,
+        routes = active.table.routes.len(),
+        "route table loaded"
+    );
+    check_listen(&settings.listen, "proxy")?;
+    check_listen(&settings.admin, "admin")?;
+    if let Some(tls) = &settings.tls {
+        check_listen(&tls.listen, "proxy TLS")?;
+        check_tls(tls)?;
+    }
+
+    let shared = Arc::new(Shared::new(settings.routes.clone(), active));
+    let reloader = Reloader::new(shared.clone());
+
+    let mut conf = ServerConf::default();
+    conf.threads = settings.threads.max(1);
+    conf.grace_period_seconds = Some(settings.shutdown_grace.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(settings.shutdown_grace.as_secs());
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        FicusProxy { shared: shared.clone() },
+        "ficus proxy",
+    );
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = settings.h2c;
+        app.server_options = Some(options);
+    }
+    proxy.add_tcp(&settings.listen);
+    if let Some(tls) = &settings.tls {
+        let mut tls_settings = PingoraTls::intermediate(&path_str(&tls.cert), &path_str(&tls.key))
+            .map_err(|e| tls_error(tls, e.to_string()))?;
+        tls_settings.enable_h2();
+        proxy.add_tls_with_settings(&tls.listen, None, tls_settings);
+    }
+
+    let mut admin = Service::new("ficus admin".to_string(), AdminApp { shared, reloader: reloader.clone() });
+    admin.add_tcp(&settings.admin);
+    let triggers = background_service("ficus reload", ReloadTriggers { reloader, watch: settings.watch });
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(triggers);
+    add_services(&mut server);
+    tracing::info!(listen = settings.listen, admin = settings.admin, tls = settings.tls.as_ref().map(|t| t.listen.as_str()), "ficus proxy started");
+    server.run_forever()
+}
+
+/// Fails early, with the address in the message, when a listener cannot bind.
+fn check_listen(addr: &str, what: &'static str) -> Result<(), ProxyError> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| ProxyError::Listen { addr: addr.to_string(), what, source })
+}
+
+fn check_tls(tls: &TlsSettings) -> Result<(), ProxyError> {
+    match pingora::tls::load_certs_and_key_files(&path_str(&tls.cert), &path_str(&tls.key)) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(tls_error(tls, "no certificate or no key found in the PEM files".into())),
+        Err(e) => Err(tls_error(tls, e.to_string())),
+    }
+}
+
+fn tls_error(tls: &TlsSettings, message: String) -> ProxyError {
+    ProxyError::Tls { cert: path_str(&tls.cert), key: path_str(&tls.key), message }
+}
+
+fn path_str(path: &std::path::Path) -> String {
+    path.display().to_string()
+}

@@ -27,7 +27,7 @@ pub struct BackendConfig {
 }
 
 /// An active HTTP health check of a backend.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Path requested with GET; any 2xx answer counts as healthy.

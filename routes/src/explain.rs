@@ -78,7 +78,7 @@ pub fn explain(table: &RouteTable, req: &impl RequestView) -> String {
             }
         },
     };
-    let path = table.upstream_path(&decision, req.path(), req.query());
+    let path = table.upstream_path(Some(index), decision.backend, req.path(), req.query());
     let _ = writeln!(out, "backend: {} (forwarded as {path})", backend.name);
     let _ = writeln!(out, "why:     {why}");
     out

@@ -209,19 +209,28 @@ impl RouteTable {
         (key, bucket)
     }
 
-    /// The path and query to send upstream: the rewrite (for `to` only), then the backend's prefix.
-    pub fn upstream_path(&self, decision: &Decision<'_, '_>, path: &str, query: Option<&str>) -> String {
-        let backend = &self.backends[decision.backend];
+    /// The path and query to send upstream: the route's rewrite (only when the request goes to
+    /// the route's `to`), then the backend's path prefix.
+    pub fn upstream_path(
+        &self,
+        route: Option<usize>,
+        backend: BackendId,
+        path: &str,
+        query: Option<&str>,
+    ) -> String {
+        let target = &self.backends[backend];
         let mut path = path;
-        if let Some((_, route)) = decision.route.filter(|_| decision.is_to()) {
-            if let Some(strip) = route.strip_prefix.as_deref() {
-                if is_segment_prefix(strip, path) {
-                    path = &path[strip.len()..];
-                }
+        let strip = route
+            .map(|index| &self.routes[index])
+            .filter(|route| route.to == backend)
+            .and_then(|route| route.strip_prefix.as_deref());
+        if let Some(strip) = strip {
+            if is_segment_prefix(strip, path) {
+                path = &path[strip.len()..];
             }
         }
-        let mut out = String::with_capacity(backend.path_prefix.len() + path.len() + 1);
-        out.push_str(&backend.path_prefix);
+        let mut out = String::with_capacity(target.path_prefix.len() + path.len() + 1);
+        out.push_str(&target.path_prefix);
         if !path.starts_with('/') {
             out.push('/');
         }

@@ -241,10 +241,10 @@ fn rewrite_applies_only_to_requests_sent_to_to() {
     let t = table(EXAMPLE);
     let req = SimpleRequest::new("GET", "/api/orders/7?x=1").with_header("x-ficus-backend", "orders");
     let d = t.decide(&req, &mut Fixed(0));
-    assert_eq!(t.upstream_path(&d, "/api/orders/7", Some("x=1")), "/v2/orders/7?x=1");
+    assert_eq!(t.upstream_path(d.route.map(|r| r.0), d.backend, "/api/orders/7", Some("x=1")), "/v2/orders/7?x=1");
     let req = SimpleRequest::new("GET", "/api/orders/7").with_header("x-ficus-backend", "monolith");
     let d = t.decide(&req, &mut Fixed(0));
-    assert_eq!(t.upstream_path(&d, "/api/orders/7", None), "/api/orders/7");
+    assert_eq!(t.upstream_path(d.route.map(|r| r.0), d.backend, "/api/orders/7", None), "/api/orders/7");
 }
 
 #[test]

@@ -1,0 +1,106 @@
+//! The proxy's Prometheus metrics, registered once and served on the admin port.
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Label used for requests that matched no route.
+pub const NO_ROUTE: &str = "(default)";
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route, backend and status class (`2xx`, `5xx`, `error` when nothing was sent).
+    pub requests: IntCounterVec,
+    /// Request duration from the first byte read to the last byte written, by route and backend.
+    pub duration: HistogramVec,
+    /// Failed connection attempts to a backend, by backend.
+    pub connect_failures: IntCounterVec,
+    /// Requests sent to a route's `from` because its `to` was down or refused the connection.
+    pub fallbacks: IntCounterVec,
+    /// Route-table reloads by trigger and result (`ok`, `unchanged`, `error`).
+    pub reloads: IntCounterVec,
+    /// 1 when a backend's health check passes, 0 when it is marked down.
+    pub backend_up: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("ficus_requests_total", "Requests by route, backend and status class"),
+            &["route", "backend", "status"],
+        );
+        let duration = HistogramVec::new(
+            HistogramOpts::new("ficus_request_duration_seconds", "Request duration by route and backend")
+                .buckets(exponential_buckets(0.0005, 2.0, 16).unwrap_or_default()),
+            &["route", "backend"],
+        );
+        let connect_failures = IntCounterVec::new(
+            Opts::new("ficus_upstream_connect_failures_total", "Failed upstream connection attempts"),
+            &["backend"],
+        );
+        let fallbacks = IntCounterVec::new(
+            Opts::new("ficus_fallbacks_total", "Requests sent to a route's `from` because `to` failed"),
+            &["route", "from", "to", "reason"],
+        );
+        let reloads = IntCounterVec::new(
+            Opts::new("ficus_reloads_total", "Route table reloads by trigger and result"),
+            &["trigger", "result"],
+        );
+        let backend_up = IntGaugeVec::new(
+            Opts::new("ficus_backend_up", "Health-check status of a backend (1 up, 0 down)"),
+            &["backend"],
+        );
+        // The names above are static and distinct, so creation and registration cannot fail.
+        let metrics = Metrics {
+            requests: requests.expect("valid metric"),
+            duration: duration.expect("valid metric"),
+            connect_failures: connect_failures.expect("valid metric"),
+            fallbacks: fallbacks.expect("valid metric"),
+            reloads: reloads.expect("valid metric"),
+            backend_up: backend_up.expect("valid metric"),
+            registry,
+        };
+        for collector in [
+            Box::new(metrics.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(metrics.duration.clone()),
+            Box::new(metrics.connect_failures.clone()),
+            Box::new(metrics.fallbacks.clone()),
+            Box::new(metrics.reloads.clone()),
+            Box::new(metrics.backend_up.clone()),
+        ] {
+            metrics.registry.register(collector).expect("metric registered once");
+        }
+        metrics
+    }
+
+    /// The metrics in Prometheus text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which we never build.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// `2xx`, `4xx`... for a status code; `error` when no response was sent.
+pub fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(100..=199) => "1xx",
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "error",
+    }
+}

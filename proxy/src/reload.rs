@@ -1,0 +1,168 @@
+//! Live reload of the route table: on a file change, SIGHUP or `POST /reload`, the file is
+//! loaded and validated off the request path, then swapped in atomically. A file that fails
+//! keeps the old table serving and records the error for the admin API.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode, DebounceEventResult};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::health::spawn_checkers;
+use crate::state::{ActiveTable, ReloadFailure, Shared};
+
+/// What a reload attempt did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum ReloadOutcome {
+    /// A new table is active.
+    Ok { version: String },
+    /// The file parsed to the table already active.
+    Unchanged { version: String },
+    /// The file is invalid; the previous table stays active.
+    Error { errors: Vec<String> },
+}
+
+/// Reloads the route table; cheap to clone and safe to call from any task.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+    /// Serializes reloads so two triggers never race to swap.
+    lock: Arc<Mutex<()>>,
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>) -> Reloader {
+        Reloader { shared, lock: Arc::new(Mutex::new(())) }
+    }
+
+    /// Reloads the route file now. `trigger` names the cause, for logs and metrics.
+    ///
+    /// Runs blocking file and DNS I/O: call it from a blocking-tolerant context.
+    pub fn reload(&self, trigger: &str) -> ReloadOutcome {
+        let _serialized = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let shared = &self.shared;
+        let current = shared.active.load_full();
+        let outcome = match ActiveTable::load(&shared.routes_path, Some(&current)) {
+            Ok(next) if next.table.version == current.table.version => {
+                ReloadOutcome::Unchanged { version: next.table.version }
+            }
+            Ok(next) => {
+                let version = next.table.version.clone();
+                let next = Arc::new(next);
+                spawn_checkers(&next, shared);
+                shared.active.store(next);
+                *lock_failure(shared) = None;
+                tracing::info!(trigger, version, routes = shared.active.load().table.routes.len(), "route table reloaded");
+                ReloadOutcome::Ok { version }
+            }
+            Err(e) => {
+                let errors = e.messages();
+                for error in &errors {
+                    tracing::error!(trigger, error, "route file rejected; the previous table stays active");
+                }
+                *lock_failure(shared) = Some(ReloadFailure { at: now_rfc3339(), errors: errors.clone() });
+                ReloadOutcome::Error { errors }
+            }
+        };
+        let result = match &outcome {
+            ReloadOutcome::Ok { .. } => "ok",
+            ReloadOutcome::Unchanged { .. } => "unchanged",
+            ReloadOutcome::Error { .. } => "error",
+        };
+        shared.metrics.reloads.with_label_values(&[trigger, result]).inc();
+        outcome
+    }
+
+    /// Reloads on a blocking thread, for async callers.
+    pub async fn reload_async(&self, trigger: &'static str) -> ReloadOutcome {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.reload(trigger)).await {
+            Ok(outcome) => outcome,
+            Err(e) => ReloadOutcome::Error { errors: vec![format!("reload task failed: {e}")] },
+        }
+    }
+}
+
+fn lock_failure(shared: &Shared) -> std::sync::MutexGuard<'_, Option<ReloadFailure>> {
+    shared.last_failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The current time as RFC 3339, UTC, to the millisecond.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Background service: reloads on SIGHUP and on changes to the route file.
+///
+/// The file's directory is watched, not the file, so that editors that write a new file and
+/// rename it, and Kubernetes' atomic swap of a ConfigMap's `..data` symlink, are both seen.
+pub struct ReloadTriggers {
+    pub reloader: Reloader,
+    pub watch: bool,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadTriggers {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        spawn_checkers(&self.reloader.shared.active.load(), &self.reloader.shared);
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload by file change or admin API");
+                None
+            }
+        };
+        let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+        let _watcher = if self.watch {
+            watch_file(&self.reloader.shared.routes_path, tx)
+        } else {
+            None
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { match hangup.as_mut() { Some(s) => s.recv().await, None => None } } => {
+                    self.reloader.reload_async("sighup").await;
+                }
+                Some(()) = changes.recv() => {
+                    self.reloader.reload_async("file").await;
+                }
+            }
+        }
+    }
+}
+
+/// Watches the directory of `path`, sending a unit on every debounced batch of changes.
+fn watch_file(
+    path: &Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
+    let dir: PathBuf = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let handler = move |result: DebounceEventResult| match result {
+        // A full channel already holds a pending reload, which will read the latest file.
+        Ok(_) => {
+            let _ = tx.try_send(());
+        }
+        Err(e) => tracing::warn!(error = %e, "route file watch error"),
+    };
+    let mut debouncer = match new_debouncer(Duration::from_millis(200), handler) {
+        Ok(debouncer) => debouncer,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the route file; reload with SIGHUP or POST /reload");
+            return None;
+        }
+    };
+    if let Err(e) = debouncer.watcher().watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot watch the route file's directory");
+        return None;
+    }
+    tracing::info!(dir = %dir.display(), "watching the route file for changes");
+    Some(debouncer)
+}

@@ -1,0 +1,240 @@
+//! The Pingora `ProxyHttp` implementation: each phase calls one helper; per-request state
+//! lives in [`RequestCtx`].
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use ficus_routes::{BackendId, Entropy, Reason, RequestView};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, Session};
+use rand::Rng;
+
+use crate::metrics::{status_class, NO_ROUTE};
+use crate::request::PingoraRequest;
+use crate::state::{ActiveTable, Shared};
+
+/// How long a minted client id is kept by the browser: a year.
+const CLIENT_ID_MAX_AGE: u32 = 365 * 24 * 3600;
+
+/// Why a request went to its route's `from` instead of `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The health check marks `to` down.
+    Unhealthy,
+    /// Connecting to `to` failed (refused, timed out, TLS failure).
+    ConnectFailed,
+}
+
+impl Fallback {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Unhealthy => "unhealthy",
+            Fallback::ConnectFailed => "connect_failed",
+        }
+    }
+}
+
+/// The routing decision of one request, taken once in `request_filter`.
+pub struct Routing {
+    /// The table the request started with; it finishes on it even if a reload happens.
+    pub active: Arc<ActiveTable>,
+    pub route: Option<usize>,
+    pub backend: BackendId,
+    /// False for overridden requests: an explicit choice is not second-guessed.
+    pub may_fall_back: bool,
+    pub fallback: Option<Fallback>,
+    /// A client id minted for this client, to be set as a cookie on the response.
+    pub minted_client_id: Option<String>,
+}
+
+impl Routing {
+    fn route_name(&self) -> &str {
+        self.route.map_or(NO_ROUTE, |i| self.active.table.routes[i].name.as_str())
+    }
+
+    fn backend_name(&self) -> &str {
+        &self.active.table.backends[self.backend].name
+    }
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    started: Instant,
+    routing: Option<Routing>,
+}
+
+/// The ficus proxy: routes each request by the active table.
+pub struct FicusProxy {
+    pub shared: Arc<Shared>,
+}
+
+/// Randomness for the request path.
+struct ThreadEntropy;
+
+impl Entropy for ThreadEntropy {
+    fn new_client_id(&mut self) -> String {
+        format!("{:032x}", rand::rng().random::<u128>())
+    }
+
+    fn random_bucket(&mut self) -> u16 {
+        rand::rng().random_range(0..ficus_routes::BUCKETS)
+    }
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+}
+
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+impl FicusProxy {
+    /// Decides where the request goes, on the table active right now.
+    fn route(&self, session: &Session) -> Routing {
+        let active = self.shared.active.load_full();
+        let view = PingoraRequest { header: session.req_header(), client_ip: client_ip(session) };
+        let decision = active.table.decide(&view, &mut ThreadEntropy);
+        let route = decision.route.map(|(index, _)| index);
+        let backend = decision.backend;
+        let may_fall_back = decision.is_to() && decision.reason != Reason::Override;
+        let minted_client_id = decision.minted_client_id().map(str::to_string);
+        let mut routing = Routing { active, route, backend, may_fall_back, fallback: None, minted_client_id };
+        if routing.may_fall_back && !routing.active.upstreams[backend].is_up() {
+            self.fall_back(&mut routing, Fallback::Unhealthy);
+        }
+        routing
+    }
+
+    /// Sends the request to its route's `from` instead of `to`.
+    fn fall_back(&self, routing: &mut Routing, reason: Fallback) {
+        let Some(route) = routing.route.map(|i| &routing.active.table.routes[i]) else { return };
+        let table = &routing.active.table;
+        self.shared
+            .metrics
+            .fallbacks
+            .with_label_values(&[&route.name, &table.backends[route.from].name, &table.backends[route.to].name, reason.as_str()])
+            .inc();
+        routing.backend = route.from;
+        routing.may_fall_back = false;
+        routing.fallback = Some(reason);
+    }
+
+    /// Points the request at its backend: path rewrite, Host, and the X-Forwarded headers.
+    fn prepare_upstream_request(&self, session: &Session, routing: &Routing, req: &mut RequestHeader) -> Result<()> {
+        let table = &routing.active.table;
+        let backend = &table.backends[routing.backend];
+        let downstream = session.req_header();
+        let path = table.upstream_path(routing.route, routing.backend, downstream.uri.path(), downstream.uri.query());
+        let uri = path
+            .parse::<http::Uri>()
+            .or_err_with(InvalidHTTPHeader, || format!("cannot build upstream URI {path}"))?;
+        req.set_uri(uri);
+
+        let client_host = PingoraRequest { header: downstream, client_ip: None }.host().map(str::to_string);
+        if let Some(host) = &client_host {
+            req.insert_header("X-Forwarded-Host", host.as_str())?;
+        }
+        if !backend.preserve_host || client_host.is_none() {
+            let authority = match (backend.tls, backend.port) {
+                (true, 443) | (false, 80) => backend.host.clone(),
+                _ => backend.authority(),
+            };
+            req.insert_header("Host", authority)?;
+        } else if let Some(host) = client_host {
+            req.insert_header("Host", host)?;
+        }
+        req.insert_header("X-Forwarded-Proto", if is_tls(session) { "https" } else { "http" })?;
+        if let Some(ip) = client_ip(session) {
+            let forwarded_for = match downstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(previous) => format!("{previous}, {ip}"),
+                None => ip.to_string(),
+            };
+            req.insert_header("X-Forwarded-For", forwarded_for)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for FicusProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx { started: Instant::now(), routing: None }
+    }
+
+    /// Routes the request. Returns false: the request always continues to a backend.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.routing = Some(self.route(session));
+        Ok(false)
+    }
+
+    /// The peer of the chosen backend; called again after a failed connect, when the
+    /// request may have fallen back to `from`.
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let routing = ctx.routing.as_ref().or_err(InternalError, "request was not routed")?;
+        Ok(Box::new(routing.active.upstreams[routing.backend].peer.clone()))
+    }
+
+    /// Counts the failure and, when `to` refused us, retries on `from`. Nothing was sent yet,
+    /// so this is safe for every method.
+    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+        let Some(routing) = ctx.routing.as_mut() else { return e };
+        self.shared.metrics.connect_failures.with_label_values(&[routing.backend_name()]).inc();
+        if routing.may_fall_back {
+            tracing::warn!(route = routing.route_name(), backend = routing.backend_name(), error = %e, "cannot connect; falling back");
+            self.fall_back(routing, Fallback::ConnectFailed);
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(&self, session: &mut Session, upstream_request: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<()> {
+        let routing = ctx.routing.as_ref().or_err(InternalError, "request was not routed")?;
+        self.prepare_upstream_request(session, routing, upstream_request)
+    }
+
+    /// Hands a newly identified client its id, so it stays on its backend from now on.
+    async fn response_filter(&self, _session: &mut Session, response: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        let Some(routing) = ctx.routing.as_ref() else { return Ok(()) };
+        if let Some(id) = &routing.minted_client_id {
+            let cookie = format!(
+                "{}={id}; Path=/; Max-Age={CLIENT_ID_MAX_AGE}; HttpOnly; SameSite=Lax",
+                routing.active.table.client_id_cookie
+            );
+            response.append_header("Set-Cookie", cookie)?;
+        }
+        Ok(())
+    }
+
+    /// Records metrics and writes one access-log line.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map(|r| r.status.as_u16());
+        let elapsed = ctx.started.elapsed();
+        let (route, backend) = match &ctx.routing {
+            Some(routing) => (routing.route_name(), routing.backend_name()),
+            None => (NO_ROUTE, "-"),
+        };
+        let metrics = &self.shared.metrics;
+        metrics.requests.with_label_values(&[route, backend, status_class(status)]).inc();
+        metrics.duration.with_label_values(&[route, backend]).observe(elapsed.as_secs_f64());
+        let req = session.req_header();
+        let fallback = ctx.routing.as_ref().and_then(|r| r.fallback).map(Fallback::as_str);
+        tracing::info!(
+            target: "ficus::access",
+            method = %req.method,
+            path = req.uri.path(),
+            status = status.unwrap_or(0),
+            route,
+            backend,
+            fallback,
+            client = ?client_ip(session),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            error = e.map(|e| e.to_string()),
+        );
+    }
+}

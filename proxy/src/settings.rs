@@ -1,0 +1,68 @@
+//! The proxy's own settings: where it listens and where its route file is. Read by the binary
+//! from `--config` (`[proxy]`), `FICUS_PROXY__*` environment variables and flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Settings of `ficus proxy`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// The route file (TOML, YAML or JSON by extension).
+    pub routes: PathBuf,
+    /// Plain-text listener: HTTP/1.1 and, with `h2c`, HTTP/2 with prior knowledge.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Admin API listener; keep it on loopback or a private network.
+    #[serde(default = "default_admin")]
+    pub admin: String,
+    /// Accept cleartext HTTP/2 (h2c prior knowledge) on `listen`.
+    #[serde(default = "default_true")]
+    pub h2c: bool,
+    /// Optional TLS listener, serving HTTP/2 and HTTP/1.1 by ALPN.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+    /// Worker threads of the proxy service.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Reload when the route file changes (SIGHUP and `POST /reload` always work).
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// On SIGTERM: how long to keep serving before closing listeners, then how long to let
+    /// requests in flight finish.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// A TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub listen: String,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8000".into()
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:9901".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(5)
+}

@@ -1,0 +1,118 @@
+//! The active route table and what the proxy derives from it: resolved upstream peers and
+//! their health. Swapped atomically as a whole on reload.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use ficus_routes::{Backend, LoadError, RouteTable, ValidationError};
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::health::BackendHealth;
+use crate::metrics::Metrics;
+
+/// A backend ready to connect to: its peer template and its health, if it is checked.
+pub struct Upstream {
+    pub peer: HttpPeer,
+    pub addr: SocketAddr,
+    pub health: Option<Arc<BackendHealth>>,
+}
+
+impl Upstream {
+    /// False only when a health check has marked the backend down.
+    pub fn is_up(&self) -> bool {
+        self.health.as_ref().is_none_or(|h| h.is_up())
+    }
+}
+
+/// A route table in service. Requests keep the `Arc` they started with, so a reload never
+/// changes the table under a request in flight.
+pub struct ActiveTable {
+    pub table: RouteTable,
+    /// Indexed like `table.backends`.
+    pub upstreams: Vec<Upstream>,
+    pub loaded_at: SystemTime,
+}
+
+impl ActiveTable {
+    /// Loads, validates and resolves a route file. Health state is carried over from
+    /// `previous` for backends whose address and check are unchanged.
+    pub fn load(path: &Path, previous: Option<&ActiveTable>) -> Result<ActiveTable, LoadError> {
+        let table = RouteTable::load(path)?;
+        let file = path.display().to_string();
+        let mut upstreams = Vec::with_capacity(table.backends.len());
+        let mut errors = Vec::new();
+        for backend in &table.backends {
+            match resolve(backend) {
+                Ok(addr) => upstreams.push(upstream(backend, addr, previous)),
+                Err(message) => errors.push(ValidationError {
+                    file: file.clone(),
+                    location: format!("backends.{}", backend.name),
+                    field: "url".into(),
+                    message,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(LoadError::Invalid(errors));
+        }
+        Ok(ActiveTable { table, upstreams, loaded_at: SystemTime::now() })
+    }
+}
+
+fn resolve(backend: &Backend) -> Result<SocketAddr, String> {
+    let authority = backend.authority();
+    let mut addrs = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {authority}: {e}"))?;
+    addrs.next().ok_or_else(|| format!("{authority} resolves to no address"))
+}
+
+fn upstream(backend: &Backend, addr: SocketAddr, previous: Option<&ActiveTable>) -> Upstream {
+    let sni = if backend.tls { backend.host.clone() } else { String::new() };
+    let mut peer = HttpPeer::new(addr, backend.tls, sni);
+    peer.options.connection_timeout = Some(backend.connect_timeout);
+    peer.options.total_connection_timeout = Some(backend.connect_timeout * 2);
+    let health = backend.health.as_ref().map(|check| {
+        let carried = previous.and_then(|prev| {
+            prev.table
+                .backends
+                .iter()
+                .zip(&prev.upstreams)
+                .find(|(old, up)| {
+                    old.name == backend.name && up.addr == addr && old.health.as_ref() == Some(check)
+                })
+                .and_then(|(_, up)| up.health.clone())
+        });
+        carried.unwrap_or_else(|| Arc::new(BackendHealth::new(backend, check, addr)))
+    });
+    Upstream { peer, addr, health }
+}
+
+/// The last reload that failed, kept until a later one succeeds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadFailure {
+    pub at: String,
+    pub errors: Vec<String>,
+}
+
+/// State shared by the proxy, the admin API and the reloader.
+pub struct Shared {
+    pub routes_path: PathBuf,
+    pub active: ArcSwap<ActiveTable>,
+    pub last_failure: Mutex<Option<ReloadFailure>>,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    pub fn new(routes_path: PathBuf, active: ActiveTable) -> Shared {
+        Shared {
+            routes_path,
+            active: ArcSwap::from_pointee(active),
+            last_failure: Mutex::new(None),
+            metrics: Metrics::new(),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `ficus routes check` and `ficus routes explain`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ficus_routes::{RouteTable, SimpleRequest};
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// The route file.
+    file: PathBuf,
+    /// The request method, such as GET.
+    method: String,
+    /// The request path, with an optional query string.
+    path: String,
+    /// A request header, as 'Name: value'; repeat for more.
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// The client's IP address, for routes sticky by ip.
+    #[arg(long)]
+    client_ip: Option<IpAddr>,
+}
+
+/// Prints a summary per route of each valid file and every error of each invalid one.
+/// Returns the exit code: 0 when all files are valid, 1 otherwise.
+pub fn check(files: &[PathBuf]) -> i32 {
+    let mut code = 0;
+    for file in files {
+        match RouteTable::load(file) {
+            Ok(table) => print_summary(file, &table),
+            Err(e) => {
+                code = 1;
+                for message in e.messages() {
+                    println!("{message}");
+                }
+            }
+        }
+    }
+    code
+}
+
+fn print_summary(file: &Path, table: &RouteTable) {
+    println!(
+        "{}: ok: {} routes, {} backends, default backend {}, version {}",
+        file.display(),
+        table.routes.len(),
+        table.backends.len(),
+        table.backends[table.default_backend].name,
+        table.version
+    );
+    for route in &table.routes {
+        println!(
+            "  {}: {} -> {:.2}% to {}, rest on {} (sticky {})",
+            route.name,
+            route.matcher.describe(),
+            route.percent(),
+            table.backends[route.to].name,
+            table.backends[route.from].name,
+            route.sticky
+        );
+    }
+}
+
+pub fn explain(args: &ExplainArgs) -> Result<i32> {
+    let table = match RouteTable::load(&args.file) {
+        Ok(table) => table,
+        Err(e) => {
+            for message in e.messages() {
+                println!("{message}");
+            }
+            return Ok(1);
+        }
+    };
+    let mut request = SimpleRequest::new(&args.method, &args.path);
+    request.client_ip = args.client_ip;
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .with_context(|| format!("header \"{header}\" is not 'Name: value'"))?;
+        request = request.with_header(name.trim(), value.trim());
+    }
+    print!("{}", ficus_routes::explain(&table, &request));
+    Ok(0)
+}
