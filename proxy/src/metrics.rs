@@ -76,6 +76,25 @@ impl Metrics {
         metrics
     }
 
+    /// Creates the series a table can produce at zero, so dashboards and alerts see them
+    /// before the first event instead of a missing series.
+    pub fn prime(&self, table: &ficus_routes::RouteTable) {
+        for backend in &table.backends {
+            self.connect_failures.with_label_values(&[&backend.name]);
+        }
+        for route in &table.routes {
+            let (from, to) = (&table.backends[route.from].name, &table.backends[route.to].name);
+            for reason in ["unhealthy", "connect_failed"] {
+                self.fallbacks.with_label_values(&[&route.name, from, to, reason]);
+            }
+        }
+        for trigger in ["file", "sighup", "admin"] {
+            for result in ["ok", "unchanged", "error"] {
+                self.reloads.with_label_values(&[trigger, result]);
+            }
+        }
+    }
+
     /// The metrics in Prometheus text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();

@@ -2,17 +2,21 @@
 //! loaded and validated off the request path, then swapped in atomically. A file that fails
 //! keeps the old table serving and records the error for the admin API.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode, DebounceEventResult};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::health::spawn_checkers;
 use crate::state::{ActiveTable, ReloadFailure, Shared};
+
+/// How long file events must pause before the file is read.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// What a reload attempt did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -54,6 +58,7 @@ impl Reloader {
                 let version = next.table.version.clone();
                 let next = Arc::new(next);
                 spawn_checkers(&next, shared);
+                shared.metrics.prime(&next.table);
                 shared.active.store(next);
                 *lock_failure(shared) = None;
                 tracing::info!(trigger, version, routes = shared.active.load().table.routes.len(), "route table reloaded");
@@ -129,6 +134,9 @@ impl BackgroundService for ReloadTriggers {
                     self.reloader.reload_async("sighup").await;
                 }
                 Some(()) = changes.recv() => {
+                    // Let a burst of writes (an editor saving, a ConfigMap swap) settle first.
+                    tokio::time::sleep(SETTLE).await;
+                    while changes.try_recv().is_ok() {}
                     self.reloader.reload_async("file").await;
                 }
             }
@@ -136,33 +144,40 @@ impl BackgroundService for ReloadTriggers {
     }
 }
 
-/// Watches the directory of `path`, sending a unit on every debounced batch of changes.
-fn watch_file(
-    path: &Path,
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
+/// Watches the directory of `path`, sending a unit whenever the route file may have changed:
+/// an event names the file itself, or `..data` (the symlink Kubernetes swaps to update a
+/// mounted ConfigMap). Other files in the directory are ignored.
+fn watch_file(path: &Path, tx: tokio::sync::mpsc::Sender<()>) -> Option<RecommendedWatcher> {
     let dir: PathBuf = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let handler = move |result: DebounceEventResult| match result {
-        // A full channel already holds a pending reload, which will read the latest file.
-        Ok(_) => {
-            let _ = tx.try_send(());
+    let file_name = path.file_name().map(|name| name.to_os_string());
+    let handler = move |result: notify::Result<notify::Event>| match result {
+        Ok(event) if event.kind.is_access() => {}
+        Ok(event) => {
+            let relevant = event.paths.iter().any(|changed| {
+                let name = changed.file_name();
+                name == file_name.as_deref() || name == Some(OsStr::new("..data"))
+            });
+            // A full channel already holds a pending reload, which will read the latest file.
+            if relevant {
+                let _ = tx.try_send(());
+            }
         }
         Err(e) => tracing::warn!(error = %e, "route file watch error"),
     };
-    let mut debouncer = match new_debouncer(Duration::from_millis(200), handler) {
-        Ok(debouncer) => debouncer,
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(watcher) => watcher,
         Err(e) => {
             tracing::error!(error = %e, "cannot watch the route file; reload with SIGHUP or POST /reload");
             return None;
         }
     };
-    if let Err(e) = debouncer.watcher().watch(&dir, RecursiveMode::NonRecursive) {
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         tracing::error!(dir = %dir.display(), error = %e, "cannot watch the route file's directory");
         return None;
     }
     tracing::info!(dir = %dir.display(), "watching the route file for changes");
-    Some(debouncer)
+    Some(watcher)
 }

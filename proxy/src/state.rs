@@ -108,11 +108,13 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(routes_path: PathBuf, active: ActiveTable) -> Shared {
+        let metrics = Metrics::new();
+        metrics.prime(&active.table);
         Shared {
             routes_path,
             active: ArcSwap::from_pointee(active),
             last_failure: Mutex::new(None),
-            metrics: Metrics::new(),
+            metrics,
         }
     }
 }

@@ -1,0 +1,144 @@
+//! The `ficus` command line: `routes check`, `routes explain`, and start-up refusal of a bad
+//! route file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::ficus;
+
+const BACKENDS: &str = r#"
+[backends.monolith]
+url = "http://127.0.0.1:8080"
+[backends.orders]
+url = "http://127.0.0.1:9001"
+[defaults]
+backend = "monolith"
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+fn run(args: &[&str]) -> Output {
+    ficus().args(args).output().expect("run ficus")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn route(fields: &str) -> String {
+    format!("{BACKENDS}\n[[routes]]\nname = \"orders\"\nmatch = {{ path_prefix = \"/api/orders\" }}\n{fields}\n")
+}
+
+#[test]
+fn check_prints_a_summary_per_route_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = write(dir.path(), "routes.toml", &route("to = \"orders\"\npercent = 25\nsticky = \"header:x-user-id\""));
+    let output = run(&["routes", "check", file.to_str().expect("path")]);
+    assert!(output.status.success(), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.contains("ok: 1 routes, 2 backends"), "{text}");
+    assert!(text.contains("orders: path_prefix /api/orders -> 25.00% to orders, rest on monolith (sticky header:x-user-id)"), "{text}");
+}
+
+#[test]
+fn check_reports_each_kind_of_bad_input_with_file_route_and_field() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cases: [(&str, String, &str); 7] = [
+        ("unknown-backend.toml", route("to = \"ordres\"\npercent = 5"), "routes[0] \"orders\": to: unknown backend \"ordres\""),
+        ("percent.toml", route("to = \"orders\"\npercent = 101"), "routes[0] \"orders\": percent: 101 is outside 0..=100"),
+        ("regex.toml", format!("{BACKENDS}\n[[routes]]\nname = \"r\"\nmatch = {{ path_regex = \"[a-\" }}\nto = \"orders\"\npercent = 1\n"), "routes[0] \"r\": match.path_regex: bad regex"),
+        ("duplicate.toml", format!("{}{}", route("to = \"orders\"\npercent = 1"), "[[routes]]\nname = \"orders\"\nmatch = {}\nto = \"orders\"\npercent = 2\n"), "routes[1] \"orders\": name: duplicate route name \"orders\""),
+        ("url.toml", "[backends.monolith]\nurl = \"not a url\"\n[defaults]\nbackend = \"monolith\"\n".into(), "backends.monolith: url: malformed URL \"not a url\""),
+        ("unknown-key.toml", route("to = \"orders\"\npercent = 1\nweight = 3"), "routes[0] \"orders\": unknown field `weight`"),
+        ("malformed.toml", "[backends\n".into(), "malformed.toml: "),
+    ];
+    for (name, text, expected) in cases {
+        let file = write(dir.path(), name, &text);
+        let output = run(&["routes", "check", file.to_str().expect("path")]);
+        assert_eq!(output.status.code(), Some(1), "{name}: {output:?}");
+        let text = stdout(&output);
+        assert!(text.contains(&format!("{}: {expected}", file.display())) || text.contains(expected), "{name}: {text}");
+    }
+}
+
+#[test]
+fn check_prints_every_error_of_a_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let text = format!(
+        "{BACKENDS}\n[[routes]]\nname = \"a\"\nmatch = {{}}\nto = \"x\"\npercent = 200\n[[routes]]\nname = \"b\"\nmatch = {{ path_regex = \"(\" }}\nto = \"orders\"\npercent = 1\n"
+    );
+    let file = write(dir.path(), "routes.toml", &text);
+    let output = run(&["routes", "check", file.to_str().expect("path")]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(stdout(&output).lines().count(), 3, "{}", stdout(&output));
+}
+
+#[test]
+fn yaml_and_json_route_files_are_checked_by_extension() {
+    let dir = tempfile::tempdir().expect("dir");
+    let yaml = write(dir.path(), "routes.yaml", "backends:\n  monolith: { url: \"http://127.0.0.1:1\" }\ndefaults: { backend: monolith }\nroutes: []\n");
+    let json = write(dir.path(), "routes.json", r#"{"backends": {"monolith": {"url": "http://127.0.0.1:1"}}, "defaults": {"backend": "monolith"}}"#);
+    let output = run(&["routes", "check", yaml.to_str().expect("path"), json.to_str().expect("path")]);
+    assert!(output.status.success(), "{output:?}");
+    let other = write(dir.path(), "routes.ini", "x");
+    let output = run(&["routes", "check", other.to_str().expect("path")]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stdout(&output).contains("unknown file extension"));
+}
+
+#[test]
+fn explain_names_route_key_bucket_backend_and_why() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = write(dir.path(), "routes.toml", &route("to = \"orders\"\npercent = 100\nsticky = \"header:x-user-id\""));
+    let output = run(&["routes", "explain", file.to_str().expect("path"), "GET", "/api/orders/7", "-H", "X-User-Id: 42"]);
+    assert!(output.status.success(), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.contains("route:   orders (routes[0]: path_prefix /api/orders)"), "{text}");
+    assert!(text.contains("sticky:  header:x-user-id = \"42\""), "{text}");
+    assert!(text.contains("bucket:  "), "{text}");
+    assert!(text.contains("backend: orders"), "{text}");
+    assert!(text.contains("why:     bucket "), "{text}");
+
+    let output = run(&["routes", "explain", file.to_str().expect("path"), "GET", "/other"]);
+    let text = stdout(&output);
+    assert!(text.contains("backend: monolith") && text.contains("defaults.backend"), "{text}");
+}
+
+#[test]
+fn proxy_refuses_to_start_on_a_bad_route_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = write(dir.path(), "routes.toml", &route("to = \"ordres\"\npercent = 500"));
+    let output = run(&[
+        "proxy", "--routes", file.to_str().expect("path"),
+        "--listen", &common::free_addr().to_string(), "--admin", &common::free_addr().to_string(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("to: unknown backend \"ordres\""), "{stderr}");
+    assert!(stderr.contains("percent: 500 is outside 0..=100"), "{stderr}");
+}
+
+#[test]
+fn proxy_settings_come_from_a_config_file_and_environment() {
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = write(dir.path(), "routes.toml", &route("to = \"ordres\"\npercent = 1"));
+    let config = write(dir.path(), "ficus.toml", &format!("[proxy]\nroutes = \"{}\"\nlisten = \"127.0.0.1:0\"\n", routes.display()));
+    // The route file named by the config is loaded (and rejected): the config was read.
+    let output = run(&["proxy", "--config", config.to_str().expect("path")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown backend \"ordres\""), "{stderr}");
+    // An unknown setting from the environment is an error that names it.
+    let output = ficus()
+        .args(["proxy", "--config", config.to_str().expect("path")])
+        .env("FICUS_PROXY__LISTN", "x")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("listn"), "{stderr}");
+}

@@ -1,0 +1,197 @@
+//! What the proxy forwards and how: HTTP/1.1 streaming, HTTP/2 (h2c and TLS), WebSocket,
+//! forwarding headers, Host, and path rewriting.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+use common::{client, start_ws_echo, Proxy, TestBackend};
+
+fn routes(monolith: &TestBackend, orders_url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[backends.monolith]
+url = "{}"
+[backends.orders]
+url = "{orders_url}"
+{extra}
+
+[defaults]
+backend = "monolith"
+sticky = "header:x-user-id"
+
+[[routes]]
+name = "orders"
+match = {{ path_prefix = "/api/orders" }}
+to = "orders"
+percent = 100
+rewrite = {{ strip_prefix = "/api" }}
+"#,
+        monolith.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_host_and_rewrite() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&routes(&monolith, &format!("{}/v2", orders.url()), "")).await;
+    let client = client();
+    let body: Value = client
+        .get(proxy.url("/api/orders/7?full=1"))
+        .header("x-user-id", "u")
+        .header("host", "shop.example.com")
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["backend"], "orders");
+    assert_eq!(body["uri"], "/v2/orders/7?full=1", "strip_prefix, then the backend's path prefix");
+    let headers = &body["headers"];
+    assert_eq!(headers["host"], "shop.example.com", "the client's Host is kept");
+    assert_eq!(headers["x-forwarded-host"], "shop.example.com");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+
+    // The monolith gets the path untouched.
+    let body: Value = client.get(proxy.url("/home?a=b")).send().await.expect("request").json().await.expect("json");
+    assert_eq!(body["backend"], "monolith");
+    assert_eq!(body["uri"], "/home?a=b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserve_host_false_sends_the_backend_host() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&routes(&monolith, &orders.url(), "preserve_host = false")).await;
+    let body: Value = client()
+        .get(proxy.url("/api/orders"))
+        .header("host", "shop.example.com")
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["headers"]["host"], orders.addr.to_string());
+    assert_eq!(body["headers"]["x-forwarded-host"], "shop.example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways_without_being_buffered() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&routes(&monolith, &orders.url(), "")).await;
+    // The client sends the next chunk only after the previous one came back through the
+    // proxy: this can only finish if neither direction waits for a whole body.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+    let request = client().post(proxy.url("/echo")).body(body).send();
+    tx.send(Ok(Bytes::from_static(b"chunk-0;"))).await.expect("send");
+    let mut response = request.await.expect("response headers before the body ended");
+    assert_eq!(response.headers()["x-backend"], "monolith");
+    let mut echoed = Vec::new();
+    for i in 1..=20 {
+        while !echoed.ends_with(format!("chunk-{};", i - 1).as_bytes()) {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk())
+                .await
+                .expect("echo of the last chunk arrives while the request is still open")
+                .expect("chunk")
+                .expect("not the end yet");
+            echoed.extend_from_slice(&chunk);
+        }
+        if i < 20 {
+            tx.send(Ok(Bytes::from(format!("chunk-{i};")))).await.expect("send");
+        }
+    }
+    drop(tx);
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        echoed.extend_from_slice(&chunk);
+    }
+    let expected: String = (0..20).map(|i| format!("chunk-{i};")).collect();
+    assert_eq!(String::from_utf8(echoed).expect("utf8"), expected);
+
+    // A large chunked upload comes back byte for byte.
+    let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let response = client().post(proxy.url("/echo")).body(big.clone()).send().await.expect("post");
+    assert_eq!(response.bytes().await.expect("body").as_ref(), big.as_slice());
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_proxy() {
+    let monolith = TestBackend::start("monolith").await;
+    let (ws_addr, _ws) = start_ws_echo().await;
+    let proxy = Proxy::start(&routes(&monolith, &format!("http://{ws_addr}"), "")).await;
+    let url = format!("ws://{}/api/orders/live", proxy.addr);
+    let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).expect("request");
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("websocket handshake through ficus");
+    assert_eq!(response.status(), 101);
+    for i in 0..10 {
+        ws.send(Message::text(format!("hello {i}"))).await.expect("send");
+        let echoed = ws.next().await.expect("echo").expect("message");
+        assert_eq!(echoed.into_text().expect("text").as_str(), format!("hello {i}"));
+    }
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.expect("send");
+    assert_eq!(ws.next().await.expect("echo").expect("message").into_data().as_ref(), &[1, 2, 3]);
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cleartext_prior_knowledge() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&routes(&monolith, &orders.url(), "")).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
+    for path in ["/api/orders/1", "/home"] {
+        let response = h2.get(proxy.url(path)).header("x-user-id", "u").send().await.expect("h2c request");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["backend"], if path == "/home" { "monolith" } else { "orders" });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_tls_with_alpn() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).expect("write key");
+    let proxy = Proxy::start_with(
+        &routes(&monolith, &orders.url(), ""),
+        &["--tls-listen", "--tls-cert", cert_path.to_str().expect("path"), "--tls-key", key_path.to_str().expect("path")],
+    )
+    .await;
+    let tls_addr = proxy.tls_addr.expect("tls address");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).expect("root"))
+        .resolve("localhost", tls_addr)
+        .build()
+        .expect("client");
+    let url = format!("https://localhost:{}/api/orders/1", tls_addr.port());
+    let response = client.get(&url).header("x-user-id", "u").send().await.expect("https request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN picks h2");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["backend"], "orders");
+    assert_eq!(body["headers"]["x-forwarded-proto"], "https");
+
+    let h1 = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).expect("root"))
+        .resolve("localhost", tls_addr)
+        .http1_only()
+        .build()
+        .expect("client");
+    let response = h1.get(&url).send().await.expect("https h1 request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    assert_eq!(response.status(), 200);
+}

@@ -1,0 +1,151 @@
+//! Live reload through the real binary: under load, on invalid edits, by SIGHUP and by the
+//! admin API.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{client, split_routes, Proxy, TestBackend};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_sustained_load_fail_no_request() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Arc::new(Proxy::start(&split_routes(&monolith, &orders, 5.0)).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let (proxy, stop, ok, failed) = (proxy.clone(), stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let client = client();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let path = if i % 2 == 0 { "/api/orders/1" } else { "/home" };
+                let body = "x".repeat(i % 1000);
+                let result = client
+                    .post(proxy.url(path))
+                    .header("x-user-id", format!("w{worker}-{}", i % 50))
+                    .body(body)
+                    .send()
+                    .await;
+                match result {
+                    Ok(response) if response.status() == 200 => {
+                        response.bytes().await.expect("body");
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(response) => {
+                        eprintln!("status {}", response.status());
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("error {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let mut version = proxy.version().await;
+    for step in 0..10 {
+        let percent = [10.0, 30.0, 60.0, 90.0, 99.0][step % 5];
+        proxy.write_routes(&split_routes(&monolith, &orders, percent + step as f64 / 100.0));
+        version = proxy.wait_version_change(&version).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} requests failed during reloads ({ok} succeeded)");
+    assert!(ok > 500, "too little load to mean anything: {ok} requests");
+    let metrics = proxy.metrics().await;
+    assert!(metrics.contains(r#"ficus_reloads_total{result="ok",trigger="file"} 10"#), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_edit_keeps_the_old_table_serving() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&split_routes(&monolith, &orders, 100.0)).await;
+    let version = proxy.version().await;
+    let broken = split_routes(&monolith, &orders, 100.0).replace("to = \"orders\"", "to = \"ordres\"");
+    proxy.write_routes(&broken);
+    let error = proxy.wait_reload_error().await;
+    let message = error["errors"][0].as_str().expect("error text");
+    assert!(message.contains("routes[0] \"orders\": to: unknown backend \"ordres\""), "{message}");
+    assert_eq!(proxy.version().await, version);
+    let client = client();
+    for user in 0..20 {
+        let response = client.get(proxy.url("/api/orders")).header("x-user-id", user.to_string()).send().await.expect("request");
+        assert_eq!(response.headers()["x-backend"], "orders", "the old table (100% to orders) must still serve");
+    }
+    let metrics = proxy.metrics().await;
+    assert!(common::metric(&metrics, r#"ficus_reloads_total{result="error",trigger="file"}"#) >= 1.0, "{metrics}");
+    assert!(proxy.logs().contains("unknown backend"), "the error is logged");
+
+    // A later good edit clears the error.
+    proxy.write_routes(&split_routes(&monolith, &orders, 0.0));
+    proxy.wait_version_change(&version).await;
+    assert!(proxy.routes_json().await["last_reload_error"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_admin_reload_apply_an_edit_without_watching() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&split_routes(&monolith, &orders, 0.0)).await;
+    let version = proxy.version().await;
+
+    // Written in place, the way `echo > file` does.
+    std::fs::write(&proxy.routes, split_routes(&monolith, &orders, 100.0)).expect("write");
+    let status = std::process::Command::new("kill").args(["-HUP", &proxy.pid().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let version = proxy.wait_version_change(&version).await;
+    assert_eq!(proxy.routes_json().await["routes"][0]["percent"], 100.0);
+
+    std::fs::write(&proxy.routes, split_routes(&monolith, &orders, 42.5)).expect("write");
+    let reply: serde_json::Value = client()
+        .post(format!("http://{}/reload", proxy.admin))
+        .send()
+        .await
+        .expect("reload")
+        .json()
+        .await
+        .expect("json");
+    assert!(reply["result"] == "ok" || reply["result"] == "unchanged", "{reply}");
+    proxy.wait_version_change(&version).await;
+    assert_eq!(proxy.routes_json().await["routes"][0]["percent"], 42.5);
+
+    std::fs::write(&proxy.routes, "[broken").expect("write");
+    let response = client().post(format!("http://{}/reload", proxy.admin)).send().await.expect("reload");
+    assert_eq!(response.status(), 422);
+    let reply: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(reply["result"], "error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_shows_table_and_metrics() {
+    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&split_routes(&monolith, &orders, 25.0)).await;
+    assert_eq!(proxy.admin_get("/healthz").await.status(), 200);
+    let routes = proxy.routes_json().await;
+    assert_eq!(routes["routes"][0]["name"], "orders");
+    assert_eq!(routes["routes"][0]["percent"], 25.0);
+    assert_eq!(routes["default_backend"], "monolith");
+    assert!(routes["loaded_at"].as_str().expect("loaded_at").ends_with('Z'));
+    assert_eq!(routes["version"].as_str().expect("version").len(), 16);
+    client().get(proxy.url("/api/orders")).header("x-user-id", "a").send().await.expect("request");
+    let metrics = proxy.metrics().await;
+    for family in [
+        "ficus_requests_total",
+        "ficus_request_duration_seconds_bucket",
+        "ficus_upstream_connect_failures_total",
+        "ficus_fallbacks_total",
+        "ficus_reloads_total",
+    ] {
+        assert!(metrics.contains(&format!("# TYPE {family}")) || metrics.contains(family), "{family} missing:\n{metrics}");
+    }
+    assert_eq!(proxy.admin_get("/nope").await.status(), 404);
+}
