@@ -130,7 +130,8 @@ fn show_traffic(listen: &str, admin: &str, routes: &std::path::Path) -> Result<(
     println!("\n20 users request GET /api/orders/1 through the proxy (30% of users go to the new service):");
     for user in 1..=20 {
         let response = get(listen, "/api/orders/1", Some(&format!("user-{user}")))?;
-        let backend = if response.contains("\"backend\":\"orders\"") { "orders" } else { "monolith" };
+        let backend =
+            if response.contains("\"backend\":\"orders\"") { "orders" } else { "monolith" };
         to_orders += usize::from(backend == "orders");
         println!("  x-user-id: user-{user:<3} -> {backend}");
     }

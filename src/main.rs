@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ficus_proxy::ProxySettings;
 
 #[derive(Parser)]
-#[command(name = "ficus", version, about = "Strangler-fig migrations: move a monolith's routes to new services one share at a time")]
+#[command(
+    name = "ficus",
+    version,
+    about = "Strangler-fig migrations: move a monolith's routes to new services one share at a time"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FICUS_LOG_FORMAT")]
@@ -83,7 +87,9 @@ enum RoutesCommand {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo prints its own story; only warnings should interrupt it.
+    let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { DEFAULT_LOG };
+    init_logging(cli.log_format, default_level);
     let code = match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -115,7 +121,10 @@ fn proxy_settings(args: &ProxyArgs) -> Result<ProxySettings> {
         builder = builder.add_source(config::File::from(path.as_path()).required(true));
     }
     builder = builder.add_source(
-        config::Environment::with_prefix("FICUS").prefix_separator("_").separator("__").try_parsing(true),
+        config::Environment::with_prefix("FICUS")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true),
     );
     let flags: [(&str, Option<String>); 7] = [
         ("proxy.routes", args.routes.as_ref().map(|p| p.display().to_string())),
@@ -131,17 +140,23 @@ fn proxy_settings(args: &ProxyArgs) -> Result<ProxySettings> {
             builder = builder.set_override(key, value)?;
         }
     }
-    let source = args.config.as_ref().map_or("flags and environment".to_string(), |p| p.display().to_string());
-    let settings: ProxySettings = builder
-        .build()
-        .and_then(|c| c.get("proxy"))
-        .with_context(|| format!("invalid proxy settings (from {source}); --routes FILE is required"))?;
+    let source = args
+        .config
+        .as_ref()
+        .map_or("flags and environment".to_string(), |p| p.display().to_string());
+    let settings: ProxySettings =
+        builder.build().and_then(|c| c.get("proxy")).with_context(|| {
+            format!("invalid proxy settings (from {source}); --routes FILE is required")
+        })?;
     Ok(settings)
 }
 
-fn init_logging(format: LogFormat) {
+/// Pingora's own info lines (service start and stop) are noise next to ficus's.
+const DEFAULT_LOG: &str = "info,pingora_core=warn,pingora_proxy=warn";
+
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

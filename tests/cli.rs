@@ -38,7 +38,11 @@ fn route(fields: &str) -> String {
 #[test]
 fn check_prints_a_summary_per_route_and_exits_zero() {
     let dir = tempfile::tempdir().expect("dir");
-    let file = write(dir.path(), "routes.toml", &route("to = \"orders\"\npercent = 25\nsticky = \"header:x-user-id\""));
+    let file = write(
+        dir.path(),
+        "routes.toml",
+        &route("to = \"orders\"\npercent = 25\nsticky = \"header:x-user-id\""),
+    );
     let output = run(&["routes", "check", file.to_str().expect("path")]);
     assert!(output.status.success(), "{output:?}");
     let text = stdout(&output);
@@ -63,7 +67,10 @@ fn check_reports_each_kind_of_bad_input_with_file_route_and_field() {
         let output = run(&["routes", "check", file.to_str().expect("path")]);
         assert_eq!(output.status.code(), Some(1), "{name}: {output:?}");
         let text = stdout(&output);
-        assert!(text.contains(&format!("{}: {expected}", file.display())) || text.contains(expected), "{name}: {text}");
+        assert!(
+            text.contains(&format!("{}: {expected}", file.display())) || text.contains(expected),
+            "{name}: {text}"
+        );
     }
 }
 
@@ -83,8 +90,13 @@ fn check_prints_every_error_of_a_file() {
 fn yaml_and_json_route_files_are_checked_by_extension() {
     let dir = tempfile::tempdir().expect("dir");
     let yaml = write(dir.path(), "routes.yaml", "backends:\n  monolith: { url: \"http://127.0.0.1:1\" }\ndefaults: { backend: monolith }\nroutes: []\n");
-    let json = write(dir.path(), "routes.json", r#"{"backends": {"monolith": {"url": "http://127.0.0.1:1"}}, "defaults": {"backend": "monolith"}}"#);
-    let output = run(&["routes", "check", yaml.to_str().expect("path"), json.to_str().expect("path")]);
+    let json = write(
+        dir.path(),
+        "routes.json",
+        r#"{"backends": {"monolith": {"url": "http://127.0.0.1:1"}}, "defaults": {"backend": "monolith"}}"#,
+    );
+    let output =
+        run(&["routes", "check", yaml.to_str().expect("path"), json.to_str().expect("path")]);
     assert!(output.status.success(), "{output:?}");
     let other = write(dir.path(), "routes.ini", "x");
     let output = run(&["routes", "check", other.to_str().expect("path")]);
@@ -95,8 +107,20 @@ fn yaml_and_json_route_files_are_checked_by_extension() {
 #[test]
 fn explain_names_route_key_bucket_backend_and_why() {
     let dir = tempfile::tempdir().expect("dir");
-    let file = write(dir.path(), "routes.toml", &route("to = \"orders\"\npercent = 100\nsticky = \"header:x-user-id\""));
-    let output = run(&["routes", "explain", file.to_str().expect("path"), "GET", "/api/orders/7", "-H", "X-User-Id: 42"]);
+    let file = write(
+        dir.path(),
+        "routes.toml",
+        &route("to = \"orders\"\npercent = 100\nsticky = \"header:x-user-id\""),
+    );
+    let output = run(&[
+        "routes",
+        "explain",
+        file.to_str().expect("path"),
+        "GET",
+        "/api/orders/7",
+        "-H",
+        "X-User-Id: 42",
+    ]);
     assert!(output.status.success(), "{output:?}");
     let text = stdout(&output);
     assert!(text.contains("route:   orders (routes[0]: path_prefix /api/orders)"), "{text}");
@@ -115,8 +139,13 @@ fn proxy_refuses_to_start_on_a_bad_route_file() {
     let dir = tempfile::tempdir().expect("dir");
     let file = write(dir.path(), "routes.toml", &route("to = \"ordres\"\npercent = 500"));
     let output = run(&[
-        "proxy", "--routes", file.to_str().expect("path"),
-        "--listen", &common::free_addr().to_string(), "--admin", &common::free_addr().to_string(),
+        "proxy",
+        "--routes",
+        file.to_str().expect("path"),
+        "--listen",
+        &common::free_addr().to_string(),
+        "--admin",
+        &common::free_addr().to_string(),
     ]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -128,7 +157,11 @@ fn proxy_refuses_to_start_on_a_bad_route_file() {
 fn proxy_settings_come_from_a_config_file_and_environment() {
     let dir = tempfile::tempdir().expect("dir");
     let routes = write(dir.path(), "routes.toml", &route("to = \"ordres\"\npercent = 1"));
-    let config = write(dir.path(), "ficus.toml", &format!("[proxy]\nroutes = \"{}\"\nlisten = \"127.0.0.1:0\"\n", routes.display()));
+    let config = write(
+        dir.path(),
+        "ficus.toml",
+        &format!("[proxy]\nroutes = \"{}\"\nlisten = \"127.0.0.1:0\"\n", routes.display()),
+    );
     // The route file named by the config is loaded (and rejected): the config was read.
     let output = run(&["proxy", "--config", config.to_str().expect("path")]);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -141,4 +174,20 @@ fn proxy_settings_come_from_a_config_file_and_environment() {
         .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("listn"), "{stderr}");
+}
+
+#[test]
+fn every_example_route_file_passes_check() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).expect("examples dir") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("routes") {
+            let output = run(&["routes", "check", path.to_str().expect("path")]);
+            assert!(output.status.success(), "{}: {}", path.display(), stdout(&output));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no example route file found");
 }

@@ -34,7 +34,8 @@ percent = 100
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_to_backend_falls_back_to_from_without_errors() {
-    let (monolith, mut orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, mut orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&routes(&monolith, &orders, "")).await;
     let client = client();
     assert_eq!(backend_for(&client, &proxy, "/api/orders/1", "a").await, "orders");
@@ -50,18 +51,28 @@ async fn a_stopped_to_backend_falls_back_to_from_without_errors() {
             .send()
             .await
             .expect("post through proxy");
-        assert_eq!(post.status(), 200, "a POST falls back too: nothing was sent to the dead backend");
+        assert_eq!(
+            post.status(),
+            200,
+            "a POST falls back too: nothing was sent to the dead backend"
+        );
         assert_eq!(post.headers()["x-backend"], "monolith");
     }
     let metrics = proxy.metrics().await;
-    let fallbacks = metric(&metrics, r#"ficus_fallbacks_total{from="monolith",reason="connect_failed",route="orders",to="orders"}"#);
+    let fallbacks = metric(
+        &metrics,
+        r#"ficus_fallbacks_total{from="monolith",reason="connect_failed",route="orders",to="orders"}"#,
+    );
     assert!(fallbacks >= 100.0, "fallbacks counted: {fallbacks}\n{metrics}");
-    assert!(metric(&metrics, r#"ficus_upstream_connect_failures_total{backend="orders"}"#) >= 100.0);
+    assert!(
+        metric(&metrics, r#"ficus_upstream_connect_failures_total{backend="orders"}"#) >= 100.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_marked_down_by_health_checks_is_skipped_until_it_recovers() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let health = r#"health = { path = "/healthz", interval = "100ms", unhealthy_threshold = 2, healthy_threshold = 2 }"#;
     let proxy = Proxy::start(&routes(&monolith, &orders, health)).await;
     let client = client();
@@ -71,7 +82,13 @@ async fn a_backend_marked_down_by_health_checks_is_skipped_until_it_recovers() {
     wait_for_backend(&client, &proxy, "monolith").await;
     assert_eq!(proxy.routes_json().await["backends"][1]["up"], false);
     let metrics = proxy.metrics().await;
-    assert!(metric(&metrics, r#"ficus_fallbacks_total{from="monolith",reason="unhealthy",route="orders",to="orders"}"#) >= 1.0, "{metrics}");
+    assert!(
+        metric(
+            &metrics,
+            r#"ficus_fallbacks_total{from="monolith",reason="unhealthy",route="orders",to="orders"}"#
+        ) >= 1.0,
+        "{metrics}"
+    );
     assert_eq!(metric(&metrics, r#"ficus_backend_up{backend="orders"}"#), 0.0);
 
     orders.healthy.store(true, Ordering::Relaxed);

@@ -38,7 +38,8 @@ rewrite = {{ strip_prefix = "/api" }}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_host_and_rewrite() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&routes(&monolith, &format!("{}/v2", orders.url()), "")).await;
     let client = client();
     let body: Value = client
@@ -61,14 +62,22 @@ async fn forwarding_headers_host_and_rewrite() {
     assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
 
     // The monolith gets the path untouched.
-    let body: Value = client.get(proxy.url("/home?a=b")).send().await.expect("request").json().await.expect("json");
+    let body: Value = client
+        .get(proxy.url("/home?a=b"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(body["backend"], "monolith");
     assert_eq!(body["uri"], "/home?a=b");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preserve_host_false_sends_the_backend_host() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&routes(&monolith, &orders.url(), "preserve_host = false")).await;
     let body: Value = client()
         .get(proxy.url("/api/orders"))
@@ -85,7 +94,8 @@ async fn preserve_host_false_sends_the_backend_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_stream_both_ways_without_being_buffered() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&routes(&monolith, &orders.url(), "")).await;
     // The client sends the next chunk only after the previous one came back through the
     // proxy: this can only finish if neither direction waits for a whole body.
@@ -122,7 +132,9 @@ async fn bodies_stream_both_ways_without_being_buffered() {
     assert_eq!(response.bytes().await.expect("body").as_ref(), big.as_slice());
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -132,8 +144,12 @@ async fn websocket_echo_through_the_proxy() {
     let (ws_addr, _ws) = start_ws_echo().await;
     let proxy = Proxy::start(&routes(&monolith, &format!("http://{ws_addr}"), "")).await;
     let url = format!("ws://{}/api/orders/live", proxy.addr);
-    let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).expect("request");
-    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.expect("websocket handshake through ficus");
+    let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        url.as_str(),
+    )
+    .expect("request");
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async(request).await.expect("websocket handshake through ficus");
     assert_eq!(response.status(), 101);
     for i in 0..10 {
         ws.send(Message::text(format!("hello {i}"))).await.expect("send");
@@ -147,11 +163,13 @@ async fn websocket_echo_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_cleartext_prior_knowledge() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&routes(&monolith, &orders.url(), "")).await;
     let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
     for path in ["/api/orders/1", "/home"] {
-        let response = h2.get(proxy.url(path)).header("x-user-id", "u").send().await.expect("h2c request");
+        let response =
+            h2.get(proxy.url(path)).header("x-user-id", "u").send().await.expect("h2c request");
         assert_eq!(response.version(), reqwest::Version::HTTP_2);
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.expect("json");
@@ -161,20 +179,30 @@ async fn http2_cleartext_prior_knowledge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_over_tls_with_alpn() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
     let dir = tempfile::tempdir().expect("dir");
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
     std::fs::write(&key_path, cert.key_pair.serialize_pem()).expect("write key");
     let proxy = Proxy::start_with(
         &routes(&monolith, &orders.url(), ""),
-        &["--tls-listen", "--tls-cert", cert_path.to_str().expect("path"), "--tls-key", key_path.to_str().expect("path")],
+        &[
+            "--tls-listen",
+            "--tls-cert",
+            cert_path.to_str().expect("path"),
+            "--tls-key",
+            key_path.to_str().expect("path"),
+        ],
     )
     .await;
     let tls_addr = proxy.tls_addr.expect("tls address");
     let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).expect("root"))
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).expect("root"),
+        )
         .resolve("localhost", tls_addr)
         .build()
         .expect("client");
@@ -186,7 +214,9 @@ async fn http2_over_tls_with_alpn() {
     assert_eq!(body["headers"]["x-forwarded-proto"], "https");
 
     let h1 = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).expect("root"))
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).expect("root"),
+        )
         .resolve("localhost", tls_addr)
         .http1_only()
         .build()

@@ -11,7 +11,8 @@ use common::{client, split_routes, Proxy, TestBackend};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_sustained_load_fail_no_request() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Arc::new(Proxy::start(&split_routes(&monolith, &orders, 5.0)).await);
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -68,10 +69,12 @@ async fn reloads_under_sustained_load_fail_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_edit_keeps_the_old_table_serving() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&split_routes(&monolith, &orders, 100.0)).await;
     let version = proxy.version().await;
-    let broken = split_routes(&monolith, &orders, 100.0).replace("to = \"orders\"", "to = \"ordres\"");
+    let broken =
+        split_routes(&monolith, &orders, 100.0).replace("to = \"orders\"", "to = \"ordres\"");
     proxy.write_routes(&broken);
     let error = proxy.wait_reload_error().await;
     let message = error["errors"][0].as_str().expect("error text");
@@ -79,11 +82,23 @@ async fn an_invalid_edit_keeps_the_old_table_serving() {
     assert_eq!(proxy.version().await, version);
     let client = client();
     for user in 0..20 {
-        let response = client.get(proxy.url("/api/orders")).header("x-user-id", user.to_string()).send().await.expect("request");
-        assert_eq!(response.headers()["x-backend"], "orders", "the old table (100% to orders) must still serve");
+        let response = client
+            .get(proxy.url("/api/orders"))
+            .header("x-user-id", user.to_string())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            response.headers()["x-backend"],
+            "orders",
+            "the old table (100% to orders) must still serve"
+        );
     }
     let metrics = proxy.metrics().await;
-    assert!(common::metric(&metrics, r#"ficus_reloads_total{result="error",trigger="file"}"#) >= 1.0, "{metrics}");
+    assert!(
+        common::metric(&metrics, r#"ficus_reloads_total{result="error",trigger="file"}"#) >= 1.0,
+        "{metrics}"
+    );
     assert!(proxy.logs().contains("unknown backend"), "the error is logged");
 
     // A later good edit clears the error.
@@ -94,13 +109,17 @@ async fn an_invalid_edit_keeps_the_old_table_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_and_admin_reload_apply_an_edit_without_watching() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&split_routes(&monolith, &orders, 0.0)).await;
     let version = proxy.version().await;
 
     // Written in place, the way `echo > file` does.
     std::fs::write(&proxy.routes, split_routes(&monolith, &orders, 100.0)).expect("write");
-    let status = std::process::Command::new("kill").args(["-HUP", &proxy.pid().to_string()]).status().expect("kill");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let version = proxy.wait_version_change(&version).await;
     assert_eq!(proxy.routes_json().await["routes"][0]["percent"], 100.0);
@@ -119,7 +138,8 @@ async fn sighup_and_admin_reload_apply_an_edit_without_watching() {
     assert_eq!(proxy.routes_json().await["routes"][0]["percent"], 42.5);
 
     std::fs::write(&proxy.routes, "[broken").expect("write");
-    let response = client().post(format!("http://{}/reload", proxy.admin)).send().await.expect("reload");
+    let response =
+        client().post(format!("http://{}/reload", proxy.admin)).send().await.expect("reload");
     assert_eq!(response.status(), 422);
     let reply: serde_json::Value = response.json().await.expect("json");
     assert_eq!(reply["result"], "error");
@@ -127,7 +147,8 @@ async fn sighup_and_admin_reload_apply_an_edit_without_watching() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_shows_table_and_metrics() {
-    let (monolith, orders) = (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&split_routes(&monolith, &orders, 25.0)).await;
     assert_eq!(proxy.admin_get("/healthz").await.status(), 200);
     let routes = proxy.routes_json().await;
@@ -145,7 +166,10 @@ async fn admin_api_shows_table_and_metrics() {
         "ficus_fallbacks_total",
         "ficus_reloads_total",
     ] {
-        assert!(metrics.contains(&format!("# TYPE {family}")) || metrics.contains(family), "{family} missing:\n{metrics}");
+        assert!(
+            metrics.contains(&format!("# TYPE {family}")) || metrics.contains(family),
+            "{family} missing:\n{metrics}"
+        );
     }
     assert_eq!(proxy.admin_get("/nope").await.status(), 404);
 }

@@ -37,10 +37,16 @@ impl ServeHttp for AdminApp {
                 };
                 json_response(status, &serde_json::to_value(&outcome).unwrap_or(Value::Null))
             }
-            (_, "/healthz" | "/routes" | "/metrics" | "/reload") => {
-                respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"method not allowed\n".to_vec())
-            }
-            _ => respond(StatusCode::NOT_FOUND, "text/plain", b"not found: try /healthz, /routes, /metrics or POST /reload\n".to_vec()),
+            (_, "/healthz" | "/routes" | "/metrics" | "/reload") => respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                b"method not allowed\n".to_vec(),
+            ),
+            _ => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"not found: try /healthz, /routes, /metrics or POST /reload\n".to_vec(),
+            ),
         }
     }
 }

@@ -52,7 +52,8 @@ impl BackendHealth {
             return None;
         }
         let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
-        let needed = if up { self.config.unhealthy_threshold } else { self.config.healthy_threshold };
+        let needed =
+            if up { self.config.unhealthy_threshold } else { self.config.healthy_threshold };
         if streak < needed.max(1) {
             return None;
         }
@@ -67,7 +68,9 @@ impl BackendHealth {
         check.peer_template.options.read_timeout = Some(self.config.timeout);
         match health_request(&self.config.path, &self.host) {
             Ok(req) => check.req = req,
-            Err(e) => tracing::warn!(backend = %self.name, error = %e, "health check falls back to GET /"),
+            Err(e) => {
+                tracing::warn!(backend = %self.name, error = %e, "health check falls back to GET /")
+            }
         }
         check.validator = Some(Box::new(|resp: &ResponseHeader| {
             if resp.status.is_success() {

@@ -54,7 +54,10 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
 
 /// Like [`run`], letting the caller add its own services (the demo's sample backends) to
 /// the same server before it starts.
-pub fn run_with(settings: ProxySettings, add_services: impl FnOnce(&mut Server)) -> Result<(), ProxyError> {
+pub fn run_with(
+    settings: ProxySettings,
+    add_services: impl FnOnce(&mut Server),
+) -> Result<(), ProxyError> {
     let active = ActiveTable::load(&settings.routes, None)?;
     tracing::info!(
         routes_file = %settings.routes.display(),
@@ -72,10 +75,12 @@ pub fn run_with(settings: ProxySettings, add_services: impl FnOnce(&mut Server))
     let shared = Arc::new(Shared::new(settings.routes.clone(), active));
     let reloader = Reloader::new(shared.clone());
 
-    let mut conf = ServerConf::default();
-    conf.threads = settings.threads.max(1);
-    conf.grace_period_seconds = Some(settings.shutdown_grace.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(settings.shutdown_grace.as_secs());
+    let conf = ServerConf {
+        threads: settings.threads.max(1),
+        grace_period_seconds: Some(settings.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(settings.shutdown_grace.as_secs()),
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -97,23 +102,32 @@ pub fn run_with(settings: ProxySettings, add_services: impl FnOnce(&mut Server))
         proxy.add_tls_with_settings(&tls.listen, None, tls_settings);
     }
 
-    let mut admin = Service::new("ficus admin".to_string(), AdminApp { shared, reloader: reloader.clone() });
+    let mut admin =
+        Service::new("ficus admin".to_string(), AdminApp { shared, reloader: reloader.clone() });
     admin.add_tcp(&settings.admin);
-    let triggers = background_service("ficus reload", ReloadTriggers { reloader, watch: settings.watch });
+    let triggers =
+        background_service("ficus reload", ReloadTriggers { reloader, watch: settings.watch });
 
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(triggers);
     add_services(&mut server);
-    tracing::info!(listen = settings.listen, admin = settings.admin, tls = settings.tls.as_ref().map(|t| t.listen.as_str()), "ficus proxy started");
+    tracing::info!(
+        listen = settings.listen,
+        admin = settings.admin,
+        tls = settings.tls.as_ref().map(|t| t.listen.as_str()),
+        "ficus proxy started"
+    );
     server.run_forever()
 }
 
 /// Fails early, with the address in the message, when a listener cannot bind.
 fn check_listen(addr: &str, what: &'static str) -> Result<(), ProxyError> {
-    TcpListener::bind(addr)
-        .map(drop)
-        .map_err(|source| ProxyError::Listen { addr: addr.to_string(), what, source })
+    TcpListener::bind(addr).map(drop).map_err(|source| ProxyError::Listen {
+        addr: addr.to_string(),
+        what,
+        source,
+    })
 }
 
 fn check_tls(tls: &TlsSettings) -> Result<(), ProxyError> {

@@ -33,16 +33,25 @@ impl Metrics {
             &["route", "backend", "status"],
         );
         let duration = HistogramVec::new(
-            HistogramOpts::new("ficus_request_duration_seconds", "Request duration by route and backend")
-                .buckets(exponential_buckets(0.0005, 2.0, 16).unwrap_or_default()),
+            HistogramOpts::new(
+                "ficus_request_duration_seconds",
+                "Request duration by route and backend",
+            )
+            .buckets(exponential_buckets(0.0005, 2.0, 16).unwrap_or_default()),
             &["route", "backend"],
         );
         let connect_failures = IntCounterVec::new(
-            Opts::new("ficus_upstream_connect_failures_total", "Failed upstream connection attempts"),
+            Opts::new(
+                "ficus_upstream_connect_failures_total",
+                "Failed upstream connection attempts",
+            ),
             &["backend"],
         );
         let fallbacks = IntCounterVec::new(
-            Opts::new("ficus_fallbacks_total", "Requests sent to a route's `from` because `to` failed"),
+            Opts::new(
+                "ficus_fallbacks_total",
+                "Requests sent to a route's `from` because `to` failed",
+            ),
             &["route", "from", "to", "reason"],
         );
         let reloads = IntCounterVec::new(

@@ -61,15 +61,25 @@ impl Reloader {
                 shared.metrics.prime(&next.table);
                 shared.active.store(next);
                 *lock_failure(shared) = None;
-                tracing::info!(trigger, version, routes = shared.active.load().table.routes.len(), "route table reloaded");
+                tracing::info!(
+                    trigger,
+                    version,
+                    routes = shared.active.load().table.routes.len(),
+                    "route table reloaded"
+                );
                 ReloadOutcome::Ok { version }
             }
             Err(e) => {
                 let errors = e.messages();
                 for error in &errors {
-                    tracing::error!(trigger, error, "route file rejected; the previous table stays active");
+                    tracing::error!(
+                        trigger,
+                        error,
+                        "route file rejected; the previous table stays active"
+                    );
                 }
-                *lock_failure(shared) = Some(ReloadFailure { at: now_rfc3339(), errors: errors.clone() });
+                *lock_failure(shared) =
+                    Some(ReloadFailure { at: now_rfc3339(), errors: errors.clone() });
                 ReloadOutcome::Error { errors }
             }
         };
@@ -114,7 +124,8 @@ pub struct ReloadTriggers {
 impl BackgroundService for ReloadTriggers {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         spawn_checkers(&self.reloader.shared.active.load(), &self.reloader.shared);
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
             Ok(signal) => Some(signal),
             Err(e) => {
                 tracing::error!(error = %e, "cannot listen for SIGHUP; reload by file change or admin API");
@@ -122,11 +133,8 @@ impl BackgroundService for ReloadTriggers {
             }
         };
         let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-        let _watcher = if self.watch {
-            watch_file(&self.reloader.shared.routes_path, tx)
-        } else {
-            None
-        };
+        let _watcher =
+            if self.watch { watch_file(&self.reloader.shared.routes_path, tx) } else { None };
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,

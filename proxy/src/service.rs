@@ -102,7 +102,8 @@ impl FicusProxy {
         let backend = decision.backend;
         let may_fall_back = decision.is_to() && decision.reason != Reason::Override;
         let minted_client_id = decision.minted_client_id().map(str::to_string);
-        let mut routing = Routing { active, route, backend, may_fall_back, fallback: None, minted_client_id };
+        let mut routing =
+            Routing { active, route, backend, may_fall_back, fallback: None, minted_client_id };
         if routing.may_fall_back && !routing.active.upstreams[backend].is_up() {
             self.fall_back(&mut routing, Fallback::Unhealthy);
         }
@@ -116,7 +117,12 @@ impl FicusProxy {
         self.shared
             .metrics
             .fallbacks
-            .with_label_values(&[&route.name, &table.backends[route.from].name, &table.backends[route.to].name, reason.as_str()])
+            .with_label_values(&[
+                &route.name,
+                &table.backends[route.from].name,
+                &table.backends[route.to].name,
+                reason.as_str(),
+            ])
             .inc();
         routing.backend = route.from;
         routing.may_fall_back = false;
@@ -124,17 +130,28 @@ impl FicusProxy {
     }
 
     /// Points the request at its backend: path rewrite, Host, and the X-Forwarded headers.
-    fn prepare_upstream_request(&self, session: &Session, routing: &Routing, req: &mut RequestHeader) -> Result<()> {
+    fn prepare_upstream_request(
+        &self,
+        session: &Session,
+        routing: &Routing,
+        req: &mut RequestHeader,
+    ) -> Result<()> {
         let table = &routing.active.table;
         let backend = &table.backends[routing.backend];
         let downstream = session.req_header();
-        let path = table.upstream_path(routing.route, routing.backend, downstream.uri.path(), downstream.uri.query());
+        let path = table.upstream_path(
+            routing.route,
+            routing.backend,
+            downstream.uri.path(),
+            downstream.uri.query(),
+        );
         let uri = path
             .parse::<http::Uri>()
             .or_err_with(InvalidHTTPHeader, || format!("cannot build upstream URI {path}"))?;
         req.set_uri(uri);
 
-        let client_host = PingoraRequest { header: downstream, client_ip: None }.host().map(str::to_string);
+        let client_host =
+            PingoraRequest { header: downstream, client_ip: None }.host().map(str::to_string);
         if let Some(host) = &client_host {
             req.insert_header("X-Forwarded-Host", host.as_str())?;
         }
@@ -149,10 +166,11 @@ impl FicusProxy {
         }
         req.insert_header("X-Forwarded-Proto", if is_tls(session) { "https" } else { "http" })?;
         if let Some(ip) = client_ip(session) {
-            let forwarded_for = match downstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(previous) => format!("{previous}, {ip}"),
-                None => ip.to_string(),
-            };
+            let forwarded_for =
+                match downstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                    Some(previous) => format!("{previous}, {ip}"),
+                    None => ip.to_string(),
+                };
             req.insert_header("X-Forwarded-For", forwarded_for)?;
         }
         Ok(())
@@ -175,14 +193,24 @@ impl ProxyHttp for FicusProxy {
 
     /// The peer of the chosen backend; called again after a failed connect, when the
     /// request may have fallen back to `from`.
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let routing = ctx.routing.as_ref().or_err(InternalError, "request was not routed")?;
         Ok(Box::new(routing.active.upstreams[routing.backend].peer.clone()))
     }
 
     /// Counts the failure and, when `to` refused us, retries on `from`. Nothing was sent yet,
     /// so this is safe for every method.
-    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
         let Some(routing) = ctx.routing.as_mut() else { return e };
         self.shared.metrics.connect_failures.with_label_values(&[routing.backend_name()]).inc();
         if routing.may_fall_back {
@@ -193,13 +221,23 @@ impl ProxyHttp for FicusProxy {
         e
     }
 
-    async fn upstream_request_filter(&self, session: &mut Session, upstream_request: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         let routing = ctx.routing.as_ref().or_err(InternalError, "request was not routed")?;
         self.prepare_upstream_request(session, routing, upstream_request)
     }
 
     /// Hands a newly identified client its id, so it stays on its backend from now on.
-    async fn response_filter(&self, _session: &mut Session, response: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         let Some(routing) = ctx.routing.as_ref() else { return Ok(()) };
         if let Some(id) = &routing.minted_client_id {
             let cookie = format!(

@@ -64,9 +64,8 @@ impl ActiveTable {
 
 fn resolve(backend: &Backend) -> Result<SocketAddr, String> {
     let authority = backend.authority();
-    let mut addrs = authority
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {authority}: {e}"))?;
+    let mut addrs =
+        authority.to_socket_addrs().map_err(|e| format!("cannot resolve {authority}: {e}"))?;
     addrs.next().ok_or_else(|| format!("{authority} resolves to no address"))
 }
 
@@ -82,7 +81,9 @@ fn upstream(backend: &Backend, addr: SocketAddr, previous: Option<&ActiveTable>)
                 .iter()
                 .zip(&prev.upstreams)
                 .find(|(old, up)| {
-                    old.name == backend.name && up.addr == addr && old.health.as_ref() == Some(check)
+                    old.name == backend.name
+                        && up.addr == addr
+                        && old.health.as_ref() == Some(check)
                 })
                 .and_then(|(_, up)| up.health.clone())
         });

@@ -39,8 +39,13 @@ pub fn explain(table: &RouteTable, req: &impl RequestView) -> String {
     };
     let to = &table.backends[route.to].name;
     let from = &table.backends[route.from].name;
-    let _ = writeln!(out, "route:   {} (routes[{index}]: {})", route.name, route.matcher.describe());
-    let _ = writeln!(out, "split:   {:.2}% of clients to \"{to}\", the rest stay on \"{from}\"", route.percent());
+    let _ =
+        writeln!(out, "route:   {} (routes[{index}]: {})", route.name, route.matcher.describe());
+    let _ = writeln!(
+        out,
+        "split:   {:.2}% of clients to \"{to}\", the rest stay on \"{from}\"",
+        route.percent()
+    );
     let why = match &decision.reason {
         Reason::NoRoute => "no route matched".to_string(),
         Reason::Override => {
@@ -50,11 +55,22 @@ pub fn explain(table: &RouteTable, req: &impl RequestView) -> String {
         Reason::Split { key, bucket } => match key.source {
             KeySource::Random => {
                 let _ = writeln!(out, "sticky:  none (each request is bucketed at random)");
-                format!("not sticky: each request goes to \"{to}\" with probability {:.2}%", route.percent())
+                format!(
+                    "not sticky: each request goes to \"{to}\" with probability {:.2}%",
+                    route.percent()
+                )
             }
             KeySource::Minted => {
-                let _ = writeln!(out, "sticky:  {} is absent, and so is cookie {}", route.sticky, table.client_id_cookie);
-                let _ = writeln!(out, "backend: \"{to}\" for {:.2}% of such clients, else \"{from}\"", route.percent());
+                let _ = writeln!(
+                    out,
+                    "sticky:  {} is absent, and so is cookie {}",
+                    route.sticky, table.client_id_cookie
+                );
+                let _ = writeln!(
+                    out,
+                    "backend: \"{to}\" for {:.2}% of such clients, else \"{from}\"",
+                    route.percent()
+                );
                 let _ = writeln!(
                     out,
                     "why:     a new client gets a random id in cookie {}, which buckets it from then on",
@@ -66,14 +82,28 @@ pub fn explain(table: &RouteTable, req: &impl RequestView) -> String {
                 let source = if key.source == KeySource::Sticky {
                     route.sticky.to_string()
                 } else {
-                    format!("cookie:{} (fallback: {} is absent)", table.client_id_cookie, route.sticky)
+                    format!(
+                        "cookie:{} (fallback: {} is absent)",
+                        table.client_id_cookie, route.sticky
+                    )
                 };
                 let _ = writeln!(out, "sticky:  {source} = \"{}\"", key.value);
-                let _ = writeln!(out, "bucket:  {bucket} of 10000 (buckets below {} go to \"{to}\")", route.threshold);
+                let _ = writeln!(
+                    out,
+                    "bucket:  {bucket} of 10000 (buckets below {} go to \"{to}\")",
+                    route.threshold
+                );
                 if *bucket < route.threshold {
-                    format!("bucket {bucket} < {}: this client is in the {:.2}% moved to \"{to}\"", route.threshold, route.percent())
+                    format!(
+                        "bucket {bucket} < {}: this client is in the {:.2}% moved to \"{to}\"",
+                        route.threshold,
+                        route.percent()
+                    )
                 } else {
-                    format!("bucket {bucket} >= {}: this client stays on \"{from}\"", route.threshold)
+                    format!(
+                        "bucket {bucket} >= {}: this client stays on \"{from}\"",
+                        route.threshold
+                    )
                 }
             }
         },

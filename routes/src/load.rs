@@ -70,7 +70,10 @@ impl RouteTable {
             .add_source(config::File::from_str(text, format.as_config()))
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| LoadError::Unreadable { file: file.to_string(), message: e.to_string() })?;
+            .map_err(|e| LoadError::Unreadable {
+                file: file.to_string(),
+                message: e.to_string(),
+            })?;
         Validator { file, errors: Vec::new() }.table(&value)
     }
 }
@@ -143,7 +146,11 @@ impl Validator<'_> {
                 if is_token(header) {
                     override_header = Some(header.to_ascii_lowercase());
                 } else {
-                    self.error("defaults", "override_header", format!("\"{header}\" is not a valid header name"));
+                    self.error(
+                        "defaults",
+                        "override_header",
+                        format!("\"{header}\" is not a valid header name"),
+                    );
                 }
             }
         }
@@ -263,7 +270,9 @@ impl Validator<'_> {
             } else if !seen.insert(config.name.clone()) {
                 self.error(&location, "name", format!("duplicate route name \"{}\"", config.name));
             }
-            if let Some(route) = self.route(&location, config, names, default_backend, default_sticky) {
+            if let Some(route) =
+                self.route(&location, config, names, default_backend, default_sticky)
+            {
                 routes.push(route);
             }
         }
@@ -371,7 +380,11 @@ impl Validator<'_> {
             if is_token(name) {
                 headers.push((name.to_ascii_lowercase(), value.clone()));
             } else {
-                self.error(location, "match.headers", format!("\"{name}\" is not a valid header name"));
+                self.error(
+                    location,
+                    "match.headers",
+                    format!("\"{name}\" is not a valid header name"),
+                );
             }
         }
         let host = config.host.as_ref().map(|h| h.trim().to_ascii_lowercase());

@@ -61,10 +61,7 @@ impl Matcher {
         (self.methods.is_empty() || self.methods.iter().any(|m| m == req.method()))
             && self.host.as_deref().is_none_or(|host| host_matches(host, req.host()))
             && self.path.matches(req.path())
-            && self
-                .headers
-                .iter()
-                .all(|(name, value)| req.header(name) == Some(value.as_str()))
+            && self.headers.iter().all(|(name, value)| req.header(name) == Some(value.as_str()))
     }
 
     /// A short human description, for `routes check` and `explain`.

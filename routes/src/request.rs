@@ -67,8 +67,7 @@ impl SimpleRequest {
 
     /// Adds a header; the name is lowercased.
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers
-            .push((name.to_ascii_lowercase(), value.to_string()));
+        self.headers.push((name.to_ascii_lowercase(), value.to_string()));
         self
     }
 }
@@ -91,10 +90,7 @@ impl RequestView for SimpleRequest {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
     }
 
     fn cookie(&self, name: &str) -> Option<&str> {

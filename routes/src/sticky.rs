@@ -78,9 +78,7 @@ impl fmt::Display for Sticky {
 /// True for an RFC 9110 token: what header and cookie names are made of.
 pub fn is_token(name: &str) -> bool {
     !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 #[cfg(test)]

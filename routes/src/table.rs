@@ -143,10 +143,7 @@ impl RouteTable {
 
     /// The first route, in file order, that matches the request.
     pub fn match_route(&self, req: &impl RequestView) -> Option<(usize, &Route)> {
-        self.routes
-            .iter()
-            .enumerate()
-            .find(|(_, route)| route.matcher.matches(req))
+        self.routes.iter().enumerate().find(|(_, route)| route.matcher.matches(req))
     }
 
     /// Decides which backend serves the request.
@@ -156,7 +153,11 @@ impl RouteTable {
         entropy: &mut impl Entropy,
     ) -> Decision<'t, 'r> {
         let Some((index, route)) = self.match_route(req) else {
-            return Decision { route: None, backend: self.default_backend, reason: Reason::NoRoute };
+            return Decision {
+                route: None,
+                backend: self.default_backend,
+                reason: Reason::NoRoute,
+            };
         };
         let route_ref = Some((index, route));
         if let Some(backend) = self.overridden_backend(route, req) {
@@ -170,9 +171,7 @@ impl RouteTable {
     /// The override header's backend, when it names the route's `from` or `to`.
     fn overridden_backend(&self, route: &Route, req: &impl RequestView) -> Option<BackendId> {
         let wanted = req.header(self.override_header.as_deref()?)?.trim();
-        [route.to, route.from]
-            .into_iter()
-            .find(|&id| self.backends[id].name == wanted)
+        [route.to, route.from].into_iter().find(|&id| self.backends[id].name == wanted)
     }
 
     /// Identifies the client: the route's sticky key, else the client-id cookie, else a new id.
@@ -189,16 +188,17 @@ impl RouteTable {
             }
             Sticky::Header(name) => req.header(name).map(Cow::Borrowed),
             Sticky::Cookie(name) => req.cookie(name).map(Cow::Borrowed),
-            Sticky::Query(name) => req
-                .query()
-                .and_then(|query| find_query_param(query, name))
-                .map(Cow::Borrowed),
+            Sticky::Query(name) => {
+                req.query().and_then(|query| find_query_param(query, name)).map(Cow::Borrowed)
+            }
             Sticky::Ip => req.client_ip().map(|ip| Cow::Owned(ip.to_string())),
         };
         let key = match sticky_value.filter(|value| !value.is_empty()) {
             Some(value) => ClientKey { source: KeySource::Sticky, value },
             None => match req.cookie(&self.client_id_cookie).filter(|v| !v.is_empty()) {
-                Some(id) => ClientKey { source: KeySource::ClientIdCookie, value: Cow::Borrowed(id) },
+                Some(id) => {
+                    ClientKey { source: KeySource::ClientIdCookie, value: Cow::Borrowed(id) }
+                }
                 None => ClientKey {
                     source: KeySource::Minted,
                     value: Cow::Owned(entropy.new_client_id()),

@@ -109,23 +109,37 @@ routes:
 fn unknown_backends_are_named_with_file_route_and_field() {
     let errs = errors(&with_route("[[routes]]\nname = \"orders\"\nmatch = { path_prefix = \"/a\" }\nto = \"ordres\"\npercent = 5"));
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].starts_with("routes.toml: routes[0] \"orders\": to: unknown backend \"ordres\""), "{}", errs[0]);
+    assert!(
+        errs[0].starts_with("routes.toml: routes[0] \"orders\": to: unknown backend \"ordres\""),
+        "{}",
+        errs[0]
+    );
 }
 
 #[test]
 fn percent_outside_range_or_grid_is_rejected() {
-    let errs = errors(&with_route("[[routes]]\nname = \"a\"\nmatch = {}\nto = \"orders\"\npercent = 100.5"));
+    let errs = errors(&with_route(
+        "[[routes]]\nname = \"a\"\nmatch = {}\nto = \"orders\"\npercent = 100.5",
+    ));
     assert!(errs[0].contains("routes[0] \"a\": percent: 100.5 is outside 0..=100"), "{errs:?}");
-    let errs = errors(&with_route("[[routes]]\nname = \"a\"\nmatch = {}\nto = \"orders\"\npercent = -1"));
+    let errs =
+        errors(&with_route("[[routes]]\nname = \"a\"\nmatch = {}\nto = \"orders\"\npercent = -1"));
     assert!(errs[0].contains("percent: -1 is outside"), "{errs:?}");
-    let errs = errors(&with_route("[[routes]]\nname = \"a\"\nmatch = {}\nto = \"orders\"\npercent = 12.345"));
+    let errs = errors(&with_route(
+        "[[routes]]\nname = \"a\"\nmatch = {}\nto = \"orders\"\npercent = 12.345",
+    ));
     assert!(errs[0].contains("not a multiple of 0.01"), "{errs:?}");
 }
 
 #[test]
 fn bad_regex_is_rejected() {
-    let errs = errors(&with_route("[[routes]]\nname = \"r\"\nmatch = { path_regex = \"^/a(\" }\nto = \"orders\"\npercent = 5"));
-    assert!(errs[0].starts_with("routes.toml: routes[0] \"r\": match.path_regex: bad regex"), "{errs:?}");
+    let errs = errors(&with_route(
+        "[[routes]]\nname = \"r\"\nmatch = { path_regex = \"^/a(\" }\nto = \"orders\"\npercent = 5",
+    ));
+    assert!(
+        errs[0].starts_with("routes.toml: routes[0] \"r\": match.path_regex: bad regex"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -138,18 +152,27 @@ fn duplicate_route_names_are_rejected() {
 #[test]
 fn malformed_urls_are_rejected() {
     let errs = errors("[backends.monolith]\nurl = \"127.0.0.1:8080\"\n[backends.b]\nurl = \"ftp://x\"\n[defaults]\nbackend = \"monolith\"\n");
-    assert!(errs.iter().any(|e| e.starts_with("routes.toml: backends.monolith: url: ")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.starts_with("routes.toml: backends.monolith: url: ")),
+        "{errs:?}"
+    );
     assert!(errs.iter().any(|e| e.contains("backends.b: url: scheme \"ftp\"")), "{errs:?}");
 }
 
 #[test]
 fn unknown_keys_are_rejected_everywhere() {
-    let errs = errors(&with_route("[[routes]]\nname = \"a\"\nmatch = { path_prefx = \"/a\" }\nto = \"orders\"\npercent = 5"));
+    let errs = errors(&with_route(
+        "[[routes]]\nname = \"a\"\nmatch = { path_prefx = \"/a\" }\nto = \"orders\"\npercent = 5",
+    ));
     assert!(errs[0].contains("routes[0] \"a\"") && errs[0].contains("path_prefx"), "{errs:?}");
-    let errs = errors(&with_route("[[routes]]\nname = \"a\"\nmatch = {}\nto = \"orders\"\npercnt = 5"));
+    let errs =
+        errors(&with_route("[[routes]]\nname = \"a\"\nmatch = {}\nto = \"orders\"\npercnt = 5"));
     assert!(errs[0].contains("unknown field `percnt`"), "{errs:?}");
     let errs = errors(&format!("{}\n[extra]\nx = 1\n", with_route("")));
-    assert_eq!(errs, vec!["routes.toml: extra: unknown key: expected backends, defaults or routes"]);
+    assert_eq!(
+        errs,
+        vec!["routes.toml: extra: unknown key: expected backends, defaults or routes"]
+    );
 }
 
 #[test]
@@ -183,7 +206,8 @@ fn first_matching_route_wins_and_unmatched_go_to_default() {
 fn a_client_gets_the_same_backend_every_time() {
     let t = table(EXAMPLE);
     for user in 0..200 {
-        let req = SimpleRequest::new("GET", "/api/orders").with_header("x-user-id", &format!("u{user}"));
+        let req =
+            SimpleRequest::new("GET", "/api/orders").with_header("x-user-id", &format!("u{user}"));
         let first = t.decide(&req, &mut Fixed(0)).backend;
         for random in [1, 5000, 9999] {
             assert_eq!(t.decide(&req, &mut Fixed(random)).backend, first);
@@ -193,9 +217,11 @@ fn a_client_gets_the_same_backend_every_time() {
 
 #[test]
 fn raising_percent_never_moves_a_client_back() {
-    let at = |percent: f64| table(&with_route(&format!(
+    let at = |percent: f64| {
+        table(&with_route(&format!(
         "[[routes]]\nname = \"o\"\nmatch = {{ path_prefix = \"/o\" }}\nto = \"orders\"\npercent = {percent}\nsticky = \"header:x-user\""
-    )));
+    )))
+    };
     let (low, high) = (at(10.0), at(30.0));
     let mut moved = 0;
     for user in 0..10_000 {
@@ -216,7 +242,9 @@ fn clients_without_a_key_use_or_get_a_client_id() {
     assert_eq!(d.minted_client_id(), Some("minted"));
     let back = SimpleRequest::new("GET", "/api/orders").with_header("cookie", "ficus_id=minted");
     let d2 = t.decide(&back, &mut Fixed(0));
-    assert!(matches!(&d2.reason, Reason::Split { key, .. } if key.source == KeySource::ClientIdCookie));
+    assert!(
+        matches!(&d2.reason, Reason::Split { key, .. } if key.source == KeySource::ClientIdCookie)
+    );
     assert_eq!(d.backend, d2.backend);
     assert_eq!(d2.minted_client_id(), None);
 }
@@ -239,12 +267,19 @@ fn override_header_names_from_or_to_only() {
 #[test]
 fn rewrite_applies_only_to_requests_sent_to_to() {
     let t = table(EXAMPLE);
-    let req = SimpleRequest::new("GET", "/api/orders/7?x=1").with_header("x-ficus-backend", "orders");
+    let req =
+        SimpleRequest::new("GET", "/api/orders/7?x=1").with_header("x-ficus-backend", "orders");
     let d = t.decide(&req, &mut Fixed(0));
-    assert_eq!(t.upstream_path(d.route.map(|r| r.0), d.backend, "/api/orders/7", Some("x=1")), "/v2/orders/7?x=1");
+    assert_eq!(
+        t.upstream_path(d.route.map(|r| r.0), d.backend, "/api/orders/7", Some("x=1")),
+        "/v2/orders/7?x=1"
+    );
     let req = SimpleRequest::new("GET", "/api/orders/7").with_header("x-ficus-backend", "monolith");
     let d = t.decide(&req, &mut Fixed(0));
-    assert_eq!(t.upstream_path(d.route.map(|r| r.0), d.backend, "/api/orders/7", None), "/api/orders/7");
+    assert_eq!(
+        t.upstream_path(d.route.map(|r| r.0), d.backend, "/api/orders/7", None),
+        "/api/orders/7"
+    );
 }
 
 #[test]

@@ -319,14 +319,16 @@ percent = {percent}
 
 /// A keep-alive client with a short timeout.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
 /// Which backend served `GET path` for user `user`.
-pub async fn backend_for(client: &reqwest::Client, proxy: &Proxy, path: &str, user: &str) -> String {
+pub async fn backend_for(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    path: &str,
+    user: &str,
+) -> String {
     let response = client
         .get(proxy.url(path))
         .header("x-user-id", user)
