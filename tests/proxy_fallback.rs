@@ -103,3 +103,70 @@ async fn wait_for_backend(client: &reqwest::Client, proxy: &Proxy, expected: &st
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A listener whose accept queue is full: new connections are never accepted, so connecting
+/// to it times out, as with a hung or overloaded host.
+fn unresponsive_listener() -> (std::net::SocketAddr, Vec<std::net::TcpStream>, socket2::Socket) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket
+        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().expect("addr").into())
+        .expect("bind");
+    socket.listen(0).expect("listen");
+    let addr = socket.local_addr().expect("addr").as_socket().expect("inet");
+    // Fill the accept queue; with nobody accepting, later handshakes get no answer.
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(stream) => fillers.push(stream),
+            Err(_) => break,
+        }
+    }
+    (addr, fillers, socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_to_backend_that_times_out_on_connect_falls_back_to_from() {
+    let monolith = TestBackend::start("monolith").await;
+    let (hung, _fillers, _socket) = unresponsive_listener();
+    let text = format!(
+        r#"
+[backends.monolith]
+url = "{}"
+[backends.orders]
+url = "http://{hung}"
+connect_timeout = "200ms"
+
+[defaults]
+backend = "monolith"
+sticky = "header:x-user-id"
+
+[[routes]]
+name = "orders"
+match = {{ path_prefix = "/api/orders" }}
+to = "orders"
+percent = 100
+"#,
+        monolith.url()
+    );
+    let proxy = Proxy::start(&text).await;
+    let client = client();
+    for i in 0..3 {
+        let started = Instant::now();
+        assert_eq!(
+            backend_for(&client, &proxy, "/api/orders/1", &format!("u{i}")).await,
+            "monolith"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "fallback waited {:?}",
+            started.elapsed()
+        );
+    }
+    let metrics = proxy.metrics().await;
+    let fallbacks = metric(
+        &metrics,
+        r#"ficus_fallbacks_total{from="monolith",reason="connect_failed",route="orders",to="orders"}"#,
+    );
+    assert_eq!(fallbacks, 3.0, "{metrics}");
+}

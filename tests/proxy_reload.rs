@@ -173,3 +173,67 @@ async fn admin_api_shows_table_and_metrics() {
     }
     assert_eq!(proxy.admin_get("/nope").await.status(), 404);
 }
+
+/// Kubernetes updates a mounted ConfigMap by writing a new timestamped directory and swapping
+/// the `..data` symlink to it; the route file itself is a symlink through `..data`.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_symlink_swap_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&split_routes(&monolith, &orders, 0.0)).await;
+    let version = proxy.version().await;
+    // Turn the fixture's plain file into the ConfigMap layout, then reload to point at it.
+    let dir = proxy.dir.path();
+    let first = dir.join("..2026_11_26_01");
+    std::fs::create_dir(&first).expect("mkdir");
+    std::fs::write(first.join("routes.toml"), split_routes(&monolith, &orders, 20.0))
+        .expect("write");
+    symlink("..2026_11_26_01", dir.join("..data")).expect("symlink ..data");
+    std::fs::remove_file(&proxy.routes).expect("rm");
+    symlink("..data/routes.toml", &proxy.routes).expect("symlink routes.toml");
+    let version = proxy.wait_version_change(&version).await;
+    assert_eq!(proxy.routes_json().await["routes"][0]["percent"], 20.0);
+
+    // The update: new directory, new symlink, renamed over `..data` atomically.
+    let second = dir.join("..2026_11_26_02");
+    std::fs::create_dir(&second).expect("mkdir");
+    std::fs::write(second.join("routes.toml"), split_routes(&monolith, &orders, 70.0))
+        .expect("write");
+    symlink("..2026_11_26_02", dir.join("..data_tmp")).expect("symlink");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap ..data");
+    proxy.wait_version_change(&version).await;
+    assert_eq!(proxy.routes_json().await["routes"][0]["percent"], 70.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_names_route_and_backend() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy =
+        Proxy::start_with(&split_routes(&monolith, &orders, 100.0), &["--log-format", "json"])
+            .await;
+    let response = client()
+        .get(proxy.url("/api/orders/9"))
+        .header("x-user-id", "u")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let line = loop {
+        let logs = proxy.logs();
+        if let Some(line) = logs.lines().find(|l| l.contains("/api/orders/9")) {
+            break line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no access log line:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(entry["target"], "ficus::access");
+    assert_eq!(entry["route"], "orders");
+    assert_eq!(entry["backend"], "orders");
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["method"], "GET");
+}

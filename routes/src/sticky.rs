@@ -91,6 +91,9 @@ mod tests {
         assert_eq!(xxh3_64(b""), 0x2D06_8005_38D3_94C2);
         assert_eq!(bucket_of("user-1"), (xxh3_64(b"user-1") % 10_000) as u16);
         assert_eq!(bucket_of(""), (0x2D06_8005_38D3_94C2_u64 % 10_000) as u16);
+        // The README's examples.
+        assert_eq!(bucket_of("14"), 998);
+        assert_eq!(bucket_of("42"), 5473);
     }
 
     #[test]
