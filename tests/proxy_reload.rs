@@ -61,6 +61,7 @@ async fn reloads_under_sustained_load_fail_no_request() {
         worker.await.expect("worker");
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("figure: {ok} requests, {failed} failed, across 10 reloads under load");
     assert_eq!(failed, 0, "{failed} requests failed during reloads ({ok} succeeded)");
     assert!(ok > 500, "too little load to mean anything: {ok} requests");
     let metrics = proxy.metrics().await;

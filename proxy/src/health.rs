@@ -143,3 +143,49 @@ async fn run_checker(health: Weak<BackendHealth>, shared: Weak<Shared>) {
         tokio::time::sleep(interval).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn health(unhealthy: u32, healthy: u32) -> BackendHealth {
+        let table = ficus_routes::RouteTable::parse(
+            "[backends.a]\nurl = \"http://127.0.0.1:1\"\n[defaults]\nbackend = \"a\"\n",
+            ficus_routes::Format::Toml,
+            "t.toml",
+        )
+        .expect("valid table");
+        let config = HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: unhealthy,
+            healthy_threshold: healthy,
+        };
+        BackendHealth::new(&table.backends[0], &config, "127.0.0.1:1".parse().expect("addr"))
+    }
+
+    #[test]
+    fn a_backend_goes_down_only_after_consecutive_failures() {
+        let h = health(3, 2);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), None, "a success resets the streak");
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), Some(false));
+        assert!(!h.is_up());
+    }
+
+    #[test]
+    fn a_down_backend_comes_back_after_consecutive_successes() {
+        let h = health(1, 2);
+        assert_eq!(h.record(false), Some(false));
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(false), None, "still down; the streak restarts");
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+        assert!(h.is_up());
+    }
+}

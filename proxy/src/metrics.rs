@@ -132,3 +132,34 @@ pub fn status_class(status: Option<u16>) -> &'static str {
         _ => "error",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(Some(204)), "2xx");
+        assert_eq!(status_class(Some(502)), "5xx");
+        assert_eq!(status_class(Some(101)), "1xx");
+        assert_eq!(status_class(None), "error");
+    }
+
+    #[test]
+    fn primed_series_are_exported_at_zero() {
+        let table = ficus_routes::RouteTable::parse(
+            "[backends.a]\nurl = \"http://127.0.0.1:1\"\n[backends.b]\nurl = \"http://127.0.0.1:2\"\n\
+             [defaults]\nbackend = \"a\"\n[[routes]]\nname = \"r\"\nmatch = {}\nto = \"b\"\npercent = 1\n",
+            ficus_routes::Format::Toml,
+            "t.toml",
+        )
+        .expect("valid table");
+        let metrics = Metrics::new();
+        metrics.prime(&table);
+        let text = String::from_utf8(metrics.render()).expect("utf8");
+        assert!(text.contains(r#"ficus_upstream_connect_failures_total{backend="b"} 0"#), "{text}");
+        assert!(text
+            .contains(r#"ficus_fallbacks_total{from="a",reason="unhealthy",route="r",to="b"} 0"#));
+        assert!(text.contains(r#"ficus_reloads_total{result="error",trigger="sighup"} 0"#));
+    }
+}

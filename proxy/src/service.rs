@@ -270,7 +270,7 @@ impl ProxyHttp for FicusProxy {
             route,
             backend,
             fallback,
-            client = ?client_ip(session),
+            client = client_ip(session).map(tracing::field::display),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             error = e.map(|e| e.to_string()),
         );

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,10 +141,22 @@ pub async fn start_ws_echo() -> (SocketAddr, JoinHandle<()>) {
     (addr, task)
 }
 
-/// A free loopback port, for the binary's listeners.
+/// A free loopback port for the binary's listeners, which it must bind itself.
+///
+/// Ports are taken below Linux's ephemeral range (32768 and up), where `bind(0)` and outgoing
+/// connections never land, so the port stays free between this probe and the binary's bind.
+/// A per-process counter keeps concurrent tests of one binary from picking the same port.
 pub fn free_addr() -> SocketAddr {
-    let listener = StdListener::bind("127.0.0.1:0").expect("bind probe");
-    listener.local_addr().expect("probe address")
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 600) as u16 * 20;
+    for _ in 0..2_000 {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        if let Ok(listener) = StdListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("probe address");
+        }
+    }
+    panic!("no free port below the ephemeral range")
 }
 
 /// The real `ficus proxy`, started on free ports with a route file in a temporary directory.
