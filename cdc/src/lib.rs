@@ -1,1 +1,28 @@
-//! The ficus CDC pipeline: PostgreSQL logical replication to Kafka (see issue 3; not built yet).
+//! The ficus CDC pipeline: PostgreSQL logical replication (pgoutput) to Kafka as
+//! Debezium-compatible JSON events, confirming a position to PostgreSQL only once Kafka has
+//! acknowledged everything before it.
+//!
+//! Pure parts: [`pgoutput`] (decoding), [`copy`] (snapshot rows), [`value`] (type mapping),
+//! [`event`] (encoding). I/O at the edges: [`wire`] (replication protocol), [`catalog`]
+//! (SQL), [`sink`] (Kafka), driven by [`pipeline`].
+
+#![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod config;
+pub mod copy;
+pub mod error;
+pub mod event;
+pub mod lsn;
+pub mod metrics;
+pub mod pgoutput;
+pub mod pipeline;
+pub mod sink;
+pub mod value;
+pub mod wire;
+
+pub use config::CdcConfig;
+pub use error::CdcError;
+pub use lsn::Lsn;
+pub use metrics::Metrics;
+pub use pipeline::run;

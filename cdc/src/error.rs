@@ -1,0 +1,93 @@
+//! Errors of the CDC pipeline, each knowing whether retrying (after a reconnect) can help.
+
+use crate::pgoutput::DecodeError;
+
+/// An error reported by PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " ({detail})")?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CdcError {
+    #[error("invalid cdc configuration: {0}")]
+    Config(String),
+    #[error("cannot reach PostgreSQL at {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("PostgreSQL connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("PostgreSQL refused: {0}")]
+    Server(ServerError),
+    #[error("PostgreSQL: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("unexpected message from PostgreSQL: {0}")]
+    Protocol(String),
+    #[error("garbled pgoutput message at {lsn}: {source}")]
+    Decode { lsn: crate::lsn::Lsn, source: DecodeError },
+    #[error("wal_level is '{0}', but logical replication needs 'logical': run `ALTER SYSTEM SET wal_level = logical` (or set it in postgresql.conf) and restart PostgreSQL")]
+    WalLevel(String),
+    #[error("table {0} does not exist (check source.tables)")]
+    MissingTable(String),
+    #[error("permission denied: {0}. The cdc user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION), SELECT on the published tables, and ownership of the publication or CREATE on the database to create it")]
+    Privilege(String),
+    #[error("replication slot \"{slot}\" is in use by another process (pid {pid}); only one ficus cdc may read a slot")]
+    SlotInUse { slot: String, pid: String },
+    #[error("replication slot \"{slot}\" is {status}: PostgreSQL removed WAL it still needed, so changes were lost. Drop the slot (SELECT pg_drop_replication_slot('{slot}')) and start again to take a new snapshot")]
+    SlotLost { slot: String, status: String },
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error("Kafka refused a record for {topic}: {message}")]
+    KafkaDelivery { topic: String, message: String },
+}
+
+impl CdcError {
+    /// Whether reconnecting and resuming from the slot's confirmed position may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CdcError::Connect { .. }
+            | CdcError::Io(_)
+            | CdcError::Protocol(_)
+            | CdcError::Kafka(_) => true,
+            CdcError::SlotInUse { .. } => true,
+            CdcError::Sql(e) => e.is_closed() || e.code().is_none(),
+            CdcError::Server(e) => {
+                // Connection-class errors, shutdowns and conflicts can pass.
+                e.code.starts_with("08")
+                    || e.code.starts_with("57")
+                    || e.code == "55006"
+                    || e.code == "40001"
+            }
+            CdcError::Decode { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Maps a server error to the specific error an operator can act on.
+    pub fn from_server(e: ServerError, slot: &str) -> CdcError {
+        match e.code.as_str() {
+            "42501" => CdcError::Privilege(e.message),
+            "55006" => {
+                let pid = e.message.rsplit(' ').next().unwrap_or("?").to_string();
+                CdcError::SlotInUse { slot: slot.to_string(), pid }
+            }
+            _ => CdcError::Server(e),
+        }
+    }
+}

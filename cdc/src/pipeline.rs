@@ -1,0 +1,576 @@
+//! The CDC pipeline: preconditions, the initial snapshot, then the replication stream, with
+//! a position confirmed to PostgreSQL only after Kafka has acknowledged everything before it.
+//!
+//! Retryable failures (connection loss, broker errors, slot briefly in use) restart the
+//! pipeline from the slot after a backoff; since nothing unacknowledged was confirmed, the
+//! restart resends the unconfirmed tail and loses nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls};
+
+use crate::catalog;
+use crate::config::{CdcConfig, SnapshotMode};
+use crate::copy::CopyRows;
+use crate::error::CdcError;
+use crate::event::{self, Op, Record, Source, Table};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::pgoutput::{self, Datum, Message, OldKind, PG_EPOCH_OFFSET_MICROS};
+use crate::sink::{InFlight, KafkaSink, SendError};
+use crate::wire::{quote_ident, ReplicationConnection, StreamMessage, SESSION_SETTINGS};
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs until `shutdown` turns true, or until an `initial_only` snapshot is done.
+pub async fn run(
+    config: CdcConfig,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), CdcError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        let result = Pipeline::new(&config, metrics.clone())?.run_once(shutdown.clone()).await;
+        metrics.healthy.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && !*shutdown.borrow() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(250);
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "cdc pipeline failed; resuming from the slot");
+                metrics.restarts.inc();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One attempt: connections, Kafka producer, and the state of the stream.
+struct Pipeline<'c> {
+    config: &'c CdcConfig,
+    metrics: Arc<Metrics>,
+    sink: KafkaSink,
+    in_flight: InFlight,
+    /// Records (and commit markers) waiting for room in the producer.
+    pending: VecDeque<Pending>,
+    /// Highest LSN whose preceding events Kafka has all acknowledged.
+    confirmed: Lsn,
+    database: String,
+}
+
+enum Pending {
+    Record(Record),
+    Commit(Lsn),
+}
+
+/// The transaction being streamed.
+struct Txn {
+    xid: u32,
+    commit_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl<'c> Pipeline<'c> {
+    fn new(config: &'c CdcConfig, metrics: Arc<Metrics>) -> Result<Pipeline<'c>, CdcError> {
+        let database = config.source.connect_params()?.database;
+        Ok(Pipeline {
+            config,
+            metrics,
+            sink: KafkaSink::new(&config.kafka)?,
+            in_flight: InFlight::default(),
+            pending: VecDeque::new(),
+            confirmed: Lsn::ZERO,
+            database,
+        })
+    }
+
+    async fn sql_client(&self) -> Result<Client, CdcError> {
+        let params = self.config.source.connect_params()?;
+        let (client, connection) =
+            self.config.source.pg_config()?.connect(NoTls).await.map_err(|e| {
+                if e.as_db_error().is_some() {
+                    CdcError::Sql(e)
+                } else {
+                    CdcError::Connect {
+                        addr: format!("{}:{}", params.host, params.port),
+                        source: std::io::Error::other(e.to_string()),
+                    }
+                }
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "SQL connection ended");
+            }
+        });
+        let settings: String =
+            SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = '{v}';")).collect();
+        client.batch_execute(&settings).await?;
+        Ok(client)
+    }
+
+    async fn run_once(mut self, shutdown: watch::Receiver<bool>) -> Result<(), CdcError> {
+        let source = &self.config.source;
+        let client = self.sql_client().await?;
+        catalog::check_wal_level(&client).await?;
+        let configured = source.table_names();
+        let tables = catalog::resolve_tables(&client, configured.as_deref()).await?;
+        catalog::ensure_publication(&client, &source.publication, configured.as_deref()).await?;
+        let topics: Vec<String> = tables
+            .iter()
+            .map(|(s, t)| format!("{}.{s}.{t}", self.config.kafka.topic_prefix))
+            .collect();
+        self.sink.ensure_topics(&topics).await?;
+
+        let slot = catalog::slot_state(&client, &source.slot).await?;
+        match &slot {
+            Some(state) if matches!(state.wal_status.as_deref(), Some("lost")) => {
+                return Err(CdcError::SlotLost { slot: source.slot.clone(), status: "lost".into() })
+            }
+            Some(state) if state.plugin.as_deref() != Some("pgoutput") => {
+                return Err(CdcError::Config(format!(
+                    "slot \"{}\" uses plugin {:?}, not pgoutput",
+                    source.slot, state.plugin
+                )))
+            }
+            Some(state) if state.active_pid.is_some() => {
+                return Err(CdcError::SlotInUse {
+                    slot: source.slot.clone(),
+                    pid: state.active_pid.unwrap_or_default().to_string(),
+                })
+            }
+            _ => {}
+        }
+        match (slot.is_some(), source.snapshot) {
+            (_, SnapshotMode::InitialOnly) => return self.snapshot(&client, &tables, false).await,
+            (false, SnapshotMode::Initial) => self.snapshot(&client, &tables, true).await?,
+            (false, SnapshotMode::Never) => {
+                let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
+                let sql = format!(
+                    "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                    quote_ident(&source.slot)
+                );
+                repl.simple_query(&sql).await.map_err(|e| privilege(e, &source.slot))?;
+                tracing::info!(slot = source.slot, "created replication slot");
+            }
+            (true, _) => {}
+        }
+        self.stream(&client, shutdown).await
+    }
+
+    /// Copies every table inside the snapshot of a new slot, then makes the slot permanent.
+    ///
+    /// The slot is created TEMPORARY: if the process dies mid-snapshot, PostgreSQL drops it,
+    /// and the next start takes a fresh snapshot. Once every row is on Kafka, the slot is
+    /// copied to its permanent name at the same consistent point.
+    async fn snapshot(
+        &mut self,
+        client: &Client,
+        tables: &[(String, String)],
+        make_permanent: bool,
+    ) -> Result<(), CdcError> {
+        let source = &self.config.source;
+        let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
+        let temporary: String = format!("{}_snapshot", source.slot).chars().take(63).collect();
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(&temporary)
+        );
+        let rows = repl.simple_query(&sql).await.map_err(|e| privilege(e, &temporary))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| CdcError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let consistent: Lsn = row
+            .get(1)
+            .cloned()
+            .flatten()
+            .unwrap_or_default()
+            .parse()
+            .map_err(CdcError::Protocol)?;
+        let snapshot_name = row
+            .get(2)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| CdcError::Protocol("no exported snapshot".into()))?;
+        tracing::info!(%consistent, snapshot = snapshot_name, tables = tables.len(), "snapshot started");
+        self.metrics.healthy.store(true, Ordering::Relaxed);
+
+        let reader = self.sql_client().await?;
+        reader
+            .batch_execute(&format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot_name}'"))
+            .await?;
+        let started_ms = now_ms();
+        let mut held: Option<(usize, Vec<Datum>)> = None;
+        let mut schemas = Vec::with_capacity(tables.len());
+        for (index, (schema, name)) in tables.iter().enumerate() {
+            let table =
+                catalog::table_schema(&reader, schema, name, &self.config.kafka.topic_prefix)
+                    .await?;
+            schemas.push(table);
+            let table = &schemas[index];
+            let label = format!("{schema}.{name}");
+            let estimate: f32 = reader
+                .query_one("SELECT reltuples FROM pg_class WHERE oid = $1", &[&table.relation.id])
+                .await?
+                .get(0);
+            self.metrics
+                .snapshot_estimate
+                .with_label_values(&[&label])
+                .set(estimate.max(0.0) as i64);
+            let columns = table
+                .relation
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let copy = format!(
+                "COPY (SELECT {columns} FROM {}.{}) TO STDOUT",
+                quote_ident(schema),
+                quote_ident(name)
+            );
+            let stream = reader.copy_out(&copy).await?;
+            futures_util::pin_mut!(stream);
+            let mut parser = CopyRows::default();
+            let (mut copied, mut last_log) = (0_i64, Instant::now());
+            while let Some(chunk) = stream.next().await {
+                for row in parser.push(&chunk?) {
+                    if let Some((table_index, previous)) = held.replace((index, row)) {
+                        self.snapshot_row(
+                            &schemas[table_index],
+                            &previous,
+                            consistent,
+                            started_ms,
+                            "true",
+                        )
+                        .await?;
+                    }
+                    copied += 1;
+                }
+                if last_log.elapsed() >= Duration::from_secs(5) {
+                    tracing::info!(table = label, copied, estimate, "snapshot progress");
+                    last_log = Instant::now();
+                }
+                self.metrics.snapshot_rows.with_label_values(&[&label]).set(copied);
+            }
+            self.metrics.snapshot_rows.with_label_values(&[&label]).set(copied);
+            tracing::info!(table = label, copied, "table snapshot done");
+        }
+        if let Some((table_index, last)) = held.take() {
+            self.snapshot_row(&schemas[table_index], &last, consistent, started_ms, "last").await?;
+        }
+        reader.batch_execute("COMMIT").await?;
+        while !self.in_flight.is_empty() {
+            self.in_flight.next().await?;
+        }
+        if make_permanent {
+            client
+                .query(
+                    "SELECT pg_copy_logical_replication_slot($1, $2, false)",
+                    &[&temporary, &source.slot],
+                )
+                .await?;
+            tracing::info!(slot = source.slot, %consistent, "snapshot on Kafka; replication slot created");
+        } else {
+            tracing::info!("snapshot on Kafka (initial_only: not streaming)");
+        }
+        drop(repl);
+        Ok(())
+    }
+
+    async fn snapshot_row(
+        &mut self,
+        table: &Table,
+        row: &[Datum],
+        lsn: Lsn,
+        ts_ms: i64,
+        snapshot: &'static str,
+    ) -> Result<(), CdcError> {
+        let source = Source {
+            version: VERSION,
+            name: &self.config.kafka.topic_prefix,
+            db: &self.database,
+            ts_ms,
+            snapshot,
+            tx_id: None,
+            lsn,
+            last_commit_lsn: None,
+        };
+        let records = event::change(table, Op::Read, None, Some(row), &source, now_ms());
+        self.count(table, Op::Read);
+        for record in records {
+            self.send_now(record).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a record, waiting for room in the producer. For the snapshot, where nothing
+    /// else needs attention meanwhile.
+    async fn send_now(&mut self, record: Record) -> Result<(), CdcError> {
+        loop {
+            if self.in_flight.records() < self.config.kafka.max_in_flight {
+                match self.sink.send(&record) {
+                    Ok(delivery) => {
+                        self.in_flight.push_record(delivery);
+                        return Ok(());
+                    }
+                    Err(SendError::Fatal(e)) => return Err(e),
+                    Err(SendError::QueueFull) => {}
+                }
+            }
+            if self.in_flight.is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            } else {
+                self.in_flight.next().await?;
+            }
+        }
+    }
+
+    fn count(&self, table: &Table, op: Op) {
+        let label = format!("{}.{}", table.relation.namespace, table.relation.name);
+        self.metrics.events.with_label_values(&[&label, op.code()]).inc();
+    }
+
+    /// Streams the slot until shutdown.
+    async fn stream(
+        &mut self,
+        client: &Client,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), CdcError> {
+        let source = &self.config.source;
+        let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
+        repl.start_replication(&source.slot, Lsn::ZERO, &source.publication).await?;
+        tracing::info!(slot = source.slot, publication = source.publication, "streaming changes");
+        self.metrics.healthy.store(true, Ordering::Relaxed);
+        let ReplicationConnection { mut rx, mut tx, .. } = repl;
+        let mut tables: HashMap<u32, Table> = HashMap::new();
+        let mut txn: Option<Txn> = None;
+        let mut last_commit: Option<Lsn> = None;
+        let mut received = Lsn::ZERO;
+        let mut reported = Lsn::ZERO;
+        let mut heartbeat = tokio::time::interval(source.heartbeat);
+        let mut status = tokio::time::interval(Duration::from_secs(1).min(source.heartbeat));
+        let mut retry = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            let can_read = self.pending.is_empty()
+                && self.in_flight.records() < self.config.kafka.max_in_flight;
+            self.metrics.backpressure.set(i64::from(!can_read));
+            self.metrics.in_flight.set(self.in_flight.records() as i64);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    self.drain(Duration::from_secs(10)).await;
+                    tx.status_update(received, self.confirmed, false).await?;
+                    tracing::info!(confirmed = %self.confirmed, "cdc stopped");
+                    return Ok(());
+                }
+                done = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if let Some(lsn) = done? {
+                        self.confirmed = self.confirmed.max(lsn);
+                    }
+                    self.send_pending()?;
+                }
+                _ = retry.tick(), if !self.pending.is_empty() => self.send_pending()?,
+                message = rx.recv(), if can_read => match message? {
+                    StreamMessage::XLogData { start, data, .. } => {
+                        received = received.max(start);
+                        let message = pgoutput::decode(&data).map_err(|source| CdcError::Decode { lsn: start, source })?;
+                        self.apply(client, message, start, &mut tables, &mut txn, &mut last_commit).await?;
+                        self.send_pending()?;
+                    }
+                    StreamMessage::Keepalive { wal_end, reply } => {
+                        received = received.max(wal_end);
+                        // Nothing open and nothing unacknowledged: the server's position is safe.
+                        if txn.is_none() && self.in_flight.is_empty() && self.pending.is_empty() {
+                            self.confirmed = self.confirmed.max(wal_end);
+                        }
+                        if reply {
+                            tx.status_update(received, self.confirmed, false).await?;
+                            reported = self.confirmed;
+                        }
+                    }
+                },
+                _ = status.tick(), if self.confirmed != reported => {
+                    tx.status_update(received, self.confirmed, false).await?;
+                    reported = self.confirmed;
+                }
+                _ = heartbeat.tick() => {
+                    // When idle, ask for a keepalive: its position confirms a quiet slot.
+                    let idle = txn.is_none() && self.in_flight.is_empty() && self.pending.is_empty();
+                    tx.status_update(received, self.confirmed, idle).await?;
+                    reported = self.confirmed;
+                }
+            }
+            self.metrics.confirmed_lsn.set(self.confirmed.0 as i64);
+            self.metrics.received_lsn.set(received.0 as i64);
+        }
+    }
+
+    /// Waits, up to `limit`, for records in flight to be acknowledged.
+    async fn drain(&mut self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+                Ok(Ok(Some(lsn))) => self.confirmed = self.confirmed.max(lsn),
+                Ok(Ok(None)) => {}
+                Ok(Err(_)) | Err(_) => return,
+            }
+        }
+    }
+
+    /// Hands pending records to the producer until it is full.
+    fn send_pending(&mut self) -> Result<(), CdcError> {
+        while let Some(item) = self.pending.front() {
+            match item {
+                Pending::Commit(lsn) => self.in_flight.push_commit(*lsn),
+                Pending::Record(record) => {
+                    if self.in_flight.records() >= self.config.kafka.max_in_flight {
+                        return Ok(());
+                    }
+                    match self.sink.send(record) {
+                        Ok(delivery) => self.in_flight.push_record(delivery),
+                        Err(SendError::QueueFull) => return Ok(()),
+                        Err(SendError::Fatal(e)) => return Err(e),
+                    }
+                }
+            }
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Turns one pgoutput message into pending records.
+    async fn apply(
+        &mut self,
+        client: &Client,
+        message: Message,
+        lsn: Lsn,
+        tables: &mut HashMap<u32, Table>,
+        txn: &mut Option<Txn>,
+        last_commit: &mut Option<Lsn>,
+    ) -> Result<(), CdcError> {
+        let table_of = |tables: &HashMap<u32, Table>, id: u32| {
+            tables.get(&id).cloned().ok_or_else(|| {
+                CdcError::Protocol(format!("change for relation {id} before its Relation message"))
+            })
+        };
+        let (xid, commit_ms) =
+            txn.as_ref().map_or((None, now_ms()), |t| (Some(t.xid), t.commit_ms));
+        let source = Source {
+            version: VERSION,
+            name: &self.config.kafka.topic_prefix,
+            db: &self.database,
+            ts_ms: commit_ms,
+            snapshot: "false",
+            tx_id: xid,
+            lsn,
+            last_commit_lsn: *last_commit,
+        };
+        let now = now_ms();
+        let (records, table, op) = match message {
+            Message::Begin { xid, commit_time, .. } => {
+                *txn = Some(Txn { xid, commit_ms: (commit_time + PG_EPOCH_OFFSET_MICROS) / 1000 });
+                return Ok(());
+            }
+            Message::Commit { commit_lsn, end_lsn, .. } => {
+                self.pending.push_back(Pending::Commit(end_lsn));
+                *last_commit = Some(commit_lsn);
+                *txn = None;
+                return Ok(());
+            }
+            Message::Relation(relation) => {
+                let table =
+                    catalog::table_for(client, relation, &self.config.kafka.topic_prefix).await?;
+                self.sink.ensure_topics(std::slice::from_ref(&table.topic)).await?;
+                tables.insert(table.relation.id, table);
+                return Ok(());
+            }
+            Message::Insert { relation, new } => {
+                let table = table_of(tables, relation)?;
+                (
+                    event::change(&table, Op::Create, None, Some(&new), &source, now),
+                    table,
+                    Op::Create,
+                )
+            }
+            Message::Update { relation, old, new } => {
+                let table = table_of(tables, relation)?;
+                match old {
+                    // A changed key: Debezium's delete of the old key, then a create of the new.
+                    Some((kind, old))
+                        if event::key_json(&table, &old, None)
+                            != event::key_json(&table, &new, Some(&old)) =>
+                    {
+                        let before = if kind == OldKind::Full { old.clone() } else { old };
+                        let mut records =
+                            event::change(&table, Op::Delete, Some(&before), None, &source, now);
+                        records.extend(event::change(
+                            &table,
+                            Op::Create,
+                            None,
+                            Some(&new),
+                            &source,
+                            now,
+                        ));
+                        self.count(&table, Op::Delete);
+                        (records, table, Op::Create)
+                    }
+                    Some((OldKind::Full, old)) => (
+                        event::change(&table, Op::Update, Some(&old), Some(&new), &source, now),
+                        table,
+                        Op::Update,
+                    ),
+                    _ => (
+                        event::change(&table, Op::Update, None, Some(&new), &source, now),
+                        table,
+                        Op::Update,
+                    ),
+                }
+            }
+            Message::Delete { relation, old: (_, old) } => {
+                let table = table_of(tables, relation)?;
+                (
+                    event::change(&table, Op::Delete, Some(&old), None, &source, now),
+                    table,
+                    Op::Delete,
+                )
+            }
+            Message::Truncate { relations, .. } => {
+                for id in relations {
+                    let table = table_of(tables, id)?;
+                    self.count(&table, Op::Truncate);
+                    self.pending.push_back(Pending::Record(event::truncate(&table, &source, now)));
+                }
+                return Ok(());
+            }
+            Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => {
+                return Ok(())
+            }
+        };
+        self.count(&table, op);
+        self.pending.extend(records.into_iter().map(Pending::Record));
+        Ok(())
+    }
+}
+
+fn privilege(e: CdcError, slot: &str) -> CdcError {
+    match e {
+        CdcError::Server(server) => CdcError::from_server(server, slot),
+        other => other,
+    }
+}

@@ -1,0 +1,476 @@
+//! The streaming replication connection, spoken directly over TCP: startup with
+//! `replication=database`, authentication (trust, cleartext, MD5, SCRAM-SHA-256) through
+//! postgres-protocol, simple queries, and the CopyBoth stream of XLogData and keepalives.
+//!
+//! tokio-postgres cannot open replication connections, so the framing lives here; the
+//! message bodies are parsed by small checked readers.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::error::{CdcError, ServerError};
+use crate::lsn::Lsn;
+use crate::pgoutput::PG_EPOCH_OFFSET_MICROS;
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectParams {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Vec<u8>>,
+    pub database: String,
+}
+
+/// Session settings every ficus connection uses, so values come out in the text forms that
+/// [`crate::value`] parses.
+pub const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "iso_8601"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
+
+/// One backend message: its type byte and body.
+#[derive(Debug)]
+struct Frame {
+    tag: u8,
+    body: Bytes,
+}
+
+/// A message of the replication stream.
+#[derive(Debug)]
+pub enum StreamMessage {
+    /// WAL data: `start` is the LSN of this message's change.
+    XLogData { start: Lsn, wal_end: Lsn, data: Bytes },
+    /// The server's position; `reply` asks for a status update now.
+    Keepalive { wal_end: Lsn, reply: bool },
+}
+
+/// The receiving half: reading is cancel-safe (partial frames stay buffered).
+pub struct Receiver {
+    stream: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+/// The sending half.
+pub struct Sender {
+    stream: OwnedWriteHalf,
+    buf: BytesMut,
+}
+
+/// A replication connection, before or after `START_REPLICATION`.
+pub struct ReplicationConnection {
+    pub rx: Receiver,
+    pub tx: Sender,
+    pub server_version: u32,
+}
+
+impl ReplicationConnection {
+    /// Connects and authenticates with `replication=database`.
+    pub async fn connect(params: &ConnectParams) -> Result<ReplicationConnection, CdcError> {
+        let addr = format!("{}:{}", params.host, params.port);
+        let stream = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| CdcError::Connect { addr: addr.clone(), source })?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let mut conn = ReplicationConnection {
+            rx: Receiver { stream: read, buf: BytesMut::with_capacity(64 * 1024) },
+            tx: Sender { stream: write, buf: BytesMut::with_capacity(1024) },
+            server_version: 0,
+        };
+        let mut startup = vec![
+            ("user", params.user.as_str()),
+            ("database", params.database.as_str()),
+            ("replication", "database"),
+            ("application_name", "ficus"),
+            ("client_encoding", "UTF8"),
+        ];
+        startup.extend(SESSION_SETTINGS);
+        frontend::startup_message(startup, &mut conn.tx.buf)?;
+        conn.tx.flush().await?;
+        conn.authenticate(params).await?;
+        conn.wait_ready().await?;
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, params: &ConnectParams) -> Result<(), CdcError> {
+        let password = || {
+            params.password.clone().ok_or_else(|| {
+                CdcError::Config(format!(
+                    "PostgreSQL asks a password for user {} and source.url has none",
+                    params.user
+                ))
+            })
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let frame = self.rx.frame().await?;
+            match frame.tag {
+                b'R' => {
+                    let mut body = frame.body;
+                    let code = read_i32(&mut body)?;
+                    match code {
+                        0 => return Ok(()),
+                        3 => {
+                            frontend::password_message(&password()?, &mut self.tx.buf)?;
+                        }
+                        5 => {
+                            let salt: [u8; 4] = body
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| protocol("short MD5 salt"))?;
+                            let hash = md5_hash(params.user.as_bytes(), &password()?, salt);
+                            frontend::password_message(hash.as_bytes(), &mut self.tx.buf)?;
+                        }
+                        10 => {
+                            let mechanisms = String::from_utf8_lossy(&body).to_string();
+                            if !mechanisms.split('\0').any(|m| m == sasl::SCRAM_SHA_256) {
+                                return Err(protocol(&format!(
+                                    "no supported SASL mechanism in {mechanisms:?}"
+                                )));
+                            }
+                            let client = sasl::ScramSha256::new(
+                                &password()?,
+                                sasl::ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                sasl::SCRAM_SHA_256,
+                                client.message(),
+                                &mut self.tx.buf,
+                            )?;
+                            scram = Some(client);
+                        }
+                        11 => {
+                            let client = scram
+                                .as_mut()
+                                .ok_or_else(|| protocol("SASL continue before start"))?;
+                            client.update(&body)?;
+                            frontend::sasl_response(client.message(), &mut self.tx.buf)?;
+                        }
+                        12 => {
+                            let client = scram
+                                .as_mut()
+                                .ok_or_else(|| protocol("SASL final before start"))?;
+                            client.finish(&body)?;
+                            continue;
+                        }
+                        other => {
+                            return Err(protocol(&format!(
+                                "unsupported authentication method {other}"
+                            )))
+                        }
+                    }
+                    self.tx.flush().await?;
+                }
+                b'E' => return Err(CdcError::Server(parse_error(frame.body))),
+                b'N' => {}
+                other => {
+                    return Err(protocol(&format!(
+                        "unexpected message {:?} during authentication",
+                        char::from(other)
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Reads until ReadyForQuery, keeping the server version.
+    async fn wait_ready(&mut self) -> Result<(), CdcError> {
+        loop {
+            let frame = self.rx.frame().await?;
+            match frame.tag {
+                b'Z' => return Ok(()),
+                b'S' => {
+                    let mut parts = frame.body.split(|&b| b == 0);
+                    if parts.next() == Some(b"server_version") {
+                        let version =
+                            String::from_utf8_lossy(parts.next().unwrap_or_default()).to_string();
+                        self.server_version = parse_server_version(&version);
+                    }
+                }
+                b'E' => return Err(CdcError::Server(parse_error(frame.body))),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs a simple-protocol command and returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, CdcError> {
+        frontend::query(sql, &mut self.tx.buf)?;
+        self.tx.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let frame = self.rx.frame().await?;
+            match frame.tag {
+                b'D' => rows.push(parse_data_row(frame.body)?),
+                b'E' => error = Some(parse_error(frame.body)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(CdcError::Server(e)),
+            None => Ok(rows),
+        }
+    }
+
+    /// Starts streaming `slot` from `start` (0 means the slot's confirmed position).
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<(), CdcError> {
+        let messages = if self.server_version >= 140_000 { ", \"messages\" 'true'" } else { "" };
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} (\"proto_version\" '1', \"publication_names\" '{}'{messages})",
+            quote_ident(slot),
+            quote_ident(publication).replace('\'', "''"),
+        );
+        frontend::query(&sql, &mut self.tx.buf)?;
+        self.tx.flush().await?;
+        loop {
+            let frame = self.rx.frame().await?;
+            match frame.tag {
+                b'W' => return Ok(()),
+                b'E' => {
+                    let error = parse_error(frame.body);
+                    // Drain to ReadyForQuery so the error is the whole story.
+                    return Err(CdcError::from_server(error, slot));
+                }
+                b'N' => {}
+                other => {
+                    return Err(protocol(&format!(
+                        "expected CopyBothResponse, got {:?}",
+                        char::from(other)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+impl Receiver {
+    /// The next replication stream message. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<StreamMessage, CdcError> {
+        loop {
+            let frame = self.frame().await?;
+            match frame.tag {
+                b'd' => return parse_copy_data(frame.body),
+                b'E' => return Err(CdcError::Server(parse_error(frame.body))),
+                b'c' => return Err(protocol("the server ended the replication stream")),
+                b'N' => {}
+                other => {
+                    return Err(protocol(&format!(
+                        "unexpected message {:?} in the replication stream",
+                        char::from(other)
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn frame(&mut self) -> Result<Frame, CdcError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|&l| l >= 4)
+                    .ok_or_else(|| protocol("negative message length"))?;
+                if self.buf.len() > len {
+                    let mut frame = self.buf.split_to(len + 1).freeze();
+                    let tag = frame[0];
+                    frame.advance(5);
+                    return Ok(Frame { tag, body: frame });
+                }
+                self.buf.reserve(len + 1 - self.buf.len());
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(CdcError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "PostgreSQL closed the connection",
+                )));
+            }
+        }
+    }
+}
+
+impl Sender {
+    async fn flush(&mut self) -> Result<(), CdcError> {
+        self.stream.write_all(&self.buf).await?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Sends a standby status update: everything up to `flush` may be released by the slot.
+    pub async fn status_update(
+        &mut self,
+        received: Lsn,
+        flush: Lsn,
+        reply: bool,
+    ) -> Result<(), CdcError> {
+        let mut payload = BytesMut::with_capacity(34);
+        payload.put_u8(b'r');
+        payload.put_u64(received.0);
+        payload.put_u64(flush.0);
+        payload.put_u64(flush.0);
+        payload.put_i64(pg_now());
+        payload.put_u8(u8::from(reply));
+        self.buf.put_u8(b'd');
+        self.buf.put_i32(4 + payload.len() as i32);
+        self.buf.put_slice(&payload);
+        self.flush().await
+    }
+}
+
+/// Microseconds since 2000-01-01, PostgreSQL's clock.
+fn pg_now() -> i64 {
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+    unix - PG_EPOCH_OFFSET_MICROS
+}
+
+fn parse_copy_data(mut body: Bytes) -> Result<StreamMessage, CdcError> {
+    if body.is_empty() {
+        return Err(protocol("empty CopyData"));
+    }
+    let kind = body.get_u8();
+    match kind {
+        b'w' if body.len() >= 24 => {
+            let start = Lsn(body.get_u64());
+            let wal_end = Lsn(body.get_u64());
+            let _clock = body.get_i64();
+            Ok(StreamMessage::XLogData { start, wal_end, data: body })
+        }
+        b'k' if body.len() >= 17 => {
+            let wal_end = Lsn(body.get_u64());
+            let _clock = body.get_i64();
+            Ok(StreamMessage::Keepalive { wal_end, reply: body.get_u8() == 1 })
+        }
+        other => {
+            Err(protocol(&format!("unknown or short CopyData message {:?}", char::from(other))))
+        }
+    }
+}
+
+fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, CdcError> {
+    if body.len() < 2 {
+        return Err(protocol("short DataRow"));
+    }
+    let count = body.get_i16();
+    let mut row = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        let len = read_i32(&mut body)?;
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return Err(protocol("short DataRow value"));
+        }
+        row.push(Some(String::from_utf8_lossy(&body.split_to(len)).to_string()));
+    }
+    Ok(row)
+}
+
+/// Parses an ErrorResponse or NoticeResponse body.
+fn parse_error(body: Bytes) -> ServerError {
+    let mut error = ServerError {
+        severity: "ERROR".into(),
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+        hint: None,
+    };
+    for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let value = String::from_utf8_lossy(&field[1..]).to_string();
+        match field[0] {
+            b'V' => error.severity = value,
+            b'C' => error.code = value,
+            b'M' => error.message = value,
+            b'D' => error.detail = Some(value),
+            b'H' => error.hint = Some(value),
+            _ => {}
+        }
+    }
+    error
+}
+
+fn read_i32(body: &mut Bytes) -> Result<i32, CdcError> {
+    if body.len() < 4 {
+        return Err(protocol("short message"));
+    }
+    Ok(body.get_i32())
+}
+
+fn protocol(message: &str) -> CdcError {
+    CdcError::Protocol(message.to_string())
+}
+
+/// `15.4 (Debian ...)` as 150004.
+fn parse_server_version(version: &str) -> u32 {
+    let mut parts = version.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    major * 10_000 + minor
+}
+
+/// Quotes an identifier for SQL and replication commands.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_data_messages_parse() {
+        let mut w = BytesMut::new();
+        w.put_u8(b'w');
+        w.put_u64(10);
+        w.put_u64(20);
+        w.put_i64(0);
+        w.put_slice(b"B...");
+        match parse_copy_data(w.freeze()).expect("xlogdata") {
+            StreamMessage::XLogData { start, wal_end, data } => {
+                assert_eq!((start, wal_end, data.as_ref()), (Lsn(10), Lsn(20), b"B...".as_ref()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut k = BytesMut::new();
+        k.put_u8(b'k');
+        k.put_u64(99);
+        k.put_i64(0);
+        k.put_u8(1);
+        assert!(matches!(
+            parse_copy_data(k.freeze()).expect("keepalive"),
+            StreamMessage::Keepalive { wal_end: Lsn(99), reply: true }
+        ));
+        assert!(parse_copy_data(Bytes::from_static(b"k\0")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"x")).is_err());
+    }
+
+    #[test]
+    fn errors_and_versions_parse() {
+        let e = parse_error(Bytes::from_static(
+            b"SERROR\0VERROR\0C55006\0Mreplication slot \"s\" is active for PID 42\0\0",
+        ));
+        assert_eq!(e.code, "55006");
+        assert!(
+            matches!(CdcError::from_server(e, "s"), CdcError::SlotInUse { pid, .. } if pid == "42")
+        );
+        assert_eq!(parse_server_version("15.18 (Debian 15.18-0+deb12u1)"), 150_018);
+    }
+}
