@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cdc_cmd;
 mod demo;
 mod routes_cmd;
 
@@ -35,8 +36,8 @@ enum LogFormat {
 enum Command {
     /// Run the reverse proxy in front of the legacy app.
     Proxy(ProxyArgs),
-    /// Stream PostgreSQL changes to Kafka (not available yet).
-    Cdc,
+    /// Stream PostgreSQL changes to Kafka as Debezium JSON events.
+    Cdc(cdc_cmd::CdcArgs),
     /// Check or explain a route file.
     #[command(subcommand)]
     Routes(RoutesCommand),
@@ -107,7 +108,7 @@ fn run(command: Command) -> Result<i32> {
             ficus_proxy::run(settings).context("ficus proxy cannot start")?;
             Ok(0)
         }
-        Command::Cdc => anyhow::bail!("`ficus cdc` is not available in this version yet"),
+        Command::Cdc(args) => cdc_cmd::run(&args),
         Command::Routes(RoutesCommand::Check { files }) => Ok(routes_cmd::check(&files)),
         Command::Routes(RoutesCommand::Explain(args)) => routes_cmd::explain(&args),
         Command::Demo(args) => demo::run(&args),

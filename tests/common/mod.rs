@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
+pub mod cdc;
+pub mod pg;
+
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;

@@ -1,0 +1,176 @@
+//! `ficus cdc` against a real PostgreSQL and a real Kafka-protocol broker: the events of each
+//! kind of change, every documented type, and schema changes mid-stream.
+
+mod common;
+
+use std::time::Duration;
+
+use common::broker::Broker;
+use common::cdc::{config, Cdc};
+use common::pg::PgCluster;
+use serde_json::json;
+
+const QUIET: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_change_and_every_type_as_documented() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE everything (
+           id int PRIMARY KEY, small smallint, big bigint, flag boolean, price numeric(10,2),
+           ratio double precision, f4 real, name text, code varchar(10), uid uuid, feeling mood,
+           doc jsonb, js json, blob bytea, tags text[], nums int[], day date, at timestamp,
+           at_tz timestamptz, t time);",
+    )
+    .await
+    .expect("schema");
+    let mut cdc = Cdc::start(&config(
+        &pg.url("shop"),
+        &broker.addr,
+        "shop",
+        "tables = [\"public.everything\"]",
+    ));
+    cdc.wait_log("streaming changes", QUIET);
+
+    db.batch_execute(
+        "INSERT INTO everything VALUES (1, 2, 9007199254740993, true, 12.5, 1.5, 0.25, 'héllo', 'abc',
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'happy', '{\"a\":1}', '{\"b\":2}', '\\x0001ff',
+           '{x,\"y z\"}', '{1,2,NULL}', '2022-01-01', '2022-01-01 10:00:00.5', '2022-01-01 10:00:00+02', '01:02:03');
+         UPDATE everything SET name = 'changed', nums = NULL WHERE id = 1;
+         DELETE FROM everything WHERE id = 1;
+         INSERT INTO everything (id) VALUES (2);
+         TRUNCATE everything;",
+    )
+    .await
+    .expect("changes");
+
+    let records = broker.consume("shop.public.everything", 6, QUIET);
+    assert_eq!(records.len(), 6, "{records:#?}");
+    let ops: Vec<_> = records.iter().map(|r| r.value.as_ref().map(|v| v["op"].clone())).collect();
+    assert_eq!(
+        ops,
+        [
+            Some(json!("c")),
+            Some(json!("u")),
+            Some(json!("d")),
+            None,
+            Some(json!("c")),
+            Some(json!("t"))
+        ]
+    );
+
+    let created = records[0].value.as_ref().expect("value");
+    assert_eq!(records[0].key, Some(json!({"id": 1})));
+    assert_eq!(created["before"], json!(null));
+    assert_eq!(
+        created["after"],
+        json!({"id": 1, "small": 2, "big": 9_007_199_254_740_993_i64, "flag": true, "price": "12.50",
+               "ratio": 1.5, "f4": 0.25, "name": "héllo", "code": "abc",
+               "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "feeling": "happy",
+               "doc": "{\"a\": 1}", "js": "{\"b\":2}", "blob": "AAH/", "tags": ["x", "y z"],
+               "nums": [1, 2, null], "day": 18993, "at": 1_641_031_200_500_000_i64,
+               "at_tz": "2022-01-01T08:00:00Z", "t": 3_723_000_000_i64})
+    );
+    let source = &created["source"];
+    assert_eq!(source["connector"], "postgresql");
+    assert_eq!((source["name"].as_str(), source["db"].as_str()), (Some("shop"), Some("shop")));
+    assert_eq!(
+        (source["schema"].as_str(), source["table"].as_str()),
+        (Some("public"), Some("everything"))
+    );
+    assert_eq!(source["snapshot"], "false");
+    assert!(
+        source["txId"].as_u64().is_some()
+            && source["lsn"].as_u64().is_some()
+            && source["ts_ms"].as_i64() > Some(0)
+    );
+    assert!(source["sequence"].as_str().expect("sequence").starts_with('['));
+    assert_eq!(created["transaction"], json!(null));
+
+    let updated = records[1].value.as_ref().expect("value");
+    assert_eq!(updated["before"], json!(null), "default replica identity sends no old row");
+    assert_eq!(updated["after"]["name"], "changed");
+    assert_eq!(updated["after"]["nums"], json!(null));
+    // Each change of one transaction has its own LSN.
+    assert_ne!(updated["source"]["lsn"], created["source"]["lsn"]);
+    assert_eq!(updated["source"]["txId"], created["source"]["txId"]);
+
+    let deleted = records[2].value.as_ref().expect("value");
+    assert_eq!(deleted["before"]["id"], 1);
+    assert_eq!(deleted["after"], json!(null));
+    assert_eq!(records[3].key, Some(json!({"id": 1})), "the tombstone has the deleted key");
+    let truncated = records[5].value.as_ref().expect("value");
+    assert_eq!(
+        (truncated["before"].clone(), truncated["after"].clone()),
+        (json!(null), json!(null))
+    );
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identity_full_gives_before_and_toast_placeholders() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, title text, body text);
+         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+         CREATE TABLE notes (id int PRIMARY KEY, title text, body text);
+         ALTER TABLE notes ALTER COLUMN body SET STORAGE EXTERNAL;
+         ALTER TABLE notes REPLICA IDENTITY FULL;",
+    )
+    .await
+    .expect("schema");
+    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker.addr, "shop", ""));
+    cdc.wait_log("streaming changes", QUIET);
+    let long = "x".repeat(10_000);
+    for table in ["docs", "notes"] {
+        db.execute(&format!("INSERT INTO {table} VALUES (1, 'a', $1)"), &[&long])
+            .await
+            .expect("insert");
+        db.execute(&format!("UPDATE {table} SET title = 'b' WHERE id = 1"), &[])
+            .await
+            .expect("update");
+    }
+    let docs = broker.consume("shop.public.docs", 2, QUIET);
+    let update = docs[1].value.as_ref().expect("value");
+    assert_eq!(update["before"], json!(null));
+    assert_eq!(update["after"]["body"], "__debezium_unavailable_value");
+    let notes = broker.consume("shop.public.notes", 2, QUIET);
+    let update = notes[1].value.as_ref().expect("value");
+    assert_eq!(update["before"]["title"], "a");
+    assert_eq!(
+        update["after"]["body"].as_str().map(str::len),
+        Some(10_000),
+        "FULL gives the old value"
+    );
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alter_table_mid_stream_changes_the_columns_of_later_events() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute("CREATE TABLE customers (id int PRIMARY KEY, email text, legacy text)")
+        .await
+        .expect("schema");
+    let mut cdc =
+        Cdc::start(&config(&pg.url("shop"), &broker.addr, "shop", "tables = [\"customers\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute(
+        "INSERT INTO customers VALUES (1, 'a@x', 'old');
+         ALTER TABLE customers ADD COLUMN phone text;
+         INSERT INTO customers VALUES (2, 'b@x', 'old', '555');
+         ALTER TABLE customers DROP COLUMN legacy;
+         UPDATE customers SET phone = '556' WHERE id = 2;",
+    )
+    .await
+    .expect("changes");
+    let records = broker.consume("shop.public.customers", 3, QUIET);
+    let after = |i: usize| records[i].value.as_ref().expect("value")["after"].clone();
+    assert_eq!(after(0), json!({"id": 1, "email": "a@x", "legacy": "old"}));
+    assert_eq!(after(1), json!({"id": 2, "email": "b@x", "legacy": "old", "phone": "555"}));
+    assert_eq!(after(2), json!({"id": 2, "email": "b@x", "phone": "556"}));
+    cdc.terminate();
+}

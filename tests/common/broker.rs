@@ -1,0 +1,135 @@
+//! A Kafka-protocol broker for a test: Tansu with in-memory storage on its own port, or the
+//! cluster named by `KAFKA_BROKERS`; and a consumer that reads topics from the beginning.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+/// A broker owned by a test.
+pub struct Broker {
+    pub addr: String,
+    child: Option<Child>,
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub key: Option<serde_json::Value>,
+    pub value: Option<serde_json::Value>,
+}
+
+fn tansu() -> String {
+    if let Ok(path) = std::env::var("FICUS_TANSU") {
+        return path;
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cargo_bin = format!("{home}/.cargo/bin/tansu");
+    if std::path::Path::new(&cargo_bin).exists() {
+        cargo_bin
+    } else {
+        "tansu".into()
+    }
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+            return Broker { addr: brokers, child: None };
+        }
+        let addr = super::free_addr().to_string();
+        let url = format!("tcp://{addr}");
+        let child = Command::new(tansu())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "start tansu (cargo install tansu --version 0.6.0 --features dynostore --locked)",
+            );
+        let deadline = Instant::now() + super::PATIENCE;
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Broker { addr, child: Some(child) }
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open but nothing is answered, as in a
+    /// network partition. Its data survives, unlike a restart of in-memory storage.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("an external broker cannot be paused");
+        let status =
+            Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Reads `topic` (every partition, from the beginning) until `count` records arrived or
+    /// `quiet` passed without a new one.
+    pub fn consume(&self, topic: &str, count: usize, quiet: Duration) -> Vec<Consumed> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .set("group.id", format!("ficus-test-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .create()
+            .expect("consumer");
+        let metadata =
+            consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        assert!(partitions > 0, "topic {topic} has no partitions");
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions as i32 {
+            assignment.add_partition_offset(topic, partition, Offset::Beginning).expect("assign");
+        }
+        consumer.assign(&assignment).expect("assign");
+        let mut records = Vec::new();
+        let mut last = Instant::now();
+        while records.len() < count && last.elapsed() < quiet {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    let parse = |bytes: Option<&[u8]>| {
+                        bytes.map(|b| serde_json::from_slice(b).expect("JSON record"))
+                    };
+                    records.push(Consumed {
+                        key: parse(message.key()),
+                        value: parse(message.payload()),
+                    });
+                    last = Instant::now();
+                }
+                Some(Err(e)) => panic!("consume {topic}: {e}"),
+                None => {}
+            }
+        }
+        records
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

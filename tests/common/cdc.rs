@@ -1,0 +1,115 @@
+//! The real `ficus cdc` process for a test, with its config in a temporary directory.
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{ficus, free_addr, PATIENCE};
+
+pub struct Cdc {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub metrics: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A cdc.toml for `url` and `brokers`; `extra_source` lines go into `[source]`.
+pub fn config(url: &str, brokers: &str, prefix: &str, extra_source: &str) -> String {
+    format!(
+        "[source]\nurl = \"{url}\"\nheartbeat = \"500ms\"\n{extra_source}\n\n\
+         [kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\npartitions = 1\nreplication_factor = 1\n"
+    )
+}
+
+impl Cdc {
+    /// Starts `ficus cdc` with `config` (metrics are added on a free port).
+    pub fn start(config: &str) -> Cdc {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let metrics = free_addr().to_string();
+        let config_path = dir.path().join("cdc.toml");
+        std::fs::write(&config_path, format!("{config}\n[metrics]\nlisten = \"{metrics}\"\n"))
+            .expect("write config");
+        let log = dir.path().join("cdc.log");
+        let mut cdc = Cdc { dir, config: config_path, metrics, log, child: None };
+        cdc.spawn();
+        cdc
+    }
+
+    /// Starts the process again with the same configuration.
+    pub fn spawn(&mut self) {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let child = ficus()
+            .args(["cdc", "--config", self.config.to_str().expect("path")])
+            .env("RUST_LOG", "info,ficus_cdc=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ficus cdc");
+        self.child = Some(child);
+    }
+
+    /// Kills the process with SIGKILL: no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ =
+            std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        child.wait().expect("wait")
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + PATIENCE * 4;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ficus cdc did not exit:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_log(&self, text: &str, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while !self.logs().contains(text) {
+            assert!(Instant::now() < deadline, "no \"{text}\" in the log:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+}
+
+impl Drop for Cdc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- ficus cdc log ---\n{}", self.logs());
+        }
+    }
+}
