@@ -1,0 +1,213 @@
+//! Delivery guarantees of `ficus cdc` with real processes: snapshot plus concurrent writes,
+//! kill -9 at any moment, a paused broker, and a quiet slot that still advances.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::broker::{Broker, Consumed};
+use common::cdc::{config, Cdc};
+use common::pg::PgCluster;
+use serde_json::{json, Value};
+
+const QUIET: Duration = Duration::from_secs(20);
+
+/// The state a consumer ends up with: the last value per key, deletes removing the key.
+fn fold(records: &[Consumed]) -> BTreeMap<i64, Value> {
+    let mut state = BTreeMap::new();
+    for record in records {
+        let Some(key) = record.key.as_ref().and_then(|k| k["id"].as_i64()) else { continue };
+        match record.value.as_ref().map(|v| v["after"].clone()) {
+            Some(Value::Null) | None => {
+                state.remove(&key);
+            }
+            Some(after) => {
+                state.insert(key, after);
+            }
+        }
+    }
+    state
+}
+
+async fn table_state(db: &tokio_postgres::Client, table: &str) -> BTreeMap<i64, Value> {
+    db.query(&format!("SELECT id, balance FROM {table} ORDER BY id"), &[])
+        .await
+        .expect("select")
+        .iter()
+        .map(|row| {
+            let id: i32 = row.get(0);
+            let balance: i64 = row.get(1);
+            (i64::from(id), json!({"id": id, "balance": balance}))
+        })
+        .collect()
+}
+
+/// Writes `n` transactions of random-ish inserts, updates and deletes on `accounts`.
+async fn write_load(db: &tokio_postgres::Client, n: i32, seed: i32) {
+    for i in 0..n {
+        let id = (i * 7 + seed) % 500 + 1;
+        let sql = match i % 4 {
+            0 | 1 => format!("UPDATE accounts SET balance = balance + {i} WHERE id = {id}"),
+            2 => format!("INSERT INTO accounts VALUES ({}, {i})", 1000 + i + seed * 100_000),
+            _ => format!("DELETE FROM accounts WHERE id = {}", 1000 + i - 1 + seed * 100_000),
+        };
+        db.batch_execute(&sql).await.expect("write");
+    }
+}
+
+async fn accounts(pg: &PgCluster, rows: i32) -> tokio_postgres::Client {
+    let db = pg.database("bank").await;
+    db.batch_execute(&format!(
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+         INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, {rows}) g;"
+    ))
+    .await
+    .expect("schema");
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_with_concurrent_writes_gives_each_rows_final_state() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = accounts(&pg, 20_000).await;
+    let writer = pg.client("bank").await;
+    let load = tokio::spawn(async move { write_load(&writer, 1_500, 1).await });
+    let mut cdc =
+        Cdc::start(&config(&pg.url("bank"), &broker.addr, "bank", "tables = [\"accounts\"]"));
+    load.await.expect("load");
+    cdc.wait_log("streaming changes", QUIET);
+    let expected = table_state(&db, "accounts").await;
+    let records = broker.consume("bank.public.accounts", usize::MAX, Duration::from_secs(5));
+    let snapshot: Vec<_> =
+        records.iter().filter_map(|r| r.value.as_ref()).filter(|v| v["op"] == "r").collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for row in &snapshot {
+        let id = row["after"]["id"].as_i64().expect("id");
+        assert!(seen.insert(id), "row {id} twice in the snapshot");
+    }
+    assert!((1..=20_000).all(|id| seen.contains(&id)), "every pre-existing row is in the snapshot");
+    assert_eq!(snapshot.last().map(|v| v["source"]["snapshot"].clone()), Some(json!("last")));
+    assert_eq!(snapshot[0]["source"]["snapshot"], "true");
+    assert_eq!(fold(&records), expected);
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_streaming_loses_nothing() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = accounts(&pg, 500).await;
+    let mut cdc =
+        Cdc::start(&config(&pg.url("bank"), &broker.addr, "bank", "tables = [\"accounts\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    let writer = pg.client("bank").await;
+    let load = tokio::spawn(async move { write_load(&writer, 3_000, 2).await });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cdc.kill9();
+        cdc.spawn();
+    }
+    load.await.expect("load");
+    let expected = table_state(&db, "accounts").await;
+    let events: usize = 500 + 3_000 + 3_000 / 4; // snapshot, changes, tombstones
+    let records = broker.consume("bank.public.accounts", usize::MAX, Duration::from_secs(5));
+    assert!(records.len() >= events, "{} records, at least {events} expected", records.len());
+    assert_eq!(fold(&records), expected, "every change is on Kafka after kill -9 and restart");
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_snapshot_redoes_it_from_a_fresh_slot() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = accounts(&pg, 200_000).await;
+    let mut cdc =
+        Cdc::start(&config(&pg.url("bank"), &broker.addr, "bank", "tables = [\"accounts\"]"));
+    cdc.wait_log("snapshot started", QUIET);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cdc.kill9();
+    let slots: i64 = db
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE NOT temporary", &[])
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "no permanent slot before the snapshot is on Kafka");
+    db.batch_execute("UPDATE accounts SET balance = -1 WHERE id <= 10").await.expect("update");
+    cdc.spawn();
+    cdc.wait_log("streaming changes", Duration::from_secs(120));
+    db.batch_execute("UPDATE accounts SET balance = -2 WHERE id = 11").await.expect("update");
+    let expected = table_state(&db, "accounts").await;
+    let records = broker.consume("bank.public.accounts", usize::MAX, Duration::from_secs(5));
+    assert_eq!(fold(&records), expected);
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_paused_for_10_seconds_under_load_loses_nothing() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = accounts(&pg, 500).await;
+    let mut cdc =
+        Cdc::start(&config(&pg.url("bank"), &broker.addr, "bank", "tables = [\"accounts\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    let writer = pg.client("bank").await;
+    let load = tokio::spawn(async move { write_load(&writer, 4_000, 3).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.pause();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    broker.resume();
+    load.await.expect("load");
+    let expected = table_state(&db, "accounts").await;
+    let records = broker.consume("bank.public.accounts", usize::MAX, Duration::from_secs(10));
+    assert_eq!(fold(&records), expected);
+    let ours: i64 = db
+        .query_one("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'ficus'", &[])
+        .await
+        .expect("stat")
+        .get(0);
+    assert_eq!(ours, 1, "the replication connection survived the pause");
+    assert!(
+        !cdc.logs().contains("resuming from the slot"),
+        "no reconnect was needed:\n{}",
+        cdc.logs()
+    );
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_slot_still_advances_while_other_tables_write() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = accounts(&pg, 10).await;
+    db.batch_execute("CREATE TABLE noise (id serial PRIMARY KEY, payload text)")
+        .await
+        .expect("noise");
+    let mut cdc =
+        Cdc::start(&config(&pg.url("bank"), &broker.addr, "bank", "tables = [\"accounts\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute(
+        "INSERT INTO noise (payload) SELECT repeat('x', 1000) FROM generate_series(1, 20000)",
+    )
+    .await
+    .expect("noise");
+    let target: String =
+        db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    let deadline = Instant::now() + QUIET;
+    loop {
+        let behind: i64 = db
+            .query_one(
+                "SELECT pg_wal_lsn_diff($1::text::pg_lsn, confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'ficus'",
+                &[&target],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        if behind <= 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot stayed {behind} bytes behind:\n{}",
+            cdc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cdc.terminate();
+}
