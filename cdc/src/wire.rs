@@ -97,9 +97,15 @@ impl ReplicationConnection {
         startup.extend(SESSION_SETTINGS);
         frontend::startup_message(startup, &mut conn.tx.buf)?;
         conn.tx.flush().await?;
-        conn.authenticate(params).await?;
-        conn.wait_ready().await?;
-        Ok(conn)
+        let started = async {
+            conn.authenticate(params).await?;
+            conn.wait_ready().await
+        };
+        match started.await {
+            Ok(()) => Ok(conn),
+            Err(CdcError::Server(e)) => Err(CdcError::from_server(e, "")),
+            Err(e) => Err(e),
+        }
     }
 
     async fn authenticate(&mut self, params: &ConnectParams) -> Result<(), CdcError> {

@@ -133,3 +133,32 @@ impl Drop for Broker {
         }
     }
 }
+
+impl Broker {
+    /// Counts the records of `topic` without parsing them, until `quiet` passes without one;
+    /// also returns the last record's value.
+    pub fn count(&self, topic: &str, quiet: Duration) -> (usize, Option<serde_json::Value>) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .set("group.id", format!("ficus-count-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, 0, Offset::Beginning).expect("assign");
+        consumer.assign(&assignment).expect("assign");
+        let (mut count, mut last_value, mut last) = (0, None, Instant::now());
+        while last.elapsed() < quiet {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    count += 1;
+                    last = Instant::now();
+                    last_value = message.payload().map(<[u8]>::to_vec);
+                }
+                Some(Err(e)) => panic!("consume {topic}: {e}"),
+                None => {}
+            }
+        }
+        (count, last_value.map(|v| serde_json::from_slice(&v).expect("JSON")))
+    }
+}
