@@ -174,3 +174,42 @@ async fn alter_table_mid_stream_changes_the_columns_of_later_events() {
     assert_eq!(after(2), json!({"id": 2, "email": "b@x", "phone": "556"}));
     cdc.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_and_md5_passwords_authenticate_and_a_wrong_one_is_named() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         SET password_encryption = 'scram-sha-256'; CREATE ROLE scram LOGIN SUPERUSER PASSWORD 'sécret';
+         SET password_encryption = 'md5'; CREATE ROLE md5 LOGIN SUPERUSER PASSWORD 'pw5';",
+    )
+    .await
+    .expect("roles");
+    pg.hba_first("host all md5 127.0.0.1/32 md5");
+    pg.hba_first("host all scram 127.0.0.1/32 scram-sha-256");
+    pg.hba_first("host replication md5 127.0.0.1/32 md5");
+    pg.hba_first("host replication scram 127.0.0.1/32 scram-sha-256");
+    for (user, password, slot) in [("scram", "s%C3%A9cret", "s1"), ("md5", "pw5", "s2")] {
+        let url = format!("postgres://{user}:{password}@127.0.0.1:{}/shop", pg.port);
+        let extra = format!("tables = [\"t\"]\nslot = \"{slot}\"\npublication = \"p{slot}\"");
+        let mut cdc = Cdc::start(&config(&url, &broker.addr, user, &extra));
+        cdc.wait_log("streaming changes", QUIET);
+        db.batch_execute(&format!(
+            "INSERT INTO t VALUES ({})",
+            slot.len() + usize::from(user == "md5")
+        ))
+        .await
+        .expect("insert");
+        assert_eq!(broker.consume(&format!("{user}.public.t"), 1, QUIET).len(), 1, "{user}");
+        cdc.terminate();
+    }
+    let url = format!("postgres://scram:wrong@127.0.0.1:{}/shop", pg.port);
+    let mut cdc = Cdc::start(&config(&url, &broker.addr, "w", "tables = [\"t\"]\nslot = \"s3\""));
+    assert!(!cdc.wait_exit().success());
+    assert!(
+        cdc.logs().contains("password authentication failed for user \"scram\""),
+        "{}",
+        cdc.logs()
+    );
+}

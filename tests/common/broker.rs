@@ -135,9 +135,14 @@ impl Drop for Broker {
 }
 
 impl Broker {
-    /// Counts the records of `topic` without parsing them, until `quiet` passes without one;
-    /// also returns the last record's value.
-    pub fn count(&self, topic: &str, quiet: Duration) -> (usize, Option<serde_json::Value>) {
+    /// Counts the records of `topic` without parsing them, until `target` arrived or `quiet`
+    /// passed without one; also returns the last record's value.
+    pub fn count(
+        &self,
+        topic: &str,
+        target: usize,
+        quiet: Duration,
+    ) -> (usize, Option<serde_json::Value>) {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.addr)
             .set("group.id", format!("ficus-count-{}", std::process::id()))
@@ -148,7 +153,7 @@ impl Broker {
         assignment.add_partition_offset(topic, 0, Offset::Beginning).expect("assign");
         consumer.assign(&assignment).expect("assign");
         let (mut count, mut last_value, mut last) = (0, None, Instant::now());
-        while last.elapsed() < quiet {
+        while count < target && last.elapsed() < quiet {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
                     count += 1;

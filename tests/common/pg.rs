@@ -105,6 +105,14 @@ impl PgCluster {
         self.run("pg_ctl", &all);
     }
 
+    /// Puts `line` first in pg_hba.conf and reloads the configuration.
+    pub fn hba_first(&self, line: &str) {
+        let path = Path::new(&self.data()).join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).expect("read pg_hba.conf");
+        std::fs::write(&path, format!("{line}\n{old}")).expect("write pg_hba.conf");
+        self.pg_ctl(&["reload"]);
+    }
+
     /// Stops the server at once, as a crash would.
     pub fn stop(&self) {
         self.pg_ctl(&["stop", "-m", "immediate", "-w"]);
