@@ -119,7 +119,7 @@ async fn kill_9_during_streaming_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_snapshot_redoes_it_from_a_fresh_slot() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
-    let db = accounts(&pg, 200_000).await;
+    let db = accounts(&pg, 300_000).await;
     let mut cdc =
         Cdc::start(&config(&pg.url("bank"), &broker.addr, "bank", "tables = [\"accounts\"]"));
     cdc.wait_log("snapshot started", QUIET);
