@@ -158,8 +158,16 @@ async fn admin_api_shows_table_and_metrics() {
     assert_eq!(routes["default_backend"], "monolith");
     assert!(routes["loaded_at"].as_str().expect("loaded_at").ends_with('Z'));
     assert_eq!(routes["version"].as_str().expect("version").len(), 16);
-    client().get(proxy.url("/api/orders")).header("x-user-id", "a").send().await.expect("request");
-    let metrics = proxy.metrics().await;
+    client()
+        .get(proxy.url("/api/orders"))
+        .header("x-ficus-backend", "monolith")
+        .send()
+        .await
+        .expect("request");
+    // Requests are counted in the logging phase, just after the response went out.
+    let metrics = proxy
+        .wait_metric(r#"ficus_requests_total{backend="monolith",route="orders",status="2xx"}"#, 1.0)
+        .await;
     for family in [
         "ficus_requests_total",
         "ficus_request_duration_seconds_bucket",

@@ -293,6 +293,19 @@ impl Proxy {
         }
     }
 
+    /// Waits until `series` reaches at least `value`; returns the metrics text then.
+    pub async fn wait_metric(&self, series: &str, value: f64) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let text = self.metrics().await;
+            if metric(&text, series) >= value {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{series} never reached {value}:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
