@@ -76,3 +76,24 @@ async fn wait_for_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_example_cdc_config_loads() {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(examples).expect("examples") {
+            let path = entry.expect("entry").path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("cdc")) {
+                let config = load_config(Some(&path))
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                assert!(!config.kafka.topic_prefix.is_empty());
+                loaded += 1;
+            }
+        }
+        assert!(loaded >= 1);
+    }
+}

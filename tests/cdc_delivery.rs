@@ -60,7 +60,8 @@ async fn accounts(pg: &PgCluster, rows: i32) -> tokio_postgres::Client {
     let db = pg.database("bank").await;
     db.batch_execute(&format!(
         "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
-         INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, {rows}) g;"
+         INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, {rows}) g;
+         ANALYZE accounts;"
     ))
     .await
     .expect("schema");
@@ -90,6 +91,13 @@ async fn snapshot_with_concurrent_writes_gives_each_rows_final_state() {
     assert_eq!(snapshot.last().map(|v| v["source"]["snapshot"].clone()), Some(json!("last")));
     assert_eq!(snapshot[0]["source"]["snapshot"], "true");
     assert_eq!(fold(&records), expected);
+    let metrics = cdc.metrics_text().await;
+    assert!(metrics.contains("ficus_cdc_snapshot_rows{table=\"public.accounts\"}"), "{metrics}");
+    assert!(
+        metrics.contains("ficus_cdc_snapshot_rows_estimate{table=\"public.accounts\"} 20000"),
+        "{metrics}"
+    );
+    assert!(cdc.logs().contains("table snapshot done"));
     cdc.terminate();
 }
 

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use std::path::PathBuf;
+
 use crate::error::CdcError;
+use crate::tls::{client_config, SslMode, TlsSettings};
 use crate::wire::ConnectParams;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,22 +102,49 @@ fn default_max_in_flight() -> usize {
 }
 
 impl SourceConfig {
-    /// The connection settings in `url`, checked.
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config, CdcError> {
-        let config: tokio_postgres::Config =
-            self.url.parse().map_err(|e| CdcError::Config(format!("source.url: {e}")))?;
-        if matches!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
-            return Err(CdcError::Config(
-                "source.url: sslmode=require is not supported yet; use sslmode=prefer or disable"
-                    .into(),
-            ));
+    /// `url` without its TLS options, and those options: libpq's `sslmode` values and
+    /// `sslrootcert` are handled by ficus, not by tokio-postgres.
+    pub fn split_url(&self) -> Result<(String, TlsSettings), CdcError> {
+        let mut url =
+            url::Url::parse(&self.url).map_err(|e| CdcError::Config(format!("source.url: {e}")))?;
+        let mut tls = TlsSettings { mode: SslMode::Prefer, root_cert: None };
+        let mut kept = Vec::new();
+        for (key, value) in url.query_pairs() {
+            match key.as_ref() {
+                "sslmode" => tls.mode = SslMode::parse(&value)?,
+                "sslrootcert" => tls.root_cert = Some(PathBuf::from(value.as_ref())),
+                _ => kept.push((key.to_string(), value.to_string())),
+            }
         }
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
+        Ok((url.to_string(), tls))
+    }
+
+    /// The settings of the SQL connection (tokio-postgres); TLS is set up separately.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, CdcError> {
+        let (url, tls) = self.split_url()?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| CdcError::Config(format!("source.url: {e}")))?;
+        config.ssl_mode(match tls.mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
         Ok(config)
+    }
+
+    /// The TLS settings of `url`.
+    pub fn tls(&self) -> Result<TlsSettings, CdcError> {
+        Ok(self.split_url()?.1)
     }
 
     /// The parameters of the replication connection.
     pub fn connect_params(&self) -> Result<ConnectParams, CdcError> {
         let config = self.pg_config()?;
+        let tls = self.tls()?;
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             #[cfg(unix)]
@@ -136,6 +166,8 @@ impl SourceConfig {
             database: config.get_dbname().map_or_else(|| user.clone(), str::to_string),
             password: config.get_password().map(<[u8]>::to_vec),
             user,
+            ssl_mode: tls.mode,
+            tls: client_config(&tls)?,
         })
     }
 
@@ -176,5 +208,49 @@ impl KafkaConfig {
             props.insert(key.clone(), value);
         }
         props.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(url: &str) -> SourceConfig {
+        SourceConfig {
+            url: url.into(),
+            publication: "p".into(),
+            slot: "s".into(),
+            tables: None,
+            snapshot: SnapshotMode::Initial,
+            heartbeat: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn tls_options_are_taken_out_of_the_url() {
+        let (url, tls) = source("postgres://u:p@db:5433/shop?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x")
+            .split_url()
+            .expect("valid");
+        assert_eq!(url, "postgres://u:p@db:5433/shop?application_name=x");
+        assert_eq!(
+            tls,
+            TlsSettings { mode: SslMode::VerifyFull, root_cert: Some("/ca.pem".into()) }
+        );
+        let (_, tls) = source("postgres://u@db/shop").split_url().expect("valid");
+        assert_eq!(tls.mode, SslMode::Prefer);
+        assert!(source("postgres://u@db/shop?sslmode=sometimes").split_url().is_err());
+    }
+
+    #[test]
+    fn connect_params_come_from_the_url() {
+        let params = source("postgres://app:s%C3%A9cret@db.internal:6432/shop?sslmode=disable")
+            .connect_params()
+            .expect("valid");
+        assert_eq!(
+            (params.host.as_str(), params.port, params.user.as_str(), params.database.as_str()),
+            ("db.internal", 6432, "app", "shop")
+        );
+        assert_eq!(params.password.as_deref(), Some("sécret".as_bytes()));
+        assert!(params.tls.is_none());
     }
 }

@@ -31,6 +31,8 @@ pub enum CdcError {
     Config(String),
     #[error("cannot reach PostgreSQL at {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },
+    #[error("TLS with PostgreSQL at {addr} failed: {message}")]
+    Tls { addr: String, message: String },
     #[error("PostgreSQL connection lost: {0}")]
     Io(#[from] std::io::Error),
     #[error("PostgreSQL refused: {0}")]

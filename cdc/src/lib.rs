@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod sink;
+pub mod tls;
 pub mod value;
 pub mod wire;
 

@@ -102,22 +102,35 @@ impl<'c> Pipeline<'c> {
 
     async fn sql_client(&self) -> Result<Client, CdcError> {
         let params = self.config.source.connect_params()?;
-        let (client, connection) =
-            self.config.source.pg_config()?.connect(NoTls).await.map_err(|e| {
-                if e.as_db_error().is_some() {
-                    CdcError::Sql(e)
-                } else {
-                    CdcError::Connect {
-                        addr: format!("{}:{}", params.host, params.port),
-                        source: std::io::Error::other(e.to_string()),
-                    }
+        let pg_config = self.config.source.pg_config()?;
+        let connect_error = |e: tokio_postgres::Error| {
+            let message = e.to_string();
+            if e.as_db_error().is_some() {
+                CdcError::Sql(e)
+            } else if message.contains("TLS") {
+                // A certificate the settings reject does not fix itself: no retry.
+                let detail = std::error::Error::source(&e).map_or(message, |s| s.to_string());
+                CdcError::Tls { addr: format!("{}:{}", params.host, params.port), message: detail }
+            } else {
+                CdcError::Connect {
+                    addr: format!("{}:{}", params.host, params.port),
+                    source: std::io::Error::other(e.to_string()),
                 }
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "SQL connection ended");
             }
-        });
+        };
+        let client = match &params.tls {
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                let (client, connection) = pg_config.connect(tls).await.map_err(connect_error)?;
+                tokio::spawn(log_end(connection));
+                client
+            }
+            None => {
+                let (client, connection) = pg_config.connect(NoTls).await.map_err(connect_error)?;
+                tokio::spawn(log_end(connection));
+                client
+            }
+        };
         let settings: String =
             SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = '{v}';")).collect();
         client.batch_execute(&settings).await?;
@@ -565,6 +578,15 @@ impl<'c> Pipeline<'c> {
         self.count(&table, op);
         self.pending.extend(records.into_iter().map(Pending::Record));
         Ok(())
+    }
+}
+
+/// Drives a SQL connection to its end.
+async fn log_end<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(
+    connection: F,
+) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "SQL connection ended");
     }
 }
 

@@ -28,6 +28,7 @@ pub mod oid {
     pub const TIMESTAMPTZ: u32 = 1184;
     pub const INTERVAL: u32 = 1186;
     pub const NUMERIC: u32 = 1700;
+    pub const MONEY: u32 = 790;
 }
 
 /// The element type of a built-in array type, if `type_oid` is one.
@@ -79,6 +80,10 @@ fn scalar(type_oid: u32, text: &str) -> Option<Value> {
             _ => Value::String(text.to_string()),
         },
         oid::NUMERIC => Value::String(text.to_string()),
+        // `$1,234.50` as `1234.50`: the amount without currency symbol or grouping.
+        oid::MONEY => Value::String(
+            text.chars().filter(|c| c.is_ascii_digit() || *c == '.' || *c == '-').collect(),
+        ),
         oid::BYTEA => {
             let bytes = decode_hex(text.strip_prefix("\\x")?)?;
             Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -218,6 +223,7 @@ mod tests {
             to_json(oid::NUMERIC, "12345678901234567890.123"),
             json!("12345678901234567890.123")
         );
+        assert_eq!(to_json(oid::MONEY, "-$1,234.50"), json!("-1234.50"));
         assert_eq!(to_json(oid::BOOL, "t"), json!(true));
         assert_eq!(to_json(oid::BOOL, "f"), json!(false));
     }

@@ -10,23 +10,34 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::error::{CdcError, ServerError};
 use crate::lsn::Lsn;
 use crate::pgoutput::PG_EPOCH_OFFSET_MICROS;
+use crate::tls::SslMode;
 
 /// Where and as whom to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectParams {
     pub host: String,
     pub port: u16,
     pub user: String,
     pub password: Option<Vec<u8>>,
     pub database: String,
+    pub ssl_mode: SslMode,
+    /// The TLS client, unless `sslmode=disable`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
+
+/// Either half of a plain or TLS connection.
+type ReadStream = Box<dyn AsyncRead + Send + Unpin>;
+type WriteStream = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Session settings every ficus connection uses, so values come out in the text forms that
 /// [`crate::value`] parses.
@@ -56,13 +67,13 @@ pub enum StreamMessage {
 
 /// The receiving half: reading is cancel-safe (partial frames stay buffered).
 pub struct Receiver {
-    stream: OwnedReadHalf,
+    stream: ReadStream,
     buf: BytesMut,
 }
 
 /// The sending half.
 pub struct Sender {
-    stream: OwnedWriteHalf,
+    stream: WriteStream,
     buf: BytesMut,
 }
 
@@ -77,11 +88,30 @@ impl ReplicationConnection {
     /// Connects and authenticates with `replication=database`.
     pub async fn connect(params: &ConnectParams) -> Result<ReplicationConnection, CdcError> {
         let addr = format!("{}:{}", params.host, params.port);
-        let stream = TcpStream::connect(&addr)
+        let mut stream = TcpStream::connect(&addr)
             .await
             .map_err(|source| CdcError::Connect { addr: addr.clone(), source })?;
         stream.set_nodelay(true)?;
-        let (read, write) = stream.into_split();
+        let (read, write): (ReadStream, WriteStream) = match &params.tls {
+            Some(tls) if negotiate_tls(&mut stream, params.ssl_mode).await? => {
+                let name = ServerName::try_from(params.host.clone()).map_err(|e| {
+                    CdcError::Config(format!(
+                        "source.url: host {} is not a TLS server name: {e}",
+                        params.host
+                    ))
+                })?;
+                let tls_stream = TlsConnector::from(tls.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| CdcError::Tls { addr: addr.clone(), message: e.to_string() })?;
+                let (read, write) = tokio::io::split(tls_stream);
+                (Box::new(read), Box::new(write))
+            }
+            _ => {
+                let (read, write) = stream.into_split();
+                (Box::new(read), Box::new(write))
+            }
+        };
         let mut conn = ReplicationConnection {
             rx: Receiver { stream: read, buf: BytesMut::with_capacity(64 * 1024) },
             tx: Sender { stream: write, buf: BytesMut::with_capacity(1024) },
@@ -263,6 +293,27 @@ impl ReplicationConnection {
                 }
             }
         }
+    }
+}
+
+/// Asks the server for TLS (SSLRequest); true when it agreed. Fails when the server refuses
+/// and `mode` requires TLS.
+async fn negotiate_tls(stream: &mut TcpStream, mode: SslMode) -> Result<bool, CdcError> {
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => Ok(true),
+        b'N' if mode.requires_tls() => Err(CdcError::Tls {
+            addr: stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            message:
+                "the server does not accept TLS connections (ssl = off), but sslmode requires TLS"
+                    .into(),
+        }),
+        b'N' => Ok(false),
+        other => Err(protocol(&format!("unexpected answer {:?} to SSLRequest", char::from(other)))),
     }
 }
 

@@ -9,6 +9,8 @@ pub struct PgCluster {
     pub port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
+    /// Other directories the cluster uses (TLS files), removed with it.
+    keep: Vec<tempfile::TempDir>,
 }
 
 /// PostgreSQL's server binaries: `FICUS_PG_BIN`, else the newest under /usr/lib/postgresql.
@@ -38,7 +40,7 @@ impl PgCluster {
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = super::free_addr().port();
-        let cluster = PgCluster { port, dir, bin: bin_dir() };
+        let cluster = PgCluster { port, dir, bin: bin_dir(), keep: Vec::new() };
         if is_root() {
             // initdb refuses to run as root: the cluster belongs to the postgres user.
             let status = Command::new("chown")
@@ -75,6 +77,33 @@ impl PgCluster {
         std::fs::write(Path::new(&cluster.data()).join("postgresql.auto.conf"), conf)
             .expect("write conf");
         cluster.pg_ctl(&["start", "-w", "-t", "30"]);
+        cluster
+    }
+
+    /// Starts a cluster that accepts TLS with this certificate chain and key (PEM).
+    pub fn start_tls(cert: &str, key: &str) -> PgCluster {
+        let dir = tempfile::tempdir().expect("tls dir");
+        let (cert_path, key_path) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+        std::fs::write(&cert_path, cert).expect("write cert");
+        std::fs::write(&key_path, key).expect("write key");
+        let status = Command::new("chmod").args(["600"]).arg(&key_path).status().expect("chmod");
+        assert!(status.success());
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        let (cert_setting, key_setting) =
+            (format!("'{}'", cert_path.display()), format!("'{}'", key_path.display()));
+        let mut cluster = PgCluster::start_with(&[
+            ("ssl", "on"),
+            ("ssl_cert_file", &cert_setting),
+            ("ssl_key_file", &key_setting),
+        ]);
+        cluster.keep.push(dir);
         cluster
     }
 
