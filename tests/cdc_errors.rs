@@ -13,7 +13,7 @@ const QUIET: Duration = Duration::from_secs(20);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_level_not_logical_says_how_to_fix_it() {
     let (pg, broker) = (PgCluster::start_with(&[("wal_level", "replica")]), Broker::start());
-    let mut cdc = Cdc::start(&config(&pg.url("postgres"), &broker.addr, "x", ""));
+    let mut cdc = Cdc::start(&config(&pg.url("postgres"), &broker, "x", ""));
     let status = cdc.wait_exit();
     assert!(!status.success());
     let logs = cdc.logs();
@@ -28,7 +28,7 @@ async fn wal_level_not_logical_says_how_to_fix_it() {
 async fn a_missing_table_is_named() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
     let mut cdc =
-        Cdc::start(&config(&pg.url("postgres"), &broker.addr, "x", "tables = [\"public.nope\"]"));
+        Cdc::start(&config(&pg.url("postgres"), &broker, "x", "tables = [\"public.nope\"]"));
     assert!(!cdc.wait_exit().success());
     assert!(cdc.logs().contains("table public.nope does not exist"), "{}", cdc.logs());
 }
@@ -44,7 +44,7 @@ async fn a_user_without_replication_privilege_is_told_what_it_needs() {
     .await
     .expect("setup");
     let url = format!("postgres://app@127.0.0.1:{}/shop", pg.port);
-    let mut cdc = Cdc::start(&config(&url, &broker.addr, "x", "tables = [\"t\"]"));
+    let mut cdc = Cdc::start(&config(&url, &broker, "x", "tables = [\"t\"]"));
     assert!(!cdc.wait_exit().success());
     let logs = cdc.logs();
     assert!(logs.contains("permission denied") && logs.contains("REPLICATION"), "{logs}");
@@ -55,9 +55,9 @@ async fn a_slot_in_use_by_another_process_is_reported() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
     let db = pg.database("shop").await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.expect("setup");
-    let first = Cdc::start(&config(&pg.url("shop"), &broker.addr, "x", ""));
+    let first = Cdc::start(&config(&pg.url("shop"), &broker, "x", ""));
     first.wait_log("streaming changes", QUIET);
-    let second = Cdc::start(&config(&pg.url("shop"), &broker.addr, "x", ""));
+    let second = Cdc::start(&config(&pg.url("shop"), &broker, "x", ""));
     second.wait_log("is in use by another process (pid", QUIET);
     assert!(second.logs().contains("only one ficus cdc may read a slot"));
 }
@@ -72,7 +72,7 @@ async fn a_lost_slot_says_to_drop_it_and_snapshot_again() {
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE noise (payload text)")
         .await
         .expect("setup");
-    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker.addr, "x", "tables = [\"t\"]"));
+    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "x", "tables = [\"t\"]"));
     cdc.wait_log("streaming changes", QUIET);
     cdc.terminate();
     for _ in 0..10 {
@@ -104,7 +104,7 @@ async fn an_unreachable_database_is_named_and_retried() {
     let port = common::free_addr().port();
     let cdc = Cdc::start(&config(
         &format!("postgres://postgres@127.0.0.1:{port}/shop"),
-        &broker.addr,
+        &broker,
         "x",
         "",
     ));
@@ -117,7 +117,7 @@ async fn an_unknown_config_key_is_named() {
     let broker = Broker::start();
     let mut cdc = Cdc::start(&format!(
         "{}\nslott = \"typo\"\n",
-        config("postgres://x@127.0.0.1:1/x", &broker.addr, "x", "")
+        config("postgres://x@127.0.0.1:1/x", &broker, "x", "")
     ));
     assert!(!cdc.wait_exit().success());
     assert!(cdc.logs().contains("unknown field `slott`"), "{}", cdc.logs());

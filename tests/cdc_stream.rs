@@ -26,12 +26,8 @@ async fn every_kind_of_change_and_every_type_as_documented() {
     )
     .await
     .expect("schema");
-    let mut cdc = Cdc::start(&config(
-        &pg.url("shop"),
-        &broker.addr,
-        "shop",
-        "tables = [\"public.everything\"]",
-    ));
+    let mut cdc =
+        Cdc::start(&config(&pg.url("shop"), &broker, "shop", "tables = [\"public.everything\"]"));
     cdc.wait_log("streaming changes", QUIET);
 
     db.batch_execute(
@@ -75,7 +71,10 @@ async fn every_kind_of_change_and_every_type_as_documented() {
     );
     let source = &created["source"];
     assert_eq!(source["connector"], "postgresql");
-    assert_eq!((source["name"].as_str(), source["db"].as_str()), (Some("shop"), Some("shop")));
+    assert_eq!(
+        (source["name"].as_str(), source["db"].as_str()),
+        (Some(broker.topic("shop").as_str()), Some("shop"))
+    );
     assert_eq!(
         (source["schema"].as_str(), source["table"].as_str()),
         (Some("public"), Some("everything"))
@@ -122,7 +121,7 @@ async fn replica_identity_full_gives_before_and_toast_placeholders() {
     )
     .await
     .expect("schema");
-    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker.addr, "shop", ""));
+    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "shop", ""));
     cdc.wait_log("streaming changes", QUIET);
     let long = "x".repeat(10_000);
     for table in ["docs", "notes"] {
@@ -155,8 +154,7 @@ async fn alter_table_mid_stream_changes_the_columns_of_later_events() {
     db.batch_execute("CREATE TABLE customers (id int PRIMARY KEY, email text, legacy text)")
         .await
         .expect("schema");
-    let mut cdc =
-        Cdc::start(&config(&pg.url("shop"), &broker.addr, "shop", "tables = [\"customers\"]"));
+    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "shop", "tables = [\"customers\"]"));
     cdc.wait_log("streaming changes", QUIET);
     db.batch_execute(
         "INSERT INTO customers VALUES (1, 'a@x', 'old');
@@ -176,40 +174,112 @@ async fn alter_table_mid_stream_changes_the_columns_of_later_events() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scram_and_md5_passwords_authenticate_and_a_wrong_one_is_named() {
+async fn scram_md5_and_cleartext_passwords_authenticate_and_a_wrong_one_is_named() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
     let db = pg.database("shop").await;
     db.batch_execute(
         "CREATE TABLE t (id int PRIMARY KEY);
          SET password_encryption = 'scram-sha-256'; CREATE ROLE scram LOGIN SUPERUSER PASSWORD 'sécret';
-         SET password_encryption = 'md5'; CREATE ROLE md5 LOGIN SUPERUSER PASSWORD 'pw5';",
+         SET password_encryption = 'md5'; CREATE ROLE md5 LOGIN SUPERUSER PASSWORD 'pw5';
+         CREATE ROLE clear LOGIN SUPERUSER PASSWORD 'plain';",
     )
     .await
     .expect("roles");
     pg.hba_first("host all md5 127.0.0.1/32 md5");
+    pg.hba_first("host all clear 127.0.0.1/32 password");
+    pg.hba_first("host replication clear 127.0.0.1/32 password");
     pg.hba_first("host all scram 127.0.0.1/32 scram-sha-256");
     pg.hba_first("host replication md5 127.0.0.1/32 md5");
     pg.hba_first("host replication scram 127.0.0.1/32 scram-sha-256");
-    for (user, password, slot) in [("scram", "s%C3%A9cret", "s1"), ("md5", "pw5", "s2")] {
+    for (user, password, slot) in
+        [("scram", "s%C3%A9cret", "s1"), ("md5", "pw5", "s2"), ("clear", "plain", "s4")]
+    {
         let url = format!("postgres://{user}:{password}@127.0.0.1:{}/shop", pg.port);
         let extra = format!("tables = [\"t\"]\nslot = \"{slot}\"\npublication = \"p{slot}\"");
-        let mut cdc = Cdc::start(&config(&url, &broker.addr, user, &extra));
+        let mut cdc = Cdc::start(&config(&url, &broker, user, &extra));
         cdc.wait_log("streaming changes", QUIET);
-        db.batch_execute(&format!(
-            "INSERT INTO t VALUES ({})",
-            slot.len() + usize::from(user == "md5")
-        ))
-        .await
-        .expect("insert");
+        db.batch_execute(&format!("INSERT INTO t VALUES ({})", &slot[1..])).await.expect("insert");
         assert_eq!(broker.consume(&format!("{user}.public.t"), 1, QUIET).len(), 1, "{user}");
         cdc.terminate();
     }
     let url = format!("postgres://scram:wrong@127.0.0.1:{}/shop", pg.port);
-    let mut cdc = Cdc::start(&config(&url, &broker.addr, "w", "tables = [\"t\"]\nslot = \"s3\""));
+    let mut cdc = Cdc::start(&config(&url, &broker, "w", "tables = [\"t\"]\nslot = \"s3\""));
     assert!(!cdc.wait_exit().success());
     assert!(
         cdc.logs().contains("password authentication failed for user \"scram\""),
         "{}",
         cdc.logs()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_modes_never_and_initial_only() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2);")
+        .await
+        .expect("setup");
+
+    // initial_only: the existing rows, then exit, leaving no slot behind.
+    let extra = "tables = [\"t\"]\nsnapshot = \"initial_only\"";
+    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "once", extra));
+    assert!(cdc.wait_exit().success(), "{}", cdc.logs());
+    let records = broker.consume("once.public.t", 2, QUIET);
+    assert_eq!(
+        records.iter().filter(|r| r.value.as_ref().is_some_and(|v| v["op"] == "r")).count(),
+        2
+    );
+    let slots: i64 =
+        db.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.expect("slots").get(0);
+    assert_eq!(slots, 0);
+
+    // never: only changes made after the slot exists.
+    let extra = "tables = [\"t\"]\nsnapshot = \"never\"";
+    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "live", extra));
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute("INSERT INTO t VALUES (3)").await.expect("insert");
+    let records = broker.consume("live.public.t", 5, Duration::from_secs(3));
+    let ops: Vec<_> = records.iter().map(|r| r.value.as_ref().map(|v| v["op"].clone())).collect();
+    assert_eq!(ops, [Some(json!("c"))]);
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_variables_override_the_config_file() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.expect("setup");
+    // The file names a database that does not exist; FICUS_SOURCE__URL fixes it.
+    let file = config(
+        &format!("postgres://postgres@127.0.0.1:{}/nowhere", pg.port),
+        &broker,
+        "env",
+        "tables = [\"t\"]",
+    );
+    let mut cdc = Cdc::start(&file);
+    cdc.kill9();
+    let output_dir = cdc.dir.path().to_path_buf();
+    let log = std::fs::File::create(output_dir.join("env.log")).expect("log");
+    let mut child = common::ficus()
+        .args(["cdc", "--config", cdc.config.to_str().expect("path")])
+        .env("FICUS_SOURCE__URL", pg.url("shop"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + QUIET;
+    while !std::fs::read_to_string(output_dir.join("env.log"))
+        .unwrap_or_default()
+        .contains("streaming changes")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(output_dir.join("env.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.batch_execute("INSERT INTO t VALUES (1)").await.expect("insert");
+    assert_eq!(broker.consume("env.public.t", 1, QUIET).len(), 1);
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -66,7 +66,7 @@ async fn verify_full_and_require_stream_over_tls() {
     ];
     for (n, (url, slot)) in cases.iter().enumerate() {
         let extra = format!("tables = [\"t\"]\nslot = \"{slot}\"");
-        let mut cdc = Cdc::start(&config(url, &broker.addr, slot, &extra));
+        let mut cdc = Cdc::start(&config(url, &broker, slot, &extra));
         cdc.wait_log("streaming changes", QUIET);
         db.execute("INSERT INTO t VALUES ($1)", &[&(n as i32)]).await.expect("insert");
         let records = broker.consume(&format!("{slot}.public.t"), 1, QUIET);
@@ -88,7 +88,7 @@ async fn certificates_that_do_not_verify_are_refused_with_the_reason() {
         pg.port,
         ca_path.display()
     );
-    let mut cdc = Cdc::start(&config(&url, &broker.addr, "x", ""));
+    let mut cdc = Cdc::start(&config(&url, &broker, "x", ""));
     assert!(!cdc.wait_exit().success());
     assert!(
         cdc.logs().contains("TLS with PostgreSQL at 127.0.0.1")
@@ -98,12 +98,12 @@ async fn certificates_that_do_not_verify_are_refused_with_the_reason() {
     );
     // Another CA's roots (the public ones) do not vouch for a private CA.
     let url = format!("postgres://secure@localhost:{}/shop?sslmode=verify-full", pg.port);
-    let mut cdc = Cdc::start(&config(&url, &broker.addr, "x", ""));
+    let mut cdc = Cdc::start(&config(&url, &broker, "x", ""));
     assert!(!cdc.wait_exit().success());
     assert!(cdc.logs().contains("invalid peer certificate"), "{}", cdc.logs());
     // Plain connections are refused by the server for this user: TLS really is in use above.
     let url = format!("postgres://secure@127.0.0.1:{}/shop?sslmode=disable", pg.port);
-    let mut cdc = Cdc::start(&config(&url, &broker.addr, "x", ""));
+    let mut cdc = Cdc::start(&config(&url, &broker, "x", ""));
     assert!(!cdc.wait_exit().success());
     assert!(
         cdc.logs().contains("no encryption") || cdc.logs().contains("rejects connection"),

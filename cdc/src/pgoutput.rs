@@ -409,6 +409,21 @@ mod tests {
     }
 
     #[test]
+    fn type_and_origin_messages_decode() {
+        // Type 16385 "public"."mood"; Origin at 0/10 named "upstream".
+        let type_message = [&[b'Y'][..], &16385u32.to_be_bytes(), b"public\0mood\0"].concat();
+        assert_eq!(
+            decode(&Bytes::from(type_message)).expect("decodes"),
+            Message::Type { id: 16385, namespace: "public".into(), name: "mood".into() }
+        );
+        let origin = [&[b'O'][..], &16u64.to_be_bytes(), b"upstream\0"].concat();
+        assert_eq!(
+            decode(&Bytes::from(origin)).expect("decodes"),
+            Message::Origin { commit_lsn: Lsn(16), name: "upstream".into() }
+        );
+    }
+
+    #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         for message in CAPTURED {
             let bytes = hex(message);

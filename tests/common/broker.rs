@@ -12,6 +12,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 pub struct Broker {
     pub addr: String,
     child: Option<Child>,
+    /// Prepended to topic names, so tests sharing an external Kafka do not read each
+    /// other's topics; empty for a broker of the test's own.
+    namespace: String,
 }
 
 /// One consumed record.
@@ -37,7 +40,14 @@ fn tansu() -> String {
 impl Broker {
     pub fn start() -> Broker {
         if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
-            return Broker { addr: brokers, child: None };
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let namespace = format!(
+                "t{}x{n}x{}.",
+                std::process::id(),
+                std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs())
+            );
+            return Broker { addr: brokers, child: None, namespace };
         }
         let addr = super::free_addr().to_string();
         let url = format!("tcp://{addr}");
@@ -62,7 +72,17 @@ impl Broker {
             assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Broker { addr, child: Some(child) }
+        Broker { addr, child: Some(child), namespace: String::new() }
+    }
+
+    /// The real name of a test's topic or topic prefix.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{name}", self.namespace)
+    }
+
+    /// False for an external Kafka, which a test cannot pause.
+    pub fn is_own(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open but nothing is answered, as in a
@@ -85,6 +105,7 @@ impl Broker {
     /// Reads `topic` (every partition, from the beginning) until `count` records arrived or
     /// `quiet` passed without a new one.
     pub fn consume(&self, topic: &str, count: usize, quiet: Duration) -> Vec<Consumed> {
+        let topic = &self.topic(topic);
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.addr)
             .set("group.id", format!("ficus-test-{}", std::process::id()))

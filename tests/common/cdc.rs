@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use super::broker::Broker;
 use super::{ficus, free_addr, PATIENCE};
 
 pub struct Cdc {
@@ -14,8 +15,9 @@ pub struct Cdc {
     child: Option<Child>,
 }
 
-/// A cdc.toml for `url` and `brokers`; `extra_source` lines go into `[source]`.
-pub fn config(url: &str, brokers: &str, prefix: &str, extra_source: &str) -> String {
+/// A cdc.toml for `url` and `broker`; `extra_source` lines go into `[source]`.
+pub fn config(url: &str, broker: &Broker, prefix: &str, extra_source: &str) -> String {
+    let (brokers, prefix) = (&broker.addr, broker.topic(prefix));
     format!(
         "[source]\nurl = \"{url}\"\nheartbeat = \"500ms\"\n{extra_source}\n\n\
          [kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\npartitions = 1\nreplication_factor = 1\n"
