@@ -69,14 +69,17 @@ pub async fn ensure_publication(
     let result = match (exists, tables) {
         (None, None) => {
             client
-                .batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name)))
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} FOR ALL TABLES WITH (publish_via_partition_root = true)",
+                    quote_ident(name)
+                ))
                 .await
         }
         (None, Some(tables)) => {
             let list = tables.iter().map(qualified).collect::<Vec<_>>().join(", ");
             client
                 .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {list}",
+                    "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
                     quote_ident(name)
                 ))
                 .await
@@ -85,7 +88,12 @@ pub async fn ensure_publication(
             let mut missing = Vec::new();
             for table in tables {
                 let included = client
-                    .query_opt("SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3", &[&name, &table.0, &table.1])
+                    .query_opt(
+                        "SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+                         JOIN pg_class c ON c.oid = r.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE p.pubname = $1 AND n.nspname = $2 AND c.relname = $3",
+                        &[&name, &table.0, &table.1],
+                    )
                     .await?;
                 if included.is_none() {
                     missing.push(qualified(table));
@@ -174,33 +182,49 @@ pub async fn table_schema(
     table_for(client, relation, topic_prefix).await
 }
 
-/// Builds the event view of a relation: its topic and key columns (primary key first, else
-/// the replica identity columns flagged in the relation).
+/// Builds the event view of a relation: its topic and key columns.
+///
+/// The key is the primary key, except under `REPLICA IDENTITY USING INDEX`, where it is that
+/// index's columns: those are the values a delete carries. Without either (or under FULL
+/// without a primary key) events have a null key.
 pub async fn table_for(
     client: &Client,
     relation: Relation,
     topic_prefix: &str,
 ) -> Result<Table, CdcError> {
+    let index =
+        if relation.replica_identity == b'i' { "i.indisreplident" } else { "i.indisprimary" };
     let rows = client
         .query(
-            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &format!(
+                "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = $1 AND {index} ORDER BY array_position(i.indkey::int2[], a.attnum)"
+            ),
             &[&relation.id],
         )
         .await?;
-    let primary: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let key: Vec<usize> = if primary.is_empty() {
-        if relation.replica_identity == b'f' {
-            Vec::new()
-        } else {
-            relation.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect()
-        }
-    } else {
-        primary
-            .iter()
-            .filter_map(|name| relation.columns.iter().position(|c| &c.name == name))
-            .collect()
-    };
-    let topic = format!("{topic_prefix}.{}.{}", relation.namespace, relation.name);
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let key = names
+        .iter()
+        .filter_map(|name| relation.columns.iter().position(|c| &c.name == name))
+        .collect();
+    let topic = topic_name(topic_prefix, &relation.namespace, &relation.name);
     Ok(Table { relation, key, topic })
+}
+
+/// `<prefix>.<schema>.<table>`, with characters Kafka does not allow in topic names replaced
+/// by `_`, as Debezium does.
+pub fn topic_name(prefix: &str, schema: &str, table: &str) -> String {
+    format!("{prefix}.{schema}.{table}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .collect()
+}
+
+/// Whether `COPY` of the table must say `ONLY`: plain tables may have inheritance children,
+/// which are snapshotted on their own; a partitioned table is read through its root.
+pub async fn copy_only(client: &Client, oid: u32) -> Result<bool, CdcError> {
+    let kind: i8 =
+        client.query_one("SELECT relkind FROM pg_class WHERE oid = $1", &[&oid]).await?.get(0);
+    Ok(kind as u8 == b'r')
 }

@@ -128,6 +128,8 @@ impl SourceConfig {
         let (url, tls) = self.split_url()?;
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e| CdcError::Config(format!("source.url: {e}")))?;
+        // Notice a connection the network dropped while idle (a NAT, a load balancer).
+        config.keepalives(true).keepalives_idle(Duration::from_secs(30));
         config.ssl_mode(match tls.mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -171,6 +173,14 @@ impl SourceConfig {
         })
     }
 
+    /// Rejects settings that cannot work.
+    pub fn validate(&self) -> Result<(), CdcError> {
+        if self.heartbeat.is_zero() {
+            return Err(CdcError::Config("source.heartbeat must be above zero".into()));
+        }
+        self.split_url().map(drop)
+    }
+
     /// Configured tables split into (schema, table), `public` when no schema is given.
     pub fn table_names(&self) -> Option<Vec<(String, String)>> {
         self.tables.as_ref().map(|tables| {
@@ -186,6 +196,17 @@ impl SourceConfig {
 }
 
 impl KafkaConfig {
+    /// Rejects settings that cannot work.
+    pub fn validate(&self) -> Result<(), CdcError> {
+        if self.max_in_flight == 0 {
+            return Err(CdcError::Config("kafka.max_in_flight must be at least 1".into()));
+        }
+        if self.topic_prefix.is_empty() {
+            return Err(CdcError::Config("kafka.topic_prefix must not be empty".into()));
+        }
+        Ok(())
+    }
+
     /// librdkafka properties: ficus's safe defaults, then the user's overrides.
     pub fn producer_properties(&self) -> Vec<(String, String)> {
         let mut props: BTreeMap<String, String> = [

@@ -101,7 +101,9 @@ pub fn change(
         key: key.clone(),
         value: Some(value.into_bytes()),
     }];
-    if op == Op::Delete {
+    // A tombstone removes a key from a compacted topic; without a key there is nothing to
+    // remove, and Kafka would refuse it.
+    if op == Op::Delete && key.is_some() {
         records.push(Record { topic: table.topic.clone(), key, value: None });
     }
     records

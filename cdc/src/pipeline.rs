@@ -34,6 +34,8 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), CdcError> {
+    config.source.validate()?;
+    config.kafka.validate()?;
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = Instant::now();
@@ -146,7 +148,7 @@ impl<'c> Pipeline<'c> {
         catalog::ensure_publication(&client, &source.publication, configured.as_deref()).await?;
         let topics: Vec<String> = tables
             .iter()
-            .map(|(s, t)| format!("{}.{s}.{t}", self.config.kafka.topic_prefix))
+            .map(|(s, t)| catalog::topic_name(&self.config.kafka.topic_prefix, s, t))
             .collect();
         self.sink.ensure_topics(&topics).await?;
 
@@ -170,8 +172,8 @@ impl<'c> Pipeline<'c> {
             _ => {}
         }
         match (slot.is_some(), source.snapshot) {
-            (_, SnapshotMode::InitialOnly) => return self.snapshot(&client, &tables, false).await,
-            (false, SnapshotMode::Initial) => self.snapshot(&client, &tables, true).await?,
+            (_, SnapshotMode::InitialOnly) => return self.snapshot(&tables, false).await,
+            (false, SnapshotMode::Initial) => self.snapshot(&tables, true).await?,
             (false, SnapshotMode::Never) => {
                 let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
                 let sql = format!(
@@ -193,13 +195,15 @@ impl<'c> Pipeline<'c> {
     /// copied to its permanent name at the same consistent point.
     async fn snapshot(
         &mut self,
-        client: &Client,
         tables: &[(String, String)],
         make_permanent: bool,
     ) -> Result<(), CdcError> {
         let source = &self.config.source;
         let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
-        let temporary: String = format!("{}_snapshot", source.slot).chars().take(63).collect();
+        // Unique per process: a previous attempt's walsender may not have exited yet.
+        let suffix = format!("_snapshot_{}", std::process::id());
+        let temporary: String =
+            source.slot.chars().take(63 - suffix.len()).chain(suffix.chars()).collect();
         let sql = format!(
             "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
             quote_ident(&temporary)
@@ -252,8 +256,10 @@ impl<'c> Pipeline<'c> {
                 .map(|c| quote_ident(&c.name))
                 .collect::<Vec<_>>()
                 .join(", ");
+            let only =
+                if catalog::copy_only(&reader, table.relation.id).await? { "ONLY " } else { "" };
             let copy = format!(
-                "COPY (SELECT {columns} FROM {}.{}) TO STDOUT",
+                "COPY (SELECT {columns} FROM {only}{}.{}) TO STDOUT",
                 quote_ident(schema),
                 quote_ident(name)
             );
@@ -292,7 +298,9 @@ impl<'c> Pipeline<'c> {
             self.in_flight.next().await?;
         }
         if make_permanent {
-            client
+            // On the snapshot's own connection, busy until now: the other one sat idle for
+            // the whole snapshot and may have been dropped by the network meanwhile.
+            reader
                 .query(
                     "SELECT pg_copy_logical_replication_slot($1, $2, false)",
                     &[&temporary, &source.slot],
@@ -367,6 +375,18 @@ impl<'c> Pipeline<'c> {
     ) -> Result<(), CdcError> {
         let source = &self.config.source;
         let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
+        // Start from what the slot already holds as confirmed, so keepalives seen while the
+        // server catches up never report an older position.
+        let flushed: Option<String> = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&source.slot],
+            )
+            .await?
+            .and_then(|row| row.get(0));
+        if let Some(lsn) = flushed.and_then(|text| text.parse::<Lsn>().ok()) {
+            self.confirmed = self.confirmed.max(lsn);
+        }
         repl.start_replication(&source.slot, Lsn::ZERO, &source.publication).await?;
         tracing::info!(slot = source.slot, publication = source.publication, "streaming changes");
         self.metrics.healthy.store(true, Ordering::Relaxed);
@@ -379,6 +399,10 @@ impl<'c> Pipeline<'c> {
         let mut heartbeat = tokio::time::interval(source.heartbeat);
         let mut status = tokio::time::interval(Duration::from_secs(1).min(source.heartbeat));
         let mut retry = tokio::time::interval(Duration::from_millis(50));
+        // After a pause (back-pressure), tick once, not once per missed period.
+        for timer in [&mut heartbeat, &mut status, &mut retry] {
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         loop {
             let can_read = self.pending.is_empty()
                 && self.in_flight.records() < self.config.kafka.max_in_flight;

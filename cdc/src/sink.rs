@@ -4,9 +4,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use std::future::Future;
+use std::pin::Pin;
+
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use futures_util::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -18,6 +19,10 @@ use crate::config::KafkaConfig;
 use crate::error::CdcError;
 use crate::event::Record;
 use crate::lsn::Lsn;
+
+/// The acknowledgement of a record (`Ok(None)`) or a commit marker (`Ok(Some(lsn))`).
+/// `Sync` so that the pipeline's futures can move between threads.
+pub type Delivery = Pin<Box<dyn Future<Output = Result<Option<Lsn>, CdcError>> + Send + Sync>>;
 
 /// Produces records to Kafka.
 pub struct KafkaSink {
@@ -58,6 +63,12 @@ impl KafkaSink {
 
     /// Creates the topics that do not exist yet.
     pub async fn ensure_topics(&mut self, topics: &[String]) -> Result<(), CdcError> {
+        if topics.iter().all(|t| self.known_topics.contains(t)) {
+            return Ok(());
+        }
+        // Topics created beforehand (by an operator, or on clusters without CreateTopics
+        // rights) are used as they are.
+        self.known_topics.extend(self.existing_topics().await?);
         let missing: Vec<&String> =
             topics.iter().filter(|t| !self.known_topics.contains(*t)).collect();
         if missing.is_empty() {
@@ -92,11 +103,22 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// Every topic of the cluster.
+    async fn existing_topics(&self) -> Result<Vec<String>, CdcError> {
+        let producer = self.producer.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(30))
+                .map(|m| m.topics().iter().map(|t| t.name().to_string()).collect::<Vec<_>>())
+        })
+        .await
+        .map_err(|e| CdcError::Kafka(format!("metadata task failed: {e}")))?;
+        metadata.map_err(|e| CdcError::Kafka(format!("cannot list topics: {e}")))
+    }
+
     /// Hands a record to the producer; the returned future resolves when Kafka acknowledges it.
-    pub fn send(
-        &self,
-        record: &Record,
-    ) -> Result<BoxFuture<'static, Result<Option<Lsn>, CdcError>>, SendError> {
+    pub fn send(&self, record: &Record) -> Result<Delivery, SendError> {
         let mut kafka_record = FutureRecord::<[u8], [u8]>::to(&record.topic);
         if let Some(key) = &record.key {
             kafka_record = kafka_record.key(key.as_slice());
@@ -107,7 +129,7 @@ impl KafkaSink {
         match self.producer.send_result(kafka_record) {
             Ok(delivery) => {
                 let topic = record.topic.clone();
-                Ok(async move {
+                Ok(Box::pin(async move {
                     match delivery.await {
                         Ok(Ok(_)) => Ok(None),
                         Ok(Err((e, _))) => {
@@ -115,8 +137,7 @@ impl KafkaSink {
                         }
                         Err(_) => Err(CdcError::Kafka("the producer was dropped".into())),
                     }
-                }
-                .boxed())
+                }))
             }
             Err((KafkaError::MessageProduction(Code::QueueFull), _)) => Err(SendError::QueueFull),
             Err((e, _)) => Err(SendError::Fatal(CdcError::KafkaDelivery {
@@ -139,19 +160,19 @@ impl KafkaSink {
 /// to confirm to PostgreSQL.
 #[derive(Default)]
 pub struct InFlight {
-    queue: FuturesOrdered<BoxFuture<'static, Result<Option<Lsn>, CdcError>>>,
+    queue: FuturesOrdered<Delivery>,
     records: usize,
 }
 
 impl InFlight {
-    pub fn push_record(&mut self, delivery: BoxFuture<'static, Result<Option<Lsn>, CdcError>>) {
+    pub fn push_record(&mut self, delivery: Delivery) {
         self.records += 1;
         self.queue.push_back(delivery);
     }
 
     /// Marks the end of a transaction: `lsn` may be confirmed once it completes.
     pub fn push_commit(&mut self, lsn: Lsn) {
-        self.queue.push_back(async move { Ok(Some(lsn)) }.boxed());
+        self.queue.push_back(Box::pin(async move { Ok(Some(lsn)) }));
     }
 
     pub fn is_empty(&self) -> bool {

@@ -23,7 +23,7 @@ use ficus_routes::LoadError;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings as PingoraTls;
 use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
@@ -47,7 +47,7 @@ pub enum ProxyError {
 
 /// Loads the route table and runs the proxy until the process is told to stop.
 ///
-/// Returns only on a start-up error; a normal shutdown (SIGTERM, SIGINT) exits the process.
+/// Returns when a signal (SIGTERM, SIGINT) has stopped it, or on a start-up error.
 pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
     run_with(settings, |_| {})
 }
@@ -118,7 +118,9 @@ pub fn run_with(
         tls = settings.tls.as_ref().map(|t| t.listen.as_str()),
         "ficus proxy started"
     );
-    server.run_forever()
+    // Returns once a signal (SIGTERM: graceful, SIGINT: fast) has stopped every service.
+    server.run(RunArgs::default());
+    Ok(())
 }
 
 /// Fails early, with the address in the message, when a listener cannot bind.

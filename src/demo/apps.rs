@@ -1,0 +1,216 @@
+//! The demo's two sample services: the legacy "shop" monolith, reading and writing
+//! PostgreSQL, and the new "orders" service, which builds its own copy of the orders from
+//! the CDC events on Kafka.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+fn respond(status: StatusCode, backend: &str, body: &Value) -> Response<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
+    bytes.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("content-length", bytes.len())
+        .header("x-backend", backend)
+        .body(bytes)
+        .unwrap_or_default()
+}
+
+/// The order id in `/api/orders/{id}`, if the path has one.
+fn order_id(path: &str) -> Option<i32> {
+    path.strip_prefix("/api/orders/").and_then(|id| id.trim_end_matches('/').parse().ok())
+}
+
+/// The legacy monolith: every order read and write goes to its database.
+pub struct Shop {
+    pub db: Arc<tokio_postgres::Client>,
+}
+
+impl Shop {
+    async fn handle(
+        &self,
+        session: &mut ServerSession,
+    ) -> Result<(StatusCode, Value), tokio_postgres::Error> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        const COLUMNS: &str = "id, customer_id, item, quantity, total::text, status";
+        let row_json = |row: &tokio_postgres::Row| {
+            json!({"id": row.get::<_, i32>(0), "customer_id": row.get::<_, i32>(1), "item": row.get::<_, String>(2),
+                   "quantity": row.get::<_, i32>(3), "total": row.get::<_, String>(4), "status": row.get::<_, String>(5)})
+        };
+        Ok(match (method, path.as_str()) {
+            (Method::GET, "/api/orders") => {
+                let rows = self
+                    .db
+                    .query(&format!("SELECT {COLUMNS} FROM orders ORDER BY id"), &[])
+                    .await?;
+                (
+                    StatusCode::OK,
+                    json!({"served_by": "monolith", "orders": rows.iter().map(row_json).collect::<Vec<_>>()}),
+                )
+            }
+            (Method::GET, _) if order_id(&path).is_some() => {
+                let id = order_id(&path).unwrap_or_default();
+                match self
+                    .db
+                    .query_opt(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"), &[&id])
+                    .await?
+                {
+                    Some(row) => {
+                        (StatusCode::OK, json!({"served_by": "monolith", "order": row_json(&row)}))
+                    }
+                    None => (
+                        StatusCode::NOT_FOUND,
+                        json!({"served_by": "monolith", "error": "no such order"}),
+                    ),
+                }
+            }
+            (Method::POST, "/api/orders") => {
+                let mut body = Vec::new();
+                while let Ok(Some(chunk)) = session.read_request_body().await {
+                    body.extend_from_slice(&chunk);
+                }
+                let Ok(order) = serde_json::from_slice::<Value>(&body) else {
+                    return Ok((
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": "expected {\"customer_id\", \"item\", \"quantity\"}"}),
+                    ));
+                };
+                let customer = order["customer_id"].as_i64().unwrap_or(1) as i32;
+                let item = order["item"].as_str().unwrap_or("widget").to_string();
+                let quantity = order["quantity"].as_i64().unwrap_or(1) as i32;
+                let row = self
+                    .db
+                    .query_one(
+                        &format!("INSERT INTO orders (customer_id, item, quantity, total) VALUES ($1, $2, $3, $3::int * 9.99) RETURNING {COLUMNS}"),
+                        &[&customer as &(dyn tokio_postgres::types::ToSql + Sync), &item, &quantity],
+                    )
+                    .await?;
+                (StatusCode::CREATED, json!({"served_by": "monolith", "order": row_json(&row)}))
+            }
+            (_, "/healthz") => (StatusCode::OK, json!({"ok": true})),
+            _ => (
+                StatusCode::OK,
+                json!({"served_by": "monolith", "message": "the legacy shop: try /api/orders"}),
+            ),
+        })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Shop {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match self.handle(session).await {
+            Ok((status, body)) => respond(status, "monolith", &body),
+            Err(e) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "monolith",
+                &json!({"error": e.to_string()}),
+            ),
+        }
+    }
+}
+
+/// The orders as the new service knows them: the latest `after` of each key.
+pub type OrderView = Arc<RwLock<BTreeMap<i64, Value>>>;
+
+/// The new orders service: reads only, from its own view of the data.
+pub struct Orders {
+    pub view: OrderView,
+}
+
+#[async_trait]
+impl ServeHttp for Orders {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        let view = self.view.read().map(|v| v.clone()).unwrap_or_default();
+        if path == "/healthz" {
+            return respond(StatusCode::OK, "orders", &json!({"ok": true}));
+        }
+        match order_id(&path) {
+            Some(id) => match view.get(&i64::from(id)) {
+                Some(order) => respond(
+                    StatusCode::OK,
+                    "orders",
+                    &json!({"served_by": "orders-service", "order": order}),
+                ),
+                None => respond(
+                    StatusCode::NOT_FOUND,
+                    "orders",
+                    &json!({"served_by": "orders-service", "error": "no such order"}),
+                ),
+            },
+            None => respond(
+                StatusCode::OK,
+                "orders",
+                &json!({"served_by": "orders-service", "orders": view.values().collect::<Vec<_>>()}),
+            ),
+        }
+    }
+}
+
+/// A consumer reading `topics` (one partition each) from the beginning, without a group.
+pub fn consumer(brokers: &str, topics: &[&str]) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ficus-demo")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
+}
+
+/// Keeps the orders view up to date from the `orders` topic.
+pub async fn follow_orders(consumer: StreamConsumer, view: OrderView) {
+    loop {
+        let message = match consumer.recv().await {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(error = %e, "orders service: cannot read Kafka");
+                continue;
+            }
+        };
+        let key: Option<Value> = message.key().and_then(|k| serde_json::from_slice(k).ok());
+        let Some(id) = key.as_ref().and_then(|k| k["id"].as_i64()) else { continue };
+        let after = message
+            .payload()
+            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+            .map(|v| v["after"].clone());
+        if let Ok(mut view) = view.write() {
+            match after {
+                Some(Value::Null) | None => view.remove(&id),
+                Some(order) => view.insert(id, order),
+            };
+        }
+    }
+}
+
+/// Prints each CDC event as it arrives on Kafka.
+pub async fn print_events(consumer: StreamConsumer) {
+    loop {
+        let Ok(message) = consumer.recv().await else { continue };
+        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default().to_string();
+        match message.payload().and_then(|p| serde_json::from_slice::<Value>(p).ok()) {
+            Some(event) => println!(
+                "  [kafka {}] op={} key={key} after={}",
+                message.topic(),
+                event["op"].as_str().unwrap_or("?"),
+                event["after"]
+            ),
+            None => println!("  [kafka {}] tombstone key={key}", message.topic()),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! `ficus demo`: the whole story on one machine, until Ctrl-C. A throwaway PostgreSQL with a
+//! small shop schema, the legacy shop app and the new orders service, `ficus proxy` in front
+//! of them sending a share of `/api/orders` reads to the new service, and `ficus cdc`
+//! streaming the shop's changes into Kafka, from which the new service builds its data.
+
+mod apps;
+mod postgres;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ficus_cdc::config::{CdcConfig, KafkaConfig, MetricsConfig, SnapshotMode, SourceConfig};
+use ficus_proxy::ProxySettings;
+use pingora::services::listening::Service;
+use rdkafka::mocking::MockCluster;
+
+use self::apps::{Orders, Shop};
+use self::postgres::{LocalPostgres, SHOP_SCHEMA};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Address of the proxy.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: String,
+    /// Address of the proxy's admin API.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: String,
+    /// A real Kafka cluster to use instead of the embedded mock cluster.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Directory for the demo's files (route file, database); a temporary one by default.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+const ROUTES: &str = r#"# ficus demo route file: change `percent` and save; the proxy reloads it live.
+[backends.monolith]
+url = "http://{shop}"
+
+[backends.orders]
+url = "http://{orders}"
+health = { path = "/healthz", interval = "2s" }
+
+[defaults]
+backend = "monolith"
+sticky = "header:x-user-id"
+override_header = "x-ficus-backend"
+
+# Reads of orders move to the new service; writes stay on the monolith, and reach the new
+# service through CDC.
+[[routes]]
+name = "orders-read"
+match = { path_prefix = "/api/orders", methods = ["GET"] }
+to = "orders"
+percent = 50
+"#;
+
+pub fn run(args: &DemoArgs) -> Result<i32> {
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("ficus-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // Kafka consumers attach to the runtime they are created in.
+    let _entered = runtime.enter();
+
+    println!("ficus demo: starting PostgreSQL, Kafka, the shop, the orders service, ficus proxy and ficus cdc...");
+    let pg = LocalPostgres::start(&dir.join("postgres"), free_port()?)?;
+    let db = runtime.block_on(async {
+        let (admin, connection) =
+            tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        admin.batch_execute("CREATE DATABASE shop").await?;
+        let (db, connection) =
+            tokio_postgres::connect(&pg.url("shop"), tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        db.batch_execute(SHOP_SCHEMA).await?;
+        Ok::<_, tokio_postgres::Error>(db)
+    })?;
+
+    // The embedded Kafka lives on this thread for as long as the demo runs.
+    let mock = match &args.brokers {
+        Some(_) => None,
+        None => Some(MockCluster::new(1).context("cannot start the embedded Kafka mock cluster")?),
+    };
+    let brokers = match (&args.brokers, &mock) {
+        (Some(brokers), _) => brokers.clone(),
+        (None, Some(mock)) => {
+            for table in ["customers", "orders"] {
+                mock.create_topic(&format!("shop.public.{table}"), 1, 1)?;
+            }
+            mock.bootstrap_servers()
+        }
+        (None, None) => unreachable!("a mock cluster exists when no brokers are given"),
+    };
+
+    let (shop_addr, orders_addr) =
+        (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+    let routes = dir.join("routes.toml");
+    std::fs::write(
+        &routes,
+        ROUTES.replace("{shop}", &shop_addr).replace("{orders}", &orders_addr),
+    )?;
+
+    let (stop_cdc, cdc_shutdown) = tokio::sync::watch::channel(false);
+    let cdc_config = CdcConfig {
+        source: SourceConfig {
+            url: pg.url("shop"),
+            publication: "ficus".into(),
+            slot: "ficus".into(),
+            tables: Some(vec!["public.customers".into(), "public.orders".into()]),
+            snapshot: SnapshotMode::Initial,
+            heartbeat: Duration::from_secs(1),
+        },
+        kafka: KafkaConfig {
+            brokers: brokers.clone(),
+            topic_prefix: "shop".into(),
+            partitions: 1,
+            replication_factor: 1,
+            max_in_flight: 10_000,
+            producer: BTreeMap::new(),
+        },
+        metrics: MetricsConfig::default(),
+    };
+    runtime.spawn(async move {
+        if let Err(e) = ficus_cdc::run(cdc_config, ficus_cdc::Metrics::new(), cdc_shutdown).await {
+            eprintln!("ficus cdc stopped: {e}");
+        }
+    });
+    let view = Arc::new(RwLock::new(BTreeMap::new()));
+    runtime.spawn(apps::follow_orders(
+        apps::consumer(&brokers, &["shop.public.orders"])?,
+        view.clone(),
+    ));
+    runtime.spawn(apps::print_events(apps::consumer(
+        &brokers,
+        &["shop.public.customers", "shop.public.orders"],
+    )?));
+    let story = Story {
+        proxy: args.listen.clone(),
+        admin: args.admin.clone(),
+        routes: routes.clone(),
+        brokers: brokers.clone(),
+    };
+    runtime.spawn(async move {
+        if let Err(e) = story.tell().await {
+            eprintln!("demo traffic failed: {e:#}");
+        }
+    });
+
+    let settings = ProxySettings {
+        routes,
+        listen: args.listen.clone(),
+        admin: args.admin.clone(),
+        h2c: true,
+        tls: None,
+        threads: 2,
+        watch: true,
+        shutdown_grace: Duration::from_secs(0),
+    };
+    let db = Arc::new(db);
+    ficus_proxy::run_with(settings, |server| {
+        let mut shop = Service::new("demo shop".into(), Shop { db });
+        shop.add_tcp(&shop_addr);
+        server.add_service(shop);
+        let mut orders = Service::new("demo orders".into(), Orders { view });
+        orders.add_tcp(&orders_addr);
+        server.add_service(orders);
+    })?;
+
+    println!("\nficus demo: stopping and cleaning up {}", dir.display());
+    let _ = stop_cdc.send(true);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    drop(pg);
+    drop(mock);
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(0)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?.local_addr()?.port())
+}
+
+/// The traffic the demo sends and what it prints about it.
+struct Story {
+    proxy: String,
+    admin: String,
+    routes: PathBuf,
+    brokers: String,
+}
+
+impl Story {
+    async fn tell(&self) -> Result<()> {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.get(format!("http://{}/healthz", self.admin)).send().await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the proxy did not start within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let base = format!("http://{}", self.proxy);
+        println!("\nCDC events, consumed from Kafka as they arrive (the snapshot of existing rows first):");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        println!("\n1. Writes go to the monolith (POST is not part of the route):");
+        for (customer, item) in [(1, "cable"), (2, "laptop"), (3, "desk")] {
+            let response = client
+                .post(format!("{base}/api/orders"))
+                .json(&serde_json::json!({"customer_id": customer, "item": item, "quantity": 1}))
+                .send()
+                .await?;
+            let backend = header(&response, "x-backend");
+            let body: serde_json::Value = response.json().await?;
+            println!("   POST /api/orders {item:<7} -> {backend}: order {}", body["order"]["id"]);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        println!(
+            "\n2. Reads of /api/orders/4 by 10 users; 50% of users go to the new orders service,"
+        );
+        println!("   which answers from the data it built from the CDC events:");
+        for user in 1..=10 {
+            let response = client
+                .get(format!("{base}/api/orders/4"))
+                .header("x-user-id", format!("user-{user}"))
+                .send()
+                .await?;
+            let backend = header(&response, "x-backend");
+            let body: serde_json::Value = response.json().await?;
+            println!("   x-user-id: user-{user:<3} -> {backend:<8} {}", body["order"]["item"]);
+        }
+
+        println!("\nTry next:");
+        println!("  curl -s -H 'x-user-id: alice' http://{}/api/orders/1", self.proxy);
+        println!("  curl -s -X POST -d '{{\"customer_id\":1,\"item\":\"lamp\",\"quantity\":1}}' http://{}/api/orders", self.proxy);
+        println!(
+            "  $EDITOR {}    # set percent = 100, save: every read moves to the new service",
+            self.routes.display()
+        );
+        println!(
+            "  ficus routes explain {} GET /api/orders/1 -H 'x-user-id: alice'",
+            self.routes.display()
+        );
+        println!(
+            "  curl -s http://{}/routes; curl -s http://{}/metrics | grep ^ficus_",
+            self.admin, self.admin
+        );
+        println!("  Kafka bootstrap address for any client: {}   (topics shop.public.orders, shop.public.customers)", self.brokers);
+        println!("Ctrl-C stops the demo and removes everything it started.\n");
+        Ok(())
+    }
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
+}
