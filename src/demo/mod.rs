@@ -221,7 +221,25 @@ impl Story {
             let body: serde_json::Value = response.json().await?;
             println!("   POST /api/orders {item:<7} -> {backend}: order {}", body["order"]["id"]);
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The new service learns of the orders only through CDC: wait until it has the last one.
+        let written = Instant::now();
+        let deadline = written + Duration::from_secs(60);
+        loop {
+            let response = client
+                .get(format!("{base}/api/orders/6"))
+                .header("x-ficus-backend", "orders")
+                .send()
+                .await?;
+            if response.status().is_success() {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the orders service never received order 6");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "   the orders service received them through Kafka {} ms after the writes",
+            written.elapsed().as_millis()
+        );
 
         println!(
             "\n2. Reads of /api/orders/4 by 10 users; 50% of users go to the new orders service,"
