@@ -36,7 +36,8 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<CdcConfig> {
 }
 
 pub fn run(args: &CdcArgs) -> Result<i32> {
-    let config = load_config(args.config.as_deref())?;
+    let config_path = args.config.clone();
+    let config = load_config(config_path.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -51,29 +52,57 @@ pub fn run(args: &CdcArgs) -> Result<i32> {
             tracing::info!(listen, "metrics on /metrics, health on /healthz");
             tokio::spawn(ficus_cdc::metrics::serve(listener, metrics.clone()));
         }
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("stopping: finishing records in flight");
-            let _ = stop.send(true);
-        });
-        ficus_cdc::run(config, metrics, shutdown).await.context("ficus cdc stopped")?;
-        Ok(0)
+        let mut config = config;
+        loop {
+            let (stop, shutdown) = tokio::sync::watch::channel(false);
+            let signal = tokio::spawn(async move {
+                let signal = wait_for_signal().await;
+                tracing::info!(?signal, "stopping: finishing records in flight");
+                let _ = stop.send(true);
+                signal
+            });
+            let result = ficus_cdc::run(config, metrics.clone(), shutdown).await;
+            let stopped_by = if signal.is_finished() {
+                signal.await.ok()
+            } else {
+                signal.abort();
+                None
+            };
+            result.context("ficus cdc stopped")?;
+            if stopped_by != Some(Signal::Hangup) {
+                return Ok(0);
+            }
+            // SIGHUP: read the configuration again and resume from the slot.
+            config = match load_config(config_path.as_deref()) {
+                Ok(config) => config,
+                Err(e) => return Err(e.context("reload on SIGHUP")),
+            };
+            tracing::info!("configuration reloaded; resuming");
+        }
     })
 }
 
-async fn wait_for_signal() {
+/// The signals `ficus cdc` acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGINT or SIGTERM: stop.
+    Stop,
+    /// SIGHUP: stop the pipeline, reload the configuration, start again.
+    Hangup,
+}
+
+async fn wait_for_signal() -> Signal {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    let (Ok(mut term), Ok(mut hangup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+    else {
+        let _ = tokio::signal::ctrl_c().await;
+        return Signal::Stop;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => Signal::Stop,
+        _ = term.recv() => Signal::Stop,
+        _ = hangup.recv() => Signal::Hangup,
     }
 }
 
@@ -83,17 +112,22 @@ mod tests {
 
     #[test]
     fn every_example_cdc_config_loads() {
-        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
         let mut loaded = 0;
-        for entry in std::fs::read_dir(examples).expect("examples") {
+        let entries = ["examples", "compose", "k8s"]
+            .iter()
+            .flat_map(|dir| std::fs::read_dir(deploy.join(dir)).expect("deploy dir"));
+        for entry in entries {
             let path = entry.expect("entry").path();
-            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("cdc")) {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            // cdc*.toml are configurations; k8s/cdc.yaml is a manifest.
+            if name.starts_with("cdc") && name.ends_with(".toml") {
                 let config = load_config(Some(&path))
                     .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
                 assert!(!config.kafka.topic_prefix.is_empty());
                 loaded += 1;
             }
         }
-        assert!(loaded >= 1);
+        assert!(loaded >= 3, "every deploy flavour has a cdc config");
     }
 }

@@ -41,8 +41,11 @@ enum Command {
     /// Check or explain a route file.
     #[command(subcommand)]
     Routes(RoutesCommand),
-    /// Run ficus on a local example: two sample backends and the proxy in front of them.
+    /// Run the whole story locally until Ctrl-C: PostgreSQL, Kafka, a legacy shop, a new
+    /// orders service, ficus proxy and ficus cdc.
     Demo(demo::DemoArgs),
+    /// Run one of the demo's sample services (shop or orders) on its own.
+    Sample(demo::SampleArgs),
 }
 
 /// Settings given on the command line win over `FICUS_PROXY__*` variables, which win over
@@ -112,6 +115,7 @@ fn run(command: Command) -> Result<i32> {
         Command::Routes(RoutesCommand::Check { files }) => Ok(routes_cmd::check(&files)),
         Command::Routes(RoutesCommand::Explain(args)) => routes_cmd::explain(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Sample(args) => demo::run_sample(&args),
     }
 }
 

@@ -283,3 +283,27 @@ async fn environment_variables_override_the_config_file() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_configuration_and_resumes() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.expect("setup");
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "hup", "tables = [\"t\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute("INSERT INTO t VALUES (1)").await.expect("insert");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &cdc.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    cdc.wait_log("configuration reloaded; resuming", QUIET);
+    db.batch_execute("INSERT INTO t VALUES (2)").await.expect("insert");
+    let records = broker.consume("hup.public.t", 2, QUIET);
+    let ids: Vec<_> = records.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(
+        ids,
+        [Some(json!({"id": 1})), Some(json!({"id": 2}))],
+        "nothing lost across the reload"
+    );
+}

@@ -280,3 +280,78 @@ impl Story {
 fn header(response: &reqwest::Response, name: &str) -> String {
     response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
 }
+
+/// `ficus sample shop|orders`: one of the demo's sample services on its own, as the compose
+/// file runs them.
+#[derive(Args)]
+pub struct SampleArgs {
+    #[arg(value_enum)]
+    app: SampleApp,
+    /// Address to serve on.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: String,
+    /// The shop's database (for `shop`).
+    #[arg(long, env = "SHOP_DATABASE_URL")]
+    database: Option<String>,
+    /// Kafka bootstrap servers (for `orders`, which reads `<topic_prefix>.public.orders`).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// Topic prefix of the CDC events (for `orders`).
+    #[arg(long, default_value = "shop")]
+    topic_prefix: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SampleApp {
+    /// The legacy monolith: orders read from and written to PostgreSQL.
+    Shop,
+    /// The new orders service: orders as the CDC events on Kafka tell them.
+    Orders,
+}
+
+pub fn run_sample(args: &SampleArgs) -> Result<i32> {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _entered = runtime.enter();
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, Default::default());
+    server.bootstrap();
+    match args.app {
+        SampleApp::Shop => {
+            let url = args
+                .database
+                .as_deref()
+                .context("--database (or SHOP_DATABASE_URL) is required")?;
+            let db = runtime
+                .block_on(async {
+                    let (db, connection) =
+                        tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+                    tokio::spawn(connection);
+                    // Create the schema on first start.
+                    let exists = db
+                        .query_opt("SELECT 1 FROM pg_class WHERE relname = 'orders'", &[])
+                        .await?;
+                    if exists.is_none() {
+                        db.batch_execute(SHOP_SCHEMA).await?;
+                    }
+                    Ok::<_, tokio_postgres::Error>(db)
+                })
+                .with_context(|| format!("cannot use the shop database {url}"))?;
+            let mut service = Service::new("sample shop".into(), Shop { db: Arc::new(db) });
+            service.add_tcp(&args.listen);
+            server.add_service(service);
+        }
+        SampleApp::Orders => {
+            let brokers =
+                args.brokers.as_deref().context("--brokers (or KAFKA_BROKERS) is required")?;
+            let view = Arc::new(RwLock::new(BTreeMap::new()));
+            let topic = format!("{}.public.orders", args.topic_prefix);
+            runtime.spawn(apps::follow_orders(apps::consumer(brokers, &[&topic])?, view.clone()));
+            let mut service = Service::new("sample orders".into(), Orders { view });
+            service.add_tcp(&args.listen);
+            server.add_service(service);
+        }
+    }
+    println!("serving on {}", args.listen);
+    server.run(pingora::server::RunArgs::default());
+    Ok(0)
+}

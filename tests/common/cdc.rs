@@ -128,3 +128,9 @@ impl Cdc {
             .expect("VmHWM")
     }
 }
+
+impl Cdc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+}
