@@ -11,6 +11,10 @@ pub struct CdcArgs {
     /// The cdc configuration file (TOML, YAML or JSON); FICUS_* variables override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Write events to standard output as JSON lines (`{"topic","key","value"}`) instead of
+    /// Kafka; logs stay on standard error. For piping into jq, and for benchmarks.
+    #[arg(long)]
+    stdout: bool,
 }
 
 /// Reads the configuration: the file, then `FICUS_SECTION__KEY` environment variables.
@@ -37,7 +41,13 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<CdcConfig> {
 
 pub fn run(args: &CdcArgs) -> Result<i32> {
     let config_path = args.config.clone();
-    let config = load_config(config_path.as_deref())?;
+    let output = if args.stdout {
+        ficus_cdc::config::Output::Stdout
+    } else {
+        ficus_cdc::config::Output::Kafka
+    };
+    let mut config = load_config(config_path.as_deref())?;
+    config.output = output;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -52,7 +62,6 @@ pub fn run(args: &CdcArgs) -> Result<i32> {
             tracing::info!(listen, "metrics on /metrics, health on /healthz");
             tokio::spawn(ficus_cdc::metrics::serve(listener, metrics.clone()));
         }
-        let mut config = config;
         loop {
             let (stop, shutdown) = tokio::sync::watch::channel(false);
             let signal = tokio::spawn(async move {
@@ -74,7 +83,7 @@ pub fn run(args: &CdcArgs) -> Result<i32> {
             }
             // SIGHUP: read the configuration again and resume from the slot.
             config = match load_config(config_path.as_deref()) {
-                Ok(config) => config,
+                Ok(config) => ficus_cdc::CdcConfig { output, ..config },
                 Err(e) => return Err(e.context("reload on SIGHUP")),
             };
             tracing::info!("configuration reloaded; resuming");

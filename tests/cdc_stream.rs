@@ -307,3 +307,44 @@ async fn sighup_reloads_the_configuration_and_resumes() {
         "nothing lost across the reload"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_sink_writes_one_json_line_per_record() {
+    let pg = PgCluster::start();
+    let db = pg.database("shop").await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, name text); INSERT INTO t VALUES (1, 'a');",
+    )
+    .await
+    .expect("setup");
+    // No broker at all: --stdout needs none.
+    let text = format!(
+        "[source]\nurl = \"{}\"\ntables = [\"t\"]\n\n[kafka]\ntopic_prefix = \"shop\"\n",
+        pg.url("shop")
+    );
+    let mut cdc = Cdc::start_stdout(&text);
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute("UPDATE t SET name = 'b' WHERE id = 1; DELETE FROM t WHERE id = 1;")
+        .await
+        .expect("changes");
+    let path = cdc.stdout.clone().expect("stdout");
+    let deadline = std::time::Instant::now() + QUIET;
+    let lines = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect();
+        if lines.len() >= 4 {
+            break lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}\n{}", cdc.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ops: Vec<_> = lines.iter().map(|l| l["value"]["op"].clone()).collect();
+    assert_eq!(ops, [json!("r"), json!("u"), json!("d"), json!(null)]);
+    assert_eq!(lines[0]["topic"], "shop.public.t");
+    assert_eq!(lines[0]["key"], json!({"id": 1}));
+    assert_eq!(lines[3]["value"], json!(null), "the tombstone");
+    cdc.terminate();
+}

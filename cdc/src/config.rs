@@ -19,6 +19,18 @@ pub struct CdcConfig {
     pub kafka: KafkaConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Where events go; set by `ficus cdc --stdout`, not in the file.
+    #[serde(skip)]
+    pub output: Output,
+}
+
+/// The destination of events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Kafka,
+    /// JSON lines on standard output, one per record.
+    Stdout,
 }
 
 /// What to read: the database, its publication and slot, and which tables.
@@ -60,6 +72,8 @@ pub enum SnapshotMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
+    /// Bootstrap servers; not needed with `--stdout`.
+    #[serde(default)]
     pub brokers: String,
     /// Topics are `<topic_prefix>.<schema>.<table>`; also the events' `source.name`.
     pub topic_prefix: String,

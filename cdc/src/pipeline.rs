@@ -22,7 +22,7 @@ use crate::event::{self, Op, Record, Source, Table};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Datum, Message, OldKind, PG_EPOCH_OFFSET_MICROS};
-use crate::sink::{InFlight, KafkaSink, SendError};
+use crate::sink::{InFlight, SendError, Sink};
 use crate::wire::{quote_ident, ReplicationConnection, StreamMessage, SESSION_SETTINGS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -36,6 +36,9 @@ pub async fn run(
 ) -> Result<(), CdcError> {
     config.source.validate()?;
     config.kafka.validate()?;
+    if config.output == crate::config::Output::Kafka && config.kafka.brokers.is_empty() {
+        return Err(CdcError::Config("kafka.brokers is required (or run with --stdout)".into()));
+    }
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = Instant::now();
@@ -64,7 +67,7 @@ pub async fn run(
 struct Pipeline<'c> {
     config: &'c CdcConfig,
     metrics: Arc<Metrics>,
-    sink: KafkaSink,
+    sink: Sink,
     in_flight: InFlight,
     /// Records (and commit markers) waiting for room in the producer.
     pending: VecDeque<Pending>,
@@ -94,7 +97,7 @@ impl<'c> Pipeline<'c> {
         Ok(Pipeline {
             config,
             metrics,
-            sink: KafkaSink::new(&config.kafka)?,
+            sink: Sink::new(config)?,
             in_flight: InFlight::default(),
             pending: VecDeque::new(),
             confirmed: Lsn::ZERO,
@@ -294,6 +297,7 @@ impl<'c> Pipeline<'c> {
             self.snapshot_row(&schemas[table_index], &last, consistent, started_ms, "last").await?;
         }
         reader.batch_execute("COMMIT").await?;
+        self.sink.flush()?;
         while !self.in_flight.is_empty() {
             self.in_flight.next().await?;
         }
@@ -474,7 +478,10 @@ impl<'c> Pipeline<'c> {
     fn send_pending(&mut self) -> Result<(), CdcError> {
         while let Some(item) = self.pending.front() {
             match item {
-                Pending::Commit(lsn) => self.in_flight.push_commit(*lsn),
+                Pending::Commit(lsn) => {
+                    self.sink.flush()?;
+                    self.in_flight.push_commit(*lsn);
+                }
                 Pending::Record(record) => {
                     if self.in_flight.records() >= self.config.kafka.max_in_flight {
                         return Ok(());

@@ -15,7 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode as Code;
 
-use crate::config::KafkaConfig;
+use crate::config::{CdcConfig, KafkaConfig, Output};
 use crate::error::CdcError;
 use crate::event::Record;
 use crate::lsn::Lsn;
@@ -23,6 +23,90 @@ use crate::lsn::Lsn;
 /// The acknowledgement of a record (`Ok(None)`) or a commit marker (`Ok(Some(lsn))`).
 /// `Sync` so that the pipeline's futures can move between threads.
 pub type Delivery = Pin<Box<dyn Future<Output = Result<Option<Lsn>, CdcError>> + Send + Sync>>;
+
+/// Where events go: Kafka, or JSON lines on standard output.
+pub enum Sink {
+    Kafka(KafkaSink),
+    Stdout(StdoutSink),
+}
+
+impl Sink {
+    pub fn new(config: &CdcConfig) -> Result<Sink, CdcError> {
+        Ok(match config.output {
+            Output::Kafka => Sink::Kafka(KafkaSink::new(&config.kafka)?),
+            Output::Stdout => Sink::Stdout(StdoutSink::new()),
+        })
+    }
+
+    /// Creates missing topics (Kafka only).
+    pub async fn ensure_topics(&mut self, topics: &[String]) -> Result<(), CdcError> {
+        match self {
+            Sink::Kafka(kafka) => kafka.ensure_topics(topics).await,
+            Sink::Stdout(_) => Ok(()),
+        }
+    }
+
+    /// Hands a record over; the future resolves once it is delivered.
+    pub fn send(&mut self, record: &Record) -> Result<Delivery, SendError> {
+        match self {
+            Sink::Kafka(kafka) => kafka.send(record),
+            Sink::Stdout(stdout) => stdout.send(record).map_err(SendError::Fatal),
+        }
+    }
+
+    /// Makes everything sent so far durable before a position is confirmed: a no-op for
+    /// Kafka, whose acknowledgements already say so, a flush for standard output.
+    pub fn flush(&mut self) -> Result<(), CdcError> {
+        match self {
+            Sink::Kafka(_) => Ok(()),
+            Sink::Stdout(stdout) => stdout.flush(),
+        }
+    }
+}
+
+/// Writes each record as one JSON line: `{"topic":..,"key":..,"value":..}`.
+pub struct StdoutSink {
+    out: std::io::BufWriter<std::io::Stdout>,
+}
+
+impl StdoutSink {
+    pub fn new() -> StdoutSink {
+        StdoutSink { out: std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()) }
+    }
+
+    fn send(&mut self, record: &Record) -> Result<Delivery, CdcError> {
+        use std::io::Write;
+        let json = |bytes: &Option<Vec<u8>>| bytes.as_deref().unwrap_or(b"null").to_vec();
+        let topic = serde_json::to_string(&record.topic).unwrap_or_default();
+        let line = [
+            b"{\"topic\":".as_slice(),
+            topic.as_bytes(),
+            b",\"key\":",
+            &json(&record.key),
+            b",\"value\":",
+            &json(&record.value),
+            b"}\n",
+        ]
+        .concat();
+        self.out
+            .write_all(&line)
+            .map_err(|e| CdcError::Kafka(format!("cannot write to standard output: {e}")))?;
+        Ok(Box::pin(std::future::ready(Ok(None))))
+    }
+
+    fn flush(&mut self) -> Result<(), CdcError> {
+        use std::io::Write;
+        self.out
+            .flush()
+            .map_err(|e| CdcError::Kafka(format!("cannot write to standard output: {e}")))
+    }
+}
+
+impl Default for StdoutSink {
+    fn default() -> Self {
+        StdoutSink::new()
+    }
+}
 
 /// Produces records to Kafka.
 pub struct KafkaSink {

@@ -128,6 +128,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
             producer: BTreeMap::new(),
         },
         metrics: MetricsConfig::default(),
+        output: ficus_cdc::config::Output::Kafka,
     };
     runtime.spawn(async move {
         if let Err(e) = ficus_cdc::run(cdc_config, ficus_cdc::Metrics::new(), cdc_shutdown).await {

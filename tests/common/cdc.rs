@@ -13,6 +13,8 @@ pub struct Cdc {
     pub metrics: String,
     log: PathBuf,
     child: Option<Child>,
+    /// With `--stdout`: the file standard output goes to.
+    pub stdout: Option<PathBuf>,
 }
 
 /// A cdc.toml for `url` and `broker`; `extra_source` lines go into `[source]`.
@@ -33,7 +35,22 @@ impl Cdc {
         std::fs::write(&config_path, format!("{config}\n[metrics]\nlisten = \"{metrics}\"\n"))
             .expect("write config");
         let log = dir.path().join("cdc.log");
-        let mut cdc = Cdc { dir, config: config_path, metrics, log, child: None };
+        let mut cdc = Cdc { dir, config: config_path, metrics, log, child: None, stdout: None };
+        cdc.spawn();
+        cdc
+    }
+
+    /// Starts `ficus cdc --stdout` with `config`, standard output into a file.
+    pub fn start_stdout(config: &str) -> Cdc {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let metrics = free_addr().to_string();
+        let config_path = dir.path().join("cdc.toml");
+        std::fs::write(&config_path, format!("{config}\n[metrics]\nlisten = \"{metrics}\"\n"))
+            .expect("write config");
+        let log = dir.path().join("cdc.log");
+        let stdout = dir.path().join("events.jsonl");
+        let mut cdc =
+            Cdc { dir, config: config_path, metrics, log, child: None, stdout: Some(stdout) };
         cdc.spawn();
         cdc
     }
@@ -42,10 +59,18 @@ impl Cdc {
     pub fn spawn(&mut self) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let out: Stdio = match &self.stdout {
+            Some(path) => std::fs::File::create(path).expect("stdout file").into(),
+            None => Stdio::null(),
+        };
+        let mut args = vec!["cdc", "--config", self.config.to_str().expect("path")];
+        if self.stdout.is_some() {
+            args.push("--stdout");
+        }
         let child = ficus()
-            .args(["cdc", "--config", self.config.to_str().expect("path")])
+            .args(&args)
             .env("RUST_LOG", "info,ficus_cdc=debug")
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(log)
             .spawn()
             .expect("spawn ficus cdc");
