@@ -37,7 +37,10 @@ cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
+wait_port() {
+  for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "nothing listens on $1; logs:" >&2; tail -n 20 "$WORK"/*.err "$WORK"/*.log >&2 2>/dev/null; exit 1
+}
 
 UP_A=$(free_port); UP_B=$(free_port)
 # The upstreams: one NGINX, two ports, a fixed 2-byte body, keep-alive, no logs.
@@ -140,7 +143,7 @@ HAPROXY_PORT=$(free_port)
 cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread $WORKERS
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s
