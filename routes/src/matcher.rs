@@ -23,7 +23,8 @@ impl PathMatch {
         PathMatch::Prefix(prefix.trim_end_matches('/').to_string())
     }
 
-    fn matches(&self, path: &str) -> bool {
+    /// Whether `path` meets this condition.
+    pub fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Any => true,
             PathMatch::Exact(exact) => path == exact,
@@ -58,9 +59,19 @@ pub struct Matcher {
 impl Matcher {
     /// Whether the request meets every condition. Cheap checks run first.
     pub fn matches(&self, req: &impl RequestView) -> bool {
+        self.matches_with(req, |path| path.matches(req.path()))
+    }
+
+    /// Like [`Matcher::matches`], with the path condition decided by `path_matches`: the
+    /// route table answers regex conditions from one pass of a `RegexSet`.
+    pub fn matches_with(
+        &self,
+        req: &impl RequestView,
+        path_matches: impl FnOnce(&PathMatch) -> bool,
+    ) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| m == req.method()))
             && self.host.as_deref().is_none_or(|host| host_matches(host, req.host()))
-            && self.path.matches(req.path())
+            && path_matches(&self.path)
             && self.headers.iter().all(|(name, value)| req.header(name) == Some(value.as_str()))
     }
 

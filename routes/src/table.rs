@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use crate::config::HealthConfig;
-use crate::matcher::{is_segment_prefix, Matcher};
+use crate::matcher::{is_segment_prefix, Matcher, PathMatch};
 use crate::request::{find_query_param, RequestView};
 use crate::sticky::{bucket_of, Sticky, BUCKETS};
 
@@ -70,6 +70,37 @@ pub struct RouteTable {
     pub client_id_cookie: String,
     /// A hash of the table's content: equal files give equal versions, whatever their format.
     pub version: String,
+    /// Every `path_regex` of the table in one automaton, so a request is searched once
+    /// instead of once per regex route.
+    pub regexes: RegexIndex,
+}
+
+/// The `path_regex` conditions of a table, compiled together.
+#[derive(Debug, Clone, Default)]
+pub struct RegexIndex {
+    set: Option<regex::RegexSet>,
+    /// For each route, its pattern's index in `set`.
+    slot: Vec<Option<usize>>,
+}
+
+impl RegexIndex {
+    /// Compiles the regex routes together; a set too large to compile leaves each route to
+    /// its own regex.
+    pub fn new(routes: &[Route]) -> RegexIndex {
+        let mut patterns = Vec::new();
+        let slot = routes
+            .iter()
+            .map(|route| match &route.matcher.path {
+                PathMatch::Regex(regex) => {
+                    patterns.push(regex.as_str().to_string());
+                    Some(patterns.len() - 1)
+                }
+                _ => None,
+            })
+            .collect();
+        let set = if patterns.is_empty() { None } else { regex::RegexSet::new(&patterns).ok() };
+        RegexIndex { set, slot }
+    }
 }
 
 /// Where randomness comes from, so that decisions stay pure and testable.
@@ -143,7 +174,18 @@ impl RouteTable {
 
     /// The first route, in file order, that matches the request.
     pub fn match_route(&self, req: &impl RequestView) -> Option<(usize, &Route)> {
-        self.routes.iter().enumerate().find(|(_, route)| route.matcher.matches(req))
+        // Searched on the first regex route reached, then reused by the others.
+        let mut regex_hits: Option<regex::SetMatches> = None;
+        self.routes.iter().enumerate().find(|(index, route)| {
+            route.matcher.matches_with(req, |path| {
+                match (path, &self.regexes.set, self.regexes.slot[*index]) {
+                    (PathMatch::Regex(_), Some(set), Some(slot)) => {
+                        regex_hits.get_or_insert_with(|| set.matches(req.path())).matched(slot)
+                    }
+                    (path, _, _) => path.matches(req.path()),
+                }
+            })
+        })
     }
 
     /// Decides which backend serves the request.

@@ -296,3 +296,27 @@ fn explain_names_route_key_bucket_and_backend() {
     let unmatched = explain(&t, &SimpleRequest::new("GET", "/"));
     assert!(unmatched.contains("backend: monolith"), "{unmatched}");
 }
+
+#[test]
+fn many_regex_routes_keep_file_order_and_first_match() {
+    let mut text = String::from("[backends.monolith]\nurl = \"http://127.0.0.1:1\"\n[backends.orders]\nurl = \"http://127.0.0.1:2\"\n[defaults]\nbackend = \"monolith\"\n");
+    for i in 0..300 {
+        if i % 3 == 0 {
+            text.push_str(&format!("[[routes]]\nname = \"p{i}\"\nmatch = {{ path_prefix = \"/svc{i}\" }}\nto = \"orders\"\npercent = 0\n"));
+        } else {
+            text.push_str(&format!("[[routes]]\nname = \"r{i}\"\nmatch = {{ path_regex = \"^/legacy{i}/[0-9]+$\", methods = [\"GET\"] }}\nto = \"orders\"\npercent = 0\n"));
+        }
+    }
+    // Overlapping: a broad regex late in the file loses to the earlier exact ones.
+    text.push_str("[[routes]]\nname = \"broad\"\nmatch = { path_regex = \"^/legacy\" }\nto = \"orders\"\npercent = 0\n");
+    let t = table(&text);
+    let route = |method: &str, path: &str| {
+        t.match_route(&SimpleRequest::new(method, path)).map(|(_, r)| r.name.clone())
+    };
+    assert_eq!(route("GET", "/legacy7/42").as_deref(), Some("r7"));
+    assert_eq!(route("GET", "/legacy299/1").as_deref(), Some("r299"));
+    assert_eq!(route("POST", "/legacy7/42").as_deref(), Some("broad"), "r7 is GET only");
+    assert_eq!(route("GET", "/legacy7/x").as_deref(), Some("broad"));
+    assert_eq!(route("GET", "/svc3/a").as_deref(), Some("p3"));
+    assert_eq!(route("GET", "/nowhere"), None);
+}
