@@ -3,6 +3,11 @@
 #![forbid(unsafe_code)]
 
 mod cdc_cmd;
+
+/// glibc's allocator showed up at about 11% of the proxy's profile under load; mimalloc's
+/// per-thread free lists suit the many short-lived per-request allocations better.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod demo;
 mod routes_cmd;
 
