@@ -174,6 +174,9 @@ async fn http2_cleartext_prior_knowledge() {
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.expect("json");
         assert_eq!(body["backend"], if path == "/home" { "monolith" } else { "orders" });
+        // Whatever form the HTTP/2 request had, the HTTP/1.1 upstream gets an origin-form path.
+        assert_eq!(body["uri"], if path == "/home" { "/home" } else { "/orders/1" });
+        assert_eq!(body["headers"]["host"], proxy.addr.to_string());
     }
 }
 

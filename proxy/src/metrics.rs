@@ -121,6 +121,58 @@ impl Default for Metrics {
     }
 }
 
+/// The request series of one (route, backend) pair, resolved once and then used without
+/// hashing label values on every request.
+pub struct PairSeries {
+    /// Indexed by [`status_index`].
+    pub requests: [prometheus::IntCounter; 6],
+    pub duration: prometheus::Histogram,
+}
+
+/// Lazily resolved [`PairSeries`] of a route table: only pairs that see traffic are created,
+/// so a big table does not export thousands of zero series.
+pub struct SeriesCache {
+    cells: Vec<std::sync::OnceLock<PairSeries>>,
+    backends: usize,
+    routes: usize,
+}
+
+impl SeriesCache {
+    pub fn new(routes: usize, backends: usize) -> SeriesCache {
+        let cells = (0..(routes + 1) * backends).map(|_| std::sync::OnceLock::new()).collect();
+        SeriesCache { cells, backends, routes }
+    }
+
+    /// The series of `route` (None: no route matched) and `backend`, named `route_name` and
+    /// `backend_name` in labels.
+    pub fn get(
+        &self,
+        metrics: &Metrics,
+        route: Option<usize>,
+        backend: usize,
+        route_name: &str,
+        backend_name: &str,
+    ) -> &PairSeries {
+        let slot = route.unwrap_or(self.routes) * self.backends + backend;
+        self.cells[slot].get_or_init(|| PairSeries {
+            requests: STATUS_CLASSES.map(|class| {
+                metrics.requests.with_label_values(&[route_name, backend_name, class])
+            }),
+            duration: metrics.duration.with_label_values(&[route_name, backend_name]),
+        })
+    }
+}
+
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// The index of a status class in [`PairSeries::requests`].
+pub fn status_index(status: Option<u16>) -> usize {
+    match status {
+        Some(100..=599) => usize::from(status.unwrap_or(0) / 100 - 1),
+        _ => 5,
+    }
+}
+
 /// `2xx`, `4xx`... for a status code; `error` when no response was sent.
 pub fn status_class(status: Option<u16>) -> &'static str {
     match status {
@@ -136,6 +188,13 @@ pub fn status_class(status: Option<u16>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_indexes_match_the_classes() {
+        for status in [Some(101), Some(204), Some(302), Some(404), Some(503), None] {
+            assert_eq!(STATUS_CLASSES[status_index(status)], status_class(status));
+        }
+    }
 
     #[test]
     fn status_classes() {

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use ficus_routes::{BackendId, Entropy, Reason, RequestView};
+use ficus_routes::{BackendId, Entropy, Reason};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use rand::Rng;
 
-use crate::metrics::{status_class, NO_ROUTE};
+use crate::metrics::{status_class, status_index, NO_ROUTE};
 use crate::request::PingoraRequest;
 use crate::state::{ActiveTable, Shared};
 
@@ -139,30 +139,47 @@ impl FicusProxy {
         let table = &routing.active.table;
         let backend = &table.backends[routing.backend];
         let downstream = session.req_header();
-        let path = table.upstream_path(
-            routing.route,
-            routing.backend,
-            downstream.uri.path(),
-            downstream.uri.query(),
-        );
-        let uri = path
-            .parse::<http::Uri>()
-            .or_err_with(InvalidHTTPHeader, || format!("cannot build upstream URI {path}"))?;
-        req.set_uri(uri);
-
-        let client_host =
-            PingoraRequest { header: downstream, client_ip: None }.host().map(str::to_string);
-        if let Some(host) = &client_host {
-            req.insert_header("X-Forwarded-Host", host.as_str())?;
+        // The upstream request starts as a copy of the client's: change only what differs.
+        // HTTP/2 requests carry an absolute URI; HTTP/1.1 upstreams get the origin form.
+        if table.rewrites_path(routing.route, routing.backend)
+            || downstream.uri.authority().is_some()
+        {
+            let path = table.upstream_path(
+                routing.route,
+                routing.backend,
+                downstream.uri.path(),
+                downstream.uri.query(),
+            );
+            let uri = path
+                .parse::<http::Uri>()
+                .or_err_with(InvalidHTTPHeader, || format!("cannot build upstream URI {path}"))?;
+            req.set_uri(uri);
         }
-        if !backend.preserve_host || client_host.is_none() {
-            let authority = match (backend.tls, backend.port) {
-                (true, 443) | (false, 80) => backend.host.clone(),
-                _ => backend.authority(),
-            };
-            req.insert_header("Host", authority)?;
-        } else if let Some(host) = client_host {
-            req.insert_header("Host", host)?;
+        let host_header = downstream.headers.get(http::header::HOST).cloned();
+        // HTTP/2 clients name the host in `:authority` instead of a Host header.
+        let client_host = match &host_header {
+            Some(value) => Some(value.clone()),
+            None => downstream
+                .uri
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
+        };
+        if let Some(host) = &client_host {
+            req.insert_header("X-Forwarded-Host", host.clone())?;
+        }
+        match client_host {
+            Some(host) if backend.preserve_host => {
+                if host_header.is_none() {
+                    req.insert_header("Host", host)?;
+                }
+            }
+            _ => {
+                let authority = match (backend.tls, backend.port) {
+                    (true, 443) | (false, 80) => backend.host.clone(),
+                    _ => backend.authority(),
+                };
+                req.insert_header("Host", authority)?;
+            }
         }
         req.insert_header("X-Forwarded-Proto", if is_tls(session) { "https" } else { "http" })?;
         if let Some(ip) = client_ip(session) {
@@ -257,9 +274,20 @@ impl ProxyHttp for FicusProxy {
             Some(routing) => (routing.route_name(), routing.backend_name()),
             None => (NO_ROUTE, "-"),
         };
-        let metrics = &self.shared.metrics;
-        metrics.requests.with_label_values(&[route, backend, status_class(status)]).inc();
-        metrics.duration.with_label_values(&[route, backend]).observe(elapsed.as_secs_f64());
+        if let Some(routing) = &ctx.routing {
+            let series = routing.active.series.get(
+                &self.shared.metrics,
+                routing.route,
+                routing.backend,
+                route,
+                backend,
+            );
+            series.requests[status_index(status)].inc();
+            series.duration.observe(elapsed.as_secs_f64());
+        } else {
+            let metrics = &self.shared.metrics;
+            metrics.requests.with_label_values(&[route, backend, status_class(status)]).inc();
+        }
         let req = session.req_header();
         let fallback = ctx.routing.as_ref().and_then(|r| r.fallback).map(Fallback::as_str);
         tracing::info!(

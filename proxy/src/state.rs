@@ -11,7 +11,7 @@ use ficus_routes::{Backend, LoadError, RouteTable, ValidationError};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::health::BackendHealth;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SeriesCache};
 
 /// A backend ready to connect to: its peer template and its health, if it is checked.
 pub struct Upstream {
@@ -34,6 +34,8 @@ pub struct ActiveTable {
     /// Indexed like `table.backends`.
     pub upstreams: Vec<Upstream>,
     pub loaded_at: SystemTime,
+    /// Request metrics by (route, backend), resolved on first use.
+    pub series: SeriesCache,
 }
 
 impl ActiveTable {
@@ -58,7 +60,8 @@ impl ActiveTable {
         if !errors.is_empty() {
             return Err(LoadError::Invalid(errors));
         }
-        Ok(ActiveTable { table, upstreams, loaded_at: SystemTime::now() })
+        let series = SeriesCache::new(table.routes.len(), table.backends.len());
+        Ok(ActiveTable { table, upstreams, loaded_at: SystemTime::now(), series })
     }
 }
 

@@ -251,6 +251,15 @@ impl RouteTable {
         (key, bucket)
     }
 
+    /// Whether requests of `route` sent to `backend` get a different path upstream: a
+    /// backend path prefix, or the route's rewrite when `backend` is its `to`.
+    pub fn rewrites_path(&self, route: Option<usize>, backend: BackendId) -> bool {
+        !self.backends[backend].path_prefix.is_empty()
+            || route
+                .map(|index| &self.routes[index])
+                .is_some_and(|route| route.to == backend && route.strip_prefix.is_some())
+    }
+
     /// The path and query to send upstream: the route's rewrite (only when the request goes to
     /// the route's `to`), then the backend's path prefix.
     pub fn upstream_path(
