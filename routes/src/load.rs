@@ -15,7 +15,7 @@ use crate::config::{BackendConfig, DefaultsConfig, RouteConfig};
 use crate::error::{LoadError, ValidationError};
 use crate::matcher::{Matcher, PathMatch};
 use crate::sticky::{is_token, Sticky, BUCKETS};
-use crate::table::{Backend, BackendId, RegexIndex, Route, RouteTable};
+use crate::table::{Backend, BackendId, Route, RouteIndex, RouteTable};
 
 const TOP_LEVEL_KEYS: [&str; 3] = ["backends", "defaults", "routes"];
 const METHODS: [&str; 9] =
@@ -160,7 +160,7 @@ impl Validator<'_> {
         match default_backend {
             Some(default_backend) if self.errors.is_empty() => Ok(RouteTable {
                 backends,
-                regexes: RegexIndex::new(&routes),
+                index: RouteIndex::new(&routes),
                 routes,
                 default_backend,
                 override_header,

@@ -70,36 +70,71 @@ pub struct RouteTable {
     pub client_id_cookie: String,
     /// A hash of the table's content: equal files give equal versions, whatever their format.
     pub version: String,
-    /// Every `path_regex` of the table in one automaton, so a request is searched once
-    /// instead of once per regex route.
-    pub regexes: RegexIndex,
+    /// The routes by path, for matching without trying every route.
+    pub index: RouteIndex,
 }
 
-/// The `path_regex` conditions of a table, compiled together.
+/// An index of a table's routes by path, so that a request is checked only against the
+/// routes its path can match, in file order, instead of against every route.
 #[derive(Debug, Clone, Default)]
-pub struct RegexIndex {
-    set: Option<regex::RegexSet>,
-    /// For each route, its pattern's index in `set`.
-    slot: Vec<Option<usize>>,
+pub struct RouteIndex {
+    /// Exact and prefix routes by the first segment of their path (`api` for `/api/orders`).
+    by_segment: std::collections::HashMap<String, Vec<usize>>,
+    /// Routes any path may match: no path condition, the root prefix, or a regex when the
+    /// regexes could not be compiled together.
+    always: Vec<usize>,
+    /// Every `path_regex`, compiled together: one search per request.
+    regexes: Option<regex::RegexSet>,
+    /// The route of each pattern of `regexes`.
+    regex_routes: Vec<usize>,
 }
 
-impl RegexIndex {
-    /// Compiles the regex routes together; a set too large to compile leaves each route to
-    /// its own regex.
-    pub fn new(routes: &[Route]) -> RegexIndex {
+/// The first segment of a path: `api` for `/api/orders/7`, empty for `/`.
+fn first_segment(path: &str) -> &str {
+    path.trim_start_matches('/').split('/').next().unwrap_or("")
+}
+
+impl RouteIndex {
+    pub fn new(routes: &[Route]) -> RouteIndex {
+        let mut index = RouteIndex::default();
         let mut patterns = Vec::new();
-        let slot = routes
-            .iter()
-            .map(|route| match &route.matcher.path {
+        for (i, route) in routes.iter().enumerate() {
+            match &route.matcher.path {
+                PathMatch::Exact(path) => {
+                    index.by_segment.entry(first_segment(path).to_string()).or_default().push(i)
+                }
+                PathMatch::Prefix(prefix) if !prefix.is_empty() => {
+                    index.by_segment.entry(first_segment(prefix).to_string()).or_default().push(i)
+                }
                 PathMatch::Regex(regex) => {
                     patterns.push(regex.as_str().to_string());
-                    Some(patterns.len() - 1)
+                    index.regex_routes.push(i);
                 }
-                _ => None,
-            })
-            .collect();
-        let set = if patterns.is_empty() { None } else { regex::RegexSet::new(&patterns).ok() };
-        RegexIndex { set, slot }
+                PathMatch::Prefix(_) | PathMatch::Any => index.always.push(i),
+            }
+        }
+        if !patterns.is_empty() {
+            index.regexes = regex::RegexSet::new(&patterns).ok();
+            if index.regexes.is_none() {
+                // Too large to compile together: each regex route is checked on its own.
+                index.always.append(&mut index.regex_routes);
+                index.always.sort_unstable();
+            }
+        }
+        index
+    }
+
+    /// The routes `path` may match, in file order.
+    fn candidates(&self, path: &str) -> Vec<usize> {
+        let by_segment = self.by_segment.get(first_segment(path)).map_or(&[][..], Vec::as_slice);
+        let mut out: Vec<usize> = Vec::with_capacity(by_segment.len() + self.always.len() + 4);
+        out.extend_from_slice(by_segment);
+        out.extend_from_slice(&self.always);
+        if let Some(set) = &self.regexes {
+            out.extend(set.matches(path).iter().map(|pattern| self.regex_routes[pattern]));
+        }
+        out.sort_unstable();
+        out
     }
 }
 
@@ -174,16 +209,13 @@ impl RouteTable {
 
     /// The first route, in file order, that matches the request.
     pub fn match_route(&self, req: &impl RequestView) -> Option<(usize, &Route)> {
-        // Searched on the first regex route reached, then reused by the others.
-        let mut regex_hits: Option<regex::SetMatches> = None;
-        self.routes.iter().enumerate().find(|(index, route)| {
-            route.matcher.matches_with(req, |path| {
-                match (path, &self.regexes.set, self.regexes.slot[*index]) {
-                    (PathMatch::Regex(_), Some(set), Some(slot)) => {
-                        regex_hits.get_or_insert_with(|| set.matches(req.path())).matched(slot)
-                    }
-                    (path, _, _) => path.matches(req.path()),
-                }
+        let path = req.path();
+        let regexes_searched = self.index.regexes.is_some();
+        self.index.candidates(path).into_iter().map(|i| (i, &self.routes[i])).find(|(_, route)| {
+            route.matcher.matches_with(req, |condition| match condition {
+                // Candidates by regex already matched in the set's one search.
+                PathMatch::Regex(_) if regexes_searched => true,
+                other => other.matches(path),
             })
         })
     }

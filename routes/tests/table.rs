@@ -320,3 +320,25 @@ fn many_regex_routes_keep_file_order_and_first_match() {
     assert_eq!(route("GET", "/svc3/a").as_deref(), Some("p3"));
     assert_eq!(route("GET", "/nowhere"), None);
 }
+
+#[test]
+fn the_route_index_keeps_file_order_across_prefix_exact_and_catch_all_routes() {
+    let t = table(&with_route(
+        "[[routes]]\nname = \"orders\"\nmatch = { path_prefix = \"/api/orders\", methods = [\"GET\"] }\nto = \"orders\"\npercent = 0\n\
+         [[routes]]\nname = \"beta\"\nmatch = { headers = { x-beta = \"1\" } }\nto = \"orders\"\npercent = 0\n\
+         [[routes]]\nname = \"api\"\nmatch = { path_prefix = \"/api\" }\nto = \"orders\"\npercent = 0\n\
+         [[routes]]\nname = \"root\"\nmatch = { path = \"/\" }\nto = \"orders\"\npercent = 0\n\
+         [[routes]]\nname = \"everything\"\nmatch = { path_prefix = \"/\", methods = [\"DELETE\"] }\nto = \"orders\"\npercent = 0\n",
+    ));
+    let route = |req: SimpleRequest| t.match_route(&req).map(|(_, r)| r.name.clone());
+    assert_eq!(route(SimpleRequest::new("GET", "/api/orders/1")).as_deref(), Some("orders"));
+    assert_eq!(route(SimpleRequest::new("POST", "/api/orders/1")).as_deref(), Some("api"));
+    assert_eq!(
+        route(SimpleRequest::new("GET", "/api/x").with_header("x-beta", "1")).as_deref(),
+        Some("beta")
+    );
+    assert_eq!(route(SimpleRequest::new("GET", "/api/ordersx")).as_deref(), Some("api"));
+    assert_eq!(route(SimpleRequest::new("GET", "/")).as_deref(), Some("root"));
+    assert_eq!(route(SimpleRequest::new("DELETE", "/other")).as_deref(), Some("everything"));
+    assert_eq!(route(SimpleRequest::new("GET", "/other")), None);
+}
