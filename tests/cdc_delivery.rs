@@ -220,6 +220,36 @@ async fn a_quiet_slot_still_advances_while_other_tables_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_to_ack_latency_is_observed_once_per_transaction() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = accounts(&pg, 10).await;
+    let mut cdc = Cdc::start(&config(&pg.url("bank"), &broker, "bank", "tables = [\"accounts\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    for id in 100..110 {
+        db.batch_execute(&format!("INSERT INTO accounts VALUES ({id}, 1)")).await.expect("insert");
+    }
+    let series = "ficus_cdc_commit_to_ack_seconds";
+    let deadline = Instant::now() + QUIET;
+    let metrics = loop {
+        let metrics = cdc.metrics_text().await;
+        if common::metric(&metrics, &format!("{series}_count")) >= 10.0 {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "fewer than 10 transactions observed:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(common::metric(&metrics, &format!("{series}_count")), 10.0, "{metrics}");
+    // Each commit was acknowledged within seconds (Tansu on loopback: milliseconds).
+    assert_eq!(
+        common::metric(&metrics, &format!("{series}_bucket{{le=\"5\"}}")),
+        10.0,
+        "{metrics}"
+    );
+    assert!(common::metric(&metrics, &format!("{series}_sum")) > 0.0, "{metrics}");
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_is_survived_by_reconnecting() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
     let db = accounts(&pg, 100).await;

@@ -9,7 +9,8 @@ use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -32,6 +33,8 @@ pub struct Metrics {
     pub restarts: IntCounter,
     /// 1 while reading is paused because Kafka does not keep up or is unreachable.
     pub backpressure: IntGauge,
+    /// From a transaction's commit on PostgreSQL to the acknowledgement of its last event.
+    pub commit_to_ack: Histogram,
     /// True while connected and snapshotting or streaming.
     pub healthy: AtomicBool,
 }
@@ -59,6 +62,16 @@ impl Metrics {
             IntCounter::new("ficus_cdc_restarts_total", "Reconnections after a retryable error")
                 .expect("valid metric");
         registry.register(Box::new(restarts.clone())).expect("registered once");
+        let commit_to_ack = Histogram::with_opts(
+            HistogramOpts::new(
+                "ficus_cdc_commit_to_ack_seconds",
+                "From a transaction's commit on PostgreSQL to Kafka's acknowledgement of its \
+                 last event (the sink's flush with --stdout)",
+            )
+            .buckets(COMMIT_TO_ACK_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(commit_to_ack.clone())).expect("registered once");
         Arc::new(Metrics {
             events: counter_vec(
                 "ficus_cdc_events_total",
@@ -83,9 +96,18 @@ impl Metrics {
             ),
             backpressure: gauge("ficus_cdc_backpressure", "1 while reading waits for Kafka"),
             restarts,
+            commit_to_ack,
             healthy: AtomicBool::new(false),
             registry,
         })
+    }
+
+    /// Records that a transaction committed at `commit_time_us` is fully acknowledged at
+    /// `now_us` (both microseconds since the Unix epoch; PostgreSQL's clock and ours).
+    pub fn observe_commit_acked(&self, commit_time_us: i64, now_us: i64) {
+        // A clock step backwards must not record a negative latency.
+        let micros = now_us.saturating_sub(commit_time_us).max(0);
+        self.commit_to_ack.observe(micros as f64 / 1e6);
     }
 
     pub fn render(&self) -> Vec<u8> {
@@ -96,6 +118,12 @@ impl Metrics {
         out
     }
 }
+
+/// Fine below 50 ms, where a healthy pipeline sits, coarse up to a minute of lag.
+const COMMIT_TO_ACK_BUCKETS: [f64; 24] = [
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// Serves `/metrics` and `/healthz` (200 while connected, 503 otherwise) until the task is
 /// dropped.
@@ -129,5 +157,23 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_to_ack_is_observed_in_seconds_and_never_negative() {
+        let metrics = Metrics::new();
+        metrics.observe_commit_acked(1_000_000, 1_012_000);
+        // PostgreSQL's clock ahead of ours: recorded as zero, not as a negative latency.
+        metrics.observe_commit_acked(2_000_000, 1_999_000);
+        assert_eq!(metrics.commit_to_ack.get_sample_count(), 2);
+        assert!((metrics.commit_to_ack.get_sample_sum() - 0.012).abs() < 1e-9);
+        let text = String::from_utf8(metrics.render()).expect("utf-8");
+        assert!(text.contains("ficus_cdc_commit_to_ack_seconds_bucket{le=\"0.0125\"} 2"), "{text}");
+        assert!(text.contains("ficus_cdc_commit_to_ack_seconds_bucket{le=\"0.01\"} 1"), "{text}");
     }
 }

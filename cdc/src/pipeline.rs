@@ -22,7 +22,7 @@ use crate::event::{self, Op, Record, Source, Table};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Datum, Message, OldKind, PG_EPOCH_OFFSET_MICROS};
-use crate::sink::{InFlight, SendError, Sink};
+use crate::sink::{Commit, InFlight, SendError, Sink};
 use crate::wire::{quote_ident, ReplicationConnection, StreamMessage, SESSION_SETTINGS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -78,17 +78,22 @@ struct Pipeline<'c> {
 
 enum Pending {
     Record(Record),
-    Commit(Lsn),
+    Commit(Commit),
 }
 
 /// The transaction being streamed.
 struct Txn {
     xid: u32,
-    commit_ms: i64,
+    /// Commit time, microseconds since the Unix epoch.
+    commit_us: i64,
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    now_us() / 1000
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 impl<'c> Pipeline<'c> {
@@ -421,8 +426,9 @@ impl<'c> Pipeline<'c> {
                     return Ok(());
                 }
                 done = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if let Some(lsn) = done? {
-                        self.confirmed = self.confirmed.max(lsn);
+                    if let Some(commit) = done? {
+                        self.confirmed = self.confirmed.max(commit.lsn);
+                        self.metrics.observe_commit_acked(commit.commit_time_us, now_us());
                     }
                     self.send_pending()?;
                 }
@@ -467,7 +473,7 @@ impl<'c> Pipeline<'c> {
         let deadline = tokio::time::Instant::now() + limit;
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
-                Ok(Ok(Some(lsn))) => self.confirmed = self.confirmed.max(lsn),
+                Ok(Ok(Some(commit))) => self.confirmed = self.confirmed.max(commit.lsn),
                 Ok(Ok(None)) => {}
                 Ok(Err(_)) | Err(_) => return,
             }
@@ -478,9 +484,9 @@ impl<'c> Pipeline<'c> {
     fn send_pending(&mut self) -> Result<(), CdcError> {
         while let Some(item) = self.pending.front() {
             match item {
-                Pending::Commit(lsn) => {
+                Pending::Commit(commit) => {
                     self.sink.flush()?;
-                    self.in_flight.push_commit(*lsn);
+                    self.in_flight.push_commit(*commit);
                 }
                 Pending::Record(record) => {
                     if self.in_flight.records() >= self.config.kafka.max_in_flight {
@@ -514,7 +520,7 @@ impl<'c> Pipeline<'c> {
             })
         };
         let (xid, commit_ms) =
-            txn.as_ref().map_or((None, now_ms()), |t| (Some(t.xid), t.commit_ms));
+            txn.as_ref().map_or((None, now_ms()), |t| (Some(t.xid), t.commit_us / 1000));
         let source = Source {
             version: VERSION,
             name: &self.config.kafka.topic_prefix,
@@ -528,11 +534,14 @@ impl<'c> Pipeline<'c> {
         let now = now_ms();
         let (records, table, op) = match message {
             Message::Begin { xid, commit_time, .. } => {
-                *txn = Some(Txn { xid, commit_ms: (commit_time + PG_EPOCH_OFFSET_MICROS) / 1000 });
+                *txn = Some(Txn { xid, commit_us: commit_time + PG_EPOCH_OFFSET_MICROS });
                 return Ok(());
             }
-            Message::Commit { commit_lsn, end_lsn, .. } => {
-                self.pending.push_back(Pending::Commit(end_lsn));
+            Message::Commit { commit_lsn, end_lsn, commit_time, .. } => {
+                self.pending.push_back(Pending::Commit(Commit {
+                    lsn: end_lsn,
+                    commit_time_us: commit_time + PG_EPOCH_OFFSET_MICROS,
+                }));
                 *last_commit = Some(commit_lsn);
                 *txn = None;
                 return Ok(());

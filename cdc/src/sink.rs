@@ -20,9 +20,18 @@ use crate::error::CdcError;
 use crate::event::Record;
 use crate::lsn::Lsn;
 
-/// The acknowledgement of a record (`Ok(None)`) or a commit marker (`Ok(Some(lsn))`).
+/// The acknowledgement of a record (`Ok(None)`) or a commit marker (`Ok(Some(commit))`).
 /// `Sync` so that the pipeline's futures can move between threads.
-pub type Delivery = Pin<Box<dyn Future<Output = Result<Option<Lsn>, CdcError>> + Send + Sync>>;
+pub type Delivery = Pin<Box<dyn Future<Output = Result<Option<Commit>, CdcError>> + Send + Sync>>;
+
+/// The end of a source transaction, as it travels behind the transaction's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Commit {
+    /// The position to confirm once every record before it is acknowledged.
+    pub lsn: Lsn,
+    /// When the transaction committed on PostgreSQL, in microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+}
 
 /// Where events go: Kafka, or JSON lines on standard output.
 pub enum Sink {
@@ -254,9 +263,9 @@ impl InFlight {
         self.queue.push_back(delivery);
     }
 
-    /// Marks the end of a transaction: `lsn` may be confirmed once it completes.
-    pub fn push_commit(&mut self, lsn: Lsn) {
-        self.queue.push_back(Box::pin(async move { Ok(Some(lsn)) }));
+    /// Marks the end of a transaction: its LSN may be confirmed once it completes.
+    pub fn push_commit(&mut self, commit: Commit) {
+        self.queue.push_back(Box::pin(async move { Ok(Some(commit)) }));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -268,15 +277,15 @@ impl InFlight {
         self.records
     }
 
-    /// The next completion, in order: `Some(lsn)` for a commit marker, `None` for a record.
-    /// Pending forever when empty, so it can sit in a `select!`.
-    pub async fn next(&mut self) -> Result<Option<Lsn>, CdcError> {
+    /// The next completion, in order: `Some(commit)` for a commit marker, `None` for a
+    /// record. Pending forever when empty, so it can sit in a `select!`.
+    pub async fn next(&mut self) -> Result<Option<Commit>, CdcError> {
         match self.queue.next().await {
-            Some(Ok(lsn)) => {
-                if lsn.is_none() {
+            Some(Ok(commit)) => {
+                if commit.is_none() {
                     self.records -= 1;
                 }
-                Ok(lsn)
+                Ok(commit)
             }
             Some(Err(e)) => Err(e),
             None => std::future::pending().await,

@@ -18,6 +18,8 @@ UPDATES=${UPDATES:-$((ROWS / 2))}
 DELETES=${DELETES:-$((ROWS / 5))}
 BIG_TX=${BIG_TX:-2000000}
 PGBENCH_SECONDS=${PGBENCH_SECONDS:-20}
+LAT_RATE=${LAT_RATE:-5000}       # rows/s of the steady workload, one row per transaction
+LAT_SECONDS=${LAT_SECONDS:-20}
 
 scripts/install-deps
 scripts/install-tansu
@@ -142,12 +144,41 @@ target=$(psql -c "SELECT pg_current_wal_lsn()")
 cdc_config big_kafka big '"public.big"' > "$WORK/big.toml"
 results+=("$(measure big/ficus-kafka big_kafka "$target" "$BIG_TX" sh -c "RUST_LOG=warn exec '$FICUS' cdc --config '$WORK/big.toml'")")
 
+# 4. Commit-to-ack latency at a steady rate: single-row transactions at LAT_RATE/s, with
+# ficus already streaming. ficus observes, for every transaction, the time from its commit
+# on PostgreSQL to Kafka's acknowledgement of its last event
+# (ficus_cdc_commit_to_ack_seconds); the percentiles are read off that histogram.
+psql -c "CREATE TABLE steady (id bigserial PRIMARY KEY, note text, at timestamptz DEFAULT now())"
+create_slots steady_kafka
+METRICS_PORT=$(free_port)
+{ cdc_config steady_kafka steady '"public.steady"'; printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$METRICS_PORT"; } > "$WORK/steady.toml"
+RUST_LOG=warn "$FICUS" cdc --config "$WORK/steady.toml" & STEADY_PID=$!; PIDS+=($STEADY_PID)
+metrics() { curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics"; }
+for _ in $(seq 100); do metrics 2>/dev/null | grep -q '^ficus_cdc_commit_to_ack_seconds_count' && break; sleep 0.1; done
+echo "INSERT INTO steady (note) VALUES ('steady');" > "$WORK/steady.sql"
+echo "steady: $LAT_RATE single-row transactions/s for $LAT_SECONDS s" >&2
+# synchronous_commit=on, PostgreSQL's default: the server runs with it off for the throughput
+# workloads, where commits would then wait up to wal_writer_delay (200 ms) before the WAL
+# sender may read them, which would be measured here as latency.
+PGOPTIONS="-c synchronous_commit=on" \
+  "$BIN/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U postgres -n -f "$WORK/steady.sql" -R "$LAT_RATE" -c 4 -j 2 \
+  -T "$LAT_SECONDS" bench > "$WORK/steady.pgbench" 2>&1
+target=$(psql -c "SELECT pg_current_wal_lsn()")
+until [ "$(psql -c "SELECT pg_wal_lsn_diff('$target', confirmed_flush_lsn) <= 0 FROM pg_replication_slots WHERE slot_name = 'steady_kafka'")" = t ]; do
+  kill -0 "$STEADY_PID" || { echo "ficus cdc (steady) exited early" >&2; exit 1; }
+  sleep 0.1
+done
+metrics > "$WORK/steady.metrics"
+STEADY_TPS=$(awk '/^tps = / {printf "%d", $3}' "$WORK/steady.pgbench")
+kill "$STEADY_PID"; wait "$STEADY_PID" 2>/dev/null || true
+
 mkdir -p tests/bench/results
-python3 - "$ROWS" "$UPDATES" "$DELETES" "$BIG_TX" "$PGBENCH_SECONDS" "$BROKERS" "${results[@]}" <<'PY'
-import json, os, subprocess, sys
-rows, updates, deletes, big, seconds, brokers = sys.argv[1:7]
+python3 - "$ROWS" "$UPDATES" "$DELETES" "$BIG_TX" "$PGBENCH_SECONDS" "$BROKERS" "$LAT_RATE" "$LAT_SECONDS" \
+  "$STEADY_TPS" "$WORK/steady.metrics" "${results[@]}" <<'PY'
+import json, os, re, subprocess, sys
+rows, updates, deletes, big, seconds, brokers, lat_rate, lat_seconds, steady_tps, steady_metrics = sys.argv[1:11]
 data = {}
-for line in sys.argv[7:]:
+for line in sys.argv[11:]:
     name, rps, secs, rss = line.split()
     data[name] = {"rows_per_s": int(rps), "seconds": float(secs), "peak_rss_mib": round(int(rss) / 1024, 1)}
 def version(cmd):
@@ -160,11 +191,34 @@ meta = {"cores": os.cpu_count(),
         "settings": {"inserts": int(rows), "updates": int(updates), "deletes": int(deletes), "transaction_rows": 1000,
                      "pgbench": f"scale 10, 4 clients, {seconds} s", "big_transaction_rows": int(big), "brokers": brokers}}
 print(f"\ncores {meta['cores']}; rows/s until each reader confirmed the workload's last WAL position")
+# Percentiles from the cumulative histogram, interpolated linearly inside a bucket as
+# Prometheus' histogram_quantile does.
+buckets, count = [], 0
+for line in open(steady_metrics):
+    m = re.match(r'ficus_cdc_commit_to_ack_seconds_bucket\{le="([^"]+)"\} (\d+)', line)
+    if m and m.group(1) != "+Inf":
+        buckets.append((float(m.group(1)), int(m.group(2))))
+    m = re.match(r'ficus_cdc_commit_to_ack_seconds_count (\d+)', line)
+    if m:
+        count = int(m.group(1))
+def quantile(q):
+    rank, lower, below = q * count, 0.0, 0
+    for bound, cumulative in buckets:
+        if cumulative >= rank:
+            return lower + (bound - lower) * (rank - below) / max(cumulative - below, 1)
+        lower, below = bound, cumulative
+    return float("inf")
+latency = {"rate_rows_per_s": int(lat_rate), "achieved_tps": int(steady_tps or 0), "seconds": int(lat_seconds),
+           "transactions": count, "p50_ms": round(quantile(0.5) * 1000, 1), "p99_ms": round(quantile(0.99) * 1000, 1)}
+meta["settings"]["steady"] = (f"{lat_rate} single-row transactions/s, pgbench -c 4 -j 2 -R {lat_rate}, {lat_seconds} s, "
+                              "synchronous_commit=on")
 print(f"{'workload/contender':<28}{'rows/s':>10}{'seconds':>9}{'peak MiB':>10}{'vs recvlogical':>16}")
 for name, r in data.items():
     base = data.get(name.split('/')[0] + "/pg_recvlogical")
     ratio = f"{r['rows_per_s'] / base['rows_per_s']:.2f}" if base else "-"
     print(f"{name:<28}{r['rows_per_s']:>10}{r['seconds']:>9}{r['peak_rss_mib']:>10}{ratio:>16}")
-json.dump({**meta, "results": data}, open("tests/bench/results/cdc.json", "w"), indent=2)
+print(f"\ncommit-to-Kafka-ack latency at {latency['achieved_tps']} single-row transactions/s "
+      f"({latency['transactions']} transactions): p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
+json.dump({**meta, "results": data, "commit_to_ack": latency}, open("tests/bench/results/cdc.json", "w"), indent=2)
 print("wrote tests/bench/results/cdc.json")
 PY

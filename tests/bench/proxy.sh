@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Proxy benchmark: the same 30/70 sticky split done by ficus, NGINX and HAProxy, side by side,
-# against the same two upstreams (NGINX serving a fixed small response), plus the floor
-# (wrk straight to an upstream) and the cost of a 1,000-route table against 10 routes.
+# against the same two upstreams (NGINX serving a fixed small response), plus two floors
+# (wrk straight to an upstream; Pingora doing the split and nothing else), the cost of a
+# 1,000-route table against 10 routes, and each proxy's CPU time per request.
 #
-#   tests/bench/proxy.sh                 # defaults: 64 connections, 10 s per contender
-#   CONNS=128 DURATION=30s tests/bench/proxy.sh
+#   tests/bench/proxy.sh                 # defaults: 64 connections, median of 3 runs of 10 s
+#   CONNS=128 DURATION=30s ROUNDS=5 tests/bench/proxy.sh
 #
 # Prints a table and writes tests/bench/results/proxy.json. Figures, not a test: nothing fails
 # on a slow result.
@@ -15,6 +16,7 @@ CONNS=${CONNS:-64}
 DURATION=${DURATION:-10s}
 WORKERS=${WORKERS:-1}          # worker threads/processes of every proxy
 WRK_THREADS=${WRK_THREADS:-1}
+export ROUNDS=${ROUNDS:-3}     # measured runs per contender; the median is reported
 USERS=${USERS:-100000}         # distinct x-user values
 
 install() {
@@ -28,7 +30,7 @@ install() {
 }
 scripts/install-deps
 install nginx haproxy wrk
-cargo build --release -j2 --bin ficus >&2
+cargo build --release -j2 --workspace --bin ficus --example pingora_floor >&2
 FICUS=target/release/ficus
 
 WORK=$(mktemp -d)
@@ -73,16 +75,27 @@ done = function(summary, latency, requests)
 end
 LUA
 
-# run NAME PORT: prints "name rps p50 p99 p999 errors" (latencies in microseconds).
-run() {
-  local name=$1 port=$2
+# cpu_ticks PID: user and system clock ticks the process has used so far (all threads).
+cpu_ticks() { if [ -n "$1" ]; then awk '{print $14, $15}' "/proc/$1/stat"; else echo "0 0"; fi; }
+
+# run_once NAME PORT [PID]: prints "name rps p50 p99 p999 errors user_us sys_us" (latencies
+# and the CPU time PID spent per request in microseconds; 0 without PID).
+run_once() {
+  local name=$1 port=$2 pid=${3:-} u0 s0 u1 s1
+  read -r u0 s0 < <(cpu_ticks "$pid")
   wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency -s "$WORK/load.lua" "http://127.0.0.1:$port/" > "$WORK/$name.wrk" 2>&1 || true
+  read -r u1 s1 < <(cpu_ticks "$pid")
   local line; line=$(grep '^RESULT' "$WORK/$name.wrk" || true)
   [ -n "$line" ] || { echo "wrk failed for $name:" >&2; cat "$WORK/$name.wrk" >&2; exit 1; }
   read -r _ requests duration_us p50 p99 p999 errors <<<"$line"
-  local rps; rps=$(python3 -c "print(round($requests / ($duration_us / 1e6)))")
-  echo "$name $rps $p50 $p99 $p999 $errors"
+  local rps cpu
+  rps=$(python3 -c "print(round($requests / ($duration_us / 1e6)))")
+  cpu=$(python3 -c "t = 1e6 / $(getconf CLK_TCK) / $requests; print(f'{($u1 - $u0) * t:.2f} {($s1 - $s0) * t:.2f}')")
+  echo "$name $rps $p50 $p99 $p999 $errors $cpu"
 }
+
+# warm_up PORT: 2 s of load first (upstream connections, caches), not measured.
+warm_up() { wrk -t"$WRK_THREADS" -c"$CONNS" -d2s -s "$WORK/load.lua" "http://127.0.0.1:$1/" > /dev/null 2>&1 || true; }
 
 routes_file() { # routes_file N: N-1 non-matching routes (prefix and regex), then the split
   local n=$1 file="$WORK/routes-$1.toml"
@@ -101,22 +114,25 @@ routes_file() { # routes_file N: N-1 non-matching routes (prefix and regex), the
   echo "$file"
 }
 
-start_ficus() { # start_ficus ROUTES PORT
+start_ficus() { # start_ficus ROUTES PORT: sets FICUS_PID
   local admin; admin=$(free_port)
-  RUST_LOG=warn "$FICUS" proxy --routes "$1" --listen "127.0.0.1:$2" --admin "127.0.0.1:$admin" --threads "$WORKERS" > "$WORK/ficus.log" 2>&1 &
+  RUST_LOG=warn "$FICUS" proxy --routes "$1" --listen "127.0.0.1:$2" --admin "127.0.0.1:$admin" --threads "$WORKERS" > "$WORK/ficus-$2.log" 2>&1 &
   FICUS_PID=$!; PIDS+=("$FICUS_PID"); wait_port "$2"
 }
 
-results=()
-results+=("$(run direct "$UP_A")")
+# Every contender is started up front and sits idle until its turn; the rounds interleave
+# the contenders, so that a slow spell of the machine does not fall on one of them only.
+declare -A PORT PID
+PORT[direct]=$UP_A; PID[direct]=""
 
-FICUS_PORT=$(free_port)
-start_ficus "$(routes_file 10)" "$FICUS_PORT"
-results+=("$(run ficus "$FICUS_PORT")")
-FICUS_RSS_KIB=$(awk '/VmHWM/ {print $2}' "/proc/$FICUS_PID/status")
-kill "$FICUS_PID"; wait "$FICUS_PID" 2>/dev/null || true
+PORT[ficus]=$(free_port)
+start_ficus "$(routes_file 10)" "${PORT[ficus]}"; PID[ficus]=$FICUS_PID
 
-NGINX_PORT=$(free_port)
+# Route-table cost: the same split behind 1,000 routes (prefix and regex) instead of 10.
+PORT[ficus-1000-routes]=$(free_port)
+start_ficus "$(routes_file 1000)" "${PORT[ficus-1000-routes]}"; PID[ficus-1000-routes]=$FICUS_PID
+
+PORT[nginx]=$(free_port)
 cat > "$WORK/proxy.conf" <<CONF
 worker_processes $WORKERS;
 daemon off;
@@ -130,16 +146,15 @@ http {
   upstream a { server 127.0.0.1:$UP_A; keepalive 128; }
   upstream b { server 127.0.0.1:$UP_B; keepalive 128; }
   server {
-    listen 127.0.0.1:$NGINX_PORT;
+    listen 127.0.0.1:${PORT[nginx]};
     location / { proxy_pass http://\$pool; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
 CONF
-nginx -c "$WORK/proxy.conf" & NGINX_PID=$!; PIDS+=("$NGINX_PID"); wait_port "$NGINX_PORT"
-results+=("$(run nginx "$NGINX_PORT")")
-kill "$NGINX_PID"; wait "$NGINX_PID" 2>/dev/null || true
+nginx -c "$WORK/proxy.conf" & PIDS+=($!); wait_port "${PORT[nginx]}"
+PID[nginx]=$(pgrep -P "$!" | head -1)   # the worker, which does the proxying
 
-HAPROXY_PORT=$(free_port)
+PORT[haproxy]=$(free_port)
 cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread $WORKERS
@@ -151,7 +166,7 @@ defaults
   timeout server 30s
   http-reuse always
 frontend fe
-  bind 127.0.0.1:$HAPROXY_PORT
+  bind 127.0.0.1:${PORT[haproxy]}
   default_backend split
 backend split
   # Sticky by header, 30/70 by weight.
@@ -160,21 +175,35 @@ backend split
   server a 127.0.0.1:$UP_A weight 70
   server b 127.0.0.1:$UP_B weight 30
 CONF
-haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 & HAPROXY_PID=$!; PIDS+=("$HAPROXY_PID"); wait_port "$HAPROXY_PORT"
-results+=("$(run haproxy "$HAPROXY_PORT")")
-kill "$HAPROXY_PID"; wait "$HAPROXY_PID" 2>/dev/null || true
+haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 & PID[haproxy]=$!; PIDS+=($!); wait_port "${PORT[haproxy]}"
 
-# Route-table cost: the same split behind 1,000 routes (prefix and regex) instead of 10.
-start_ficus "$(routes_file 1000)" "$FICUS_PORT"
-results+=("$(run ficus-1000-routes "$FICUS_PORT")")
-kill "$FICUS_PID"; wait "$FICUS_PID" 2>/dev/null || true
+# The floor of any Pingora proxy: Pingora doing the same split and nothing else
+# (proxy/examples/pingora_floor.rs). The gap between it and ficus is what ficus adds.
+PORT[pingora-floor]=$(free_port)
+target/release/examples/pingora_floor "127.0.0.1:${PORT[pingora-floor]}" "127.0.0.1:$UP_A" "127.0.0.1:$UP_B" 30 x-user "$WORKERS" \
+  > "$WORK/floor.log" 2>&1 & PID[pingora-floor]=$!; PIDS+=($!); wait_port "${PORT[pingora-floor]}"
+
+CONTENDERS=(direct ficus nginx haproxy ficus-1000-routes pingora-floor)
+for name in "${CONTENDERS[@]}"; do warm_up "${PORT[$name]}"; done
+runs=()
+for round in $(seq "$ROUNDS"); do
+  echo "round $round of $ROUNDS" >&2
+  for name in "${CONTENDERS[@]}"; do runs+=("$(run_once "$name" "${PORT[$name]}" "${PID[$name]}")"); done
+done
+# Per contender, the run with the median req/s.
+results=()
+for name in "${CONTENDERS[@]}"; do
+  results+=("$(printf '%s\n' "${runs[@]}" | awk -v n="$name" '$1 == n' | sort -k2,2n | sed -n "$(((ROUNDS + 1) / 2))p")")
+done
+FICUS_RSS_KIB=$(awk '/VmHWM/ {print $2}' "/proc/${PID[ficus]}/status")
 
 mkdir -p tests/bench/results
 python3 - "$CONNS" "$DURATION" "$WORKERS" "$WRK_THREADS" "$USERS" "$FICUS_RSS_KIB" "${results[@]}" <<'PY'
 import json, os, subprocess, sys
 conns, duration, workers, wrk_threads, users, rss = sys.argv[1:7]
 rows = [r.split() for r in sys.argv[7:]]
-data = {r[0]: {"rps": int(r[1]), "p50_us": int(r[2]), "p99_us": int(r[3]), "p999_us": int(r[4]), "errors": int(r[5])} for r in rows}
+data = {r[0]: {"rps": int(r[1]), "p50_us": int(r[2]), "p99_us": int(r[3]), "p999_us": int(r[4]), "errors": int(r[5]),
+              "cpu_user_us_per_req": float(r[6]), "cpu_sys_us_per_req": float(r[7])} for r in rows}
 def version(cmd):
     out = subprocess.run(cmd, capture_output=True, text=True, shell=True)
     return (out.stdout + out.stderr).strip().splitlines()[0]
@@ -182,17 +211,19 @@ meta = {
     "cores": os.cpu_count(),
     "versions": {"ficus": version("target/release/ficus --version"), "nginx": version("nginx -v"),
                  "haproxy": version("haproxy -v"), "wrk": version("wrk -v 2>&1 | head -1")},
-    "settings": {"connections": int(conns), "duration": duration, "proxy_workers": int(workers),
+    "settings": {"connections": int(conns), "duration": duration, "rounds_median_of": int(os.environ.get("ROUNDS", "3")), "proxy_workers": int(workers),
                  "wrk_threads": int(wrk_threads), "distinct_users": int(users), "split": "30/70 sticky by x-user"},
     "ficus_peak_rss_mib": round(int(rss) / 1024, 1),
 }
 print(f"\ncores {meta['cores']}; {conns} connections, {duration} each; {workers} proxy worker(s); {users} distinct users")
-print(f"{'contender':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}")
+print(f"{'contender':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}{'CPU us/req user+sys':>22}")
 for name, r in data.items():
-    print(f"{name:<20}{r['rps']:>10}{r['p50_us']/1000:>9.2f}{r['p99_us']/1000:>9.2f}{r['p999_us']/1000:>10.2f}{r['errors']:>8}")
+    cpu = f"{r['cpu_user_us_per_req']:.1f} + {r['cpu_sys_us_per_req']:.1f}" if r['cpu_user_us_per_req'] or r['cpu_sys_us_per_req'] else "-"
+    print(f"{name:<20}{r['rps']:>10}{r['p50_us']/1000:>9.2f}{r['p99_us']/1000:>9.2f}{r['p999_us']/1000:>10.2f}{r['errors']:>8}{cpu:>22}")
 f = data["ficus"]
 ratios = {"ficus/nginx": f["rps"] / data["nginx"]["rps"], "ficus/haproxy": f["rps"] / data["haproxy"]["rps"],
-          "1000 routes / 10 routes": data["ficus-1000-routes"]["rps"] / f["rps"]}
+          "1000 routes / 10 routes": data["ficus-1000-routes"]["rps"] / f["rps"],
+          "ficus/pingora-floor": f["rps"] / data["pingora-floor"]["rps"]}
 for k, v in ratios.items():
     print(f"{k:<24}{v:.3f}")
 print(f"ficus peak RSS {meta['ficus_peak_rss_mib']} MiB")
