@@ -7,7 +7,8 @@
 #   tests/bench/proxy.sh                 # defaults: 64 connections, median of 3 runs of 10 s
 #   CONNS=128 DURATION=30s ROUNDS=5 tests/bench/proxy.sh
 #
-# Prints a table and writes tests/bench/results/proxy.json. Figures, not a test: nothing fails
+# Prints a table and writes tests/bench/results/proxy.json (proxy-N-workers.json with
+# WORKERS=N other than 1). Figures, not a test: nothing fails
 # on a slow result.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -75,11 +76,11 @@ done = function(summary, latency, requests)
 end
 LUA
 
-# cpu_ticks PID: user and system clock ticks the process has used so far (all threads).
-cpu_ticks() { if [ -n "$1" ]; then awk '{print $14, $15}' "/proc/$1/stat"; else echo "0 0"; fi; }
+# cpu_ticks "PID...": user and system clock ticks the processes have used so far (all threads).
+cpu_ticks() { local pid u=0 s=0; for pid in $1; do read -r u s < <(awk -v u=$u -v s=$s '{print u + $14, s + $15}' "/proc/$pid/stat"); done; echo "$u $s"; }
 
-# run_once NAME PORT [PID]: prints "name rps p50 p99 p999 errors user_us sys_us" (latencies
-# and the CPU time PID spent per request in microseconds; 0 without PID).
+# run_once NAME PORT ["PID..."]: prints "name rps p50 p99 p999 errors user_us sys_us"
+# (latencies, and the CPU time the PIDs spent per request, in microseconds; 0 without PIDs).
 run_once() {
   local name=$1 port=$2 pid=${3:-} u0 s0 u1 s1
   read -r u0 s0 < <(cpu_ticks "$pid")
@@ -147,12 +148,19 @@ http {
   upstream b { server 127.0.0.1:$UP_B; keepalive 128; }
   server {
     listen 127.0.0.1:${PORT[nginx]};
-    location / { proxy_pass http://\$pool; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / {
+      proxy_pass http://\$pool; proxy_http_version 1.1; proxy_set_header Connection "";
+      # What ficus does to every request: keep the client's Host, add X-Forwarded-*.
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+    }
   }
 }
 CONF
 nginx -c "$WORK/proxy.conf" & PIDS+=($!); wait_port "${PORT[nginx]}"
-PID[nginx]=$(pgrep -P "$!" | head -1)   # the worker, which does the proxying
+PID[nginx]=$(pgrep -P "$!" | tr '\n' ' ')   # the workers, which do the proxying
 
 PORT[haproxy]=$(free_port)
 cat > "$WORK/haproxy.cfg" <<CONF
@@ -167,6 +175,10 @@ defaults
   http-reuse always
 frontend fe
   bind 127.0.0.1:${PORT[haproxy]}
+  # What ficus does to every request: X-Forwarded-* (HAProxy keeps the Host by default).
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
   default_backend split
 backend split
   # Sticky by header, 30/70 by weight.
@@ -227,6 +239,7 @@ ratios = {"ficus/nginx": f["rps"] / data["nginx"]["rps"], "ficus/haproxy": f["rp
 for k, v in ratios.items():
     print(f"{k:<24}{v:.3f}")
 print(f"ficus peak RSS {meta['ficus_peak_rss_mib']} MiB")
-json.dump({**meta, "results": data, "ratios": ratios}, open("tests/bench/results/proxy.json", "w"), indent=2)
-print("wrote tests/bench/results/proxy.json")
+out = "tests/bench/results/proxy.json" if workers == "1" else f"tests/bench/results/proxy-{workers}-workers.json"
+json.dump({**meta, "results": data, "ratios": ratios}, open(out, "w"), indent=2)
+print(f"wrote {out}")
 PY
