@@ -85,7 +85,7 @@ enum Pending {
 struct Txn {
     xid: u32,
     /// Commit time, microseconds since the Unix epoch.
-    commit_us: i64,
+    commit_time_us: i64,
 }
 
 fn now_ms() -> i64 {
@@ -520,7 +520,7 @@ impl<'c> Pipeline<'c> {
             })
         };
         let (xid, commit_ms) =
-            txn.as_ref().map_or((None, now_ms()), |t| (Some(t.xid), t.commit_us / 1000));
+            txn.as_ref().map_or((None, now_ms()), |t| (Some(t.xid), t.commit_time_us / 1000));
         let source = Source {
             version: VERSION,
             name: &self.config.kafka.topic_prefix,
@@ -534,7 +534,7 @@ impl<'c> Pipeline<'c> {
         let now = now_ms();
         let (records, table, op) = match message {
             Message::Begin { xid, commit_time, .. } => {
-                *txn = Some(Txn { xid, commit_us: commit_time + PG_EPOCH_OFFSET_MICROS });
+                *txn = Some(Txn { xid, commit_time_us: commit_time + PG_EPOCH_OFFSET_MICROS });
                 return Ok(());
             }
             Message::Commit { commit_lsn, end_lsn, commit_time, .. } => {
