@@ -1,7 +1,10 @@
 //! The compiled route table and the routing decision for one request.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::time::Duration;
+
+use regex_automata::{meta, Input, MatchKind, PatternSet};
 
 use crate::config::HealthConfig;
 use crate::matcher::{is_segment_prefix, Matcher, PathMatch};
@@ -84,7 +87,7 @@ pub struct RouteIndex {
     /// regexes could not be compiled together.
     always: Vec<usize>,
     /// Every `path_regex`, compiled together: one search per request.
-    regexes: Option<regex::RegexSet>,
+    regexes: Option<meta::Regex>,
     /// The route of each pattern of `regexes`.
     regex_routes: Vec<usize>,
 }
@@ -114,7 +117,11 @@ impl RouteIndex {
             }
         }
         if !patterns.is_empty() {
-            index.regexes = regex::RegexSet::new(&patterns).ok();
+            // Every pattern that matches, not only the leftmost, as a `RegexSet` reports.
+            index.regexes = meta::Regex::builder()
+                .configure(meta::Regex::config().match_kind(MatchKind::All))
+                .build_many(&patterns)
+                .ok();
             if index.regexes.is_none() {
                 // Too large to compile together: each regex route is checked on its own.
                 index.always.append(&mut index.regex_routes);
@@ -124,18 +131,41 @@ impl RouteIndex {
         index
     }
 
-    /// The routes `path` may match, in file order.
-    fn candidates(&self, path: &str) -> Vec<usize> {
+    /// The first route, in file order, for which `matches` holds, among the routes `path`
+    /// may match. `matches` is told whether the set search already matched the route's
+    /// regex. Allocates nothing.
+    fn first_match(&self, path: &str, matches: impl Fn(usize, bool) -> bool) -> Option<usize> {
+        // Each list is in file order, so the answer is the least of each list's first match.
         let by_segment = self.by_segment.get(first_segment(path)).map_or(&[][..], Vec::as_slice);
-        let mut out: Vec<usize> = Vec::with_capacity(by_segment.len() + self.always.len() + 4);
-        out.extend_from_slice(by_segment);
-        out.extend_from_slice(&self.always);
-        if let Some(set) = &self.regexes {
-            out.extend(set.matches(path).iter().map(|pattern| self.regex_routes[pattern]));
+        let first_in = |ids: &[usize]| ids.iter().copied().find(|&i| matches(i, false));
+        let best = match (first_in(by_segment), first_in(&self.always)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let Some(regexes) = &self.regexes else { return best };
+        // No regex route comes before the best so far: skip the search.
+        if best.is_some_and(|best| self.regex_routes.first().is_none_or(|&first| first > best)) {
+            return best;
         }
-        out.sort_unstable();
-        out
+        let from_regex = MATCHED_PATTERNS.with_borrow_mut(|matched| {
+            if matched.capacity() < regexes.pattern_len() {
+                *matched = PatternSet::new(regexes.pattern_len());
+            }
+            matched.clear();
+            regexes.which_overlapping_matches(&Input::new(path), matched);
+            matched
+                .iter()
+                .map(|pattern| self.regex_routes[pattern.as_usize()])
+                .take_while(|&i| best.is_none_or(|best| i < best))
+                .find(|&i| matches(i, true))
+        });
+        from_regex.or(best)
     }
+}
+
+thread_local! {
+    /// Which regexes matched the path, reused by every request of the thread.
+    static MATCHED_PATTERNS: RefCell<PatternSet> = RefCell::new(PatternSet::new(0));
 }
 
 /// Where randomness comes from, so that decisions stay pure and testable.
@@ -210,14 +240,12 @@ impl RouteTable {
     /// The first route, in file order, that matches the request.
     pub fn match_route(&self, req: &impl RequestView) -> Option<(usize, &Route)> {
         let path = req.path();
-        let regexes_searched = self.index.regexes.is_some();
-        self.index.candidates(path).into_iter().map(|i| (i, &self.routes[i])).find(|(_, route)| {
-            route.matcher.matches_with(req, |condition| match condition {
-                // Candidates by regex already matched in the set's one search.
-                PathMatch::Regex(_) if regexes_searched => true,
-                other => other.matches(path),
-            })
-        })
+        let index = self.index.first_match(path, |i, regex_matched| {
+            self.routes[i]
+                .matcher
+                .matches_with(req, |condition| regex_matched || condition.matches(path))
+        })?;
+        Some((index, &self.routes[index]))
     }
 
     /// Decides which backend serves the request.

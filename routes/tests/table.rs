@@ -342,3 +342,20 @@ fn the_route_index_keeps_file_order_across_prefix_exact_and_catch_all_routes() {
     assert_eq!(route(SimpleRequest::new("DELETE", "/other")).as_deref(), Some("everything"));
     assert_eq!(route(SimpleRequest::new("GET", "/other")), None);
 }
+
+#[test]
+fn regex_and_prefix_routes_interleave_in_file_order() {
+    let t = table(&with_route(
+        "[[routes]]\nname = \"early-regex\"\nmatch = { path_regex = \"^/api/v[0-9]+/\", methods = [\"PUT\"] }\nto = \"orders\"\npercent = 0\n\
+         [[routes]]\nname = \"api\"\nmatch = { path_prefix = \"/api\" }\nto = \"orders\"\npercent = 0\n\
+         [[routes]]\nname = \"late-regex\"\nmatch = { path_regex = \"^/(api|shop)/\" }\nto = \"orders\"\npercent = 0\n",
+    ));
+    let route = |method: &str, path: &str| {
+        t.match_route(&SimpleRequest::new(method, path)).map(|(_, r)| r.name.clone())
+    };
+    assert_eq!(route("PUT", "/api/v2/x").as_deref(), Some("early-regex"));
+    assert_eq!(route("GET", "/api/v2/x").as_deref(), Some("api"), "early-regex is PUT only");
+    assert_eq!(route("GET", "/api/other").as_deref(), Some("api"), "before late-regex");
+    assert_eq!(route("GET", "/shop/cart").as_deref(), Some("late-regex"));
+    assert_eq!(route("GET", "/other"), None);
+}
