@@ -229,15 +229,7 @@ async fn commit_to_ack_latency_is_observed_once_per_transaction() {
         db.batch_execute(&format!("INSERT INTO accounts VALUES ({id}, 1)")).await.expect("insert");
     }
     let series = "ficus_cdc_commit_to_ack_seconds";
-    let deadline = Instant::now() + QUIET;
-    let metrics = loop {
-        let metrics = cdc.metrics_text().await;
-        if common::metric(&metrics, &format!("{series}_count")) >= 10.0 {
-            break metrics;
-        }
-        assert!(Instant::now() < deadline, "fewer than 10 transactions observed:\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let metrics = cdc.wait_metric(&format!("{series}_count"), 10.0, QUIET).await;
     assert_eq!(common::metric(&metrics, &format!("{series}_count")), 10.0, "{metrics}");
     // Each commit was acknowledged within seconds (Tansu on loopback: milliseconds).
     assert_eq!(

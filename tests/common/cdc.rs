@@ -122,6 +122,11 @@ impl Cdc {
         }
     }
 
+    /// Waits until `series` reaches at least `value`; returns the metrics text then.
+    pub async fn wait_metric(&self, series: &str, value: f64, patience: Duration) -> String {
+        super::wait_metric(|| self.metrics_text(), series, value, patience).await
+    }
+
     pub async fn metrics_text(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.metrics))
             .await

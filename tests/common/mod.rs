@@ -295,15 +295,7 @@ impl Proxy {
 
     /// Waits until `series` reaches at least `value`; returns the metrics text then.
     pub async fn wait_metric(&self, series: &str, value: f64) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let text = self.metrics().await;
-            if metric(&text, series) >= value {
-                return text;
-            }
-            assert!(Instant::now() < deadline, "{series} never reached {value}:\n{text}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_metric(|| self.metrics(), series, value, PATIENCE).await
     }
 
     pub fn pid(&self) -> u32 {
@@ -369,6 +361,25 @@ pub async fn backend_for(
 }
 
 /// The value of one series in Prometheus text, or 0 when it is absent.
+/// Polls `fetch` (a metrics page) until `series` reaches at least `value`; returns the text
+/// then.
+pub async fn wait_metric<F: std::future::Future<Output = String>>(
+    fetch: impl Fn() -> F,
+    series: &str,
+    value: f64,
+    patience: Duration,
+) -> String {
+    let deadline = Instant::now() + patience;
+    loop {
+        let text = fetch().await;
+        if metric(&text, series) >= value {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{series} never reached {value}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
