@@ -147,6 +147,32 @@ async fn kill_9_during_snapshot_redoes_it_from_a_fresh_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_snapshot_stops_at_once_and_the_next_start_takes_it_again() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let rows = 300_000;
+    let db = accounts(&pg, rows).await;
+    let mut cdc = Cdc::start(&config(&pg.url("bank"), &broker, "bank", "tables = [\"accounts\"]"));
+    let series = "ficus_cdc_snapshot_rows{table=\"public.accounts\"}";
+    cdc.wait_log("snapshot started", QUIET);
+    cdc.wait_metric(series, 1.0, QUIET).await;
+    let asked = Instant::now();
+    assert!(cdc.terminate().success(), "{}", cdc.logs());
+    let stopped_in = asked.elapsed();
+    assert!(cdc.logs().contains("snapshot stopped before it finished"), "{}", cdc.logs());
+    let (sent, _) = broker.count("bank.public.accounts", rows as usize, Duration::from_secs(2));
+    assert!(sent < rows as usize, "stopped in {stopped_in:?} after sending {sent} of {rows} rows");
+    let slots: i64 =
+        db.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.expect("slots").get(0);
+    assert_eq!(slots, 0, "no slot until a whole snapshot is on Kafka");
+
+    cdc.spawn();
+    cdc.wait_log("streaming changes", Duration::from_secs(120));
+    let metrics = cdc.metrics_text().await;
+    assert_eq!(common::metric(&metrics, series), f64::from(rows), "a whole new snapshot");
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_paused_for_10_seconds_under_load_loses_nothing() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
     if !broker.is_own() {

@@ -1,12 +1,18 @@
-//! Everything ficus asks PostgreSQL with ordinary SQL: preconditions, tables, publication,
-//! slot state and key columns.
+//! Everything ficus asks PostgreSQL with ordinary SQL: preconditions, the publication and
+//! the tables it streams, slot state, and each table's key columns and column types.
+
+use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::Client;
 
 use crate::error::CdcError;
 use crate::event::Table;
+use crate::names::{quote_ident, TableName};
 use crate::pgoutput::{Column, Relation};
-use crate::wire::quote_ident;
+use crate::value::{oid, ValueType};
+
+/// The comment ficus puts on the publications it creates: only those it changes itself.
+const OWNED_MARKER: &str = "created by ficus cdc";
 
 /// Fails with instructions when the server cannot do logical replication.
 pub async fn check_wal_level(client: &Client) -> Result<(), CdcError> {
@@ -18,102 +24,205 @@ pub async fn check_wal_level(client: &Client) -> Result<(), CdcError> {
     Ok(())
 }
 
-/// The tables to stream: the configured ones (each must exist), or every user table.
-pub async fn resolve_tables(
-    client: &Client,
-    configured: Option<&[(String, String)]>,
-) -> Result<Vec<(String, String)>, CdcError> {
-    match configured {
-        Some(tables) => {
-            for (schema, table) in tables {
-                let exists = client
-                    .query_opt(
-                        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-                        &[schema, table],
-                    )
-                    .await?;
-                if exists.is_none() {
-                    return Err(CdcError::MissingTable(format!("{schema}.{table}")));
-                }
-            }
-            Ok(tables.to_vec())
-        }
-        None => {
-            let rows = client
-                .query(
-                    "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
-                     AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
-                     ORDER BY 1, 2",
-                    &[],
-                )
-                .await?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-        }
-    }
+/// A table the publication streams, as the snapshot must read it to match the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedTable {
+    pub name: TableName,
+    /// The publication's column list (PostgreSQL 15+), or every column.
+    pub columns: Option<HashSet<String>>,
+    /// The publication's row filter (PostgreSQL 15+), as SQL.
+    pub row_filter: Option<String>,
 }
 
-/// Creates the publication if missing, and adds configured tables it lacks.
-pub async fn ensure_publication(
+/// Makes the publication stream the configured tables (or takes its tables when none are
+/// configured) and returns the tables to snapshot and stream.
+///
+/// A missing publication is created, and marked as ficus's. One that lacks configured tables
+/// is extended only when ficus created it; anyone else's is left alone and the SQL to run
+/// is returned in the error. Tables it publishes beyond the configured ones are filtered
+/// out of the stream by the caller.
+pub async fn prepare_publication(
     client: &Client,
-    name: &str,
-    tables: Option<&[(String, String)]>,
-) -> Result<(), CdcError> {
-    let exists = client
-        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
+    publication: &str,
+    configured: Option<&[TableName]>,
+) -> Result<Vec<PublishedTable>, CdcError> {
+    if let Some(tables) = configured {
+        for table in tables {
+            if relkind(client, table).await?.is_none() {
+                return Err(CdcError::MissingTable(table.to_string()));
+            }
+        }
+    }
+    let quoted = quote_ident(publication);
+    let row = client
+        .query_opt(
+            "SELECT p.pubviaroot, coalesce(obj_description(p.oid, 'pg_publication'), '') = $2, \
+             p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate \
+             FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication, &OWNED_MARKER],
+        )
         .await?;
-    let qualified = |(schema, table): &(String, String)| {
-        format!("{}.{}", quote_ident(schema), quote_ident(table))
-    };
-    let result = match (exists, tables) {
-        (None, None) => {
-            client
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR ALL TABLES WITH (publish_via_partition_root = true)",
-                    quote_ident(name)
-                ))
-                .await
-        }
-        (None, Some(tables)) => {
-            let list = tables.iter().map(qualified).collect::<Vec<_>>().join(", ");
-            client
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
-                    quote_ident(name)
-                ))
-                .await
-        }
-        (Some(row), Some(tables)) if !row.get::<_, bool>(0) => {
-            let mut missing = Vec::new();
-            for table in tables {
-                let included = client
-                    .query_opt(
-                        "SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
-                         JOIN pg_class c ON c.oid = r.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                         WHERE p.pubname = $1 AND n.nspname = $2 AND c.relname = $3",
-                        &[&name, &table.0, &table.1],
-                    )
-                    .await?;
-                if included.is_none() {
-                    missing.push(qualified(table));
-                }
+    let Some(row) = row else {
+        let target = match configured {
+            Some(tables) => {
+                format!(
+                    "TABLE {}",
+                    tables.iter().map(TableName::sql).collect::<Vec<_>>().join(", ")
+                )
             }
-            if missing.is_empty() {
-                return Ok(());
-            }
-            tracing::info!(publication = name, tables = %missing.join(", "), "adding tables to the publication");
-            client
-                .batch_execute(&format!(
-                    "ALTER PUBLICATION {} ADD TABLE {}",
-                    quote_ident(name),
-                    missing.join(", ")
-                ))
-                .await
-        }
-        (Some(_), _) => return Ok(()),
+            None => "ALL TABLES".to_string(),
+        };
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {quoted} FOR {target} WITH (publish_via_partition_root = true); \
+                 COMMENT ON PUBLICATION {quoted} IS '{OWNED_MARKER}'"
+            ))
+            .await
+            .map_err(privilege_or_sql)?;
+        tracing::info!(publication, "created publication");
+        return published_tables(client, publication, configured).await;
     };
-    result.map_err(privilege_or_sql)
+    let (via_root, owned): (bool, bool) = (row.get(0), row.get(1));
+    let unpublished: Vec<&str> = ["insert", "update", "delete", "truncate"]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !row.get::<_, bool>(i + 2))
+        .map(|(_, op)| op)
+        .collect();
+    if !unpublished.is_empty() {
+        tracing::warn!(publication, operations = %unpublished.join(", "), "the publication does not publish these operations: they will not reach Kafka");
+    }
+    let Some(configured) = configured else {
+        return published_tables(client, publication, None).await;
+    };
+
+    // Partitions are streamed under their partitioned table only with this option.
+    let mut partitioned = Vec::new();
+    for table in configured {
+        if relkind(client, table).await? == Some(b'p') {
+            partitioned.push(table.to_string());
+        }
+    }
+    if !via_root && !partitioned.is_empty() {
+        let sql = format!("ALTER PUBLICATION {quoted} SET (publish_via_partition_root = true)");
+        if !owned {
+            return Err(CdcError::Publication {
+                publication: publication.to_string(),
+                problem: format!(
+                    "it streams the partitions of {} as separate tables",
+                    partitioned.join(", ")
+                ),
+                sql,
+            });
+        }
+        tracing::warn!(publication, "setting publish_via_partition_root on the publication");
+        client.batch_execute(&sql).await.map_err(privilege_or_sql)?;
+    }
+
+    let published = published_tables(client, publication, None).await?;
+    let missing: Vec<&TableName> =
+        configured.iter().filter(|t| !published.iter().any(|p| &p.name == *t)).collect();
+    if !missing.is_empty() {
+        let names = missing.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "ALTER PUBLICATION {quoted} ADD TABLE {}",
+            missing.iter().map(|t| t.sql()).collect::<Vec<_>>().join(", ")
+        );
+        if !owned {
+            return Err(CdcError::Publication {
+                publication: publication.to_string(),
+                problem: format!("it does not publish the configured tables {names}"),
+                sql,
+            });
+        }
+        tracing::warn!(publication, tables = %names, "adding configured tables to the publication");
+        client.batch_execute(&sql).await.map_err(privilege_or_sql)?;
+    }
+    published_tables(client, publication, Some(configured)).await
+}
+
+/// The publication's tables, with their column lists and row filters; only `only`'s when
+/// given, in its order.
+async fn published_tables(
+    client: &Client,
+    publication: &str,
+    only: Option<&[TableName]>,
+) -> Result<Vec<PublishedTable>, CdcError> {
+    let version: i32 =
+        client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    let details =
+        if version >= 150_000 { "attnames, rowfilter" } else { "NULL::name[], NULL::text" };
+    let rows = client
+        .query(
+            &format!(
+                "SELECT schemaname::text, tablename::text, {details} FROM pg_publication_tables \
+                 WHERE pubname = $1 ORDER BY 1, 2"
+            ),
+            &[&publication],
+        )
+        .await?;
+    let all: Vec<PublishedTable> = rows
+        .iter()
+        .map(|r| PublishedTable {
+            name: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            columns: r.get::<_, Option<Vec<String>>>(2).map(|c| c.into_iter().collect()),
+            row_filter: r.get(3),
+        })
+        .collect();
+    Ok(match only {
+        None => all,
+        Some(only) => {
+            only.iter().filter_map(|name| all.iter().find(|t| &t.name == name).cloned()).collect()
+        }
+    })
+}
+
+/// The `relkind` of a table, if it exists as a table (`r`) or partitioned table (`p`).
+async fn relkind(client: &Client, table: &TableName) -> Result<Option<u8>, CdcError> {
+    let row = client
+        .query_opt(
+            "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, i8>(0) as u8))
+}
+
+/// Refuses tables whose deletes could not name their key: a replica identity index that
+/// leaves out part of the primary key (the key of every event), so a delete carries neither.
+pub async fn check_replica_identities(
+    client: &Client,
+    tables: &[PublishedTable],
+) -> Result<(), CdcError> {
+    for table in tables {
+        let row = client
+            .query_opt(
+                "SELECT ri.indexrelid::regclass::text, \
+                 (SELECT string_agg(quote_ident(a.attname), ', ') FROM pg_attribute a \
+                  WHERE a.attrelid = pk.indrelid AND a.attnum = ANY(pk.indkey)) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_index ri ON ri.indrelid = c.oid AND ri.indisreplident \
+                 JOIN pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relreplident = 'i' \
+                 AND NOT (pk.indkey::int2[] <@ ri.indkey::int2[])",
+                &[&table.name.schema, &table.name.name],
+            )
+            .await?;
+        if let Some(row) = row {
+            let (index, key): (String, String) = (row.get(0), row.get(1));
+            return Err(CdcError::ReplicaIdentity(
+                table.name.to_string(),
+                format!(
+                    "its replica identity index {index} does not contain its primary key ({key}), \
+                     so its deletes would carry no key: run ALTER TABLE {} REPLICA IDENTITY DEFAULT \
+                     (or FULL)",
+                    table.name.sql()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn privilege_or_sql(e: tokio_postgres::Error) -> CdcError {
@@ -140,85 +249,196 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     Ok(row.map(|r| SlotState { active_pid: r.get(0), wal_status: r.get(1), plugin: r.get(2) }))
 }
 
-/// A table's columns in order and its key, as the snapshot needs before any Relation message.
-pub async fn table_schema(
-    client: &Client,
-    schema: &str,
-    table: &str,
-    topic_prefix: &str,
-) -> Result<Table, CdcError> {
-    let row = client
-        .query_one(
-            "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2",
-            &[&schema, &table],
-        )
-        .await?;
-    let oid: u32 = row.get(0);
-    let identity: String = row.get(1);
-    let rows = client
-        .query(
-            "SELECT a.attname, a.atttypid, a.atttypmod FROM pg_attribute a \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
-            &[&oid],
-        )
-        .await?;
-    let columns = rows
-        .iter()
-        .map(|r| Column {
-            is_key: false,
-            name: r.get(0),
-            type_oid: r.get(1),
-            type_modifier: r.get(2),
+/// What ficus knows of the database's schema while it streams: each column type's encoding
+/// and each table's primary key, remembered so that changes decoded after a table was
+/// dropped still get their key.
+pub struct Catalog {
+    types: HashMap<u32, ValueType>,
+    primary_keys: HashMap<u32, Vec<String>>,
+    /// Fraction digits of `money` under the database's own `lc_monetary`.
+    money_scale: u32,
+}
+
+impl Catalog {
+    /// Reads the database's money scale and every table's primary key.
+    pub async fn load(client: &Client) -> Result<Catalog, CdcError> {
+        // ficus's sessions use lc_monetary=C; the scale that gives money its meaning is the
+        // database's default, which RESET restores until the ROLLBACK.
+        client.batch_execute("BEGIN; RESET lc_monetary").await?;
+        let scale: i32 = client.query_one("SELECT scale(0::money::numeric)", &[]).await?.get(0);
+        client.batch_execute("ROLLBACK").await?;
+        let rows = client
+            .query(
+                "SELECT i.indrelid, a.attname::text FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indisprimary ORDER BY i.indrelid, array_position(i.indkey::int2[], a.attnum)",
+                &[],
+            )
+            .await?;
+        let mut primary_keys: HashMap<u32, Vec<String>> = HashMap::new();
+        for row in &rows {
+            primary_keys.entry(row.get(0)).or_default().push(row.get(1));
+        }
+        Ok(Catalog {
+            types: HashMap::new(),
+            primary_keys,
+            money_scale: u32::try_from(scale).unwrap_or(2),
         })
-        .collect();
-    let relation = Relation {
-        id: oid,
-        namespace: schema.to_string(),
-        name: table.to_string(),
-        replica_identity: identity.bytes().next().unwrap_or(b'd'),
-        columns,
-    };
-    table_for(client, relation, topic_prefix).await
-}
+    }
 
-/// Builds the event view of a relation: its topic and key columns.
-///
-/// The key is the primary key, except under `REPLICA IDENTITY USING INDEX`, where it is that
-/// index's columns: those are the values a delete carries. Without either (or under FULL
-/// without a primary key) events have a null key.
-pub async fn table_for(
-    client: &Client,
-    relation: Relation,
-    topic_prefix: &str,
-) -> Result<Table, CdcError> {
-    let index =
-        if relation.replica_identity == b'i' { "i.indisreplident" } else { "i.indisprimary" };
-    let rows = client
-        .query(
-            &format!(
-                "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                 WHERE i.indrelid = $1 AND {index} ORDER BY array_position(i.indkey::int2[], a.attnum)"
-            ),
-            &[&relation.id],
-        )
-        .await?;
-    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let key = names
-        .iter()
-        .filter_map(|name| relation.columns.iter().position(|c| &c.name == name))
-        .collect();
-    let topic = topic_name(topic_prefix, &relation.namespace, &relation.name);
-    Ok(Table { relation, key, topic })
-}
+    /// A published table as the snapshot reads it: its columns (those the publication
+    /// streams) in order, its identity and key, as they are now.
+    pub async fn table_schema(
+        &mut self,
+        client: &Client,
+        table: &PublishedTable,
+        topic: String,
+    ) -> Result<Table, CdcError> {
+        let row = client
+            .query_one(
+                "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&table.name.schema, &table.name.name],
+            )
+            .await?;
+        let oid: u32 = row.get(0);
+        let identity: String = row.get(1);
+        let primary_key = self.primary_key(client, oid).await?.unwrap_or_default();
+        let rows = client
+            .query(
+                "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_attribute a \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                 ORDER BY a.attnum",
+                &[&oid],
+            )
+            .await?;
+        let columns = rows
+            .iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                Column {
+                    is_key: primary_key.contains(&name),
+                    name,
+                    type_oid: r.get(1),
+                    type_modifier: r.get(2),
+                }
+            })
+            .filter(|c| table.columns.as_ref().is_none_or(|published| published.contains(&c.name)))
+            .collect();
+        let relation = Relation {
+            id: oid,
+            namespace: table.name.schema.clone(),
+            name: table.name.name.clone(),
+            replica_identity: identity.bytes().next().unwrap_or(b'd'),
+            columns,
+        };
+        self.table_for(client, relation, topic).await
+    }
 
-/// `<prefix>.<schema>.<table>`, with characters Kafka does not allow in topic names replaced
-/// by `_`, as Debezium does.
-pub fn topic_name(prefix: &str, schema: &str, table: &str) -> String {
-    format!("{prefix}.{schema}.{table}")
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
-        .collect()
+    /// The event view of a relation: its topic, its columns' encodings and its key.
+    ///
+    /// The key is the primary key. Under the default replica identity, the Relation message
+    /// flags exactly the primary key as it was when the change was made. Under FULL, USING
+    /// INDEX or NOTHING it flags other columns, so the primary key comes from the catalog,
+    /// or from memory when the table has been dropped since. A table without one is keyed by
+    /// its replica identity index, or has null keys.
+    pub async fn table_for(
+        &mut self,
+        client: &Client,
+        relation: Relation,
+        topic: String,
+    ) -> Result<Table, CdcError> {
+        let flagged: Vec<String> =
+            relation.columns.iter().filter(|c| c.is_key).map(|c| c.name.clone()).collect();
+        let identity_key =
+            || if relation.replica_identity == b'i' { flagged.clone() } else { Vec::new() };
+        let names = if relation.replica_identity == b'd' {
+            flagged.clone()
+        } else {
+            match self.primary_key(client, relation.id).await? {
+                Some(pk) if !pk.is_empty() => pk,
+                Some(_) => identity_key(),
+                None => self.primary_keys.get(&relation.id).cloned().unwrap_or_else(identity_key),
+            }
+        };
+        let key = names
+            .iter()
+            .filter_map(|name| relation.columns.iter().position(|c| &c.name == name))
+            .collect();
+        let mut types = Vec::with_capacity(relation.columns.len());
+        for column in &relation.columns {
+            types.push(self.value_type(client, column.type_oid).await?);
+        }
+        Ok(Table { relation, types, key, topic })
+    }
+
+    /// The table's primary key columns now (empty without one), remembered; `None` when the
+    /// table no longer exists.
+    async fn primary_key(
+        &mut self,
+        client: &Client,
+        oid: u32,
+    ) -> Result<Option<Vec<String>>, CdcError> {
+        let exists = client.query_opt("SELECT 1 FROM pg_class WHERE oid = $1", &[&oid]).await?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                &[&oid],
+            )
+            .await?;
+        let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        if names.is_empty() {
+            self.primary_keys.remove(&oid);
+        } else {
+            self.primary_keys.insert(oid, names.clone());
+        }
+        Ok(Some(names))
+    }
+
+    /// How values of a type are encoded: domains (over domains) resolve to their base type,
+    /// arrays to arrays of their element's encoding.
+    async fn value_type(&mut self, client: &Client, type_oid: u32) -> Result<ValueType, CdcError> {
+        if let Some(known) = self.types.get(&type_oid) {
+            return Ok(known.clone());
+        }
+        let (mut base, mut dimensions) = (type_oid, 0);
+        // Bounded: the catalog has no cycles, but a garbled answer must not loop forever.
+        for _ in 0..64 {
+            let row = client
+                .query_opt(
+                    "SELECT typtype::text, typbasetype, typelem, typcategory::text, typlen \
+                     FROM pg_type WHERE oid = $1",
+                    &[&base],
+                )
+                .await?;
+            let Some(row) = row else { break };
+            let (kind, base_type, element, category, len): (String, u32, u32, String, i16) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            if kind == "d" {
+                base = base_type;
+            } else if category == "A" && element != 0 && len == -1 {
+                dimensions += 1;
+                base = element;
+            } else {
+                break;
+            }
+        }
+        let mut ty = if base == oid::MONEY {
+            ValueType::Money { scale: self.money_scale }
+        } else {
+            ValueType::Scalar(base)
+        };
+        for _ in 0..dimensions {
+            ty = ValueType::Array(Box::new(ty));
+        }
+        self.types.insert(type_oid, ty.clone());
+        Ok(ty)
+    }
 }
 
 /// Whether `COPY` of the table must say `ONLY`: plain tables may have inheritance children,

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 
 use crate::error::CdcError;
+use crate::names::TableName;
 use crate::tls::{client_config, SslMode, TlsSettings};
 use crate::wire::ConnectParams;
 
@@ -45,7 +46,9 @@ pub struct SourceConfig {
     /// Logical replication slot (pgoutput); created if missing.
     #[serde(default = "default_name")]
     pub slot: String,
-    /// `schema.table` names; absent means every table (a publication FOR ALL TABLES).
+    /// `schema.table` names (quoted as in SQL where a name holds dots or quotes:
+    /// `'"a.b".c'`); exactly these are snapshotted and streamed. Absent: the publication's
+    /// tables (every table, for the publication ficus creates).
     #[serde(default)]
     pub tables: Option<Vec<String>>,
     #[serde(default)]
@@ -192,20 +195,28 @@ impl SourceConfig {
         if self.heartbeat.is_zero() {
             return Err(CdcError::Config("source.heartbeat must be above zero".into()));
         }
+        self.table_names()?;
         self.split_url().map(drop)
     }
 
-    /// Configured tables split into (schema, table), `public` when no schema is given.
-    pub fn table_names(&self) -> Option<Vec<(String, String)>> {
-        self.tables.as_ref().map(|tables| {
-            tables
-                .iter()
-                .map(|t| match t.split_once('.') {
-                    Some((schema, table)) => (schema.to_string(), table.to_string()),
-                    None => ("public".to_string(), t.clone()),
-                })
-                .collect()
-        })
+    /// The configured tables, parsed; every malformed or repeated name is reported.
+    pub fn table_names(&self) -> Result<Option<Vec<TableName>>, CdcError> {
+        let Some(tables) = &self.tables else { return Ok(None) };
+        let mut names = Vec::with_capacity(tables.len());
+        let mut errors = Vec::new();
+        for (index, text) in tables.iter().enumerate() {
+            match TableName::parse(text) {
+                Ok(name) if names.contains(&name) => {
+                    errors.push(format!("source.tables[{index}]: {name} is listed twice"))
+                }
+                Ok(name) => names.push(name),
+                Err(e) => errors.push(format!("source.tables[{index}]: {e}")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(CdcError::Config(errors.join("; ")));
+        }
+        Ok(Some(names))
     }
 }
 
@@ -287,5 +298,20 @@ mod tests {
         );
         assert_eq!(params.password.as_deref(), Some("sécret".as_bytes()));
         assert!(params.tls.is_none());
+    }
+
+    #[test]
+    fn configured_tables_parse_and_every_bad_one_is_named() {
+        let mut config = source("postgres://u@db/shop");
+        config.tables = Some(vec!["orders".into(), "\"a.b\".c".into()]);
+        let names = config.table_names().expect("valid").expect("configured");
+        assert_eq!(names, [TableName::new("public", "orders"), TableName::new("a.b", "c")]);
+        config.tables = Some(vec!["a.b.c".into(), "ok".into(), "public.ok".into(), "\"x".into()]);
+        let error = config.validate().expect_err("invalid").to_string();
+        assert!(
+            error.contains("source.tables[0]") && error.contains("source.tables[3]"),
+            "{error}"
+        );
+        assert!(error.contains("source.tables[2]: public.ok is listed twice"), "{error}");
     }
 }

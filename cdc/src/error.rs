@@ -53,10 +53,26 @@ pub enum CdcError {
     SlotInUse { slot: String, pid: String },
     #[error("replication slot \"{slot}\" is {status}: PostgreSQL removed WAL it still needed, so changes were lost. Drop the slot (SELECT pg_drop_replication_slot('{slot}')) and start again to take a new snapshot")]
     SlotLost { slot: String, status: String },
+    #[error("table {0}: {1}")]
+    ReplicaIdentity(String, String),
+    #[error("publication \"{publication}\": {problem}. ficus changes only publications it created; run as a user who may: {sql}")]
+    Publication { publication: String, problem: String, sql: String },
+    #[error("tables {first} and {second} both map to topic {topic}, which would mix their rows under the same keys: list only one of them in source.tables, or rename one")]
+    TopicCollision { topic: String, first: String, second: String },
     #[error("Kafka: {0}")]
     Kafka(String),
     #[error("Kafka refused a record for {topic}: {message}")]
     KafkaDelivery { topic: String, message: String },
+}
+
+impl From<crate::names::TopicCollision> for CdcError {
+    fn from(c: crate::names::TopicCollision) -> CdcError {
+        CdcError::TopicCollision {
+            topic: c.topic,
+            first: c.first.to_string(),
+            second: c.second.to_string(),
+        }
+    }
 }
 
 impl CdcError {

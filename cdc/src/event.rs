@@ -9,12 +9,15 @@ use serde_json::Value;
 
 use crate::lsn::Lsn;
 use crate::pgoutput::{Datum, Relation};
-use crate::value::{to_json, UNAVAILABLE};
+use crate::value::{to_json, ValueType, UNAVAILABLE};
 
-/// A table as events need it: its columns and which of them form the Kafka key.
+/// A table as events need it: its columns, how each is encoded, and which of them form the
+/// Kafka key.
 #[derive(Debug, Clone)]
 pub struct Table {
     pub relation: Relation,
+    /// The encoding of each column of `relation`, in order.
+    pub types: Vec<ValueType>,
     /// Indexes of the key columns: the primary key, else the replica identity; empty when
     /// the table has neither (its events then have a null key).
     pub key: Vec<usize>,
@@ -68,31 +71,40 @@ pub struct Record {
     pub topic: String,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+    /// Kafka headers: Debezium's `__debezium.oldkey` / `__debezium.newkey` on key changes.
+    pub headers: Vec<(&'static str, Vec<u8>)>,
 }
+
+/// The header of the delete half of a key change: the key the row moved to.
+pub const NEW_KEY_HEADER: &str = "__debezium.newkey";
+/// The header of the create half of a key change: the key the row came from.
+pub const OLD_KEY_HEADER: &str = "__debezium.oldkey";
 
 /// A row image: one optional text value per column (`None` is SQL NULL), or the marker of
 /// an unchanged TOASTed value.
 pub type Row<'a> = &'a [Datum];
 
-/// The records of one row change: the event, and for a delete its tombstone.
+/// The records of one row change: the event, and for a delete with a key its tombstone.
 ///
-/// `before` and `after` are the old and new row images; for an unchanged TOASTed column in
-/// `after`, the value from `before` is used when present, else Debezium's placeholder.
+/// `before` and `after` are the row images the event shows; `old` is the whole old row when
+/// PostgreSQL sent it (REPLICA IDENTITY FULL), where an unchanged TOASTed column of `after`
+/// takes its value from; without it, such a column gets Debezium's placeholder.
 pub fn change(
     table: &Table,
     op: Op,
     before: Option<Row<'_>>,
     after: Option<Row<'_>>,
+    old: Option<Row<'_>>,
     source: &Source<'_>,
     now_ms: i64,
 ) -> Vec<Record> {
     let key_row = after.or(before);
-    let key = key_row.and_then(|row| key_json(table, row, before));
+    let key = key_row.and_then(|row| key_json(table, row, old));
     let mut value = String::with_capacity(256);
     value.push_str("{\"before\":");
     write_row(&mut value, table, before, None);
     value.push_str(",\"after\":");
-    write_row(&mut value, table, after, before);
+    write_row(&mut value, table, after, old);
     value.push_str(",\"source\":");
     write_source(&mut value, table, source);
     let _ = write!(value, ",\"op\":\"{}\",\"ts_ms\":{now_ms},\"transaction\":null}}", op.code());
@@ -100,11 +112,12 @@ pub fn change(
         topic: table.topic.clone(),
         key: key.clone(),
         value: Some(value.into_bytes()),
+        headers: Vec::new(),
     }];
     // A tombstone removes a key from a compacted topic; without a key there is nothing to
     // remove, and Kafka would refuse it.
     if op == Op::Delete && key.is_some() {
-        records.push(Record { topic: table.topic.clone(), key, value: None });
+        records.push(Record { topic: table.topic.clone(), key, value: None, headers: Vec::new() });
     }
     records
 }
@@ -115,12 +128,26 @@ pub fn truncate(table: &Table, source: &Source<'_>, now_ms: i64) -> Record {
     value.push_str("{\"before\":null,\"after\":null,\"source\":");
     write_source(&mut value, table, source);
     let _ = write!(value, ",\"op\":\"t\",\"ts_ms\":{now_ms},\"transaction\":null}}");
-    Record { topic: table.topic.clone(), key: None, value: Some(value.into_bytes()) }
+    Record {
+        topic: table.topic.clone(),
+        key: None,
+        value: Some(value.into_bytes()),
+        headers: Vec::new(),
+    }
 }
 
-/// The key of a row: `{"id":1}`, or `None` for a table without key columns.
+/// The key of a row: `{"id":1}`, or `None` for a table without key columns, or when the row
+/// image does not carry every key column (a key column is never NULL: a NULL there is a
+/// column the replica identity left out).
 pub fn key_json(table: &Table, row: Row<'_>, fallback: Option<Row<'_>>) -> Option<Vec<u8>> {
-    if table.key.is_empty() {
+    let carried = |index: usize| match row.get(index) {
+        Some(Datum::Text(_) | Datum::Binary(_)) => true,
+        Some(Datum::UnchangedToast) => {
+            matches!(fallback.and_then(|f| f.get(index)), Some(Datum::Text(_) | Datum::Binary(_)))
+        }
+        Some(Datum::Null) | None => false,
+    };
+    if table.key.is_empty() || !table.key.iter().all(|&index| carried(index)) {
         return None;
     }
     let mut out = String::with_capacity(32);
@@ -129,10 +156,14 @@ pub fn key_json(table: &Table, row: Row<'_>, fallback: Option<Row<'_>>) -> Optio
         if n > 0 {
             out.push(',');
         }
-        let column = &table.relation.columns[index];
-        write_str(&mut out, &column.name);
+        write_str(&mut out, &table.relation.columns[index].name);
         out.push(':');
-        write_datum(&mut out, column.type_oid, row.get(index), fallback.and_then(|f| f.get(index)));
+        write_datum(
+            &mut out,
+            &table.types[index],
+            row.get(index),
+            fallback.and_then(|f| f.get(index)),
+        );
     }
     out.push('}');
     Some(out.into_bytes())
@@ -144,25 +175,25 @@ fn write_row(out: &mut String, table: &Table, row: Option<Row<'_>>, fallback: Op
         return;
     };
     out.push('{');
-    for (index, column) in table.relation.columns.iter().enumerate() {
+    for (index, (column, ty)) in table.relation.columns.iter().zip(&table.types).enumerate() {
         if index > 0 {
             out.push(',');
         }
         write_str(out, &column.name);
         out.push(':');
-        write_datum(out, column.type_oid, row.get(index), fallback.and_then(|f| f.get(index)));
+        write_datum(out, ty, row.get(index), fallback.and_then(|f| f.get(index)));
     }
     out.push('}');
 }
 
-fn write_datum(out: &mut String, type_oid: u32, datum: Option<&Datum>, fallback: Option<&Datum>) {
+fn write_datum(out: &mut String, ty: &ValueType, datum: Option<&Datum>, fallback: Option<&Datum>) {
     match datum {
         Some(Datum::Text(bytes)) | Some(Datum::Binary(bytes)) => {
             let text = String::from_utf8_lossy(bytes);
-            write_value(out, &to_json(type_oid, &text));
+            write_value(out, &to_json(ty, &text));
         }
         Some(Datum::UnchangedToast) => match fallback {
-            Some(old @ Datum::Text(_)) => write_datum(out, type_oid, Some(old), None),
+            Some(old @ Datum::Text(_)) => write_datum(out, ty, Some(old), None),
             _ => write_str(out, UNAVAILABLE),
         },
         Some(Datum::Null) | None => out.push_str("null"),
@@ -209,6 +240,7 @@ fn write_value(out: &mut String, value: &Value) {
 mod tests {
     use super::*;
     use crate::pgoutput::Column;
+    use crate::value::ValueType;
     use bytes::Bytes;
     use serde_json::json;
 
@@ -231,6 +263,7 @@ mod tests {
                     column("note", 25, false),
                 ],
             },
+            types: vec![ValueType::Scalar(23), ValueType::Scalar(25), ValueType::Scalar(25)],
             key: vec![0],
             topic: "shop.public.orders".into(),
         }
@@ -260,7 +293,7 @@ mod tests {
     #[test]
     fn an_update_is_the_documented_envelope() {
         let after = [text("1"), text("a@x"), Datum::Null];
-        let records = change(&table(), Op::Update, None, Some(&after), &source(), 5);
+        let records = change(&table(), Op::Update, None, Some(&after), None, &source(), 5);
         assert_eq!(records.len(), 1);
         assert_eq!(parse(&records[0].key), json!({"id": 1}));
         assert_eq!(
@@ -278,7 +311,7 @@ mod tests {
     #[test]
     fn a_delete_is_followed_by_a_tombstone() {
         let before = [text("7"), Datum::Null, Datum::Null];
-        let records = change(&table(), Op::Delete, Some(&before), None, &source(), 5);
+        let records = change(&table(), Op::Delete, Some(&before), None, None, &source(), 5);
         assert_eq!(records.len(), 2);
         assert_eq!(
             parse(&records[0].value)["before"],
@@ -293,9 +326,13 @@ mod tests {
     fn unchanged_toast_uses_the_old_value_or_the_placeholder() {
         let before = [text("1"), text("a@x"), text("long text")];
         let after = [text("1"), text("b@x"), Datum::UnchangedToast];
-        let full = change(&table(), Op::Update, Some(&before), Some(&after), &source(), 5);
+        let full =
+            change(&table(), Op::Update, Some(&before), Some(&after), Some(&before), &source(), 5);
         assert_eq!(parse(&full[0].value)["after"]["note"], json!("long text"));
-        let keyed = change(&table(), Op::Update, None, Some(&after), &source(), 5);
+        let moved = change(&table(), Op::Create, None, Some(&after), Some(&before), &source(), 5);
+        assert_eq!(parse(&moved[0].value)["before"], json!(null));
+        assert_eq!(parse(&moved[0].value)["after"]["note"], json!("long text"));
+        let keyed = change(&table(), Op::Update, None, Some(&after), None, &source(), 5);
         assert_eq!(parse(&keyed[0].value)["after"]["note"], json!(UNAVAILABLE));
     }
 
@@ -304,10 +341,20 @@ mod tests {
         let mut t = table();
         t.key.clear();
         let after = [text("1"), text("a"), text("b")];
-        assert_eq!(change(&t, Op::Create, None, Some(&after), &source(), 5)[0].key, None);
+        assert_eq!(change(&t, Op::Create, None, Some(&after), None, &source(), 5)[0].key, None);
         let record = truncate(&t, &source(), 5);
         let value = parse(&record.value);
         assert_eq!(value["op"], "t");
         assert_eq!(value["after"], json!(null));
+    }
+
+    #[test]
+    fn a_delete_whose_image_lacks_the_key_has_no_key_and_no_tombstone() {
+        // REPLICA IDENTITY USING INDEX on (email): the old image carries email, not id.
+        let before = [Datum::Null, text("a@x"), Datum::Null];
+        let records = change(&table(), Op::Delete, Some(&before), None, None, &source(), 5);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].key, None);
+        assert_eq!(parse(&records[0].value)["before"]["email"], json!("a@x"));
     }
 }

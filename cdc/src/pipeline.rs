@@ -5,7 +5,7 @@
 //! pipeline from the slot after a backoff; since nothing unacknowledged was confirmed, the
 //! restart resends the unconfirmed tail and loses nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,16 +14,17 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
-use crate::catalog;
+use crate::catalog::{self, Catalog, PublishedTable};
 use crate::config::{CdcConfig, SnapshotMode};
 use crate::copy::CopyRows;
 use crate::error::CdcError;
-use crate::event::{self, Op, Record, Source, Table};
+use crate::event::{self, Op, Record, Source, Table, NEW_KEY_HEADER, OLD_KEY_HEADER};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::pgoutput::{self, Datum, Message, OldKind, PG_EPOCH_OFFSET_MICROS};
+use crate::names::{quote_ident, TableName, Topics};
+use crate::pgoutput::{self, Datum, Message, OldKind, Relation, PG_EPOCH_OFFSET_MICROS};
 use crate::sink::{Commit, InFlight, SendError, Sink};
-use crate::wire::{quote_ident, ReplicationConnection, StreamMessage, SESSION_SETTINGS};
+use crate::wire::{ReplicationConnection, StreamMessage, SESSION_SETTINGS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -79,6 +80,47 @@ struct Pipeline<'c> {
 enum Pending {
     Record(Record),
     Commit(Commit),
+}
+
+/// The tables of the stream: what each relation id is, which are streamed, their topics.
+struct Relations {
+    catalog: Catalog,
+    topics: Topics,
+    /// The configured tables: only these are streamed. `None`: whatever the publication sends.
+    include: Option<HashSet<TableName>>,
+    /// Each relation seen, by id: its table, or `None` when it is filtered out.
+    known: HashMap<u32, Option<Arc<Table>>>,
+}
+
+impl Relations {
+    /// What a change of relation `id` is for: `Ok(None)` for a table filtered out.
+    fn table(&self, id: u32) -> Result<Option<Arc<Table>>, CdcError> {
+        self.known.get(&id).cloned().ok_or_else(|| {
+            CdcError::Protocol(format!("change for relation {id} before its Relation message"))
+        })
+    }
+
+    /// Takes in a Relation message: the table of a streamed relation, or none.
+    async fn learn(
+        &mut self,
+        client: &Client,
+        relation: Relation,
+        prefix: &str,
+    ) -> Result<Option<Arc<Table>>, CdcError> {
+        let name = TableName::new(&relation.namespace, &relation.name);
+        if self.include.as_ref().is_some_and(|include| !include.contains(&name)) {
+            if let Some(Some(was)) = self.known.get(&relation.id) {
+                let was = TableName::new(&was.relation.namespace, &was.relation.name);
+                tracing::warn!(table = %was, now = %name, "a streamed table was renamed to a name not in source.tables: its changes are no longer streamed");
+            }
+            self.known.insert(relation.id, None);
+            return Ok(None);
+        }
+        let topic = self.topics.claim(prefix, &name)?;
+        let table = Arc::new(self.catalog.table_for(client, relation, topic).await?);
+        self.known.insert(table.relation.id, Some(table.clone()));
+        Ok(Some(table))
+    }
 }
 
 /// The transaction being streamed.
@@ -149,16 +191,26 @@ impl<'c> Pipeline<'c> {
 
     async fn run_once(mut self, shutdown: watch::Receiver<bool>) -> Result<(), CdcError> {
         let source = &self.config.source;
+        let prefix = &self.config.kafka.topic_prefix;
         let client = self.sql_client().await?;
         catalog::check_wal_level(&client).await?;
-        let configured = source.table_names();
-        let tables = catalog::resolve_tables(&client, configured.as_deref()).await?;
-        catalog::ensure_publication(&client, &source.publication, configured.as_deref()).await?;
-        let topics: Vec<String> = tables
-            .iter()
-            .map(|(s, t)| catalog::topic_name(&self.config.kafka.topic_prefix, s, t))
-            .collect();
-        self.sink.ensure_topics(&topics).await?;
+        let configured = source.table_names()?;
+        let tables =
+            catalog::prepare_publication(&client, &source.publication, configured.as_deref())
+                .await?;
+        catalog::check_replica_identities(&client, &tables).await?;
+        let mut topics = Topics::default();
+        let mut topic_names = Vec::with_capacity(tables.len());
+        for table in &tables {
+            topic_names.push(topics.claim(prefix, &table.name)?);
+        }
+        self.sink.ensure_topics(&topic_names).await?;
+        let mut relations = Relations {
+            catalog: Catalog::load(&client).await?,
+            topics,
+            include: configured.map(|tables| tables.into_iter().collect()),
+            known: HashMap::new(),
+        };
 
         let slot = catalog::slot_state(&client, &source.slot).await?;
         match &slot {
@@ -180,8 +232,15 @@ impl<'c> Pipeline<'c> {
             _ => {}
         }
         match (slot.is_some(), source.snapshot) {
-            (_, SnapshotMode::InitialOnly) => return self.snapshot(&tables, false).await,
-            (false, SnapshotMode::Initial) => self.snapshot(&tables, true).await?,
+            (_, SnapshotMode::InitialOnly) => {
+                self.snapshot_unless_stopped(&tables, false, &mut relations, &shutdown).await?;
+                return Ok(());
+            }
+            (false, SnapshotMode::Initial) => {
+                if !self.snapshot_unless_stopped(&tables, true, &mut relations, &shutdown).await? {
+                    return Ok(());
+                }
+            }
             (false, SnapshotMode::Never) => {
                 let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
                 let sql = format!(
@@ -193,7 +252,33 @@ impl<'c> Pipeline<'c> {
             }
             (true, _) => {}
         }
-        self.stream(&client, shutdown).await
+        self.stream(&client, relations, shutdown).await
+    }
+
+    /// Runs the snapshot, unless shutdown comes first: then it stops at once, and the false
+    /// it returns says so. Stopping loses nothing: the slot exists only once every row is
+    /// on Kafka, so the next start takes the snapshot again from the beginning.
+    async fn snapshot_unless_stopped(
+        &mut self,
+        tables: &[PublishedTable],
+        make_permanent: bool,
+        relations: &mut Relations,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, CdcError> {
+        let mut shutdown = shutdown.clone();
+        let stop = async {
+            // A signal that came before the snapshot started counts too.
+            if !*shutdown.borrow_and_update() {
+                let _ = shutdown.changed().await;
+            }
+        };
+        tokio::select! {
+            result = self.snapshot(tables, make_permanent, &mut relations.catalog) => result.map(|()| true),
+            () = stop => {
+                tracing::warn!("snapshot stopped before it finished; the next start takes it again from the beginning, so the rows sent so far will be sent again");
+                Ok(false)
+            }
+        }
     }
 
     /// Copies every table inside the snapshot of a new slot, then makes the slot permanent.
@@ -203,8 +288,9 @@ impl<'c> Pipeline<'c> {
     /// copied to its permanent name at the same consistent point.
     async fn snapshot(
         &mut self,
-        tables: &[(String, String)],
+        tables: &[PublishedTable],
         make_permanent: bool,
+        catalog: &mut Catalog,
     ) -> Result<(), CdcError> {
         let source = &self.config.source;
         let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
@@ -242,13 +328,12 @@ impl<'c> Pipeline<'c> {
         let started_ms = now_ms();
         let mut held: Option<(usize, Vec<Datum>)> = None;
         let mut schemas = Vec::with_capacity(tables.len());
-        for (index, (schema, name)) in tables.iter().enumerate() {
-            let table =
-                catalog::table_schema(&reader, schema, name, &self.config.kafka.topic_prefix)
-                    .await?;
+        for (index, published) in tables.iter().enumerate() {
+            let topic = published.name.topic(&self.config.kafka.topic_prefix);
+            let table = catalog.table_schema(&reader, published, topic).await?;
             schemas.push(table);
             let table = &schemas[index];
-            let label = format!("{schema}.{name}");
+            let label = format!("{}.{}", published.name.schema, published.name.name);
             let estimate: f32 = reader
                 .query_one("SELECT reltuples FROM pg_class WHERE oid = $1", &[&table.relation.id])
                 .await?
@@ -266,16 +351,21 @@ impl<'c> Pipeline<'c> {
                 .join(", ");
             let only =
                 if catalog::copy_only(&reader, table.relation.id).await? { "ONLY " } else { "" };
+            // The publication's row filter, so that the snapshot holds what the stream would.
+            let filter =
+                published.row_filter.as_ref().map_or(String::new(), |f| format!(" WHERE {f}"));
             let copy = format!(
-                "COPY (SELECT {columns} FROM {only}{}.{}) TO STDOUT",
-                quote_ident(schema),
-                quote_ident(name)
+                "COPY (SELECT {columns} FROM {only}{}{filter}) TO STDOUT",
+                published.name.sql()
             );
             let stream = reader.copy_out(&copy).await?;
             futures_util::pin_mut!(stream);
             let mut parser = CopyRows::default();
             let (mut copied, mut last_log) = (0_i64, Instant::now());
             while let Some(chunk) = stream.next().await {
+                // COPY data arrives through a channel that is always ready and producing rarely
+                // waits: without this, the snapshot would never give a shutdown its turn.
+                tokio::task::consume_budget().await;
                 for row in parser.push(&chunk?) {
                     if let Some((table_index, previous)) = held.replace((index, row)) {
                         self.snapshot_row(
@@ -341,7 +431,7 @@ impl<'c> Pipeline<'c> {
             lsn,
             last_commit_lsn: None,
         };
-        let records = event::change(table, Op::Read, None, Some(row), &source, now_ms());
+        let records = event::change(table, Op::Read, None, Some(row), None, &source, now_ms());
         self.count(table, Op::Read);
         for record in records {
             self.send_now(record).await?;
@@ -380,6 +470,7 @@ impl<'c> Pipeline<'c> {
     async fn stream(
         &mut self,
         client: &Client,
+        mut relations: Relations,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), CdcError> {
         let source = &self.config.source;
@@ -400,7 +491,6 @@ impl<'c> Pipeline<'c> {
         tracing::info!(slot = source.slot, publication = source.publication, "streaming changes");
         self.metrics.healthy.store(true, Ordering::Relaxed);
         let ReplicationConnection { mut rx, mut tx, .. } = repl;
-        let mut tables: HashMap<u32, Table> = HashMap::new();
         let mut txn: Option<Txn> = None;
         let mut last_commit: Option<Lsn> = None;
         let mut received = Lsn::ZERO;
@@ -437,7 +527,7 @@ impl<'c> Pipeline<'c> {
                     StreamMessage::XLogData { start, data, .. } => {
                         received = received.max(start);
                         let message = pgoutput::decode(&data).map_err(|source| CdcError::Decode { lsn: start, source })?;
-                        self.apply(client, message, start, &mut tables, &mut txn, &mut last_commit).await?;
+                        self.apply(client, message, start, &mut relations, &mut txn, &mut last_commit).await?;
                         self.send_pending()?;
                     }
                     StreamMessage::Keepalive { wal_end, reply } => {
@@ -510,15 +600,10 @@ impl<'c> Pipeline<'c> {
         client: &Client,
         message: Message,
         lsn: Lsn,
-        tables: &mut HashMap<u32, Table>,
+        relations: &mut Relations,
         txn: &mut Option<Txn>,
         last_commit: &mut Option<Lsn>,
     ) -> Result<(), CdcError> {
-        let table_of = |tables: &HashMap<u32, Table>, id: u32| {
-            tables.get(&id).cloned().ok_or_else(|| {
-                CdcError::Protocol(format!("change for relation {id} before its Relation message"))
-            })
-        };
         let (xid, commit_ms) =
             txn.as_ref().map_or((None, now_ms()), |t| (Some(t.xid), t.commit_time_us / 1000));
         let source = Source {
@@ -532,7 +617,7 @@ impl<'c> Pipeline<'c> {
             last_commit_lsn: *last_commit,
         };
         let now = now_ms();
-        let (records, table, op) = match message {
+        let (table, op, records) = match message {
             Message::Begin { xid, commit_time, .. } => {
                 *txn = Some(Txn { xid, commit_time_us: commit_time + PG_EPOCH_OFFSET_MICROS });
                 return Ok(());
@@ -547,67 +632,36 @@ impl<'c> Pipeline<'c> {
                 return Ok(());
             }
             Message::Relation(relation) => {
-                let table =
-                    catalog::table_for(client, relation, &self.config.kafka.topic_prefix).await?;
-                self.sink.ensure_topics(std::slice::from_ref(&table.topic)).await?;
-                tables.insert(table.relation.id, table);
+                let prefix = &self.config.kafka.topic_prefix;
+                if let Some(table) = relations.learn(client, relation, prefix).await? {
+                    self.sink.ensure_topics(std::slice::from_ref(&table.topic)).await?;
+                }
                 return Ok(());
             }
             Message::Insert { relation, new } => {
-                let table = table_of(tables, relation)?;
-                (
-                    event::change(&table, Op::Create, None, Some(&new), &source, now),
-                    table,
-                    Op::Create,
-                )
+                let Some(table) = relations.table(relation)? else { return Ok(()) };
+                let records =
+                    event::change(&table, Op::Create, None, Some(&new), None, &source, now);
+                (table, Op::Create, records)
             }
             Message::Update { relation, old, new } => {
-                let table = table_of(tables, relation)?;
-                match old {
-                    // A changed key: Debezium's delete of the old key, then a create of the new.
-                    Some((kind, old))
-                        if event::key_json(&table, &old, None)
-                            != event::key_json(&table, &new, Some(&old)) =>
-                    {
-                        let before = if kind == OldKind::Full { old.clone() } else { old };
-                        let mut records =
-                            event::change(&table, Op::Delete, Some(&before), None, &source, now);
-                        records.extend(event::change(
-                            &table,
-                            Op::Create,
-                            None,
-                            Some(&new),
-                            &source,
-                            now,
-                        ));
-                        self.count(&table, Op::Delete);
-                        (records, table, Op::Create)
-                    }
-                    Some((OldKind::Full, old)) => (
-                        event::change(&table, Op::Update, Some(&old), Some(&new), &source, now),
-                        table,
-                        Op::Update,
-                    ),
-                    _ => (
-                        event::change(&table, Op::Update, None, Some(&new), &source, now),
-                        table,
-                        Op::Update,
-                    ),
-                }
+                let Some(table) = relations.table(relation)? else { return Ok(()) };
+                let (op, records) = self.update(&table, old, &new, &source, now);
+                (table, op, records)
             }
             Message::Delete { relation, old: (_, old) } => {
-                let table = table_of(tables, relation)?;
-                (
-                    event::change(&table, Op::Delete, Some(&old), None, &source, now),
-                    table,
-                    Op::Delete,
-                )
+                let Some(table) = relations.table(relation)? else { return Ok(()) };
+                let records =
+                    event::change(&table, Op::Delete, Some(&old), None, None, &source, now);
+                (table, Op::Delete, records)
             }
-            Message::Truncate { relations, .. } => {
-                for id in relations {
-                    let table = table_of(tables, id)?;
-                    self.count(&table, Op::Truncate);
-                    self.pending.push_back(Pending::Record(event::truncate(&table, &source, now)));
+            Message::Truncate { relations: ids, .. } => {
+                for id in ids {
+                    if let Some(table) = relations.table(id)? {
+                        self.count(&table, Op::Truncate);
+                        self.pending
+                            .push_back(Pending::Record(event::truncate(&table, &source, now)));
+                    }
                 }
                 return Ok(());
             }
@@ -618,6 +672,48 @@ impl<'c> Pipeline<'c> {
         self.count(&table, op);
         self.pending.extend(records.into_iter().map(Pending::Record));
         Ok(())
+    }
+
+    /// The records of an update, and the operation they count as. One that changes the key becomes, as in Debezium, a delete
+    /// of the old key (with its tombstone, and the new key in a `__debezium.newkey` header)
+    /// and a create of the new one (with `__debezium.oldkey`). Under REPLICA IDENTITY FULL
+    /// the old row fills in the unchanged TOASTed values PostgreSQL did not send again.
+    fn update(
+        &self,
+        table: &Table,
+        old: Option<(OldKind, Vec<Datum>)>,
+        new: &[Datum],
+        source: &Source<'_>,
+        now: i64,
+    ) -> (Op, Vec<Record>) {
+        let old_row = old.as_ref().map(|(_, row)| row.as_slice());
+        let full_old =
+            old.as_ref().filter(|(kind, _)| *kind == OldKind::Full).map(|(_, row)| row.as_slice());
+        let old_key = old_row.and_then(|row| event::key_json(table, row, None));
+        let new_key = event::key_json(table, new, old_row);
+        match old_key {
+            Some(old_key) if new_key.as_ref() != Some(&old_key) => {
+                let mut records =
+                    event::change(table, Op::Delete, old_row, None, None, source, now);
+                if let Some(new_key) = &new_key {
+                    for record in &mut records {
+                        record.headers.push((NEW_KEY_HEADER, new_key.clone()));
+                    }
+                }
+                self.count(table, Op::Delete);
+                let mut created =
+                    event::change(table, Op::Create, None, Some(new), full_old, source, now);
+                for record in &mut created {
+                    record.headers.push((OLD_KEY_HEADER, old_key.clone()));
+                }
+                records.extend(created);
+                (Op::Create, records)
+            }
+            _ => (
+                Op::Update,
+                event::change(table, Op::Update, full_old, Some(new), full_old, source, now),
+            ),
+        }
     }
 }
 

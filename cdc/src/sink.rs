@@ -12,6 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode as Code;
 
@@ -73,7 +74,8 @@ impl Sink {
     }
 }
 
-/// Writes each record as one JSON line: `{"topic":..,"key":..,"value":..}`.
+/// Writes each record as one JSON line: `{"topic":..,"key":..,"value":..}`, and
+/// `"headers":{name: value}` when it has headers (their values are JSON keys).
 pub struct StdoutSink {
     out: std::io::BufWriter<std::io::Stdout>,
 }
@@ -87,6 +89,16 @@ impl StdoutSink {
         use std::io::Write;
         let json = |bytes: &Option<Vec<u8>>| bytes.as_deref().unwrap_or(b"null").to_vec();
         let topic = serde_json::to_string(&record.topic).unwrap_or_default();
+        let mut headers = Vec::new();
+        for (n, (name, value)) in record.headers.iter().enumerate() {
+            headers.extend_from_slice(if n == 0 { b",\"headers\":{" } else { b"," });
+            headers.extend_from_slice(serde_json::to_string(name).unwrap_or_default().as_bytes());
+            headers.push(b':');
+            headers.extend_from_slice(value);
+        }
+        if !headers.is_empty() {
+            headers.push(b'}');
+        }
         let line = [
             b"{\"topic\":".as_slice(),
             topic.as_bytes(),
@@ -94,6 +106,7 @@ impl StdoutSink {
             &json(&record.key),
             b",\"value\":",
             &json(&record.value),
+            &headers,
             b"}\n",
         ]
         .concat();
@@ -218,6 +231,13 @@ impl KafkaSink {
         }
         if let Some(value) = &record.value {
             kafka_record = kafka_record.payload(value.as_slice());
+        }
+        if !record.headers.is_empty() {
+            let headers = record.headers.iter().fold(
+                OwnedHeaders::new_with_capacity(record.headers.len()),
+                |headers, (key, value)| headers.insert(Header { key, value: Some(value) }),
+            );
+            kafka_record = kafka_record.headers(headers);
         }
         match self.producer.send_result(kafka_record) {
             Ok(delivery) => {

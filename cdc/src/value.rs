@@ -6,8 +6,9 @@
 //! `extra_float_digits=3`, `bytea_output=hex`) are set on every ficus connection.
 
 use base64::Engine;
-use chrono::{NaiveDate, NaiveDateTime, NaiveTime, Timelike};
 use serde_json::{json, Value};
+
+use crate::time;
 
 /// What Debezium puts in place of a TOASTed value that PostgreSQL did not send.
 pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
@@ -31,43 +32,38 @@ pub mod oid {
     pub const MONEY: u32 = 790;
 }
 
-/// The element type of a built-in array type, if `type_oid` is one.
-pub fn array_element(type_oid: u32) -> Option<u32> {
-    Some(match type_oid {
-        1000 => 16,   // bool[]
-        1001 => 17,   // bytea[]
-        1005 => 21,   // int2[]
-        1007 => 23,   // int4[]
-        1016 => 20,   // int8[]
-        1021 => 700,  // float4[]
-        1022 => 701,  // float8[]
-        1009 => 25,   // text[]
-        1015 => 1043, // varchar[]
-        1014 => 1042, // bpchar[]
-        1231 => 1700, // numeric[]
-        2951 => 2950, // uuid[]
-        1182 => 1082, // date[]
-        1183 => 1083, // time[]
-        1115 => 1114, // timestamp[]
-        1185 => 1184, // timestamptz[]
-        1187 => 1186, // interval[]
-        199 => 114,   // json[]
-        3807 => 3802, // jsonb[]
-        1028 => 26,   // oid[]
-        _ => return None,
-    })
+/// How a column's values are encoded, resolved once per column from the catalog: domains
+/// become their base type, arrays know their element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueType {
+    /// A value of this type OID; types without a mapping below keep their text.
+    Scalar(u32),
+    /// `money`, read in the C locale (`-$1,234.50`, always two fraction digits of the stored
+    /// integer) and scaled by the fraction digits of the database's own `lc_monetary`.
+    Money { scale: u32 },
+    /// An array of the inner type, of any number of dimensions.
+    Array(Box<ValueType>),
+}
+
+impl ValueType {
+    /// An array of a scalar type.
+    pub fn array_of(element: u32) -> ValueType {
+        ValueType::Array(Box::new(ValueType::Scalar(element)))
+    }
 }
 
 /// Converts one non-null value from its text form.
 ///
-/// Unknown types (enums, domains, geometric types, ...) become their text, as Debezium does
-/// for types it passes through as strings. A value that does not parse as its type also falls
-/// back to its text rather than being lost.
-pub fn to_json(type_oid: u32, text: &str) -> Value {
-    if let Some(element) = array_element(type_oid) {
-        return parse_array(text, element).unwrap_or_else(|| Value::String(text.to_string()));
-    }
-    scalar(type_oid, text).unwrap_or_else(|| Value::String(text.to_string()))
+/// Types without a mapping (enums, geometric types, ranges, ...) become their text, as
+/// Debezium does for types it passes through as strings. A value that does not parse as its
+/// type also keeps its text rather than being lost.
+pub fn to_json(ty: &ValueType, text: &str) -> Value {
+    let converted = match ty {
+        ValueType::Scalar(type_oid) => scalar(*type_oid, text),
+        ValueType::Money { scale } => money(text, *scale).map(Value::String),
+        ValueType::Array(element) => parse_array(text, element),
+    };
+    converted.unwrap_or_else(|| Value::String(text.to_string()))
 }
 
 fn scalar(type_oid: u32, text: &str) -> Option<Value> {
@@ -80,40 +76,43 @@ fn scalar(type_oid: u32, text: &str) -> Option<Value> {
             _ => Value::String(text.to_string()),
         },
         oid::NUMERIC => Value::String(text.to_string()),
-        // `$1,234.50` as `1234.50`: the amount without currency symbol or grouping.
-        oid::MONEY => Value::String(
-            text.chars().filter(|c| c.is_ascii_digit() || *c == '.' || *c == '-').collect(),
-        ),
+        oid::MONEY => Value::String(money(text, 2)?),
         oid::BYTEA => {
             let bytes = decode_hex(text.strip_prefix("\\x")?)?;
             Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
         }
-        oid::DATE => {
-            let date = NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
-            json!(date.signed_duration_since(NaiveDate::from_ymd_opt(1970, 1, 1)?).num_days())
-        }
-        oid::TIME => {
-            let time = NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?;
-            json!(
-                i64::from(time.num_seconds_from_midnight()) * 1_000_000
-                    + i64::from(time.nanosecond() / 1000)
-            )
-        }
+        oid::DATE => json!(time::date_days(text)?),
+        oid::TIME => json!(time::time_micros(text)?),
         oid::TIMESTAMP => {
-            let ts = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").ok()?;
-            json!(ts.and_utc().timestamp_micros())
+            let micros = time::timestamp_micros(text)?;
+            // Past i64 only in PostgreSQL's last centuries (294247 AD and later).
+            match i64::try_from(micros) {
+                Ok(micros) => json!(micros),
+                Err(_) => json!(u64::try_from(micros).ok()?),
+            }
         }
-        oid::TIMESTAMPTZ => Value::String(iso_timestamptz(text)?),
+        oid::TIMESTAMPTZ => Value::String(time::timestamptz_iso(text)?),
         oid::INTERVAL => json!(interval_micros(text)?),
         _ => return None,
     })
 }
 
-/// `2024-01-02 03:04:05.5+00` (TimeZone=UTC) as `2024-01-02T03:04:05.5Z`.
-fn iso_timestamptz(text: &str) -> Option<String> {
-    let local = text.strip_suffix("+00")?;
-    let ts = NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S%.f").ok()?;
-    Some(format!("{}Z", ts.format("%Y-%m-%dT%H:%M:%S%.f")))
+/// `money` as the C locale prints it (`-$1,234.50`) as an exact decimal string with `scale`
+/// fraction digits: the C locale always prints the stored integer with two, whatever the
+/// database's `lc_monetary` means by it.
+fn money(text: &str, scale: u32) -> Option<String> {
+    let negative = text.starts_with('-');
+    let units: String = text.chars().filter(char::is_ascii_digit).collect();
+    let valid = text.chars().all(|c| c.is_ascii_digit() || matches!(c, '-' | '$' | ',' | '.'));
+    if units.is_empty() || !valid {
+        return None;
+    }
+    let units = units.trim_start_matches('0');
+    let scale = scale as usize;
+    let padded = format!("{units:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    let sign = if negative && !units.is_empty() { "-" } else { "" };
+    Some(if scale == 0 { format!("{sign}{whole}") } else { format!("{sign}{whole}.{fraction}") })
 }
 
 /// An ISO 8601 interval (IntervalStyle=iso_8601, `P1Y2M3DT4H5M6.5S`) in microseconds, with
@@ -148,7 +147,7 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
 
 /// Parses an array literal (`{1,2,NULL}`, `{"a b","c\"d"}`, `{{1,2},{3,4}}`) into nested
 /// JSON arrays, converting each element by `element`.
-pub fn parse_array(text: &str, element: u32) -> Option<Value> {
+pub fn parse_array(text: &str, element: &ValueType) -> Option<Value> {
     // A lower bound decoration (`[0:1]={1,2}`) precedes the braces for unusual arrays.
     let start = text.find('{')?;
     let mut chars = text[start..].chars().peekable();
@@ -158,7 +157,7 @@ pub fn parse_array(text: &str, element: u32) -> Option<Value> {
 
 fn array_level(
     chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
-    element: u32,
+    element: &ValueType,
 ) -> Option<Value> {
     if chars.next()? != '{' {
         return None;
@@ -212,77 +211,98 @@ fn array_level(
 mod tests {
     use super::*;
 
+    fn scalar(type_oid: u32, text: &str) -> Value {
+        to_json(&ValueType::Scalar(type_oid), text)
+    }
+
+    fn array(element: u32, text: &str) -> Value {
+        to_json(&ValueType::array_of(element), text)
+    }
+
     #[test]
     fn numbers_booleans_and_decimals() {
-        assert_eq!(to_json(oid::INT4, "42"), json!(42));
-        assert_eq!(to_json(oid::INT8, "-9223372036854775808"), json!(i64::MIN));
-        assert_eq!(to_json(oid::FLOAT8, "1.5"), json!(1.5));
-        assert_eq!(to_json(oid::FLOAT8, "NaN"), json!("NaN"));
-        assert_eq!(to_json(oid::FLOAT4, "-Infinity"), json!("-Infinity"));
+        assert_eq!(scalar(oid::INT4, "42"), json!(42));
+        assert_eq!(scalar(oid::INT8, "-9223372036854775808"), json!(i64::MIN));
+        assert_eq!(scalar(oid::FLOAT8, "1.5"), json!(1.5));
+        assert_eq!(scalar(oid::FLOAT8, "NaN"), json!("NaN"));
+        assert_eq!(scalar(oid::FLOAT4, "-Infinity"), json!("-Infinity"));
         assert_eq!(
-            to_json(oid::NUMERIC, "12345678901234567890.123"),
+            scalar(oid::NUMERIC, "12345678901234567890.123"),
             json!("12345678901234567890.123")
         );
-        assert_eq!(to_json(oid::MONEY, "-$1,234.50"), json!("-1234.50"));
-        assert_eq!(to_json(oid::BOOL, "t"), json!(true));
-        assert_eq!(to_json(oid::BOOL, "f"), json!(false));
+        assert_eq!(scalar(oid::BOOL, "t"), json!(true));
+        assert_eq!(scalar(oid::BOOL, "f"), json!(false));
+    }
+
+    #[test]
+    fn money_is_read_in_the_c_locale_and_scaled_by_the_databases() {
+        let money = |scale, text| to_json(&ValueType::Money { scale }, text);
+        assert_eq!(money(2, "-$1,234.50"), json!("-1234.50"));
+        assert_eq!(money(2, "$0.05"), json!("0.05"));
+        assert_eq!(money(2, "$0.00"), json!("0.00"));
+        assert_eq!(money(2, "-$92,233,720,368,547,758.08"), json!("-92233720368547758.08"));
+        // ja_JP has no fraction digits: the stored 123450 is 123450 yen, printed as $1,234.50.
+        assert_eq!(money(0, "$1,234.50"), json!("123450"));
+        assert_eq!(money(3, "-$1,234.50"), json!("-123.450"));
+        // Anything but the C locale's form is not guessed at.
+        assert_eq!(money(2, "1.234,50 €"), json!("1.234,50 €"));
+        assert_eq!(money(2, "($12.00)"), json!("($12.00)"));
     }
 
     #[test]
     fn text_like_types_are_strings() {
-        assert_eq!(to_json(25, "héllo"), json!("héllo"));
+        assert_eq!(scalar(25, "héllo"), json!("héllo"));
         assert_eq!(
-            to_json(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            scalar(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
             json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
         );
-        assert_eq!(to_json(3802, r#"{"a": 1}"#), json!(r#"{"a": 1}"#));
-        assert_eq!(to_json(99_999, "happy"), json!("happy"), "unknown types such as enums");
+        assert_eq!(scalar(3802, r#"{"a": 1}"#), json!(r#"{"a": 1}"#));
+        assert_eq!(scalar(99_999, "happy"), json!("happy"), "unknown types such as enums");
     }
 
     #[test]
     fn bytea_is_base64() {
-        assert_eq!(to_json(oid::BYTEA, "\\x0001ff"), json!("AAH/"));
-        assert_eq!(to_json(oid::BYTEA, "\\x"), json!(""));
+        assert_eq!(scalar(oid::BYTEA, "\\x0001ff"), json!("AAH/"));
+        assert_eq!(scalar(oid::BYTEA, "\\x"), json!(""));
     }
 
     #[test]
-    fn dates_and_times() {
-        assert_eq!(to_json(oid::DATE, "1970-01-02"), json!(1));
-        assert_eq!(to_json(oid::DATE, "1969-12-31"), json!(-1));
-        assert_eq!(to_json(oid::TIMESTAMP, "1970-01-01 00:00:01.5"), json!(1_500_000));
+    fn dates_and_times_are_numbers_over_their_whole_range() {
+        assert_eq!(scalar(oid::DATE, "1970-01-02"), json!(1));
+        assert_eq!(scalar(oid::DATE, "0044-03-15 BC"), json!(-735_160));
+        assert_eq!(scalar(oid::DATE, "infinity"), json!(time::DATE_INFINITY));
+        assert_eq!(scalar(oid::TIMESTAMP, "1970-01-01 00:00:01.5"), json!(1_500_000));
+        assert_eq!(scalar(oid::TIMESTAMP, "-infinity"), json!(time::TIMESTAMP_NEG_INFINITY));
         assert_eq!(
-            to_json(oid::TIMESTAMP, "2024-02-29 12:00:00"),
-            json!(1_709_208_000_000_000_i64)
+            scalar(oid::TIMESTAMP, "294276-12-31 23:59:59.999999"),
+            json!(9_224_318_015_999_999_999_u64),
+            "past i64"
         );
         assert_eq!(
-            to_json(oid::TIMESTAMPTZ, "2024-02-29 12:00:00.123456+00"),
+            scalar(oid::TIMESTAMPTZ, "2024-02-29 12:00:00.123456+00"),
             json!("2024-02-29T12:00:00.123456Z")
         );
-        assert_eq!(
-            to_json(oid::TIMESTAMPTZ, "2024-02-29 12:00:00+00"),
-            json!("2024-02-29T12:00:00Z")
-        );
-        assert_eq!(to_json(oid::TIME, "01:00:00.25"), json!(3_600_250_000_i64));
-        assert_eq!(to_json(oid::INTERVAL, "P1DT2H"), json!(93_600_000_000_i64));
-        assert_eq!(to_json(oid::INTERVAL, "PT-1.5S"), json!(-1_500_000));
-        assert_eq!(
-            to_json(oid::DATE, "infinity"),
-            json!("infinity"),
-            "unparseable values keep their text"
-        );
+        assert_eq!(scalar(oid::TIME, "24:00:00"), json!(86_400_000_000_i64));
+        assert_eq!(scalar(oid::INTERVAL, "P1DT2H"), json!(93_600_000_000_i64));
+        assert_eq!(scalar(oid::INTERVAL, "PT-1.5S"), json!(-1_500_000));
+        assert_eq!(scalar(oid::DATE, "someday"), json!("someday"), "unparseable keeps its text");
     }
 
     #[test]
     fn arrays_become_json_arrays() {
-        assert_eq!(to_json(1007, "{1,2,NULL}"), json!([1, 2, null]));
+        assert_eq!(array(23, "{1,2,NULL}"), json!([1, 2, null]));
         assert_eq!(
-            to_json(1009, r#"{a,"b c","d\"e",NULL,"NULL"}"#),
+            array(25, r#"{a,"b c","d\"e",NULL,"NULL"}"#),
             json!(["a", "b c", "d\"e", null, "NULL"])
         );
-        assert_eq!(to_json(1007, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
-        assert_eq!(to_json(1007, "{}"), json!([]));
-        assert_eq!(to_json(1000, "{t,f}"), json!([true, false]));
-        assert_eq!(to_json(1007, "[0:1]={1,2}"), json!([1, 2]));
-        assert_eq!(to_json(1007, "{1,2"), json!("{1,2"), "a malformed literal keeps its text");
+        assert_eq!(array(23, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
+        assert_eq!(array(23, "{}"), json!([]));
+        assert_eq!(array(16, "{t,f}"), json!([true, false]));
+        assert_eq!(array(23, "[0:1]={1,2}"), json!([1, 2]));
+        assert_eq!(array(23, "{1,2"), json!("{1,2"), "a malformed literal keeps its text");
+        assert_eq!(array(869, "{10.0.0.1,::1/128}"), json!(["10.0.0.1", "::1/128"]));
+        assert_eq!(array(oid::DATE, r#"{"0044-03-15 BC",1970-01-02}"#), json!([-735_160, 1]));
+        let nested = ValueType::Array(Box::new(ValueType::array_of(23)));
+        assert_eq!(to_json(&nested, r#"{"{1,2}","{}"}"#), json!([[1, 2], []]), "domain arrays");
     }
 }

@@ -19,6 +19,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::error::{CdcError, ServerError};
 use crate::lsn::Lsn;
+use crate::names::quote_ident;
 use crate::pgoutput::PG_EPOCH_OFFSET_MICROS;
 use crate::tls::SslMode;
 
@@ -40,8 +41,9 @@ type ReadStream = Box<dyn AsyncRead + Send + Unpin>;
 type WriteStream = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Session settings every ficus connection uses, so values come out in the text forms that
-/// [`crate::value`] parses.
-pub const SESSION_SETTINGS: [(&str, &str); 5] = [
+/// [`crate::value`] parses: `money` in the C locale's one fixed form, whatever the database's.
+pub const SESSION_SETTINGS: [(&str, &str); 6] = [
+    ("lc_monetary", "C"),
     ("DateStyle", "ISO"),
     ("TimeZone", "UTC"),
     ("IntervalStyle", "iso_8601"),
@@ -481,11 +483,6 @@ fn parse_server_version(version: &str) -> u32 {
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     major * 10_000 + minor
-}
-
-/// Quotes an identifier for SQL and replication commands.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 /// A broker owned by a test.
@@ -22,6 +23,15 @@ pub struct Broker {
 pub struct Consumed {
     pub key: Option<serde_json::Value>,
     pub value: Option<serde_json::Value>,
+    /// Header names and their values, parsed as JSON.
+    pub headers: Vec<(String, serde_json::Value)>,
+}
+
+impl Consumed {
+    /// The value of header `name`, if the record has it.
+    pub fn header(&self, name: &str) -> Option<&serde_json::Value> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
 }
 
 fn tansu() -> String {
@@ -80,6 +90,15 @@ impl Broker {
         format!("{}{name}", self.namespace)
     }
 
+    /// Whether `topic` exists on the broker.
+    pub fn has_topic(&self, topic: &str) -> bool {
+        let topic = self.topic(topic);
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &self.addr).create().expect("client");
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
+        metadata.topics().iter().any(|t| t.name() == topic)
+    }
+
     /// False for an external Kafka, which a test cannot pause.
     pub fn is_own(&self) -> bool {
         self.child.is_some()
@@ -131,9 +150,16 @@ impl Broker {
                     let parse = |bytes: Option<&[u8]>| {
                         bytes.map(|b| serde_json::from_slice(b).expect("JSON record"))
                     };
+                    let headers = message.headers().map_or_else(Vec::new, |headers| {
+                        headers
+                            .iter()
+                            .map(|h| (h.key.to_string(), parse(h.value).unwrap_or_default()))
+                            .collect()
+                    });
                     records.push(Consumed {
                         key: parse(message.key()),
                         value: parse(message.payload()),
+                        headers,
                     });
                     last = Instant::now();
                 }
@@ -170,6 +196,7 @@ impl Broker {
             .set("enable.auto.commit", "false")
             .create()
             .expect("consumer");
+        let topic = &self.topic(topic);
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(topic, 0, Offset::Beginning).expect("assign");
         consumer.assign(&assignment).expect("assign");
