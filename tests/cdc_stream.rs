@@ -324,9 +324,12 @@ async fn stdout_sink_writes_one_json_line_per_record() {
     );
     let mut cdc = Cdc::start_stdout(&text);
     cdc.wait_log("streaming changes", QUIET);
-    db.batch_execute("UPDATE t SET name = 'b' WHERE id = 1; DELETE FROM t WHERE id = 1;")
-        .await
-        .expect("changes");
+    db.batch_execute(
+        "UPDATE t SET name = 'b' WHERE id = 1; DELETE FROM t WHERE id = 1;
+         INSERT INTO t VALUES (5, 'c'); UPDATE t SET id = 6 WHERE id = 5;",
+    )
+    .await
+    .expect("changes");
     let path = cdc.stdout.clone().expect("stdout");
     let deadline = std::time::Instant::now() + QUIET;
     let lines = loop {
@@ -335,16 +338,24 @@ async fn stdout_sink_writes_one_json_line_per_record() {
             .lines()
             .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
             .collect();
-        if lines.len() >= 4 {
+        if lines.len() >= 8 {
             break lines;
         }
         assert!(std::time::Instant::now() < deadline, "{text}\n{}", cdc.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let ops: Vec<_> = lines.iter().map(|l| l["value"]["op"].clone()).collect();
-    assert_eq!(ops, [json!("r"), json!("u"), json!("d"), json!(null)]);
+    assert_eq!(
+        ops,
+        ["r", "u", "d", "tombstone", "c", "d", "tombstone", "c"]
+            .map(|op| if op == "tombstone" { json!(null) } else { json!(op) })
+    );
     assert_eq!(lines[0]["topic"], "shop.public.t");
     assert_eq!(lines[0]["key"], json!({"id": 1}));
     assert_eq!(lines[3]["value"], json!(null), "the tombstone");
+    assert_eq!(lines[0].get("headers"), None, "no headers unless a record has some");
+    // The key change, with Debezium's headers linking its two halves.
+    assert_eq!(lines[5]["headers"], json!({"__debezium.newkey": {"id": 6}}));
+    assert_eq!(lines[7]["headers"], json!({"__debezium.oldkey": {"id": 5}}));
     cdc.terminate();
 }
