@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ficus_cdc::{CdcConfig, Metrics};
+use ficus_cdc::{CdcConfig, Metrics, Shutdown};
 
 #[derive(Args)]
 pub struct CdcArgs {
@@ -63,22 +63,12 @@ pub fn run(args: &CdcArgs) -> Result<i32> {
             tokio::spawn(ficus_cdc::metrics::serve(listener, metrics.clone()));
         }
         loop {
-            let (stop, shutdown) = tokio::sync::watch::channel(false);
-            let signal = tokio::spawn(async move {
-                let signal = wait_for_signal().await;
-                tracing::info!(?signal, "stopping: finishing records in flight");
-                let _ = stop.send(true);
-                signal
-            });
-            let result = ficus_cdc::run(config, metrics.clone(), shutdown).await;
-            let stopped_by = if signal.is_finished() {
-                signal.await.ok()
-            } else {
-                signal.abort();
-                None
-            };
+            let (control, shutdown) = tokio::sync::watch::channel(Shutdown::Run);
+            let signals = tokio::spawn(forward_signals(control));
+            let result = ficus_cdc::run(config, metrics.clone(), shutdown.clone()).await;
+            signals.abort();
             result.context("ficus cdc stopped")?;
-            if stopped_by != Some(Signal::Hangup) {
+            if *shutdown.borrow() != Shutdown::Restart {
                 return Ok(0);
             }
             // SIGHUP: read the configuration again and resume from the slot.
@@ -89,6 +79,32 @@ pub fn run(args: &CdcArgs) -> Result<i32> {
             tracing::info!("configuration reloaded; resuming");
         }
     })
+}
+
+/// Turns signals into requests to the pipeline: SIGHUP a restart (which lets a snapshot in
+/// progress finish), SIGINT or SIGTERM a stop, which overrides a restart not yet acted on.
+async fn forward_signals(control: tokio::sync::watch::Sender<Shutdown>) {
+    loop {
+        let signal = wait_for_signal().await;
+        let request = match signal {
+            Signal::Hangup => Shutdown::Restart,
+            Signal::Stop => Shutdown::Stop,
+        };
+        match request {
+            Shutdown::Restart => tracing::info!(?signal, "reloading: the pipeline stops (once a snapshot in progress is done) and starts again with the configuration read anew"),
+            _ => tracing::info!(?signal, "stopping: finishing records in flight"),
+        }
+        control.send_if_modified(|current| {
+            let stronger = *current != Shutdown::Stop && *current != request;
+            if stronger {
+                *current = request;
+            }
+            stronger
+        });
+        if request == Shutdown::Stop {
+            return;
+        }
+    }
 }
 
 /// The signals `ficus cdc` acts on.

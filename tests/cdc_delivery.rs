@@ -173,6 +173,29 @@ async fn sigterm_during_snapshot_stops_at_once_and_the_next_start_takes_it_again
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_snapshot_lets_it_finish_before_reloading() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let rows = 100_000;
+    let db = accounts(&pg, rows).await;
+    let cdc = Cdc::start(&config(&pg.url("bank"), &broker, "bank", "tables = [\"accounts\"]"));
+    cdc.wait_log("snapshot started", QUIET);
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &cdc.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    cdc.wait_log("configuration reloaded; resuming", Duration::from_secs(120));
+    cdc.wait_log("streaming changes", QUIET);
+    let logs = cdc.logs();
+    assert_eq!(logs.matches("snapshot started").count(), 1, "one snapshot, finished:\n{logs}");
+    assert!(!logs.contains("snapshot stopped"), "{logs}");
+    db.batch_execute("UPDATE accounts SET balance = -1 WHERE id = 1").await.expect("update");
+    let (count, last) = broker.count("bank.public.accounts", rows as usize + 1, QUIET);
+    assert_eq!(count, rows as usize + 1);
+    assert_eq!(last.expect("value")["after"], json!({"id": 1, "balance": -1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_paused_for_10_seconds_under_load_loses_nothing() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
     if !broker.is_own() {

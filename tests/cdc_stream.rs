@@ -347,8 +347,11 @@ async fn stdout_sink_writes_one_json_line_per_record() {
     let ops: Vec<_> = lines.iter().map(|l| l["value"]["op"].clone()).collect();
     assert_eq!(
         ops,
-        ["r", "u", "d", "tombstone", "c", "d", "tombstone", "c"]
-            .map(|op| if op == "tombstone" { json!(null) } else { json!(op) })
+        ["r", "u", "d", "tombstone", "c", "d", "tombstone", "c"].map(|op| if op == "tombstone" {
+            json!(null)
+        } else {
+            json!(op)
+        })
     );
     assert_eq!(lines[0]["topic"], "shop.public.t");
     assert_eq!(lines[0]["key"], json!({"id": 1}));

@@ -172,6 +172,19 @@ async fn published_tables(
     Ok(match only {
         None => all,
         Some(only) => {
+            let missing: Vec<String> = only
+                .iter()
+                .filter(|name| !all.iter().any(|t| &t.name == *name))
+                .map(|name| name.to_string())
+                .collect();
+            if !missing.is_empty() {
+                return Err(CdcError::Config(format!(
+                    "source.tables: publication \"{publication}\" does not stream {} as tables of \
+                     their own (a partition streams under its partitioned table): list the \
+                     partitioned table only",
+                    missing.join(", ")
+                )));
+            }
             only.iter().filter_map(|name| all.iter().find(|t| &t.name == name).cloned()).collect()
         }
     })
@@ -250,8 +263,9 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
 }
 
 /// What ficus knows of the database's schema while it streams: each column type's encoding
-/// and each table's primary key, remembered so that changes decoded after a table was
-/// dropped still get their key.
+/// and each table's primary key, remembered for the life of the process (across reconnects)
+/// so that changes decoded after a table was dropped still get their key.
+#[derive(Default)]
 pub struct Catalog {
     types: HashMap<u32, ValueType>,
     primary_keys: HashMap<u32, Vec<String>>,
@@ -260,13 +274,17 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Reads the database's money scale and every table's primary key.
-    pub async fn load(client: &Client) -> Result<Catalog, CdcError> {
+    /// Reads (again, on each connection) the database's money scale and every table's
+    /// primary key; keys of tables dropped since are kept.
+    pub async fn refresh(&mut self, client: &Client) -> Result<(), CdcError> {
         // ficus's sessions use lc_monetary=C; the scale that gives money its meaning is the
         // database's default, which RESET restores until the ROLLBACK.
         client.batch_execute("BEGIN; RESET lc_monetary").await?;
         let scale: i32 = client.query_one("SELECT scale(0::money::numeric)", &[]).await?.get(0);
         client.batch_execute("ROLLBACK").await?;
+        self.money_scale = u32::try_from(scale).unwrap_or(2);
+        // Types may have changed while ficus was away (ALTER DOMAIN, a new lc_monetary).
+        self.types.clear();
         let rows = client
             .query(
                 "SELECT i.indrelid, a.attname::text FROM pg_index i \
@@ -279,11 +297,8 @@ impl Catalog {
         for row in &rows {
             primary_keys.entry(row.get(0)).or_default().push(row.get(1));
         }
-        Ok(Catalog {
-            types: HashMap::new(),
-            primary_keys,
-            money_scale: u32::try_from(scale).unwrap_or(2),
-        })
+        self.primary_keys.extend(primary_keys);
+        Ok(())
     }
 
     /// A published table as the snapshot reads it: its columns (those the publication
@@ -337,11 +352,11 @@ impl Catalog {
 
     /// The event view of a relation: its topic, its columns' encodings and its key.
     ///
-    /// The key is the primary key. Under the default replica identity, the Relation message
-    /// flags exactly the primary key as it was when the change was made. Under FULL, USING
-    /// INDEX or NOTHING it flags other columns, so the primary key comes from the catalog,
-    /// or from memory when the table has been dropped since. A table without one is keyed by
-    /// its replica identity index, or has null keys.
+    /// The key is the primary key, in its index's order. Under the default replica identity,
+    /// the Relation message flags exactly the primary key as it was when the change was made.
+    /// Under FULL, USING INDEX or NOTHING it flags other columns, so the primary key comes
+    /// from the catalog, or from memory when the table has been dropped since. A table
+    /// without one is keyed by its replica identity index, or has null keys.
     pub async fn table_for(
         &mut self,
         client: &Client,
@@ -350,17 +365,23 @@ impl Catalog {
     ) -> Result<Table, CdcError> {
         let flagged: Vec<String> =
             relation.columns.iter().filter(|c| c.is_key).map(|c| c.name.clone()).collect();
-        let identity_key =
-            || if relation.replica_identity == b'i' { flagged.clone() } else { Vec::new() };
-        let names = if relation.replica_identity == b'd' {
-            flagged.clone()
-        } else {
-            match self.primary_key(client, relation.id).await? {
-                Some(pk) if !pk.is_empty() => pk,
-                Some(_) => identity_key(),
-                None => self.primary_keys.get(&relation.id).cloned().unwrap_or_else(identity_key),
-            }
+        let known = match self.primary_key(client, relation.id).await? {
+            Some(pk) => pk,
+            None => self.primary_keys.get(&relation.id).cloned().unwrap_or_default(),
         };
+        let identity_key =
+            if relation.replica_identity == b'i' { flagged.clone() } else { Vec::new() };
+        let names = match relation.replica_identity {
+            // The same columns in the index's order, as every other identity gives them.
+            b'd' if same_columns(&known, &flagged) => known,
+            b'd' => flagged.clone(),
+            _ if known.is_empty() => identity_key,
+            _ => known,
+        };
+        let table = TableName::new(&relation.namespace, &relation.name);
+        if relation.replica_identity == b'i' && !names.iter().all(|n| flagged.contains(n)) {
+            tracing::warn!(%table, "the replica identity index does not contain the primary key: deletes carry no key, so their events have a null key and no tombstone; set REPLICA IDENTITY DEFAULT or FULL");
+        }
         let key = names
             .iter()
             .filter_map(|name| relation.columns.iter().position(|c| &c.name == name))
@@ -406,23 +427,34 @@ impl Catalog {
         if let Some(known) = self.types.get(&type_oid) {
             return Ok(known.clone());
         }
-        let (mut base, mut dimensions) = (type_oid, 0);
+        let mut base = type_oid;
+        // The delimiter of each array level, outermost first: its element type's.
+        let mut delimiters: Vec<Option<char>> = Vec::new();
         // Bounded: the catalog has no cycles, but a garbled answer must not loop forever.
         for _ in 0..64 {
             let row = client
                 .query_opt(
-                    "SELECT typtype::text, typbasetype, typelem, typcategory::text, typlen \
+                    "SELECT typtype::text, typbasetype, typelem, typcategory::text, typlen, typdelim::text \
                      FROM pg_type WHERE oid = $1",
                     &[&base],
                 )
                 .await?;
             let Some(row) = row else { break };
-            let (kind, base_type, element, category, len): (String, u32, u32, String, i16) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            let (kind, base_type, element, category, len, delimiter): (
+                String,
+                u32,
+                u32,
+                String,
+                i16,
+                String,
+            ) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
+            if let Some(pending @ None) = delimiters.last_mut() {
+                *pending = delimiter.chars().next();
+            }
             if kind == "d" {
                 base = base_type;
             } else if category == "A" && element != 0 && len == -1 {
-                dimensions += 1;
+                delimiters.push(None);
                 base = element;
             } else {
                 break;
@@ -433,12 +465,17 @@ impl Catalog {
         } else {
             ValueType::Scalar(base)
         };
-        for _ in 0..dimensions {
-            ty = ValueType::Array(Box::new(ty));
+        for delimiter in delimiters.into_iter().rev() {
+            ty = ty.in_array(delimiter.unwrap_or(','));
         }
         self.types.insert(type_oid, ty.clone());
         Ok(ty)
     }
+}
+
+/// Whether two lists name the same columns, in any order.
+fn same_columns(a: &[String], b: &[String]) -> bool {
+    a.len() == b.len() && a.iter().all(|name| b.contains(name))
 }
 
 /// Whether `COPY` of the table must say `ONLY`: plain tables may have inheritance children,

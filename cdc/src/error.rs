@@ -57,20 +57,23 @@ pub enum CdcError {
     ReplicaIdentity(String, String),
     #[error("publication \"{publication}\": {problem}. ficus changes only publications it created; run as a user who may: {sql}")]
     Publication { publication: String, problem: String, sql: String },
-    #[error("tables {first} and {second} both map to topic {topic}, which would mix their rows under the same keys: list only one of them in source.tables, or rename one")]
-    TopicCollision { topic: String, first: String, second: String },
+    #[error("tables {first} (topic {first_topic}) and {second} (topic {second_topic}) would share one Kafka topic (where '.' and '_' are alike), mixing their rows under the same keys: list only one of them in source.tables, or rename one")]
+    TopicCollision { first: String, first_topic: String, second: String, second_topic: String },
+    #[error("stopped: {0}")]
+    Stopped(String),
     #[error("Kafka: {0}")]
     Kafka(String),
     #[error("Kafka refused a record for {topic}: {message}")]
     KafkaDelivery { topic: String, message: String },
 }
 
-impl From<crate::names::TopicCollision> for CdcError {
-    fn from(c: crate::names::TopicCollision) -> CdcError {
+impl From<Box<crate::names::TopicCollision>> for CdcError {
+    fn from(c: Box<crate::names::TopicCollision>) -> CdcError {
         CdcError::TopicCollision {
-            topic: c.topic,
-            first: c.first.to_string(),
-            second: c.second.to_string(),
+            first: c.first.0.to_string(),
+            first_topic: c.first.1,
+            second: c.second.0.to_string(),
+            second_topic: c.second.1,
         }
     }
 }

@@ -28,4 +28,4 @@ pub use config::CdcConfig;
 pub use error::CdcError;
 pub use lsn::Lsn;
 pub use metrics::Metrics;
-pub use pipeline::run;
+pub use pipeline::{run, Shutdown};

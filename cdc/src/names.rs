@@ -99,31 +99,38 @@ impl fmt::Display for TableName {
     }
 }
 
-/// Two tables whose names map to one topic.
+/// Two tables whose topics Kafka cannot tell apart: each table with its topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicCollision {
-    pub topic: String,
-    pub first: TableName,
-    pub second: TableName,
+    pub first: (TableName, String),
+    pub second: (TableName, String),
 }
 
 /// Which table owns each topic; refuses a second table on a topic already taken.
 #[derive(Debug, Default)]
 pub struct Topics {
-    owners: HashMap<String, TableName>,
+    /// By the topic with `.` as `_`: Kafka refuses topics that differ only there, since
+    /// its metric names do not tell them apart.
+    owners: HashMap<String, (TableName, String)>,
 }
 
 impl Topics {
     /// The topic of `table`, claimed for it.
-    pub fn claim(&mut self, prefix: &str, table: &TableName) -> Result<String, TopicCollision> {
+    pub fn claim(
+        &mut self,
+        prefix: &str,
+        table: &TableName,
+    ) -> Result<String, Box<TopicCollision>> {
         let topic = table.topic(prefix);
-        match self.owners.get(&topic) {
-            Some(owner) if owner != table => {
-                Err(TopicCollision { topic, first: owner.clone(), second: table.clone() })
-            }
+        let alike = topic.replace('.', "_");
+        match self.owners.get(&alike) {
+            Some((owner, owned)) if owner != table => Err(Box::new(TopicCollision {
+                first: (owner.clone(), owned.clone()),
+                second: (table.clone(), topic),
+            })),
             Some(_) => Ok(topic),
             None => {
-                self.owners.insert(topic.clone(), table.clone());
+                self.owners.insert(alike, (table.clone(), topic.clone()));
                 Ok(topic)
             }
         }
@@ -173,9 +180,14 @@ mod tests {
         assert_eq!(topics.claim("p", &ab_c), Ok("p.a.b.c".to_string()));
         assert_eq!(topics.claim("p", &ab_c), Ok("p.a.b.c".to_string()), "the same table again");
         let collision = topics.claim("p", &TableName::new("a", "b.c")).expect_err("collides");
-        assert_eq!((collision.topic.as_str(), &collision.first), ("p.a.b.c", &ab_c));
+        assert_eq!(collision.first, (ab_c, "p.a.b.c".to_string()));
+        assert_eq!(collision.second.1, "p.a.b.c");
         assert!(topics.claim("p", &TableName::new("public", "Foo Bar")).is_ok());
         assert!(topics.claim("p", &TableName::new("public", "Foo_Bar")).is_err());
+        // Kafka refuses topics that differ only in '.' against '_'.
+        assert!(topics.claim("p", &TableName::new("public", "a_b")).is_ok());
+        let collision = topics.claim("p", &TableName::new("public", "a.b")).expect_err("collides");
+        assert_eq!(collision.second.1, "p.public.a.b");
         assert_eq!(TableName::new("public", "Foo Bar").topic("p"), "p.public.Foo_Bar");
     }
 }

@@ -29,11 +29,23 @@ use crate::wire::{ReplicationConnection, StreamMessage, SESSION_SETTINGS};
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Runs until `shutdown` turns true, or until an `initial_only` snapshot is done.
+/// What the process asks of a running pipeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Shutdown {
+    #[default]
+    Run,
+    /// Stop to start again (a new configuration): a snapshot in progress finishes first, so
+    /// a reload never throws one away.
+    Restart,
+    /// Stop now: a snapshot in progress is abandoned.
+    Stop,
+}
+
+/// Runs until `shutdown` asks it to stop, or until an `initial_only` snapshot is done.
 pub async fn run(
     config: CdcConfig,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<Shutdown>,
 ) -> Result<(), CdcError> {
     config.source.validate()?;
     config.kafka.validate()?;
@@ -41,13 +53,15 @@ pub async fn run(
         return Err(CdcError::Config("kafka.brokers is required (or run with --stdout)".into()));
     }
     let mut backoff = Duration::from_millis(250);
+    let mut catalog = Catalog::default();
     loop {
         let started = Instant::now();
-        let result = Pipeline::new(&config, metrics.clone())?.run_once(shutdown.clone()).await;
+        let result =
+            Pipeline::new(&config, metrics.clone())?.run_once(&mut catalog, shutdown.clone()).await;
         metrics.healthy.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && !*shutdown.borrow() => {
+            Err(e) if e.is_retryable() && *shutdown.borrow() == Shutdown::Run => {
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(250);
                 }
@@ -83,8 +97,8 @@ enum Pending {
 }
 
 /// The tables of the stream: what each relation id is, which are streamed, their topics.
-struct Relations {
-    catalog: Catalog,
+struct Relations<'a> {
+    catalog: &'a mut Catalog,
     topics: Topics,
     /// The configured tables: only these are streamed. `None`: whatever the publication sends.
     include: Option<HashSet<TableName>>,
@@ -92,7 +106,7 @@ struct Relations {
     known: HashMap<u32, Option<Arc<Table>>>,
 }
 
-impl Relations {
+impl Relations<'_> {
     /// What a change of relation `id` is for: `Ok(None)` for a table filtered out.
     fn table(&self, id: u32) -> Result<Option<Arc<Table>>, CdcError> {
         self.known.get(&id).cloned().ok_or_else(|| {
@@ -121,6 +135,16 @@ impl Relations {
         self.known.insert(table.relation.id, Some(table.clone()));
         Ok(Some(table))
     }
+}
+
+/// A snapshot on Kafka whose temporary slot still lives on its replication connection.
+struct Exported {
+    /// Holds the temporary slot: dropping it drops the slot.
+    _slot: ReplicationConnection,
+    /// The snapshot's SQL connection.
+    reader: Client,
+    temporary: String,
+    consistent: Lsn,
 }
 
 /// The transaction being streamed.
@@ -189,7 +213,11 @@ impl<'c> Pipeline<'c> {
         Ok(client)
     }
 
-    async fn run_once(mut self, shutdown: watch::Receiver<bool>) -> Result<(), CdcError> {
+    async fn run_once(
+        mut self,
+        catalog: &mut Catalog,
+        shutdown: watch::Receiver<Shutdown>,
+    ) -> Result<(), CdcError> {
         let source = &self.config.source;
         let prefix = &self.config.kafka.topic_prefix;
         let client = self.sql_client().await?;
@@ -205,8 +233,9 @@ impl<'c> Pipeline<'c> {
             topic_names.push(topics.claim(prefix, &table.name)?);
         }
         self.sink.ensure_topics(&topic_names).await?;
+        catalog.refresh(&client).await?;
         let mut relations = Relations {
-            catalog: Catalog::load(&client).await?,
+            catalog,
             topics,
             include: configured.map(|tables| tables.into_iter().collect()),
             known: HashMap::new(),
@@ -233,7 +262,11 @@ impl<'c> Pipeline<'c> {
         }
         match (slot.is_some(), source.snapshot) {
             (_, SnapshotMode::InitialOnly) => {
-                self.snapshot_unless_stopped(&tables, false, &mut relations, &shutdown).await?;
+                if !self.snapshot_unless_stopped(&tables, false, &mut relations, &shutdown).await? {
+                    return Err(CdcError::Stopped(
+                        "the initial_only snapshot was stopped before it finished".into(),
+                    ));
+                }
                 return Ok(());
             }
             (false, SnapshotMode::Initial) => {
@@ -255,43 +288,60 @@ impl<'c> Pipeline<'c> {
         self.stream(&client, relations, shutdown).await
     }
 
-    /// Runs the snapshot, unless shutdown comes first: then it stops at once, and the false
-    /// it returns says so. Stopping loses nothing: the slot exists only once every row is
-    /// on Kafka, so the next start takes the snapshot again from the beginning.
+    /// Runs the snapshot, unless a stop comes first: then it stops at once, and the false it
+    /// returns says so. Stopping loses nothing: the slot is made permanent only once every
+    /// row is on Kafka, so the next start takes the snapshot again from the beginning.
     async fn snapshot_unless_stopped(
         &mut self,
         tables: &[PublishedTable],
         make_permanent: bool,
-        relations: &mut Relations,
-        shutdown: &watch::Receiver<bool>,
+        relations: &mut Relations<'_>,
+        shutdown: &watch::Receiver<Shutdown>,
     ) -> Result<bool, CdcError> {
         let mut shutdown = shutdown.clone();
+        // A stop that came before the snapshot started counts too; a restart waits for it.
         let stop = async {
-            // A signal that came before the snapshot started counts too.
-            if !*shutdown.borrow_and_update() {
-                let _ = shutdown.changed().await;
+            while *shutdown.borrow_and_update() != Shutdown::Stop {
+                if shutdown.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
             }
         };
-        tokio::select! {
-            result = self.snapshot(tables, make_permanent, &mut relations.catalog) => result.map(|()| true),
+        let exported = tokio::select! {
+            exported = self.snapshot(tables, relations.catalog) => exported?,
             () = stop => {
                 tracing::warn!("snapshot stopped before it finished; the next start takes it again from the beginning, so the rows sent so far will be sent again");
-                Ok(false)
+                return Ok(false);
             }
+        };
+        if make_permanent {
+            // On the snapshot's own connection, busy until now: the other one sat idle for
+            // the whole snapshot and may have been dropped by the network meanwhile.
+            exported
+                .reader
+                .query(
+                    "SELECT pg_copy_logical_replication_slot($1, $2, false)",
+                    &[&exported.temporary, &self.config.source.slot],
+                )
+                .await?;
+            tracing::info!(slot = self.config.source.slot, consistent = %exported.consistent, "snapshot on Kafka; replication slot created");
+        } else {
+            tracing::info!("snapshot on Kafka (initial_only: not streaming)");
         }
+        Ok(true)
     }
 
-    /// Copies every table inside the snapshot of a new slot, then makes the slot permanent.
+    /// Copies every table inside the snapshot of a new temporary slot, and waits until Kafka
+    /// has acknowledged every row.
     ///
-    /// The slot is created TEMPORARY: if the process dies mid-snapshot, PostgreSQL drops it,
-    /// and the next start takes a fresh snapshot. Once every row is on Kafka, the slot is
-    /// copied to its permanent name at the same consistent point.
+    /// The slot is TEMPORARY: if the process dies or stops mid-snapshot, PostgreSQL drops it,
+    /// and the next start takes a fresh snapshot. The caller copies it to its permanent name,
+    /// at the same consistent point, through the connections returned.
     async fn snapshot(
         &mut self,
         tables: &[PublishedTable],
-        make_permanent: bool,
         catalog: &mut Catalog,
-    ) -> Result<(), CdcError> {
+    ) -> Result<Exported, CdcError> {
         let source = &self.config.source;
         let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
         // Unique per process: a previous attempt's walsender may not have exited yet.
@@ -396,21 +446,7 @@ impl<'c> Pipeline<'c> {
         while !self.in_flight.is_empty() {
             self.in_flight.next().await?;
         }
-        if make_permanent {
-            // On the snapshot's own connection, busy until now: the other one sat idle for
-            // the whole snapshot and may have been dropped by the network meanwhile.
-            reader
-                .query(
-                    "SELECT pg_copy_logical_replication_slot($1, $2, false)",
-                    &[&temporary, &source.slot],
-                )
-                .await?;
-            tracing::info!(slot = source.slot, %consistent, "snapshot on Kafka; replication slot created");
-        } else {
-            tracing::info!("snapshot on Kafka (initial_only: not streaming)");
-        }
-        drop(repl);
-        Ok(())
+        Ok(Exported { _slot: repl, reader, temporary, consistent })
     }
 
     async fn snapshot_row(
@@ -470,8 +506,8 @@ impl<'c> Pipeline<'c> {
     async fn stream(
         &mut self,
         client: &Client,
-        mut relations: Relations,
-        mut shutdown: watch::Receiver<bool>,
+        mut relations: Relations<'_>,
+        mut shutdown: watch::Receiver<Shutdown>,
     ) -> Result<(), CdcError> {
         let source = &self.config.source;
         let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
@@ -600,7 +636,7 @@ impl<'c> Pipeline<'c> {
         client: &Client,
         message: Message,
         lsn: Lsn,
-        relations: &mut Relations,
+        relations: &mut Relations<'_>,
         txn: &mut Option<Txn>,
         last_commit: &mut Option<Lsn>,
     ) -> Result<(), CdcError> {
@@ -689,31 +725,29 @@ impl<'c> Pipeline<'c> {
         let old_row = old.as_ref().map(|(_, row)| row.as_slice());
         let full_old =
             old.as_ref().filter(|(kind, _)| *kind == OldKind::Full).map(|(_, row)| row.as_slice());
-        let old_key = old_row.and_then(|row| event::key_json(table, row, None));
-        let new_key = event::key_json(table, new, old_row);
-        match old_key {
-            Some(old_key) if new_key.as_ref() != Some(&old_key) => {
-                let mut records =
-                    event::change(table, Op::Delete, old_row, None, None, source, now);
-                if let Some(new_key) = &new_key {
-                    for record in &mut records {
-                        record.headers.push((NEW_KEY_HEADER, new_key.clone()));
-                    }
-                }
-                self.count(table, Op::Delete);
-                let mut created =
-                    event::change(table, Op::Create, None, Some(new), full_old, source, now);
-                for record in &mut created {
-                    record.headers.push((OLD_KEY_HEADER, old_key.clone()));
-                }
-                records.extend(created);
-                (Op::Create, records)
+        // Most updates carry no old row (default identity, key unchanged): no keys to compare.
+        let moved = old_row.and_then(|row| event::key_json(table, row, None)).and_then(|old_key| {
+            let new_key = event::key_json(table, new, old_row);
+            (new_key.as_ref() != Some(&old_key)).then_some((old_key, new_key))
+        });
+        let Some((old_key, new_key)) = moved else {
+            let records =
+                event::change(table, Op::Update, full_old, Some(new), full_old, source, now);
+            return (Op::Update, records);
+        };
+        let mut records = event::change(table, Op::Delete, old_row, None, None, source, now);
+        if let Some(new_key) = &new_key {
+            for record in &mut records {
+                record.headers.push((NEW_KEY_HEADER, new_key.clone()));
             }
-            _ => (
-                Op::Update,
-                event::change(table, Op::Update, full_old, Some(new), full_old, source, now),
-            ),
         }
+        self.count(table, Op::Delete);
+        let mut created = event::change(table, Op::Create, None, Some(new), full_old, source, now);
+        for record in &mut created {
+            record.headers.push((OLD_KEY_HEADER, old_key.clone()));
+        }
+        records.extend(created);
+        (Op::Create, records)
     }
 }
 

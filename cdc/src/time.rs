@@ -83,8 +83,7 @@ fn parse_date(text: &str, bc: bool) -> Option<i64> {
     let month: i64 = digits(parts.next()?)?;
     let day: i64 = digits(parts.next()?)?;
     // PostgreSQL's dates end in 5874897 AD; far larger years would overflow the arithmetic.
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || !(1..=9_999_999).contains(&year)
-    {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || !(1..=9_999_999).contains(&year) {
         return None;
     }
     // 1 BC is astronomical year 0, 44 BC is -43.
@@ -201,7 +200,8 @@ mod tests {
         assert_eq!(date_days("infinity"), Some(DATE_INFINITY));
         assert_eq!(date_days("-infinity"), Some(DATE_NEG_INFINITY));
         let huge = "99999999999999999-01-01";
-        for bad in ["2022-13-01", "2022-01", "x", "", "0000-01-01", "-2022-01-01", "2022-01-01 AD", huge]
+        for bad in
+            ["2022-13-01", "2022-01", "x", "", "0000-01-01", "-2022-01-01", "2022-01-01 AD", huge]
         {
             assert_eq!(date_days(bad), None, "{bad}");
         }

@@ -41,14 +41,20 @@ pub enum ValueType {
     /// `money`, read in the C locale (`-$1,234.50`, always two fraction digits of the stored
     /// integer) and scaled by the fraction digits of the database's own `lc_monetary`.
     Money { scale: u32 },
-    /// An array of the inner type, of any number of dimensions.
-    Array(Box<ValueType>),
+    /// An array of the element type, of any number of dimensions, whose text form separates
+    /// elements by the element type's delimiter (`,`; `;` for `box`).
+    Array { element: Box<ValueType>, delimiter: char },
 }
 
 impl ValueType {
-    /// An array of a scalar type.
+    /// An array of a scalar type with the usual `,` delimiter.
     pub fn array_of(element: u32) -> ValueType {
-        ValueType::Array(Box::new(ValueType::Scalar(element)))
+        ValueType::Scalar(element).in_array(',')
+    }
+
+    /// An array of this type.
+    pub fn in_array(self, delimiter: char) -> ValueType {
+        ValueType::Array { element: Box::new(self), delimiter }
     }
 }
 
@@ -61,7 +67,7 @@ pub fn to_json(ty: &ValueType, text: &str) -> Value {
     let converted = match ty {
         ValueType::Scalar(type_oid) => scalar(*type_oid, text),
         ValueType::Money { scale } => money(text, *scale).map(Value::String),
-        ValueType::Array(element) => parse_array(text, element),
+        ValueType::Array { element, delimiter } => parse_array(text, element, *delimiter),
     };
     converted.unwrap_or_else(|| Value::String(text.to_string()))
 }
@@ -147,17 +153,18 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
 
 /// Parses an array literal (`{1,2,NULL}`, `{"a b","c\"d"}`, `{{1,2},{3,4}}`) into nested
 /// JSON arrays, converting each element by `element`.
-pub fn parse_array(text: &str, element: &ValueType) -> Option<Value> {
+pub fn parse_array(text: &str, element: &ValueType, delimiter: char) -> Option<Value> {
     // A lower bound decoration (`[0:1]={1,2}`) precedes the braces for unusual arrays.
     let start = text.find('{')?;
     let mut chars = text[start..].chars().peekable();
-    let value = array_level(&mut chars, element)?;
+    let value = array_level(&mut chars, element, delimiter)?;
     chars.next().is_none().then_some(value)
 }
 
 fn array_level(
     chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
     element: &ValueType,
+    delimiter: char,
 ) -> Option<Value> {
     if chars.next()? != '{' {
         return None;
@@ -169,7 +176,7 @@ fn array_level(
     }
     loop {
         match chars.peek()? {
-            '{' => items.push(array_level(chars, element)?),
+            '{' => items.push(array_level(chars, element, delimiter)?),
             '"' => {
                 chars.next();
                 let mut item = String::new();
@@ -185,7 +192,7 @@ fn array_level(
             _ => {
                 let mut item = String::new();
                 while let Some(&c) = chars.peek() {
-                    if c == ',' || c == '}' {
+                    if c == delimiter || c == '}' {
                         break;
                     }
                     item.push(c);
@@ -200,8 +207,8 @@ fn array_level(
             }
         }
         match chars.next()? {
-            ',' => continue,
             '}' => return Some(Value::Array(items)),
+            c if c == delimiter => continue,
             _ => return None,
         }
     }
@@ -302,7 +309,12 @@ mod tests {
         assert_eq!(array(23, "{1,2"), json!("{1,2"), "a malformed literal keeps its text");
         assert_eq!(array(869, "{10.0.0.1,::1/128}"), json!(["10.0.0.1", "::1/128"]));
         assert_eq!(array(oid::DATE, r#"{"0044-03-15 BC",1970-01-02}"#), json!([-735_160, 1]));
-        let nested = ValueType::Array(Box::new(ValueType::array_of(23)));
+        let boxes = ValueType::Scalar(603).in_array(';');
+        assert_eq!(
+            to_json(&boxes, "{(1,1),(0,0);(2,2),(1,1)}"),
+            json!(["(1,1),(0,0)", "(2,2),(1,1)"])
+        );
+        let nested = ValueType::array_of(23).in_array(',');
         assert_eq!(to_json(&nested, r#"{"{1,2}","{}"}"#), json!([[1, 2], []]), "domain arrays");
     }
 }

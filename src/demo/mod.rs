@@ -109,7 +109,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
         ROUTES.replace("{shop}", &shop_addr).replace("{orders}", &orders_addr),
     )?;
 
-    let (stop_cdc, cdc_shutdown) = tokio::sync::watch::channel(false);
+    let (stop_cdc, cdc_shutdown) = tokio::sync::watch::channel(ficus_cdc::Shutdown::Run);
     let cdc_config = CdcConfig {
         source: SourceConfig {
             url: pg.url("shop"),
@@ -177,7 +177,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
     })?;
 
     println!("\nficus demo: stopping and cleaning up {}", dir.display());
-    let _ = stop_cdc.send(true);
+    let _ = stop_cdc.send(ficus_cdc::Shutdown::Stop);
     runtime.shutdown_timeout(Duration::from_secs(5));
     drop(pg);
     drop(mock);
