@@ -299,3 +299,49 @@ async fn tables_that_would_share_a_topic_are_refused_and_quoted_names_work() {
         cdc.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_composite_key_keeps_the_primary_keys_order_under_every_identity() {
+    let pg = PgCluster::start();
+    let db = pg.database("shop").await;
+    db.batch_execute(
+        "CREATE TABLE plain (a int, b int, PRIMARY KEY (b, a));
+         CREATE TABLE full_row (a int, b int, PRIMARY KEY (b, a));
+         ALTER TABLE full_row REPLICA IDENTITY FULL;
+         INSERT INTO plain VALUES (1, 2); INSERT INTO full_row VALUES (1, 2);",
+    )
+    .await
+    .expect("schema");
+    let text = format!(
+        "[source]\nurl = \"{}\"\ntables = [\"plain\", \"full_row\"]\n\n[kafka]\ntopic_prefix = \"shop\"\n",
+        pg.url("shop")
+    );
+    let mut cdc = Cdc::start_stdout(&text);
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute("INSERT INTO plain VALUES (3, 4); INSERT INTO full_row VALUES (3, 4);")
+        .await
+        .expect("inserts");
+    let path = cdc.stdout.clone().expect("stdout");
+    let deadline = std::time::Instant::now() + QUIET;
+    let keys = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // The raw bytes: a key's field order is part of the Kafka key.
+        let keys: Vec<String> = text
+            .lines()
+            .filter_map(|l| {
+                l.split_once("\"key\":")
+                    .map(|(_, rest)| rest.split('}').next().unwrap_or("").to_string())
+            })
+            .collect();
+        if keys.len() >= 4 {
+            break keys;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}\n{}", cdc.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        keys,
+        ["{\"b\":2,\"a\":1", "{\"b\":2,\"a\":1", "{\"b\":4,\"a\":3", "{\"b\":4,\"a\":3"]
+    );
+    cdc.terminate();
+}
