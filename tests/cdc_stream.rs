@@ -292,11 +292,7 @@ async fn sighup_reloads_the_configuration_and_resumes() {
     let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "hup", "tables = [\"t\"]"));
     cdc.wait_log("streaming changes", QUIET);
     db.batch_execute("INSERT INTO t VALUES (1)").await.expect("insert");
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &cdc.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    cdc.hangup();
     cdc.wait_log("configuration reloaded; resuming", QUIET);
     db.batch_execute("INSERT INTO t VALUES (2)").await.expect("insert");
     let records = broker.consume("hup.public.t", 2, QUIET);
@@ -330,20 +326,12 @@ async fn stdout_sink_writes_one_json_line_per_record() {
     )
     .await
     .expect("changes");
-    let path = cdc.stdout.clone().expect("stdout");
-    let deadline = std::time::Instant::now() + QUIET;
-    let lines = loop {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-            .collect();
-        if lines.len() >= 8 {
-            break lines;
-        }
-        assert!(std::time::Instant::now() < deadline, "{text}\n{}", cdc.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let lines: Vec<serde_json::Value> = cdc
+        .stdout_lines(8, QUIET)
+        .await
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
     let ops: Vec<_> = lines.iter().map(|l| l["value"]["op"].clone()).collect();
     assert_eq!(
         ops,

@@ -93,6 +93,29 @@ impl Cdc {
         child.wait().expect("wait")
     }
 
+    /// Sends SIGHUP: reload the configuration.
+    pub fn hangup(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// With `--stdout`: waits until at least `count` lines were written, and returns them all.
+    pub async fn stdout_lines(&self, count: usize, patience: Duration) -> Vec<String> {
+        let path = self.stdout.as_ref().expect("started with --stdout");
+        let deadline = Instant::now() + patience;
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= count {
+                return text.lines().map(str::to_string).collect();
+            }
+            assert!(Instant::now() < deadline, "{text}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
