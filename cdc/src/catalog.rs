@@ -46,11 +46,12 @@ pub async fn prepare_publication(
     publication: &str,
     configured: Option<&[TableName]>,
 ) -> Result<Vec<PublishedTable>, CdcError> {
-    if let Some(tables) = configured {
-        for table in tables {
-            if relkind(client, table).await?.is_none() {
-                return Err(CdcError::MissingTable(table.to_string()));
-            }
+    let mut partitioned = Vec::new();
+    for table in configured.unwrap_or_default() {
+        match relkind(client, table).await? {
+            None => return Err(CdcError::MissingTable(table.to_string())),
+            Some(b'p') => partitioned.push(table.to_string()),
+            Some(_) => {}
         }
     }
     let quoted = quote_ident(publication);
@@ -97,12 +98,6 @@ pub async fn prepare_publication(
     };
 
     // Partitions are streamed under their partitioned table only with this option.
-    let mut partitioned = Vec::new();
-    for table in configured {
-        if relkind(client, table).await? == Some(b'p') {
-            partitioned.push(table.to_string());
-        }
-    }
     if !via_root && !partitioned.is_empty() {
         let sql = format!("ALTER PUBLICATION {quoted} SET (publish_via_partition_root = true)");
         if !owned {
@@ -208,34 +203,35 @@ pub async fn check_replica_identities(
     client: &Client,
     tables: &[PublishedTable],
 ) -> Result<(), CdcError> {
-    for table in tables {
-        let row = client
-            .query_opt(
-                "SELECT ri.indexrelid::regclass::text, \
-                 (SELECT string_agg(quote_ident(a.attname), ', ') FROM pg_attribute a \
-                  WHERE a.attrelid = pk.indrelid AND a.attnum = ANY(pk.indkey)) \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 JOIN pg_index ri ON ri.indrelid = c.oid AND ri.indisreplident \
-                 JOIN pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relreplident = 'i' \
-                 AND NOT (pk.indkey::int2[] <@ ri.indkey::int2[])",
-                &[&table.name.schema, &table.name.name],
-            )
-            .await?;
-        if let Some(row) = row {
-            let (index, key): (String, String) = (row.get(0), row.get(1));
-            return Err(CdcError::ReplicaIdentity(
-                table.name.to_string(),
-                format!(
-                    "its replica identity index {index} does not contain its primary key ({key}), \
-                     so its deletes would carry no key: run ALTER TABLE {} REPLICA IDENTITY DEFAULT \
-                     (or FULL)",
-                    table.name.sql()
-                ),
-            ));
-        }
-    }
-    Ok(())
+    let schemas: Vec<&str> = tables.iter().map(|t| t.name.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.name.as_str()).collect();
+    // One query for all tables: a publication FOR ALL TABLES may have thousands.
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text, ri.indexrelid::regclass::text, \
+             (SELECT string_agg(quote_ident(a.attname), ', ') FROM pg_attribute a \
+              WHERE a.attrelid = pk.indrelid AND a.attnum = ANY(pk.indkey)) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_index ri ON ri.indrelid = c.oid AND ri.indisreplident \
+             JOIN pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
+             WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+             AND c.relreplident = 'i' AND NOT (pk.indkey::int2[] <@ ri.indkey::int2[]) \
+             ORDER BY 1, 2 LIMIT 1",
+            &[&schemas, &names],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    let table = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+    let (index, key): (String, String) = (row.get(2), row.get(3));
+    Err(CdcError::ReplicaIdentity(
+        table.to_string(),
+        format!(
+            "its replica identity index {index} does not contain its primary key ({key}), \
+             so its deletes would carry no key: run ALTER TABLE {} REPLICA IDENTITY DEFAULT \
+             (or FULL)",
+            table.sql()
+        ),
+    ))
 }
 
 fn privilege_or_sql(e: tokio_postgres::Error) -> CdcError {
