@@ -15,6 +15,7 @@ pub mod request;
 pub mod service;
 pub mod settings;
 pub mod state;
+pub mod target;
 
 use std::net::TcpListener;
 use std::sync::Arc;

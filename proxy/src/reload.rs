@@ -52,6 +52,8 @@ impl Reloader {
         let current = shared.active.load_full();
         let outcome = match ActiveTable::load(&shared.routes_path, Some(&current)) {
             Ok(next) if next.table.version == current.table.version => {
+                // A file put back as it was is valid again: the old error no longer applies.
+                *lock_failure(shared) = None;
                 ReloadOutcome::Unchanged { version: next.table.version }
             }
             Ok(next) => {

@@ -10,11 +10,13 @@ use ficus_routes::{BackendId, Entropy, Reason};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
+use pingora::ErrorSource;
 use rand::Rng;
 
 use crate::metrics::{status_class, status_index, NO_ROUTE};
 use crate::request::PingoraRequest;
 use crate::state::{ActiveTable, Shared};
+use crate::target;
 
 /// How long a minted client id is kept by the browser: a year.
 const CLIENT_ID_MAX_AGE: u32 = 365 * 24 * 3600;
@@ -183,11 +185,15 @@ impl FicusProxy {
         }
         req.insert_header("X-Forwarded-Proto", if is_tls(session) { "https" } else { "http" })?;
         if let Some(ip) = client_ip(session) {
-            let forwarded_for =
-                match downstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                    Some(previous) => format!("{previous}, {ip}"),
-                    None => ip.to_string(),
-                };
+            // Every X-Forwarded-For line the client sent, in order, then the client itself.
+            let mut forwarded_for = String::new();
+            for previous in downstream.headers.get_all("x-forwarded-for") {
+                if let Ok(previous) = previous.to_str() {
+                    forwarded_for.push_str(previous);
+                    forwarded_for.push_str(", ");
+                }
+            }
+            forwarded_for.push_str(&ip.to_string());
             req.insert_header("X-Forwarded-For", forwarded_for)?;
         }
         Ok(())
@@ -202,8 +208,16 @@ impl ProxyHttp for FicusProxy {
         RequestCtx { started: Instant::now(), routing: None }
     }
 
-    /// Routes the request. Returns false: the request always continues to a backend.
+    /// Refuses requests the table cannot route faithfully (400, returning true: answered),
+    /// and routes the others (false: the request continues to a backend).
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        let host = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
+        if let Err(refusal) = target::check(&req.method, req.version, req.raw_path(), host) {
+            tracing::debug!(reason = refusal.as_str(), "refused a request");
+            session.respond_error(400).await?;
+            return Ok(true);
+        }
         ctx.routing = Some(self.route(session));
         Ok(false)
     }
@@ -268,7 +282,12 @@ impl ProxyHttp for FicusProxy {
 
     /// Records metrics and writes one access-log line.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map(|r| r.status.as_u16());
+        let written = session.response_written().map(|r| r.status.as_u16());
+        // A success the backend cut short (reset mid-body) is not a success: it counts as an
+        // error, as a request that got no response does. A client that hung up is not the
+        // backend's fault.
+        let cut_short = e.is_some_and(|e| e.esource != ErrorSource::Downstream);
+        let status = written.filter(|&status| !cut_short || status >= 400);
         let elapsed = ctx.started.elapsed();
         let (route, backend) = match &ctx.routing {
             Some(routing) => (routing.route_name(), routing.backend_name()),
@@ -294,7 +313,8 @@ impl ProxyHttp for FicusProxy {
             target: "ficus::access",
             method = %req.method,
             path = req.uri.path(),
-            status = status.unwrap_or(0),
+            status = written.unwrap_or(0),
+            outcome = status_class(status),
             route,
             backend,
             fallback,

@@ -13,6 +13,7 @@ pub mod explain;
 pub mod load;
 pub mod matcher;
 pub mod request;
+pub mod source;
 pub mod sticky;
 pub mod table;
 

@@ -14,6 +14,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::config::{BackendConfig, DefaultsConfig, RouteConfig};
 use crate::error::{LoadError, ValidationError};
 use crate::matcher::{Matcher, PathMatch};
+use crate::source;
 use crate::sticky::{is_token, Sticky, BUCKETS};
 use crate::table::{Backend, BackendId, Route, RouteIndex, RouteTable};
 
@@ -57,15 +58,18 @@ impl RouteTable {
             file: file.clone(),
             message: "unknown file extension: use .toml, .yaml, .yml or .json".into(),
         })?;
-        let text = std::fs::read_to_string(path).map_err(|e| LoadError::Unreadable {
-            file: file.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
+        let text = source::read(path)
+            .map_err(|message| LoadError::Unreadable { file: file.clone(), message })?;
         RouteTable::parse(&text, format, &file)
     }
 
     /// Validates route-file text; `file` names it in errors.
     pub fn parse(text: &str, format: Format, file: &str) -> Result<RouteTable, LoadError> {
+        let unreadable = |message| LoadError::Unreadable { file: file.to_string(), message };
+        source::check_size(text).map_err(unreadable)?;
+        if format == Format::Yaml {
+            source::check_yaml_aliases(text).map_err(unreadable)?;
+        }
         let value: Value = config::Config::builder()
             .add_source(config::File::from_str(text, format.as_config()))
             .build()
@@ -204,13 +208,19 @@ impl Validator<'_> {
     }
 
     fn backend(&mut self, location: &str, name: &str, config: BackendConfig) -> Option<Backend> {
+        let shown = redact_credentials(&config.url);
         let url = match url::Url::parse(&config.url) {
             Ok(url) => url,
             Err(e) => {
-                self.error(location, "url", format!("malformed URL \"{}\": {e}", config.url));
+                self.error(location, "url", format!("malformed URL \"{shown}\": {e}"));
                 return None;
             }
         };
+        if !url.username().is_empty() || url.password().is_some() {
+            // The URL is shown by `GET /routes` and in logs: secrets belong elsewhere.
+            self.error(location, "url", format!("\"{shown}\": a backend URL takes no credentials"));
+            return None;
+        }
         let tls = match url.scheme() {
             "http" => false,
             "https" => true,
@@ -220,11 +230,11 @@ impl Validator<'_> {
             }
         };
         let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
-            self.error(location, "url", format!("\"{}\" has no host", config.url));
+            self.error(location, "url", format!("\"{shown}\" has no host"));
             return None;
         };
-        if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-            self.error(location, "url", "a backend URL takes no query, fragment or credentials");
+        if url.query().is_some() || url.fragment().is_some() {
+            self.error(location, "url", "a backend URL takes no query or fragment");
             return None;
         }
         if let Some(health) = &config.health {
@@ -265,6 +275,15 @@ impl Validator<'_> {
         for (index, value) in list.iter().enumerate() {
             let name = value.get("name").and_then(Value::as_str).unwrap_or("");
             let location = format!("routes[{index}] \"{name}\"");
+            // NaN and the infinities reach here as null: JSON, the common form, has neither.
+            if value.get("percent").is_some_and(Value::is_null) {
+                self.error(
+                    &location,
+                    "percent",
+                    "must be a number from 0 to 100 (not NaN, an infinity or empty)",
+                );
+                continue;
+            }
             let Some(config) = self.section::<RouteConfig>(&location, value) else { continue };
             if config.name.trim().is_empty() {
                 self.error(&location, "name", "must not be empty");
@@ -393,5 +412,16 @@ impl Validator<'_> {
             self.error(location, "match.host", "must not be empty");
         }
         (self.errors.len() == before).then_some(Matcher { path, host, methods, headers })
+    }
+}
+
+/// `text` with anything before an `@` in its authority (user, password) replaced by `***`, so
+/// that an error never echoes a secret.
+fn redact_credentials(text: &str) -> String {
+    let start = text.find("://").map_or(0, |i| i + 3);
+    let end = text[start..].find(['/', '?', '#']).map_or(text.len(), |i| start + i);
+    match text[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &text[..start], &text[start + at..]),
+        None => text.to_string(),
     }
 }

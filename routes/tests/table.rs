@@ -132,6 +132,55 @@ fn percent_outside_range_or_grid_is_rejected() {
 }
 
 #[test]
+fn percent_nan_or_infinite_is_named_as_such() {
+    for value in ["nan", "inf", "-inf"] {
+        let errs = errors(&with_route(&format!(
+            "[[routes]]\nname = \"a\"\nmatch = {{}}\nto = \"orders\"\npercent = {value}"
+        )));
+        assert_eq!(
+            errs,
+            ["routes.toml: routes[0] \"a\": percent: must be a number from 0 to 100 (not NaN, an infinity or empty)"],
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn credentials_in_backend_urls_are_refused_and_never_echoed() {
+    for url in
+        ["http://:s3cret@127.0.0.1:1", "http://user:s3cret@127.0.0.1:1", "http://user@127.0.0.1:1"]
+    {
+        let errs = errors(&format!(
+            "[backends.monolith]\nurl = \"{url}\"\n[defaults]\nbackend = \"monolith\"\n"
+        ));
+        assert!(errs.iter().any(|e| e.contains("takes no credentials")), "{url}: {errs:?}");
+        assert!(errs.iter().all(|e| !e.contains("s3cret") && !e.contains("user@")), "{errs:?}");
+    }
+    let errs = errors(
+        "[backends.monolith]\nurl = \"http://u:s3cret@[::1\"\n[defaults]\nbackend = \"monolith\"\n",
+    );
+    assert!(errs.iter().any(|e| e.contains("malformed URL \"http://***@[::1\"")), "{errs:?}");
+}
+
+#[test]
+fn a_yaml_alias_bomb_is_refused_before_it_expands() {
+    let mut bomb = String::from(
+        "x: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    for (level, previous) in ('b'..='i').zip('a'..) {
+        bomb.push_str(&format!(
+            "{level}{level}: &{level} [{}]\n",
+            vec![format!("*{previous}"); 9].join(",")
+        ));
+    }
+    let message = match RouteTable::parse(&bomb, Format::Yaml, "routes.yaml") {
+        Ok(_) => panic!("an alias bomb parsed"),
+        Err(e) => e.to_string(),
+    };
+    assert!(message.starts_with("routes.yaml: YAML aliases expand to more than"), "{message}");
+}
+
+#[test]
 fn bad_regex_is_rejected() {
     let errs = errors(&with_route(
         "[[routes]]\nname = \"r\"\nmatch = { path_regex = \"^/a(\" }\nto = \"orders\"\npercent = 5",

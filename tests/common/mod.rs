@@ -185,8 +185,13 @@ impl Proxy {
 
     /// Starts the proxy with extra arguments, waiting until its admin API answers.
     pub async fn start_with(routes: &str, extra: &[&str]) -> Proxy {
+        Proxy::start_file("routes.toml", routes, extra).await
+    }
+
+    /// Starts the proxy with its route file named `file_name` (its extension is its format).
+    pub async fn start_file(file_name: &str, routes: &str, extra: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
-        let routes_path = dir.path().join("routes.toml");
+        let routes_path = dir.path().join(file_name);
         std::fs::write(&routes_path, routes).expect("write routes");
         let log = dir.path().join("ficus.log");
         let (addr, admin) = (free_addr(), free_addr());
@@ -262,7 +267,7 @@ impl Proxy {
 
     /// Replaces the route file the way editors do: write a new file, rename it over the old.
     pub fn write_routes(&self, text: &str) {
-        let tmp = self.dir.path().join(".routes.toml.tmp");
+        let tmp = self.dir.path().join(".routes.tmp");
         std::fs::write(&tmp, text).expect("write routes");
         std::fs::rename(&tmp, &self.routes).expect("rename routes");
     }

@@ -1,0 +1,204 @@
+//! `ficus proxy` against a hostile client and a careless operator: request targets and Hosts
+//! the table cannot route faithfully, route files that would hang or kill a reload, and
+//! secrets in backend URLs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ficus, split_routes, Proxy, TestBackend, PATIENCE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `request` as raw bytes and returns the status line of the answer.
+async fn raw_status(proxy: &Proxy, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The status line is all this needs; the connection may stay open after it.
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        if read == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..read]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    text.lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_that_are_not_paths_and_missing_or_empty_hosts_get_400() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&split_routes(&monolith, &orders, 0.0)).await;
+    for (request, status) in [
+        ("GET admin/users HTTP/1.1\r\nHost: shop\r\n\r\n", "400"),
+        ("GET * HTTP/1.1\r\nHost: shop\r\n\r\n", "400"),
+        // Padded past 24 bytes: h2c detection waits for that many (point 1 of issue 10).
+        ("GET / HTTP/1.1\r\nX-Pad: 1\r\n\r\n", "400"),
+        ("GET / HTTP/1.1\r\nHost: \r\n\r\n", "400"),
+        ("GET /home HTTP/1.1\r\nHost: shop\r\n\r\n", "200"),
+        ("GET http://shop/home HTTP/1.1\r\nHost: shop\r\n\r\n", "200"),
+        ("OPTIONS * HTTP/1.1\r\nHost: shop\r\n\r\n", "200"),
+        ("GET /home HTTP/1.0\r\nX-Pad: 1\r\n\r\n", "200"),
+    ] {
+        let line = raw_status(&proxy, request).await;
+        assert!(line.split(' ').nth(1) == Some(status), "{request:?} got {line:?}");
+    }
+}
+
+/// The split routes as YAML.
+fn yaml_routes(monolith: &TestBackend, orders: &TestBackend) -> String {
+    format!(
+        "backends:\n  monolith: {{url: \"{}\"}}\n  orders: {{url: \"{}\"}}\n\
+         defaults: {{backend: monolith, sticky: \"header:x-user-id\"}}\n\
+         routes:\n  - {{name: orders, match: {{path_prefix: /api/orders}}, to: orders, percent: 50}}\n",
+        monolith.url(),
+        orders.url()
+    )
+}
+
+/// A 9-level "billion laughs" in a few hundred bytes.
+fn alias_bomb() -> String {
+    let mut bomb = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    for (level, previous) in ('b'..='i').zip('a'..) {
+        let refs = vec![format!("*{previous}"); 9].join(",");
+        bomb.push_str(&format!("{level}: &{level} [{refs}]\n"));
+    }
+    bomb
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_yaml_alias_bomb_is_refused_and_the_old_table_keeps_serving() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start_file("routes.yaml", &yaml_routes(&monolith, &orders), &[]).await;
+    let bomb = alias_bomb();
+    assert!(bomb.len() < 400);
+    proxy.write_routes(&bomb);
+    let error = proxy.wait_reload_error().await;
+    assert!(error.to_string().contains("YAML aliases expand"), "{error}");
+    let response = common::client().get(proxy.url("/home")).send().await.expect("request");
+    assert_eq!(response.status(), 200, "the old table serves:\n{}", proxy.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_check_refuses_a_fifo_and_an_oversized_file_without_blocking() {
+    let dir = tempfile::tempdir().expect("dir");
+    let fifo = dir.path().join("routes.toml");
+    let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("# {}\n", "x".repeat(9 * 1024 * 1024))).expect("write");
+    for (file, expected) in [(&fifo, "not a regular file"), (&big, "limit of a route file")] {
+        let mut child = ficus()
+            .args(["routes", "check"])
+            .arg(file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let deadline = Instant::now() + PATIENCE;
+        while child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("routes check blocked on {}", file.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let output = child.wait_with_output().expect("output");
+        assert_eq!(output.status.code(), Some(1));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(text.contains(expected), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_backend_urls_are_refused_and_never_shown() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&split_routes(&monolith, &orders, 5.0)).await;
+    let with_secret = split_routes(&monolith, &orders, 5.0).replace(
+        &format!("url = \"{}\"", orders.url()),
+        &format!("url = \"http://:s3cret@{}\"", orders.addr),
+    );
+    assert!(with_secret.contains("s3cret"));
+    proxy.write_routes(&with_secret);
+    let error = proxy.wait_reload_error().await;
+    assert!(error.to_string().contains("takes no credentials"), "{error}");
+    let routes = proxy.routes_json().await.to_string();
+    assert!(!routes.contains("s3cret"), "{routes}");
+    assert!(!proxy.logs().contains("s3cret"), "{}", proxy.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_put_back_as_it_was_clears_the_reload_error() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let good = split_routes(&monolith, &orders, 5.0);
+    let proxy = Proxy::start(&good).await;
+    proxy.write_routes(&good.replace("percent = 5", "percent = 500"));
+    proxy.wait_reload_error().await;
+    proxy.write_routes(&good);
+    let deadline = Instant::now() + PATIENCE;
+    while !proxy.routes_json().await["last_reload_error"].is_null() {
+        assert!(Instant::now() < deadline, "the error outlived the fix:\n{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_x_forwarded_for_line_is_kept() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&split_routes(&monolith, &orders, 0.0)).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let request = "GET /home HTTP/1.1\r\nHost: shop\r\nX-Forwarded-For: 1.1.1.1\r\n\
+                   X-Forwarded-For: 2.2.2.2, 3.3.3.3\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    let body = answer.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default();
+    let echoed: serde_json::Value = serde_json::from_str(body).expect("the backend's JSON");
+    assert_eq!(echoed["headers"]["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_backend_cuts_short_counts_as_an_error() {
+    // A backend that promises 100 bytes, sends 5 and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let backend = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello").await;
+        }
+    });
+    let routes = format!(
+        "[backends.monolith]\nurl = \"http://{addr}\"\n[defaults]\nbackend = \"monolith\"\n"
+    );
+    let proxy = Proxy::start(&routes).await;
+    let response = common::client().get(proxy.url("/home")).send().await.expect("headers");
+    assert_eq!(response.status(), 200);
+    assert!(response.bytes().await.is_err(), "the body is cut short");
+    let series = r#"ficus_requests_total{backend="monolith",route="(default)",status="error"}"#;
+    let metrics = proxy.wait_metric(series, 1.0).await;
+    assert!(!metrics.contains(r#"route="(default)",status="2xx"} 1"#), "{metrics}");
+    backend.abort();
+}
