@@ -202,3 +202,54 @@ async fn a_response_the_backend_cuts_short_counts_as_an_error() {
     assert!(!metrics.contains(r#"route="(default)",status="2xx"} 1"#), "{metrics}");
     backend.abort();
 }
+
+/// A backend that reads each request and answers with `reply` (maybe nothing), then keeps the
+/// connection open without a word: a stalled process, not a dead one.
+async fn stalling_backend(
+    reply: &'static [u8],
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let _ = stream.write_all(reply).await;
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_backend_is_given_up_after_its_read_timeout() {
+    let (silent, silent_task) = stalling_backend(b"").await;
+    let (halfway, halfway_task) =
+        stalling_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello").await;
+    let routes = format!(
+        "[backends.silent]\nurl = \"http://{silent}\"\nread_timeout = \"1s\"\n\
+         [backends.halfway]\nurl = \"http://{halfway}\"\nread_timeout = \"1s\"\n\
+         [defaults]\nbackend = \"silent\"\n\
+         [[routes]]\nname = \"halfway\"\nmatch = {{ path_prefix = \"/halfway\" }}\nto = \"halfway\"\npercent = 100\n"
+    );
+    let proxy = Proxy::start(&routes).await;
+    let client =
+        reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client");
+
+    // Nothing ever came: 504 once the read timeout passed.
+    let asked = Instant::now();
+    let response = client.get(proxy.url("/home")).send().await.expect("an answer");
+    assert_eq!(response.status(), 504);
+    assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
+
+    // Headers came, then nothing: the response ends, cut short, once the timeout passed.
+    let asked = Instant::now();
+    let response = client.get(proxy.url("/halfway")).send().await.expect("headers");
+    assert_eq!(response.status(), 200);
+    assert!(response.bytes().await.is_err(), "the body is cut short");
+    assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
+    silent_task.abort();
+    halfway_task.abort();
+}

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use ficus_routes::{BackendId, Entropy, Reason};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 use rand::Rng;
 
@@ -250,6 +250,31 @@ impl ProxyHttp for FicusProxy {
             e.set_retry(true);
         }
         e
+    }
+
+    /// Answers a request that could not be proxied: as Pingora does (502 for the backend's
+    /// failures, 400 for a malformed request, nothing when the client is gone), except that a
+    /// backend too slow to answer gets 504, and nothing is sent once a response has started.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match (e.etype(), e.esource()) {
+            (HTTPStatus(code), _) => *code,
+            (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => 504,
+            (_, ErrorSource::Upstream) => 502,
+            (WriteError | ReadError | ConnectionClosed, ErrorSource::Downstream) => 0,
+            (_, ErrorSource::Downstream) => 400,
+            _ => 500,
+        };
+        if code > 0 && session.response_written().is_none() {
+            if let Err(e) = session.respond_error(code).await {
+                tracing::debug!(error = %e, "cannot answer the client");
+            }
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
     }
 
     async fn upstream_request_filter(

@@ -77,6 +77,8 @@ fn upstream(backend: &Backend, addr: SocketAddr, previous: Option<&ActiveTable>)
     let mut peer = HttpPeer::new(addr, backend.tls, sni);
     peer.options.connection_timeout = Some(backend.connect_timeout);
     peer.options.total_connection_timeout = Some(backend.connect_timeout * 2);
+    peer.options.read_timeout = Some(backend.read_timeout);
+    peer.options.write_timeout = Some(backend.write_timeout);
     let health = backend.health.as_ref().map(|check| {
         let carried = previous.and_then(|prev| {
             prev.table

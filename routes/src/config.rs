@@ -24,6 +24,14 @@ pub struct BackendConfig {
     /// How long to wait for a TCP (and TLS) connection before falling back.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of the backend's response (NGINX's
+    /// `proxy_read_timeout`); past it the request ends, with 504 if nothing was sent yet.
+    #[serde(default = "default_io_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Longest wait for the backend to take the next bytes of the request (NGINX's
+    /// `proxy_send_timeout`).
+    #[serde(default = "default_io_timeout", with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 /// An active HTTP health check of a backend.
@@ -126,6 +134,10 @@ fn default_true() -> bool {
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(1)
+}
+
+fn default_io_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_health_interval() -> Duration {

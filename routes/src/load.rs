@@ -255,6 +255,8 @@ impl Validator<'_> {
             health: config.health,
             preserve_host: config.preserve_host,
             connect_timeout: config.connect_timeout,
+            read_timeout: config.read_timeout,
+            write_timeout: config.write_timeout,
         })
     }
 

@@ -28,6 +28,8 @@ pub struct Backend {
     pub health: Option<HealthConfig>,
     pub preserve_host: bool,
     pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
 }
 
 impl Backend {
