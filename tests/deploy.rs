@@ -65,6 +65,7 @@ fn the_kubernetes_manifests_have_the_expected_kinds() {
         ("Deployment", "ficus-proxy"),
         ("Service", "ficus-proxy"),
         ("PodDisruptionBudget", "ficus-proxy"),
+        ("NetworkPolicy", "ficus-proxy"),
         ("Deployment", "ficus-cdc"),
     ] {
         assert!(

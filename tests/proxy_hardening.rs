@@ -253,3 +253,41 @@ async fn a_stalled_backend_is_given_up_after_its_read_timeout() {
     silent_task.abort();
     halfway_task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_what_a_web_page_could_make_a_browser_send() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let proxy = Proxy::start(&split_routes(&monolith, &orders, 5.0)).await;
+    let client = common::client();
+    let reload = || client.post(format!("http://{}/reload", proxy.admin));
+    // DNS rebinding: a page's own name resolving to this address.
+    let rebound = client
+        .get(format!("http://{}/routes", proxy.admin))
+        .header("host", format!("evil.example:{}", proxy.admin.port()))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(rebound.status(), 421);
+    // A cross-site form or fetch without preflight.
+    let plain = reload().header("content-type", "text/plain").send().await.expect("request");
+    assert_eq!(plain.status(), 415);
+    let foreign = reload()
+        .header("content-type", "application/json")
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(foreign.status(), 403);
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        common::metric(&metrics, r#"ficus_reloads_total{result="ok",trigger="admin"}"#),
+        0.0
+    );
+    assert_eq!(
+        common::metric(&metrics, r#"ficus_reloads_total{result="unchanged",trigger="admin"}"#),
+        0.0
+    );
+    // The operator's own request.
+    assert_eq!(proxy.admin_post("/reload").await.status(), 200);
+}

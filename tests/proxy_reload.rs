@@ -126,21 +126,13 @@ async fn sighup_and_admin_reload_apply_an_edit_without_watching() {
     assert_eq!(proxy.routes_json().await["routes"][0]["percent"], 100.0);
 
     std::fs::write(&proxy.routes, split_routes(&monolith, &orders, 42.5)).expect("write");
-    let reply: serde_json::Value = client()
-        .post(format!("http://{}/reload", proxy.admin))
-        .send()
-        .await
-        .expect("reload")
-        .json()
-        .await
-        .expect("json");
+    let reply: serde_json::Value = proxy.admin_post("/reload").await.json().await.expect("json");
     assert!(reply["result"] == "ok" || reply["result"] == "unchanged", "{reply}");
     proxy.wait_version_change(&version).await;
     assert_eq!(proxy.routes_json().await["routes"][0]["percent"], 42.5);
 
     std::fs::write(&proxy.routes, "[broken").expect("write");
-    let response =
-        client().post(format!("http://{}/reload", proxy.admin)).send().await.expect("reload");
+    let response = proxy.admin_post("/reload").await;
     assert_eq!(response.status(), 422);
     let reply: serde_json::Value = response.json().await.expect("json");
     assert_eq!(reply["result"], "error");

@@ -1,6 +1,8 @@
 //! The admin HTTP API, for operators on a private port: `/healthz`, `/routes`, `/metrics`
-//! and `POST /reload`.
+//! and `POST /reload`, guarded against requests a web page makes a browser send
+//! ([`guard`]: DNS rebinding and cross-site writes).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,11 +18,96 @@ use crate::state::{ActiveTable, Shared};
 pub struct AdminApp {
     pub shared: Arc<Shared>,
     pub reloader: Reloader,
+    /// Host names the API answers to besides IP addresses and `localhost`.
+    pub hosts: Vec<String>,
+}
+
+/// Why the admin API refuses a request before looking at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+/// Checks what a browser tricked by a web page would send: a Host that is a name the API was
+/// not given (DNS rebinding), an `Origin` other than the API's own (a cross-site request),
+/// and a write without a JSON content type (which a page could send without a preflight).
+pub fn guard(
+    method: &Method,
+    host: Option<&str>,
+    origin: Option<&str>,
+    content_type: Option<&str>,
+    hosts: &[String],
+) -> Result<(), Refusal> {
+    let refuse = |status, message: String| Err(Refusal { status, message });
+    let Some(host) = host else {
+        return refuse(StatusCode::BAD_REQUEST, "a Host header is required\n".into());
+    };
+    let name = host_name(host);
+    let known = name.parse::<IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || hosts.iter().any(|h| h.eq_ignore_ascii_case(name));
+    if !known {
+        return refuse(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("Host {host} is not this admin API's: add it to proxy.admin_hosts\n"),
+        );
+    }
+    if let Some(origin) = origin {
+        let authority = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+        if !authority.eq_ignore_ascii_case(host) {
+            return refuse(StatusCode::FORBIDDEN, format!("cross-origin request from {origin}\n"));
+        }
+    }
+    let json = content_type
+        .and_then(|t| t.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if method != Method::GET && method != Method::HEAD && !json {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "writes need Content-Type: application/json\n".into(),
+        );
+    }
+    Ok(())
+}
+
+/// The name part of a Host value: without the port, and without the brackets of an IPv6
+/// address.
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':').map_or(host, |(name, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            name
+        } else {
+            host
+        }
+    })
 }
 
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let header = session.req_header();
+        let text = |name: http::header::HeaderName| {
+            header.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        let (host, origin, content_type) = (
+            text(http::header::HOST),
+            text(http::header::ORIGIN),
+            text(http::header::CONTENT_TYPE),
+        );
+        let verdict = guard(
+            &header.method,
+            host.as_deref(),
+            origin.as_deref(),
+            content_type.as_deref(),
+            &self.hosts,
+        );
+        if let Err(refusal) = verdict {
+            return respond(refusal.status, "text/plain", refusal.message.into_bytes());
+        }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         match (method, path.as_str()) {
@@ -129,4 +216,65 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
         response.headers_mut().insert(http::header::CONTENT_LENGTH, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(
+        method: Method,
+        host: Option<&str>,
+        origin: Option<&str>,
+        content_type: Option<&str>,
+    ) -> Option<u16> {
+        let hosts = ["ficus-admin.internal".to_string()];
+        guard(&method, host, origin, content_type, &hosts).err().map(|r| r.status.as_u16())
+    }
+
+    #[test]
+    fn addresses_localhost_and_configured_names_pass() {
+        for host in [
+            "127.0.0.1:9901",
+            "10.1.2.3",
+            "[::1]:9901",
+            "localhost:9901",
+            "FICUS-ADMIN.internal:80",
+        ] {
+            assert_eq!(check(Method::GET, Some(host), None, None), None, "{host}");
+        }
+    }
+
+    #[test]
+    fn other_names_are_refused_as_dns_rebinding() {
+        assert_eq!(check(Method::GET, Some("evil.example:9901"), None, None), Some(421));
+        assert_eq!(check(Method::GET, None, None, None), Some(400));
+    }
+
+    #[test]
+    fn foreign_origins_and_non_json_writes_are_refused() {
+        let json = Some("application/json");
+        assert_eq!(
+            check(Method::POST, Some("127.0.0.1:9901"), Some("http://evil.example"), json),
+            Some(403)
+        );
+        assert_eq!(
+            check(Method::POST, Some("127.0.0.1:9901"), Some("http://127.0.0.1:9901"), json),
+            None
+        );
+        assert_eq!(
+            check(Method::POST, Some("127.0.0.1:9901"), None, Some("text/plain")),
+            Some(415)
+        );
+        assert_eq!(check(Method::POST, Some("127.0.0.1:9901"), None, None), Some(415));
+        assert_eq!(
+            check(
+                Method::POST,
+                Some("127.0.0.1:9901"),
+                None,
+                Some("application/json; charset=utf-8")
+            ),
+            None
+        );
+    }
 }

@@ -103,8 +103,8 @@ pub fn run_with(
         proxy.add_tls_with_settings(&tls.listen, None, tls_settings);
     }
 
-    let mut admin =
-        Service::new("ficus admin".to_string(), AdminApp { shared, reloader: reloader.clone() });
+    let app = AdminApp { shared, reloader: reloader.clone(), hosts: settings.admin_hosts.clone() };
+    let mut admin = Service::new("ficus admin".to_string(), app);
     admin.add_tcp(&settings.admin);
     let triggers =
         background_service("ficus reload", ReloadTriggers { reloader, watch: settings.watch });

@@ -18,6 +18,10 @@ pub struct ProxySettings {
     /// Admin API listener; keep it on loopback or a private network.
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// Host names the admin API answers to, besides IP addresses and `localhost`: any other
+    /// Host is refused, so that a web page cannot reach the API by DNS rebinding.
+    #[serde(default)]
+    pub admin_hosts: Vec<String>,
     /// Accept cleartext HTTP/2 (h2c prior knowledge) on `listen`.
     #[serde(default = "default_true")]
     pub h2c: bool,

@@ -160,6 +160,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
         routes,
         listen: args.listen.clone(),
         admin: args.admin.clone(),
+        admin_hosts: Vec::new(),
         h2c: true,
         tls: None,
         threads: 2,

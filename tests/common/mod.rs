@@ -253,6 +253,16 @@ impl Proxy {
         reqwest::get(format!("http://{}{path}", self.admin)).await.expect("admin request")
     }
 
+    /// `POST` to the admin API, as an operator's tool does: with a JSON content type.
+    pub async fn admin_post(&self, path: &str) -> reqwest::Response {
+        client()
+            .post(format!("http://{}{path}", self.admin))
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .expect("admin request")
+    }
+
     pub async fn routes_json(&self) -> Value {
         self.admin_get("/routes").await.json().await.expect("routes json")
     }
