@@ -31,7 +31,7 @@ async fn raw_status(proxy: &Proxy, request: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn targets_that_are_not_paths_and_missing_or_empty_hosts_get_400() {
+async fn targets_that_are_not_paths_missing_hosts_and_ambiguous_framing_get_400() {
     let (monolith, orders) =
         (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&split_routes(&monolith, &orders, 0.0)).await;
@@ -45,6 +45,15 @@ async fn targets_that_are_not_paths_and_missing_or_empty_hosts_get_400() {
         ("GET http://shop/home HTTP/1.1\r\nHost: shop\r\n\r\n", "200"),
         ("OPTIONS * HTTP/1.1\r\nHost: shop\r\n\r\n", "200"),
         ("GET /home HTTP/1.0\r\nX-Pad: 1\r\n\r\n", "200"),
+        ("POST /home HTTP/1.1\r\nHost: shop\r\nContent-Length: 5, 5\r\n\r\nhello", "400"),
+        (
+            "POST /home HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "400",
+        ),
+        (
+            "POST /home HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "200",
+        ),
     ] {
         let line = raw_status(&proxy, request).await;
         assert!(line.split(' ').nth(1) == Some(status), "{request:?} got {line:?}");

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod guard;
 pub mod health;
 pub mod metrics;
 pub mod reload;
@@ -15,7 +16,6 @@ pub mod request;
 pub mod service;
 pub mod settings;
 pub mod state;
-pub mod target;
 
 use std::net::TcpListener;
 use std::sync::Arc;

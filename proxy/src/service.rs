@@ -13,10 +13,10 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 use rand::Rng;
 
+use crate::guard;
 use crate::metrics::{status_class, status_index, NO_ROUTE};
 use crate::request::PingoraRequest;
 use crate::state::{ActiveTable, Shared};
-use crate::target;
 
 /// How long a minted client id is kept by the browser: a year.
 const CLIENT_ID_MAX_AGE: u32 = 365 * 24 * 3600;
@@ -213,8 +213,16 @@ impl ProxyHttp for FicusProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         let host = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
-        if let Err(refusal) = target::check(&req.method, req.version, req.raw_path(), host) {
+        let lengths =
+            req.headers.get_all(http::header::CONTENT_LENGTH).iter().map(|v| v.as_bytes());
+        let codings =
+            req.headers.get_all(http::header::TRANSFER_ENCODING).iter().map(|v| v.as_bytes());
+        let verdict = guard::check(&req.method, req.version, req.raw_path(), host)
+            .and_then(|()| guard::check_framing(lengths, codings));
+        if let Err(refusal) = verdict {
             tracing::debug!(reason = refusal.as_str(), "refused a request");
+            // Its body, if any, is not read: the connection cannot carry another request.
+            session.set_keepalive(None);
             session.respond_error(400).await?;
             return Ok(true);
         }

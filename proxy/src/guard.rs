@@ -1,7 +1,7 @@
-//! Requests ficus refuses (400) before routing them, because the route table cannot say what
-//! they are for: a request target that is neither origin-form (`/path`), absolute-form
-//! (`http://host/path`) nor `OPTIONS *`, and an HTTP/1.1 request without a usable Host
-//! (RFC 9112, section 3.2).
+//! Requests ficus refuses (400) before routing them: a request target that is neither
+//! origin-form (`/path`), absolute-form (`http://host/path`) nor `OPTIONS *`, an HTTP/1.1
+//! request without a usable Host (RFC 9112, section 3.2), and body framing that ficus and the
+//! backend could read differently (a Content-Length list, a transfer coding besides chunked).
 
 use http::{Method, Version};
 
@@ -14,6 +14,10 @@ pub enum Refusal {
     MissingHost,
     /// A Host header with nothing in it.
     EmptyHost,
+    /// `Content-Length: 5, 5`: a list, which the backend may read otherwise.
+    ContentLengthList,
+    /// `Transfer-Encoding: gzip, chunked`: a coding ficus would not pass on.
+    TransferCoding,
 }
 
 impl Refusal {
@@ -22,8 +26,29 @@ impl Refusal {
             Refusal::TargetForm => "request target is not origin-form, absolute-form or OPTIONS *",
             Refusal::MissingHost => "HTTP/1.1 request without Host",
             Refusal::EmptyHost => "empty Host",
+            Refusal::ContentLengthList => "Content-Length is a list",
+            Refusal::TransferCoding => "Transfer-Encoding other than chunked",
         }
     }
+}
+
+/// Checks a request's body framing headers: each Content-Length one number, and no
+/// Transfer-Encoding but `chunked`.
+pub fn check_framing<'a>(
+    content_lengths: impl Iterator<Item = &'a [u8]>,
+    transfer_encodings: impl Iterator<Item = &'a [u8]>,
+) -> Result<(), Refusal> {
+    for value in content_lengths {
+        if value.contains(&b',') {
+            return Err(Refusal::ContentLengthList);
+        }
+    }
+    for value in transfer_encodings {
+        if !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Err(Refusal::TransferCoding);
+        }
+    }
+    Ok(())
 }
 
 /// Checks a request's target (as received) and Host header.
@@ -76,6 +101,22 @@ mod tests {
         assert_eq!(http11(Method::GET, "admin/users", Some("shop")), Err(Refusal::TargetForm));
         assert_eq!(http11(Method::GET, "*", Some("shop")), Err(Refusal::TargetForm));
         assert_eq!(http11(Method::GET, "shop:80", Some("shop")), Err(Refusal::TargetForm));
+    }
+
+    #[test]
+    fn framing_is_one_length_or_plain_chunked() {
+        let framing = |lengths: &[&str], codings: &[&str]| {
+            check_framing(
+                lengths.iter().map(|v| v.as_bytes()),
+                codings.iter().map(|v| v.as_bytes()),
+            )
+        };
+        assert_eq!(framing(&["5"], &[]), Ok(()));
+        assert_eq!(framing(&[], &["chunked"]), Ok(()));
+        assert_eq!(framing(&[], &[" Chunked "]), Ok(()));
+        assert_eq!(framing(&["5, 5"], &[]), Err(Refusal::ContentLengthList));
+        assert_eq!(framing(&[], &["gzip, chunked"]), Err(Refusal::TransferCoding));
+        assert_eq!(framing(&[], &["gzip", "chunked"]), Err(Refusal::TransferCoding));
     }
 
     #[test]
