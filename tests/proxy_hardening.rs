@@ -300,3 +300,23 @@ async fn the_admin_api_refuses_what_a_web_page_could_make_a_browser_send() {
     // The operator's own request.
     assert_eq!(proxy.admin_post("/reload").await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_up_error_is_printed_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        "[backends.a]\nurl = \"http://127.0.0.1:1\"\n[defaults]\nbackend = \"b\"\n",
+    )
+    .expect("write");
+    let output = ficus()
+        .args(["proxy", "--routes"])
+        .arg(&routes)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.matches("unknown backend \"b\"").count(), 1, "{stderr}");
+}

@@ -38,9 +38,10 @@ use crate::state::{ActiveTable, Shared};
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("invalid route file:\n{0}")]
+    // The sources are not repeated in the messages: `{:#}` prints the whole chain.
+    #[error("invalid route file")]
     Routes(#[from] LoadError),
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Listen { addr: String, what: &'static str, source: std::io::Error },
     #[error("TLS certificate {cert} or key {key} unusable: {message}")]
     Tls { cert: String, key: String, message: String },
