@@ -320,3 +320,36 @@ async fn a_start_up_error_is_printed_once() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.matches("unknown backend \"b\"").count(), 1, "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sent_identity_headers_are_stripped_as_configured() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let routes = split_routes(&monolith, &orders, 0.0);
+    let proxy = Proxy::start(&routes).await;
+    let seen = || async {
+        let response = common::client()
+            .get(proxy.url("/home"))
+            .header("x-real-ip", "6.6.6.6")
+            .header("forwarded", "for=6.6.6.6")
+            .send()
+            .await
+            .expect("request");
+        let body: serde_json::Value = response.json().await.expect("json");
+        body["headers"].clone()
+    };
+    let headers = seen().await;
+    assert_eq!(headers.get("x-real-ip"), None, "stripped by default: {headers}");
+    assert_eq!(headers["forwarded"], "for=6.6.6.6");
+
+    let version = proxy.version().await;
+    proxy.write_routes(
+        &routes.replace(
+            "[defaults]\n",
+            "[defaults]\nstrip_headers = [\"X-Real-IP\", \"Forwarded\"]\n",
+        ),
+    );
+    proxy.wait_version_change(&version).await;
+    let headers = seen().await;
+    assert_eq!((headers.get("x-real-ip"), headers.get("forwarded")), (None, None), "{headers}");
+}

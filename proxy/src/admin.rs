@@ -195,6 +195,7 @@ pub fn table_json(active: &ActiveTable) -> Value {
         "default_backend": table.backends[table.default_backend].name,
         "override_header": table.override_header,
         "client_id_cookie": table.client_id_cookie,
+        "strip_headers": table.strip_headers,
         "backends": backends,
         "routes": routes,
     })

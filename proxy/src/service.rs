@@ -157,6 +157,9 @@ impl FicusProxy {
                 .or_err_with(InvalidHTTPHeader, || format!("cannot build upstream URI {path}"))?;
             req.set_uri(uri);
         }
+        for name in &table.strip_headers {
+            req.remove_header(name.as_str());
+        }
         let host_header = downstream.headers.get(http::header::HOST).cloned();
         // HTTP/2 clients name the host in `:authority` instead of a Host header.
         let client_host = match &host_header {

@@ -70,6 +70,15 @@ pub struct DefaultsConfig {
     /// Cookie that carries the id given to clients that arrive without a sticky key.
     #[serde(default = "default_client_id_cookie")]
     pub client_id_cookie: String,
+    /// Headers removed from client requests before forwarding, so that a client cannot pose
+    /// as someone else to a backend that trusts them (`forwarded` too, when no proxy in front
+    /// of ficus sets it).
+    #[serde(default = "default_strip_headers")]
+    pub strip_headers: Vec<String>,
+}
+
+fn default_strip_headers() -> Vec<String> {
+    vec!["x-real-ip".into()]
 }
 
 /// One `[[routes]]` entry.

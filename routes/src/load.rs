@@ -133,7 +133,19 @@ impl Validator<'_> {
         let mut default_sticky = Sticky::None;
         let mut override_header = None;
         let mut client_id_cookie = String::new();
+        let mut strip_headers = Vec::new();
         if let Some(d) = &defaults {
+            for name in &d.strip_headers {
+                if is_token(name) {
+                    strip_headers.push(name.to_ascii_lowercase());
+                } else {
+                    self.error(
+                        "defaults",
+                        "strip_headers",
+                        format!("\"{name}\" is not a valid header name"),
+                    );
+                }
+            }
             default_backend = self.backend_ref(&names, "defaults", "backend", &d.backend);
             client_id_cookie = d.client_id_cookie.clone();
             if !is_token(&client_id_cookie) {
@@ -169,6 +181,7 @@ impl Validator<'_> {
                 default_backend,
                 override_header,
                 client_id_cookie,
+                strip_headers,
                 version: format!("{:016x}", xxh3_64(value.to_string().as_bytes())),
             }),
             _ => Err(LoadError::Invalid(self.errors)),

@@ -73,6 +73,8 @@ pub struct RouteTable {
     /// Lowercase header name, when overrides are enabled.
     pub override_header: Option<String>,
     pub client_id_cookie: String,
+    /// Lowercase names of the client headers not forwarded.
+    pub strip_headers: Vec<String>,
     /// A hash of the table's content: equal files give equal versions, whatever their format.
     pub version: String,
     /// The routes by path, for matching without trying every route.
