@@ -1,6 +1,7 @@
 //! `ficus routes check` and `ficus routes explain`.
 
 use std::net::IpAddr;
+use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -50,6 +51,15 @@ fn print_summary(file: &Path, table: &RouteTable) {
         table.backends[table.default_backend].name,
         table.version
     );
+    // Not an error: the file may be checked on a machine that is not where it will run.
+    for backend in &table.backends {
+        if (backend.host.as_str(), backend.port).to_socket_addrs().is_err() {
+            println!(
+                "  warning: backends.{}: host {} does not resolve here; the proxy refuses a table whose hosts do not resolve",
+                backend.name, backend.host
+            );
+        }
+    }
     for route in &table.routes {
         println!(
             "  {}: {} -> {:.2}% to {}, rest on {} (sticky {})",
@@ -73,7 +83,24 @@ pub fn explain(args: &ExplainArgs) -> Result<i32> {
             return Ok(1);
         }
     };
-    let mut request = SimpleRequest::new(&args.method, &args.path);
+    // The proxy's normalisation, so that the answer is what the proxy does.
+    let (raw_path, query) = match args.path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (args.path.as_str(), None),
+    };
+    let path = match table.request_path(raw_path) {
+        Ok(normal) => normal,
+        Err(e) => {
+            println!("request: {} {}", args.method.to_ascii_uppercase(), args.path);
+            println!("refused: 400 ({e})");
+            return Ok(1);
+        }
+    };
+    if path != raw_path {
+        println!("path:    {raw_path} normalised to {path}");
+    }
+    let target = query.map_or_else(|| path.to_string(), |query| format!("{path}?{query}"));
+    let mut request = SimpleRequest::new(&args.method, &target);
     request.client_ip = args.client_ip;
     for header in &args.headers {
         let (name, value) = header

@@ -30,6 +30,64 @@ async fn raw_status(proxy: &Proxy, request: &str) -> String {
     text.lines().next().unwrap_or("").to_string()
 }
 
+/// Sends `request` (which asks to close the connection) as raw bytes: the status line, and
+/// the body as JSON (the test backends' echo), or null.
+async fn raw_exchange(proxy: &Proxy, request: &str) -> (String, serde_json::Value) {
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_and_encodings_cannot_reach_what_the_route_did_not_intend() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let routes = split_routes(&monolith, &orders, 100.0)
+        .replace(&format!("url = \"{}\"", orders.url()), &format!("url = \"{}/v2\"", orders.url()))
+        .replace("percent = 100", "percent = 100\nrewrite = { strip_prefix = \"/api\" }");
+    let proxy = Proxy::start(&routes).await;
+    let get = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: shop\r\nX-User-Id: u1\r\nConnection: close\r\n\r\n")
+    };
+    for (path, backend, uri) in [
+        ("/api/orders/7", "orders", "/v2/orders/7"),
+        ("/api/orders/../../admin", "monolith", "/admin"),
+        ("/api/orders/%2e%2e/%2E%2E/admin", "monolith", "/admin"),
+        ("//api//orders/./7", "orders", "/v2/orders/7"),
+    ] {
+        let (status, echoed) = raw_exchange(&proxy, &get(path)).await;
+        assert!(status.contains(" 200 "), "{path}: {status}");
+        assert_eq!(
+            (echoed["backend"].as_str(), echoed["uri"].as_str()),
+            (Some(backend), Some(uri)),
+            "{path}"
+        );
+    }
+    let (status, _) = raw_exchange(&proxy, &get("/api/../../etc/passwd")).await;
+    assert!(status.contains(" 400 "), "{status}");
+
+    // `routes explain` routes the same normalised path.
+    let output = ficus()
+        .args(["routes", "explain"])
+        .arg(&proxy.routes)
+        .args(["GET", "/api/orders/../../admin", "-H", "x-user-id: u1"])
+        .output()
+        .expect("explain");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("normalised to /admin") && text.contains("none of the 1 routes"),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_that_are_not_paths_missing_hosts_and_ambiguous_framing_get_400() {
     let (monolith, orders) =
@@ -171,18 +229,9 @@ async fn every_x_forwarded_for_line_is_kept() {
     let (monolith, orders) =
         (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let proxy = Proxy::start(&split_routes(&monolith, &orders, 0.0)).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
     let request = "GET /home HTTP/1.1\r\nHost: shop\r\nX-Forwarded-For: 1.1.1.1\r\n\
                    X-Forwarded-For: 2.2.2.2, 3.3.3.3\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
-        .await
-        .expect("in time")
-        .expect("read");
-    let answer = String::from_utf8_lossy(&answer);
-    let body = answer.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default();
-    let echoed: serde_json::Value = serde_json::from_str(body).expect("the backend's JSON");
+    let (_, echoed) = raw_exchange(&proxy, request).await;
     assert_eq!(echoed["headers"]["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
 }
 
@@ -352,4 +401,19 @@ async fn client_sent_identity_headers_are_stripped_as_configured() {
     proxy.wait_version_change(&version).await;
     let headers = seen().await;
     assert_eq!((headers.get("x-real-ip"), headers.get("forwarded")), (None, None), "{headers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_check_refuses_port_0() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("routes.toml");
+    std::fs::write(
+        &file,
+        "[backends.a]\nurl = \"http://127.0.0.1:0\"\n[defaults]\nbackend = \"a\"\n",
+    )
+    .expect("write");
+    let output = ficus().args(["routes", "check"]).arg(&file).output().expect("check");
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("backends.a: url: \"http://127.0.0.1:0\": port 0"), "{text}");
 }

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use ficus_routes::{BackendId, Entropy, Reason};
+use std::borrow::Cow;
+
+use ficus_routes::path::PathError;
+use ficus_routes::{BackendId, Entropy, Reason, RouteTable};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -86,6 +89,31 @@ impl Entropy for ThreadEntropy {
     }
 }
 
+/// Replaces the request's path by its normalised form, which routing and forwarding then
+/// both use; an error for a path to refuse.
+fn normalize_path(session: &mut Session, table: &RouteTable) -> Result<(), &'static str> {
+    let uri = &session.req_header().uri;
+    if uri.path() == "*" {
+        return Ok(()); // OPTIONS *, which the guard let through: not a path
+    }
+    let path = match table.request_path(uri.path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(path)) => path,
+        Err(PathError::AboveRoot) => return Err("the path climbs above the root"),
+        Err(PathError::NotAbsolute) => return Err("the path does not start with /"),
+    };
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    // Scheme and authority stay: HTTP/2 requests name their host there.
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(target.parse().map_err(|_| "the normalised path is not a URI")?);
+    let uri = http::Uri::from_parts(parts).map_err(|_| "the normalised path is not a URI")?;
+    session.req_header_mut().set_uri(uri);
+    Ok(())
+}
+
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
 }
@@ -95,9 +123,8 @@ fn is_tls(session: &Session) -> bool {
 }
 
 impl FicusProxy {
-    /// Decides where the request goes, on the table active right now.
-    fn route(&self, session: &Session) -> Routing {
-        let active = self.shared.active.load_full();
+    /// Decides where the request goes, on `active`, the table active right now.
+    fn route(&self, session: &Session, active: Arc<ActiveTable>) -> Routing {
         let view = PingoraRequest { header: session.req_header(), client_ip: client_ip(session) };
         let decision = active.table.decide(&view, &mut ThreadEntropy);
         let route = decision.route.map(|(index, _)| index);
@@ -221,15 +248,18 @@ impl ProxyHttp for FicusProxy {
         let codings =
             req.headers.get_all(http::header::TRANSFER_ENCODING).iter().map(|v| v.as_bytes());
         let verdict = guard::check(&req.method, req.version, req.raw_path(), host)
-            .and_then(|()| guard::check_framing(lengths, codings));
-        if let Err(refusal) = verdict {
-            tracing::debug!(reason = refusal.as_str(), "refused a request");
+            .and_then(|()| guard::check_framing(lengths, codings))
+            .map_err(guard::Refusal::as_str);
+        let active = self.shared.active.load_full();
+        let verdict = verdict.and_then(|()| normalize_path(session, &active.table));
+        if let Err(reason) = verdict {
+            tracing::debug!(reason, "refused a request");
             // Its body, if any, is not read: the connection cannot carry another request.
             session.set_keepalive(None);
             session.respond_error(400).await?;
             return Ok(true);
         }
-        ctx.routing = Some(self.route(session));
+        ctx.routing = Some(self.route(session, active));
         Ok(false)
     }
 

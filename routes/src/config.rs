@@ -75,6 +75,10 @@ pub struct DefaultsConfig {
     /// of ficus sets it).
     #[serde(default = "default_strip_headers")]
     pub strip_headers: Vec<String>,
+    /// Normalise request paths before routing and forwarding (decode unreserved `%XX`,
+    /// resolve `.` and `..`, merge slashes), refusing paths that climb above the root.
+    #[serde(default = "default_true")]
+    pub normalize_path: bool,
 }
 
 fn default_strip_headers() -> Vec<String> {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod explain;
 pub mod load;
 pub mod matcher;
+pub mod path;
 pub mod request;
 pub mod source;
 pub mod sticky;

@@ -134,6 +134,7 @@ impl Validator<'_> {
         let mut override_header = None;
         let mut client_id_cookie = String::new();
         let mut strip_headers = Vec::new();
+        let normalize_path = defaults.as_ref().is_none_or(|d| d.normalize_path);
         if let Some(d) = &defaults {
             for name in &d.strip_headers {
                 if is_token(name) {
@@ -182,6 +183,7 @@ impl Validator<'_> {
                 override_header,
                 client_id_cookie,
                 strip_headers,
+                normalize_path,
                 version: format!("{:016x}", xxh3_64(value.to_string().as_bytes())),
             }),
             _ => Err(LoadError::Invalid(self.errors)),
@@ -248,6 +250,10 @@ impl Validator<'_> {
         };
         if url.query().is_some() || url.fragment().is_some() {
             self.error(location, "url", "a backend URL takes no query or fragment");
+            return None;
+        }
+        if url.port() == Some(0) {
+            self.error(location, "url", format!("\"{shown}\": port 0 is no port to connect to"));
             return None;
         }
         if let Some(health) = &config.health {

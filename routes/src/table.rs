@@ -75,6 +75,8 @@ pub struct RouteTable {
     pub client_id_cookie: String,
     /// Lowercase names of the client headers not forwarded.
     pub strip_headers: Vec<String>,
+    /// Whether request paths are normalised before routing ([`RouteTable::request_path`]).
+    pub normalize_path: bool,
     /// A hash of the table's content: equal files give equal versions, whatever their format.
     pub version: String,
     /// The routes by path, for matching without trying every route.
@@ -236,6 +238,19 @@ impl Decision<'_, '_> {
 }
 
 impl RouteTable {
+    /// The path a request is routed and forwarded by: normalised ([`crate::path`]) unless
+    /// the table turns that off; an error for a path that must be refused (400).
+    pub fn request_path<'a>(
+        &self,
+        path: &'a str,
+    ) -> Result<std::borrow::Cow<'a, str>, crate::path::PathError> {
+        if self.normalize_path {
+            crate::path::normalize(path)
+        } else {
+            Ok(std::borrow::Cow::Borrowed(path))
+        }
+    }
+
     /// The backend with this name.
     pub fn backend_named(&self, name: &str) -> Option<BackendId> {
         self.backends.iter().position(|b| b.name == name)
