@@ -417,3 +417,21 @@ async fn routes_check_refuses_port_0() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("backends.a: url: \"http://127.0.0.1:0\": port 0"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_switch_the_client_did_not_ask_for_is_not_relayed() {
+    // A backend that switches every request to h2c, whatever it asked for.
+    let (addr, task) = stalling_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let routes = format!(
+        "[backends.monolith]\nurl = \"http://{addr}\"\n[defaults]\nbackend = \"monolith\"\n"
+    );
+    let proxy = Proxy::start(&routes).await;
+    let request = "GET /chat HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let status = raw_status(&proxy, request).await;
+    assert!(status.contains(" 502 "), "{status}");
+    task.abort();
+}

@@ -32,6 +32,18 @@ impl Refusal {
     }
 }
 
+/// Whether a `101 Switching Protocols` may be relayed: only when the protocol the backend
+/// switches to is one the client asked for. Otherwise the connection would become a tunnel
+/// the route table never routes again (a DELETE could follow a GET-only route).
+pub fn upgrade_accepted(requested: Option<&[u8]>, switched_to: Option<&[u8]>) -> bool {
+    let (Some(requested), Some(switched_to)) = (requested, switched_to) else { return false };
+    let protocol = |token: &[u8]| {
+        token.split(|&b| b == b'/').next().unwrap_or_default().trim_ascii().to_ascii_lowercase()
+    };
+    let switched = protocol(switched_to);
+    !switched.is_empty() && requested.split(|&b| b == b',').any(|offer| protocol(offer) == switched)
+}
+
 /// Checks a request's body framing headers: each Content-Length one number, and no
 /// Transfer-Encoding but `chunked`.
 pub fn check_framing<'a>(
@@ -101,6 +113,19 @@ mod tests {
         assert_eq!(http11(Method::GET, "admin/users", Some("shop")), Err(Refusal::TargetForm));
         assert_eq!(http11(Method::GET, "*", Some("shop")), Err(Refusal::TargetForm));
         assert_eq!(http11(Method::GET, "shop:80", Some("shop")), Err(Refusal::TargetForm));
+    }
+
+    #[test]
+    fn only_an_upgrade_the_client_asked_for_is_relayed() {
+        let accepted = |requested: Option<&str>, switched: Option<&str>| {
+            upgrade_accepted(requested.map(str::as_bytes), switched.map(str::as_bytes))
+        };
+        assert!(accepted(Some("websocket"), Some("WebSocket")));
+        assert!(accepted(Some("h2c, websocket"), Some("websocket")));
+        assert!(accepted(Some("foo/2"), Some("foo/1")), "the protocol, whatever its version");
+        assert!(!accepted(Some("websocket"), Some("h2c")));
+        assert!(!accepted(None, Some("websocket")));
+        assert!(!accepted(Some("websocket"), None));
     }
 
     #[test]

@@ -328,13 +328,27 @@ impl ProxyHttp for FicusProxy {
         self.prepare_upstream_request(session, routing, upstream_request)
     }
 
-    /// Hands a newly identified client its id, so it stays on its backend from now on.
+    /// Refuses a protocol switch the client did not ask for (502), and hands a newly
+    /// identified client its id, so it stays on its backend from now on.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let requested = session.req_header().headers.get(http::header::UPGRADE);
+            let switched = response.headers.get(http::header::UPGRADE);
+            if !guard::upgrade_accepted(
+                requested.map(|v| v.as_bytes()),
+                switched.map(|v| v.as_bytes()),
+            ) {
+                return Error::e_explain(
+                    HTTPStatus(502),
+                    "the backend switched to a protocol the client did not ask for",
+                );
+            }
+        }
         let Some(routing) = ctx.routing.as_ref() else { return Ok(()) };
         if let Some(id) = &routing.minted_client_id {
             let cookie = format!(
