@@ -174,10 +174,14 @@ impl Validator<'_> {
 
         let routes = self.routes(top.get("routes"), &names, default_backend, &default_sticky);
 
+        let index = RouteIndex::new(&routes).unwrap_or_else(|message| {
+            self.error("", "routes", message);
+            RouteIndex::default()
+        });
         match default_backend {
             Some(default_backend) if self.errors.is_empty() => Ok(RouteTable {
                 backends,
-                index: RouteIndex::new(&routes),
+                index,
                 routes,
                 default_backend,
                 override_header,

@@ -89,8 +89,7 @@ pub struct RouteTable {
 pub struct RouteIndex {
     /// Exact and prefix routes by the first segment of their path (`api` for `/api/orders`).
     by_segment: std::collections::HashMap<String, Vec<usize>>,
-    /// Routes any path may match: no path condition, the root prefix, or a regex when the
-    /// regexes could not be compiled together.
+    /// Routes any path may match: no path condition or the root prefix.
     always: Vec<usize>,
     /// Every `path_regex`, compiled together: one search per request.
     regexes: Option<meta::Regex>,
@@ -103,8 +102,19 @@ fn first_segment(path: &str) -> &str {
     path.trim_start_matches('/').split('/').next().unwrap_or("")
 }
 
+/// The most memory the `path_regex` routes may take compiled together (their NFA); the lazy
+/// DFA that searches them has a bounded cache of its own (2 MiB), so a request's search stays
+/// bounded too. 10,000 regex routes of an ordinary shape take about 20 MiB.
+pub const REGEX_SET_LIMIT: usize = 256 * 1024 * 1024;
+
 impl RouteIndex {
-    pub fn new(routes: &[Route]) -> RouteIndex {
+    /// Indexes `routes`; fails when their `path_regex`es together exceed [`REGEX_SET_LIMIT`].
+    pub fn new(routes: &[Route]) -> Result<RouteIndex, String> {
+        RouteIndex::with_limit(routes, REGEX_SET_LIMIT)
+    }
+
+    /// Like [`RouteIndex::new`], with `limit` bytes for the regexes together.
+    pub fn with_limit(routes: &[Route], limit: usize) -> Result<RouteIndex, String> {
         let mut index = RouteIndex::default();
         let mut patterns = Vec::new();
         for (i, route) in routes.iter().enumerate() {
@@ -124,17 +134,23 @@ impl RouteIndex {
         }
         if !patterns.is_empty() {
             // Every pattern that matches, not only the leftmost, as a `RegexSet` reports.
-            index.regexes = meta::Regex::builder()
-                .configure(meta::Regex::config().match_kind(MatchKind::All))
-                .build_many(&patterns)
-                .ok();
-            if index.regexes.is_none() {
-                // Too large to compile together: each regex route is checked on its own.
-                index.always.append(&mut index.regex_routes);
-                index.always.sort_unstable();
-            }
+            // Without capture slots: which patterns match is all a route needs, and slots
+            // for each of N patterns in each of the NFA's states made a search take memory
+            // growing with N squared (gigabytes for a few thousand routes).
+            let config = meta::Regex::config()
+                .match_kind(MatchKind::All)
+                .which_captures(regex_automata::nfa::thompson::WhichCaptures::None)
+                .nfa_size_limit(Some(limit));
+            let regexes = meta::Regex::builder().configure(config).build_many(&patterns).map_err(|e| {
+                format!(
+                    "the {} path_regex routes together exceed the {} KiB a route table's regexes may take: {e}",
+                    patterns.len(),
+                    limit >> 10
+                )
+            })?;
+            index.regexes = Some(regexes);
         }
-        index
+        Ok(index)
     }
 
     /// The first route, in file order, for which `matches` holds, among the routes `path`
