@@ -466,3 +466,50 @@ async fn regex_routes_serve_in_bounded_memory() {
         .expect("VmHWM");
     assert!(peak < 512 * 1024, "the proxy peaked at {peak} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_are_honoured_only_from_allowed_networks_with_the_token_and_never_forwarded() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let base = split_routes(&monolith, &orders, 0.0);
+    let dir = tempfile::tempdir().expect("dir");
+    let token_file = dir.path().join("override-token");
+    std::fs::write(&token_file, "s3cret-s3cret-s3cret\n").expect("token");
+    let with_rule = |rule: &str| base.replace("override_header = \"x-ficus-backend\"", rule);
+    let proxy = Proxy::start(&with_rule(
+        r#"override = { header = "x-ficus-backend", allow = ["192.0.2.0/24"] }"#,
+    ))
+    .await;
+    let ask = |value: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let response = common::client()
+                .get(proxy.url("/api/orders/1"))
+                .header("x-user-id", "u1")
+                .header("x-ficus-backend", value)
+                .send()
+                .await
+                .expect("request");
+            let body: serde_json::Value = response.json().await.expect("json");
+            (
+                body["backend"].as_str().unwrap_or("").to_string(),
+                body["headers"].get("x-ficus-backend").is_some(),
+            )
+        }
+    };
+    // 127.0.0.1 is not in 192.0.2.0/24: the split decides (0%: the monolith).
+    assert_eq!(ask("orders").await, ("monolith".to_string(), false));
+
+    let version = proxy.version().await;
+    let rule = format!(
+        r#"override = {{ header = "x-ficus-backend", allow = ["127.0.0.1/32"], token_file = "{}" }}"#,
+        token_file.display()
+    );
+    proxy.write_routes(&with_rule(&rule));
+    proxy.wait_version_change(&version).await;
+    assert_eq!(ask("orders").await, ("monolith".to_string(), false), "no token");
+    assert_eq!(ask("orders wrong-wrong-wrong-1").await, ("monolith".to_string(), false));
+    assert_eq!(ask("orders s3cret-s3cret-s3cret").await, ("orders".to_string(), false));
+    let routes = proxy.routes_json().await.to_string();
+    assert!(!routes.contains("s3cret"), "{routes}");
+}

@@ -194,6 +194,8 @@ pub fn table_json(active: &ActiveTable) -> Value {
         "loaded_at": humantime::format_rfc3339_millis(active.loaded_at).to_string(),
         "default_backend": table.backends[table.default_backend].name,
         "override_header": table.override_header,
+        "override_allow": table.override_allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "override_token": table.override_token.is_some(),
         "client_id_cookie": table.client_id_cookie,
         "strip_headers": table.strip_headers,
         "backends": backends,

@@ -187,6 +187,10 @@ impl FicusProxy {
         for name in &table.strip_headers {
             req.remove_header(name.as_str());
         }
+        // The override (and its token) is for ficus, not for the backend.
+        if let Some(name) = &table.override_header {
+            req.remove_header(name.as_str());
+        }
         let host_header = downstream.headers.get(http::header::HOST).cloned();
         // HTTP/2 clients name the host in `:authority` instead of a Host header.
         let client_host = match &host_header {

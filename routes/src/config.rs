@@ -64,9 +64,13 @@ pub struct DefaultsConfig {
     /// Absent means the client-id cookie that ficus itself hands out.
     #[serde(default)]
     pub sticky: Option<String>,
-    /// Header naming the backend to use for one request; absent disables overrides.
+    /// Header naming the backend to use for one request, usable by anyone: the short form
+    /// of `override = { header = "..." }`. Absent (and no `override`) disables overrides.
     #[serde(default)]
     pub override_header: Option<String>,
+    /// Overrides, restricted to some client networks and/or to requests carrying a secret.
+    #[serde(default, rename = "override")]
+    pub override_: Option<OverrideConfig>,
     /// Cookie that carries the id given to clients that arrive without a sticky key.
     #[serde(default = "default_client_id_cookie")]
     pub client_id_cookie: String,
@@ -83,6 +87,20 @@ pub struct DefaultsConfig {
 
 fn default_strip_headers() -> Vec<String> {
     vec!["x-real-ip".into()]
+}
+
+/// Who may pick a route's backend for one request with a header.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideConfig {
+    /// The header: `x-ficus-backend: orders` (with a token: `x-ficus-backend: orders TOKEN`).
+    pub header: String,
+    /// Client networks allowed to override (`["10.0.0.0/8", "::1/128"]`); empty: any.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// A file whose content (trimmed) must follow the backend name in the header value.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// One `[[routes]]` entry.

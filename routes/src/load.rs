@@ -132,6 +132,8 @@ impl Validator<'_> {
         let mut default_backend = None;
         let mut default_sticky = Sticky::None;
         let mut override_header = None;
+        let mut override_allow = Vec::new();
+        let mut override_token = None;
         let mut client_id_cookie = String::new();
         let mut strip_headers = Vec::new();
         let normalize_path = defaults.as_ref().is_none_or(|d| d.normalize_path);
@@ -159,15 +161,63 @@ impl Validator<'_> {
                     Sticky::None
                 }),
             };
-            if let Some(header) = &d.override_header {
+            let (header, field) = match (&d.override_header, &d.override_) {
+                (Some(_), Some(_)) => {
+                    self.error(
+                        "defaults",
+                        "override",
+                        "give override or override_header, not both",
+                    );
+                    (None, "")
+                }
+                (Some(header), None) => (Some(header), "override_header"),
+                (None, Some(rule)) => (Some(&rule.header), "override.header"),
+                (None, None) => (None, ""),
+            };
+            if let Some(header) = header {
                 if is_token(header) {
                     override_header = Some(header.to_ascii_lowercase());
                 } else {
                     self.error(
                         "defaults",
-                        "override_header",
+                        field,
                         format!("\"{header}\" is not a valid header name"),
                     );
+                }
+            }
+            if let Some(rule) = &d.override_ {
+                for net in &rule.allow {
+                    match net
+                        .parse::<ipnet::IpNet>()
+                        .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    {
+                        Ok(net) => override_allow.push(net),
+                        Err(_) => self.error(
+                            "defaults",
+                            "override.allow",
+                            format!("\"{net}\" is not an address or network (10.0.0.0/8)"),
+                        ),
+                    }
+                }
+                if let Some(path) = &rule.token_file {
+                    match std::fs::read_to_string(path).map(|t| t.trim().to_string()) {
+                        Ok(token) if token.len() >= 16 && !token.contains(char::is_whitespace) => {
+                            override_token = Some(token)
+                        }
+                        Ok(_) => self.error(
+                            "defaults",
+                            "override.token_file",
+                            format!(
+                                "{}: the token must be at least 16 characters, without spaces",
+                                path.display()
+                            ),
+                        ),
+                        Err(e) => self.error(
+                            "defaults",
+                            "override.token_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        ),
+                    }
                 }
             }
         }
@@ -178,6 +228,9 @@ impl Validator<'_> {
             self.error("", "routes", message);
             RouteIndex::default()
         });
+        // The token file's content counts: a new token is a new table.
+        let token = override_token.as_deref().unwrap_or_default();
+        let version = format!("{:016x}", xxh3_64(format!("{value}{token}").as_bytes()));
         match default_backend {
             Some(default_backend) if self.errors.is_empty() => Ok(RouteTable {
                 backends,
@@ -185,10 +238,12 @@ impl Validator<'_> {
                 routes,
                 default_backend,
                 override_header,
+                override_allow,
+                override_token,
                 client_id_cookie,
                 strip_headers,
                 normalize_path,
-                version: format!("{:016x}", xxh3_64(value.to_string().as_bytes())),
+                version,
             }),
             _ => Err(LoadError::Invalid(self.errors)),
         }

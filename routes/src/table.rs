@@ -72,6 +72,10 @@ pub struct RouteTable {
     pub default_backend: BackendId,
     /// Lowercase header name, when overrides are enabled.
     pub override_header: Option<String>,
+    /// Client networks allowed to override; empty: any.
+    pub override_allow: Vec<ipnet::IpNet>,
+    /// The secret that must follow the backend name in the override header, if any.
+    pub override_token: Option<String>,
     pub client_id_cookie: String,
     /// Lowercase names of the client headers not forwarded.
     pub strip_headers: Vec<String>,
@@ -183,6 +187,11 @@ impl RouteIndex {
         });
         from_regex.or(best)
     }
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 thread_local! {
@@ -305,9 +314,26 @@ impl RouteTable {
         Decision { route: route_ref, backend, reason: Reason::Split { key, bucket } }
     }
 
-    /// The override header's backend, when it names the route's `from` or `to`.
+    /// The override header's backend, when it names the route's `from` or `to` and the
+    /// client may override: from an allowed network, with the token when one is set.
     fn overridden_backend(&self, route: &Route, req: &impl RequestView) -> Option<BackendId> {
-        let wanted = req.header(self.override_header.as_deref()?)?.trim();
+        let value = req.header(self.override_header.as_deref()?)?.trim();
+        if !self.override_allow.is_empty() {
+            let ip = req.client_ip()?;
+            if !self.override_allow.iter().any(|net| net.contains(&ip)) {
+                return None;
+            }
+        }
+        let wanted = match &self.override_token {
+            None => value,
+            Some(token) => {
+                let (name, given) = value.split_once(char::is_whitespace)?;
+                if !same_secret(given.trim().as_bytes(), token.as_bytes()) {
+                    return None;
+                }
+                name
+            }
+        };
         [route.to, route.from].into_iter().find(|&id| self.backends[id].name == wanted)
     }
 

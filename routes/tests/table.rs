@@ -181,6 +181,27 @@ fn a_yaml_alias_bomb_is_refused_before_it_expands() {
 }
 
 #[test]
+fn override_rules_are_validated() {
+    let dir = std::env::temp_dir().join(format!("ficus-override-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let short = dir.join("short");
+    std::fs::write(&short, "abc").expect("write");
+    let errs = errors(&format!(
+        "[backends.monolith]\nurl = \"http://127.0.0.1:8080\"\n[defaults]\nbackend = \"monolith\"\n\
+         override = {{ header = \"x-b\", allow = [\"10.0.0.0/33\", \"nope\"], token_file = \"{}\" }}\n",
+        short.display()
+    ));
+    assert_eq!(errs.iter().filter(|e| e.contains("override.allow")).count(), 2, "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("override.token_file") && e.contains("at least 16")),
+        "{errs:?}"
+    );
+    let errs = errors("[backends.monolith]\nurl = \"http://127.0.0.1:8080\"\n[defaults]\nbackend = \"monolith\"\noverride_header = \"x-b\"\noverride = { header = \"x-b\" }\n");
+    assert!(errs.iter().any(|e| e.contains("not both")), "{errs:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bad_regex_is_rejected() {
     let errs = errors(&with_route(
         "[[routes]]\nname = \"r\"\nmatch = { path_regex = \"^/a(\" }\nto = \"orders\"\npercent = 5",

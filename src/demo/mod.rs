@@ -49,7 +49,7 @@ health = { path = "/healthz", interval = "2s" }
 [defaults]
 backend = "monolith"
 sticky = "header:x-user-id"
-override_header = "x-ficus-backend"
+override = { header = "x-ficus-backend", allow = ["127.0.0.1/32", "::1/128"] }
 
 # Reads of orders move to the new service; writes stay on the monolith, and reach the new
 # service through CDC.
