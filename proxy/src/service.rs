@@ -101,6 +101,7 @@ fn normalize_path(session: &mut Session, table: &RouteTable) -> Result<(), &'sta
         Ok(Cow::Owned(path)) => path,
         Err(PathError::AboveRoot) => return Err("the path climbs above the root"),
         Err(PathError::NotAbsolute) => return Err("the path does not start with /"),
+        Err(PathError::BadEscape) => return Err("the path has a malformed % escape"),
     };
     let target = match uri.query() {
         Some(query) => format!("{path}?{query}"),

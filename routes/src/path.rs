@@ -12,6 +12,10 @@ pub enum PathError {
     AboveRoot,
     #[error("the path does not start with `/`")]
     NotAbsolute,
+    /// A `%` not followed by two hex digits (RFC 3986): decoding around it could make a new
+    /// escape appear, so no two readers would agree on the path.
+    #[error("the path has a `%` that is not followed by two hex digits")]
+    BadEscape,
 }
 
 /// The normalised form of `path` (without its query); borrowed when already normal, which is
@@ -23,7 +27,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     if !needs_work(path) {
         return Ok(Cow::Borrowed(path));
     }
-    let decoded = decode_unreserved(path);
+    let decoded = decode_unreserved(path)?;
     let mut segments: Vec<&str> = Vec::new();
     let parts: Vec<&str> = decoded.split('/').skip(1).collect();
     for (i, segment) in parts.iter().enumerate() {
@@ -68,30 +72,26 @@ fn needs_work(path: &str) -> bool {
 
 /// Decodes `%XX` where it stands for an unreserved character (letters, digits, `-._~`);
 /// every other escape (`%2F`, `%20`, ...) is kept, with its hex digits in upper case.
-fn decode_unreserved(path: &str) -> String {
-    let bytes = path.as_bytes();
+fn decode_unreserved(path: &str) -> Result<String, PathError> {
     let mut out = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = path.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
-            if let Some(byte) = hex {
-                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-                    out.push(char::from(byte));
-                } else {
-                    out.push('%');
-                    out.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
-            }
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let hex = rest.get(at + 1..at + 3).ok_or(PathError::BadEscape)?;
+        let byte = u8::from_str_radix(hex, 16).map_err(|_| PathError::BadEscape)?;
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(PathError::BadEscape); // from_str_radix takes a sign, too
         }
-        // Copy up to the next `%` in one go (keeps multi-byte characters whole).
-        let next = path[i + 1..].find('%').map_or(path.len(), |n| i + 1 + n);
-        out.push_str(&path[i..next]);
-        i = next;
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push_str(&hex.to_ascii_uppercase());
+        }
+        rest = &rest[at + 3..];
     }
-    out
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -128,7 +128,13 @@ mod tests {
         assert_eq!(norm("/api/%2e%2e/admin"), Ok("/admin".into()), "encoded dots are dots");
         assert_eq!(norm("/api/%2E%2e/%2e%2E/x"), Err(PathError::AboveRoot));
         assert_eq!(norm("/a%2fb/%20c"), Ok("/a%2Fb/%20c".into()), "an encoded slash is no slash");
-        assert_eq!(norm("/caf%C3%A9/%zz/%"), Ok("/caf%C3%A9/%zz/%".into()));
+        assert_eq!(norm("/caf%C3%A9/x"), Ok("/caf%C3%A9/x".into()));
+        for bad in ["/%zz", "/a%", "/a%4", "/%+1", "//E%%32e/"] {
+            assert_eq!(norm(bad), Err(PathError::BadEscape), "{bad}");
+        }
         assert_eq!(norm("/héllo//x"), Ok("/héllo/x".into()));
+        // Found by fuzzing: a multi-byte character right after an escape.
+        assert_eq!(norm("/caf%9Cܼ51c9"), Ok("/caf%9Cܼ51c9".into()));
+        assert_eq!(norm("/%41é/x"), Ok("/Aé/x".into()));
     }
 }
