@@ -515,3 +515,55 @@ async fn overrides_are_honoured_only_from_allowed_networks_with_the_token_and_ne
     let routes = proxy.routes_json().await.to_string();
     assert!(!routes.contains("s3cret"), "{routes}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_idle_keep_alive_connections_are_closed_at_the_header_deadline() {
+    let (monolith, orders) =
+        (TestBackend::start("monolith").await, TestBackend::start("orders").await);
+    let dir = tempfile::tempdir().expect("dir");
+    let settings = dir.path().join("proxy.toml");
+    std::fs::write(&settings, "[proxy]\nrequest_header_timeout = \"1s\"\n").expect("write");
+    let settings = settings.display().to_string();
+    let proxy =
+        Proxy::start_with(&split_routes(&monolith, &orders, 0.0), &["--config", &settings]).await;
+
+    // Slowloris: a header line, then one byte every 200 ms, for up to 10 s.
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    slow.write_all(b"GET /home HTTP/1.1\r\nHost: shop\r\n").await.expect("write");
+    let started = Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if slow.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a trickle of header bytes kept the connection for 10 s");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    // Keep-alive: one request answered, then silence: closed at the deadline.
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    idle.write_all(b"GET /home HTTP/1.1\r\nHost: shop\r\n\r\n").await.expect("write");
+    let mut answer = vec![0u8; 65536];
+    let read = idle.read(&mut answer).await.expect("response");
+    assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
+    let waited = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match idle.read(&mut answer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "an idle keep-alive connection stayed open for 10 s");
+    assert!(waited.elapsed() < Duration::from_secs(5), "{:?}", waited.elapsed());
+}

@@ -95,6 +95,7 @@ pub fn run_with(
         let mut options = HttpServerOptions::default();
         options.h2c = settings.h2c;
         app.server_options = Some(options);
+        app.request_header_timeout = Some(settings.request_header_timeout);
     }
     proxy.add_tcp(&settings.listen);
     if let Some(tls) = &settings.tls {

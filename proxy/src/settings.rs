@@ -34,6 +34,11 @@ pub struct ProxySettings {
     /// Reload when the route file changes (SIGHUP and `POST /reload` always work).
     #[serde(default = "default_true")]
     pub watch: bool,
+    /// The longest a client connection may take to deliver a request's whole header block,
+    /// counted from when ficus starts waiting for it: a slowloris that trickles bytes, and a
+    /// keep-alive connection idle between requests, are closed past it.
+    #[serde(default = "default_request_header_timeout", with = "humantime_serde")]
+    pub request_header_timeout: Duration,
     /// On SIGTERM: how long to keep serving before closing listeners, then how long to let
     /// requests in flight finish.
     #[serde(default = "default_grace", with = "humantime_serde")]
@@ -65,6 +70,10 @@ fn default_true() -> bool {
 
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+fn default_request_header_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_grace() -> Duration {

@@ -165,6 +165,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
         tls: None,
         threads: 2,
         watch: true,
+        request_header_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(0),
     };
     let db = Arc::new(db);

@@ -193,6 +193,10 @@ where
     pub upstream_modules: HttpModules,
     max_retries: usize,
     process_custom_session: Option<ProcessCustomSession<SV, C>>,
+    /// ficus patch: the longest a connection may take to deliver a whole request header
+    /// block, counted from when the proxy starts waiting for it (so an idle keep-alive
+    /// connection counts too). Past it the connection is closed. `None`: no limit, as upstream.
+    pub request_header_timeout: Option<std::time::Duration>,
 }
 
 impl<SV> HttpProxy<SV, ()> {
@@ -229,6 +233,7 @@ impl<SV> HttpProxy<SV, ()> {
             upstream_modules: HttpModules::new(),
             max_retries: conf.max_retries,
             process_custom_session: None,
+            request_header_timeout: None,
         }
     }
 }
@@ -264,6 +269,7 @@ where
             upstream_modules: HttpModules::new(),
             max_retries: conf.max_retries,
             process_custom_session: on_custom,
+            request_header_timeout: None,
             h2_options: None,
         }
     }
@@ -329,11 +335,22 @@ where
     {
         // phase 1 read request header
 
+        // ficus patch: a deadline for the whole header block (slowloris, idle keep-alive).
+        let deadline = async {
+            match self.request_header_timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
         let res = tokio::select! {
             biased; // biased select is cheaper, and we don't want to drop already buffered requests
             res = downstream_session.read_request() => { res }
             _ = self.await_shutdown() => {
                 // service shutting down, dropping the connection to stop more req from coming in
+                return None;
+            }
+            _ = deadline => {
+                debug!("request headers not complete within {:?}; closing", self.request_header_timeout);
                 return None;
             }
         };
