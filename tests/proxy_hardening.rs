@@ -460,12 +460,7 @@ async fn regex_routes_serve_in_bounded_memory() {
             .expect("request");
         assert_eq!(response.headers()["x-backend"], expected, "{path}");
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).expect("status");
-    let peak: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
+    let peak = common::peak_rss_kib(proxy.pid());
     assert!(peak < 512 * 1024, "the proxy peaked at {peak} KiB");
 }
 

@@ -163,24 +163,6 @@ fn credentials_in_backend_urls_are_refused_and_never_echoed() {
 }
 
 #[test]
-fn a_yaml_alias_bomb_is_refused_before_it_expands() {
-    let mut bomb = String::from(
-        "x: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
-    );
-    for (level, previous) in ('b'..='i').zip('a'..) {
-        bomb.push_str(&format!(
-            "{level}{level}: &{level} [{}]\n",
-            vec![format!("*{previous}"); 9].join(",")
-        ));
-    }
-    let message = match RouteTable::parse(&bomb, Format::Yaml, "routes.yaml") {
-        Ok(_) => panic!("an alias bomb parsed"),
-        Err(e) => e.to_string(),
-    };
-    assert!(message.starts_with("routes.yaml: YAML aliases expand to more than"), "{message}");
-}
-
-#[test]
 fn override_rules_are_validated() {
     let dir = std::env::temp_dir().join(format!("ficus-override-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");

@@ -172,13 +172,7 @@ impl Drop for Cdc {
 impl Cdc {
     /// The process's peak resident memory (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
+        super::peak_rss_kib(self.child.as_ref().expect("running").id())
     }
 }
 
