@@ -240,16 +240,8 @@ async fn every_x_forwarded_for_line_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_the_backend_cuts_short_counts_as_an_error() {
     // A backend that promises 100 bytes, sends 5 and closes.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let backend = tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request).await;
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello").await;
-        }
-    });
+    let (addr, backend) =
+        scripted_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello", Then::Close).await;
     let routes = format!(
         "[backends.monolith]\nurl = \"http://{addr}\"\n[defaults]\nbackend = \"monolith\"\n"
     );
@@ -263,10 +255,20 @@ async fn a_response_the_backend_cuts_short_counts_as_an_error() {
     backend.abort();
 }
 
-/// A backend that reads each request and answers with `reply` (maybe nothing), then keeps the
-/// connection open without a word: a stalled process, not a dead one.
-async fn stalling_backend(
+/// What a scripted backend does with a connection once it has answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Keeps it open without a word: a stalled process, not a dead one.
+    Stall,
+    /// Closes it, whatever its answer promised.
+    Close,
+}
+
+/// A backend that reads each request and answers with `reply` (maybe nothing), then stalls or
+/// closes the connection.
+async fn scripted_backend(
     reply: &'static [u8],
+    then: Then,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -277,7 +279,9 @@ async fn stalling_backend(
             let mut request = [0u8; 4096];
             let _ = stream.read(&mut request).await;
             let _ = stream.write_all(reply).await;
-            held.push(stream);
+            if then == Then::Stall {
+                held.push(stream);
+            }
         }
     });
     (addr, task)
@@ -285,9 +289,9 @@ async fn stalling_backend(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_backend_is_given_up_after_its_read_timeout() {
-    let (silent, silent_task) = stalling_backend(b"").await;
+    let (silent, silent_task) = scripted_backend(b"", Then::Stall).await;
     let (halfway, halfway_task) =
-        stalling_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello").await;
+        scripted_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello", Then::Stall).await;
     let routes = format!(
         "[backends.silent]\nurl = \"http://{silent}\"\nread_timeout = \"1s\"\n\
          [backends.halfway]\nurl = \"http://{halfway}\"\nread_timeout = \"1s\"\n\
@@ -423,8 +427,9 @@ async fn routes_check_refuses_port_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_protocol_switch_the_client_did_not_ask_for_is_not_relayed() {
     // A backend that switches every request to h2c, whatever it asked for.
-    let (addr, task) = stalling_backend(
+    let (addr, task) = scripted_backend(
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+        Then::Stall,
     )
     .await;
     let routes = format!(

@@ -8,7 +8,6 @@ use std::time::Instant;
 use async_trait::async_trait;
 use std::borrow::Cow;
 
-use ficus_routes::path::PathError;
 use ficus_routes::{BackendId, Entropy, Reason, RouteTable};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -91,7 +90,7 @@ impl Entropy for ThreadEntropy {
 
 /// Replaces the request's path by its normalised form, which routing and forwarding then
 /// both use; an error for a path to refuse.
-fn normalize_path(session: &mut Session, table: &RouteTable) -> Result<(), &'static str> {
+fn normalize_path(session: &mut Session, table: &RouteTable) -> Result<(), String> {
     let uri = &session.req_header().uri;
     if uri.path() == "*" {
         return Ok(()); // OPTIONS *, which the guard let through: not a path
@@ -99,9 +98,7 @@ fn normalize_path(session: &mut Session, table: &RouteTable) -> Result<(), &'sta
     let path = match table.request_path(uri.path()) {
         Ok(Cow::Borrowed(_)) => return Ok(()),
         Ok(Cow::Owned(path)) => path,
-        Err(PathError::AboveRoot) => return Err("the path climbs above the root"),
-        Err(PathError::NotAbsolute) => return Err("the path does not start with /"),
-        Err(PathError::BadEscape) => return Err("the path has a malformed % escape"),
+        Err(e) => return Err(e.to_string()),
     };
     let target = match uri.query() {
         Some(query) => format!("{path}?{query}"),
@@ -109,8 +106,8 @@ fn normalize_path(session: &mut Session, table: &RouteTable) -> Result<(), &'sta
     };
     // Scheme and authority stay: HTTP/2 requests name their host there.
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(target.parse().map_err(|_| "the normalised path is not a URI")?);
-    let uri = http::Uri::from_parts(parts).map_err(|_| "the normalised path is not a URI")?;
+    parts.path_and_query = Some(target.parse().map_err(|e| format!("{e}"))?);
+    let uri = http::Uri::from_parts(parts).map_err(|e| format!("{e}"))?;
     session.req_header_mut().set_uri(uri);
     Ok(())
 }
@@ -254,11 +251,11 @@ impl ProxyHttp for FicusProxy {
             req.headers.get_all(http::header::TRANSFER_ENCODING).iter().map(|v| v.as_bytes());
         let verdict = guard::check(&req.method, req.version, req.raw_path(), host)
             .and_then(|()| guard::check_framing(lengths, codings))
-            .map_err(guard::Refusal::as_str);
+            .map_err(|refusal| refusal.as_str().to_string());
         let active = self.shared.active.load_full();
         let verdict = verdict.and_then(|()| normalize_path(session, &active.table));
         if let Err(reason) = verdict {
-            tracing::debug!(reason, "refused a request");
+            tracing::debug!(%reason, "refused a request");
             // Its body, if any, is not read: the connection cannot carry another request.
             session.set_keepalive(None);
             session.respond_error(400).await?;
