@@ -516,16 +516,32 @@ async fn overrides_are_honoured_only_from_allowed_networks_with_the_token_and_ne
     assert!(!routes.contains("s3cret"), "{routes}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_headers_and_idle_keep_alive_connections_are_closed_at_the_header_deadline() {
+/// The proxy serving a 0% split of `/orders`, with `[proxy]` settings.
+async fn start_with_settings(proxy_settings: &str) -> (Proxy, [TestBackend; 2]) {
     let (monolith, orders) =
         (TestBackend::start("monolith").await, TestBackend::start("orders").await);
     let dir = tempfile::tempdir().expect("dir");
     let settings = dir.path().join("proxy.toml");
-    std::fs::write(&settings, "[proxy]\nrequest_header_timeout = \"1s\"\n").expect("write");
+    std::fs::write(&settings, format!("[proxy]\n{proxy_settings}")).expect("write");
     let settings = settings.display().to_string();
     let proxy =
         Proxy::start_with(&split_routes(&monolith, &orders, 0.0), &["--config", &settings]).await;
+    (proxy, [monolith, orders])
+}
+
+/// Reads until the proxy closes the connection; how long that took, or `None` after `limit`.
+async fn time_to_close(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed =
+        tokio::time::timeout(limit, async { while let Ok(1..) = stream.read(&mut buf).await {} })
+            .await;
+    closed.ok().map(|()| started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_idle_keep_alive_connections_are_closed_at_the_header_deadline() {
+    let (proxy, _backends) = start_with_settings("request_header_timeout = \"1s\"\n").await;
 
     // Slowloris: a header line, then one byte every 200 ms, for up to 10 s.
     let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
@@ -554,16 +570,144 @@ async fn slow_headers_and_idle_keep_alive_connections_are_closed_at_the_header_d
     let mut answer = vec![0u8; 65536];
     let read = idle.read(&mut answer).await.expect("response");
     assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
-    let waited = Instant::now();
-    let end = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match idle.read(&mut answer).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
+    let waited = time_to_close(&mut idle, Duration::from_secs(10)).await;
+    let waited = waited.expect("an idle keep-alive connection stayed open for 10 s");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_h2c_on_a_silent_connection_is_closed_and_a_short_request_is_served() {
+    let (proxy, _backends) =
+        start_with_settings("h2c = true\nrequest_header_timeout = \"1s\"\n").await;
+
+    // Not a byte: h2c detection used to wait for the 24-byte preface forever.
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let waited = time_to_close(&mut silent, Duration::from_secs(10)).await;
+    let waited = waited.expect("a silent connection stayed open for 10 s");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+
+    // An HTTP/1.0 request shorter than the preface used to wait for more bytes.
+    let (status, body) = raw_exchange(&proxy, "GET /home HTTP/1.0\r\n\r\n").await;
+    assert!(status.ends_with(" 200 OK"), "{status}");
+    assert_eq!(body["backend"], "monolith");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
+    let settings = "keepalive_timeout = \"1s\"\nrequest_header_timeout = \"30s\"\n";
+    let (proxy, _backends) = start_with_settings(settings).await;
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    idle.write_all(b"GET /home HTTP/1.1\r\nHost: shop\r\n\r\n").await.expect("write");
+    let mut answer = vec![0u8; 65536];
+    let read = idle.read(&mut answer).await.expect("response");
+    assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
+    let waited = time_to_close(&mut idle, Duration::from_secs(10)).await;
+    let waited = waited.expect("an idle keep-alive connection stayed open for 10 s");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_above_the_limit_is_answered_431() {
+    let (proxy, _backends) = start_with_settings("max_request_header_size = \"2KiB\"\n").await;
+    let request = |filler: usize| {
+        let filler = "x".repeat(filler);
+        format!(
+            "GET /home HTTP/1.1\r\nHost: shop\r\nX-Filler: {filler}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    assert_eq!(raw_exchange(&proxy, &request(1500)).await.0, "HTTP/1.1 200 OK");
+    // Whole in one write, and trickled in pieces.
+    assert_eq!(
+        raw_status(&proxy, &request(3000)).await,
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(b"GET /home HTTP/1.1\r\nHost: shop\r\n").await.expect("write");
+    let mut status = String::new();
+    for _ in 0..100 {
+        if stream.write_all(&[b'X'; 100]).await.is_err() {
+            break;
         }
-    })
-    .await;
-    assert!(end.is_ok(), "an idle keep-alive connection stayed open for 10 s");
-    assert!(waited.elapsed() < Duration::from_secs(5), "{:?}", waited.elapsed());
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(read @ 1..)) =
+            tokio::time::timeout(Duration::from_millis(10), stream.read(&mut buf)).await
+        {
+            status = String::from_utf8_lossy(&buf[..read]).lines().next().unwrap_or("").into();
+            break;
+        }
+    }
+    assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_is_given_up_after_the_body_timeout() {
+    let (proxy, _backends) = start_with_settings("request_body_timeout = \"1s\"\n").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let head = "POST /home HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\n0123456789";
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "a stalled body held the connection for 10 s");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_connections_accepting_waits_until_a_connection_closes() {
+    let settings = "max_connections = 3\nrequest_header_timeout = \"30s\"\n";
+    let (proxy, _backends) = start_with_settings(settings).await;
+    // The readiness probe's connection is gone once the count is back to zero.
+    proxy.wait_metric("ficus_client_connections", 0.0).await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(proxy.addr).await.expect("connect"));
+    }
+    let metrics = proxy.wait_metric("ficus_client_connections", 3.0).await;
+    assert_eq!(common::metric(&metrics, "ficus_client_connections_max"), 3.0);
+    assert!(common::metric(&metrics, "ficus_client_connection_limit_reached_total") >= 1.0);
+
+    // A fourth client waits in the backlog while three are open...
+    let mut fourth = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    fourth
+        .write_all(b"GET /home HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(Duration::from_secs(1), fourth.read_to_end(&mut answer)).await;
+    assert!(early.is_err(), "answered beyond the limit: {}", String::from_utf8_lossy(&answer));
+
+    // ...and is served as soon as one of them closes.
+    silent.pop();
+    tokio::time::timeout(PATIENCE, fourth.read_to_end(&mut answer))
+        .await
+        .expect("served once a connection closed")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cap_the_file_limit_cannot_hold_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (routes, settings) = (dir.path().join("routes.toml"), dir.path().join("proxy.toml"));
+    let table = "[backends.a]\nurl = \"http://127.0.0.1:9\"\n[defaults]\nbackend = \"a\"\n";
+    std::fs::write(&routes, table).expect("write");
+    std::fs::write(&settings, "[proxy]\nmax_connections = 1000\n").expect("write");
+    // A shell's `ulimit -n` sets the soft and the hard limit.
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 512 && exec \"$0\" proxy --config \"$1\" --routes \"$2\" --listen 127.0.0.1:0 --admin 127.0.0.1:0")
+        .arg(env!("CARGO_BIN_EXE_ficus"))
+        .arg(&settings)
+        .arg(&routes)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("proxy.max_connections = 1000 needs about 2256 open files"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the hard file limit is 512"), "{stderr}");
 }

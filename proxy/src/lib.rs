@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod guard;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod request;
@@ -26,7 +27,7 @@ use pingora::listeners::tls::TlsSettings as PingoraTls;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
-use pingora::services::listening::Service;
+use pingora::services::listening::{ConnectionLimit, Service};
 
 pub use settings::{ProxySettings, TlsSettings};
 
@@ -45,6 +46,8 @@ pub enum ProxyError {
     Listen { addr: String, what: &'static str, source: std::io::Error },
     #[error("TLS certificate {cert} or key {key} unusable: {message}")]
     Tls { cert: String, key: String, message: String },
+    #[error(transparent)]
+    Limits(#[from] limits::LimitError),
 }
 
 /// Loads the route table and runs the proxy until the process is told to stop.
@@ -74,7 +77,11 @@ pub fn run_with(
         check_tls(tls)?;
     }
 
+    let fit = limits::apply(settings.max_connections)?;
+    let connections = Arc::new(ConnectionLimit::new(fit.max_connections));
+
     let shared = Arc::new(Shared::new(settings.routes.clone(), active));
+    shared.metrics.watch_connections(connections.clone());
     let reloader = Reloader::new(shared.clone());
 
     let conf = ServerConf {
@@ -88,15 +95,21 @@ pub fn run_with(
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        FicusProxy { shared: shared.clone() },
+        FicusProxy { shared: shared.clone(), request_body_timeout: settings.request_body_timeout },
         "ficus proxy",
     );
     if let Some(app) = proxy.app_logic_mut() {
         let mut options = HttpServerOptions::default();
         options.h2c = settings.h2c;
+        // A silent connection gets no longer to show its protocol than to send its headers.
+        options.h2c_preface_timeout = Some(settings.request_header_timeout);
+        options.keepalive_timeout = Some(settings.keepalive_timeout);
+        options.max_request_header_size =
+            Some(usize::try_from(settings.max_request_header_size.as_u64()).unwrap_or(usize::MAX));
         app.server_options = Some(options);
         app.request_header_timeout = Some(settings.request_header_timeout);
     }
+    proxy.set_connection_limit(connections);
     proxy.add_tcp(&settings.listen);
     if let Some(tls) = &settings.tls {
         let mut tls_settings = PingoraTls::intermediate(&path_str(&tls.cert), &path_str(&tls.key))
@@ -119,6 +132,7 @@ pub fn run_with(
         listen = settings.listen,
         admin = settings.admin,
         tls = settings.tls.as_ref().map(|t| t.listen.as_str()),
+        max_connections = fit.max_connections,
         "ficus proxy started"
     );
     // Returns once a signal (SIGTERM: graceful, SIGINT: fast) has stopped every service.

@@ -1,8 +1,12 @@
 //! The proxy's Prometheus metrics, registered once and served on the admin port.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use pingora::services::listening::ConnectionLimit;
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Label used for requests that matched no route.
@@ -23,6 +27,48 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// 1 when a backend's health check passes, 0 when it is marked down.
     pub backend_up: IntGaugeVec,
+    /// Client connections, read from the proxy service's cap when rendered.
+    connections: ConnectionSeries,
+}
+
+/// The client-connection series, mirrored from the proxy service's [`ConnectionLimit`].
+struct ConnectionSeries {
+    limit: OnceLock<Arc<ConnectionLimit>>,
+    open: IntGauge,
+    max: IntGauge,
+    accept_waits: IntCounter,
+    /// The waits already added to `accept_waits`.
+    waits_reported: AtomicU64,
+}
+
+impl ConnectionSeries {
+    fn new() -> prometheus::Result<ConnectionSeries> {
+        Ok(ConnectionSeries {
+            limit: OnceLock::new(),
+            open: IntGauge::new("ficus_client_connections", "Client connections open")?,
+            max: IntGauge::new(
+                "ficus_client_connections_max",
+                "The most client connections open at once (proxy.max_connections)",
+            )?,
+            accept_waits: IntCounter::new(
+                "ficus_client_connection_limit_reached_total",
+                "Times accepting paused because max_connections were open",
+            )?,
+            waits_reported: AtomicU64::new(0),
+        })
+    }
+
+    fn refresh(&self) {
+        let Some(limit) = self.limit.get() else { return };
+        self.open.set(i64::try_from(limit.open()).unwrap_or(i64::MAX));
+        self.max.set(i64::try_from(limit.max()).unwrap_or(i64::MAX));
+        // fetch_max: two renders at once add each wait once.
+        let waits = limit.waits();
+        let reported = self.waits_reported.fetch_max(waits, Ordering::Relaxed);
+        if waits > reported {
+            self.accept_waits.inc_by(waits - reported);
+        }
+    }
 }
 
 impl Metrics {
@@ -64,6 +110,7 @@ impl Metrics {
         );
         // The names above are static and distinct, so creation and registration cannot fail.
         let metrics = Metrics {
+            connections: ConnectionSeries::new().expect("valid metrics"),
             requests: requests.expect("valid metric"),
             duration: duration.expect("valid metric"),
             connect_failures: connect_failures.expect("valid metric"),
@@ -79,6 +126,9 @@ impl Metrics {
             Box::new(metrics.fallbacks.clone()),
             Box::new(metrics.reloads.clone()),
             Box::new(metrics.backend_up.clone()),
+            Box::new(metrics.connections.open.clone()),
+            Box::new(metrics.connections.max.clone()),
+            Box::new(metrics.connections.accept_waits.clone()),
         ] {
             metrics.registry.register(collector).expect("metric registered once");
         }
@@ -104,8 +154,15 @@ impl Metrics {
         }
     }
 
+    /// Reports the client connections of `limit` from now on.
+    pub fn watch_connections(&self, limit: Arc<ConnectionLimit>) {
+        // Set once, by the proxy at start.
+        let _ = self.connections.limit.set(limit);
+    }
+
     /// The metrics in Prometheus text exposition format.
     pub fn render(&self) -> Vec<u8> {
+        self.connections.refresh();
         let mut out = Vec::new();
         // Encoding into a Vec only fails on invalid metric families, which we never build.
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use std::borrow::Cow;
@@ -73,6 +73,8 @@ pub struct RequestCtx {
 /// The ficus proxy: routes each request by the active table.
 pub struct FicusProxy {
     pub shared: Arc<Shared>,
+    /// How long reading a request body may wait for its next bytes.
+    pub request_body_timeout: Duration,
 }
 
 /// Randomness for the request path.
@@ -261,6 +263,7 @@ impl ProxyHttp for FicusProxy {
             session.respond_error(400).await?;
             return Ok(true);
         }
+        session.set_read_timeout(Some(self.request_body_timeout));
         ctx.routing = Some(self.route(session, active));
         Ok(false)
     }
@@ -309,6 +312,8 @@ impl ProxyHttp for FicusProxy {
             (ReadTimedout | WriteTimedout, ErrorSource::Upstream) => 504,
             (_, ErrorSource::Upstream) => 502,
             (WriteError | ReadError | ConnectionClosed, ErrorSource::Downstream) => 0,
+            // The request body stalled past proxy.request_body_timeout.
+            (ReadTimedout, ErrorSource::Downstream) => 408,
             (_, ErrorSource::Downstream) => 400,
             _ => 500,
         };

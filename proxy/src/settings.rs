@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use serde::Deserialize;
 
 /// Settings of `ficus proxy`.
@@ -39,10 +40,47 @@ pub struct ProxySettings {
     /// keep-alive connection idle between requests, are closed past it.
     #[serde(default = "default_request_header_timeout", with = "humantime_serde")]
     pub request_header_timeout: Duration,
+    /// How long an HTTP/1 keep-alive connection may wait idle for its next request (whole
+    /// seconds). The header deadline counts that wait too, so the shorter of the two applies.
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// How long reading an HTTP/1 request body may wait for its next bytes.
+    #[serde(default = "default_request_body_timeout", with = "humantime_serde")]
+    pub request_body_timeout: Duration,
+    /// The largest HTTP/1 request header block (request line and headers); a larger one is
+    /// answered 431.
+    #[serde(default = "default_max_request_header_size")]
+    pub max_request_header_size: ByteSize,
+    /// The most client connections open at once, over all listeners; beyond it ficus stops
+    /// accepting until one closes. Unset: 10,000, or what the file limit allows.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     /// On SIGTERM: how long to keep serving before closing listeners, then how long to let
     /// requests in flight finish.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+impl ProxySettings {
+    /// Settings serving `routes` with every default.
+    pub fn with_routes(routes: PathBuf) -> ProxySettings {
+        ProxySettings {
+            routes,
+            listen: default_listen(),
+            admin: default_admin(),
+            admin_hosts: Vec::new(),
+            h2c: true,
+            tls: None,
+            threads: default_threads(),
+            watch: true,
+            request_header_timeout: default_request_header_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
+            request_body_timeout: default_request_body_timeout(),
+            max_request_header_size: default_max_request_header_size(),
+            max_connections: None,
+            shutdown_grace: default_grace(),
+        }
+    }
 }
 
 /// A TLS listener.
@@ -74,6 +112,18 @@ fn default_threads() -> usize {
 
 fn default_request_header_timeout() -> Duration {
     Duration::from_secs(60)
+}
+
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_request_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_request_header_size() -> ByteSize {
+    ByteSize::kib(64)
 }
 
 fn default_grace() -> Duration {

@@ -157,16 +157,11 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
     });
 
     let settings = ProxySettings {
-        routes,
         listen: args.listen.clone(),
         admin: args.admin.clone(),
-        admin_hosts: Vec::new(),
-        h2c: true,
-        tls: None,
         threads: 2,
-        watch: true,
-        request_header_timeout: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(0),
+        ..ProxySettings::with_routes(routes)
     };
     let db = Arc::new(db);
     ficus_proxy::run_with(settings, |server| {
