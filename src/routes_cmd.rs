@@ -61,6 +61,15 @@ fn print_summary(file: &Path, table: &RouteTable) {
         }
     }
     for route in &table.routes {
+        let unsafe_methods =
+            route.shadow.iter().flat_map(|s| s.unsafe_methods()).collect::<Vec<_>>();
+        if !unsafe_methods.is_empty() {
+            println!(
+                "  warning: routes \"{}\": shadow.methods has {}: each such request reaches both backends (the copy carries X-Ficus-Shadow: 1); make sure the shadowed side skips its side effects",
+                route.name,
+                unsafe_methods.join(", ")
+            );
+        }
         println!(
             "  {}: {} -> {:.2}% to {}, rest on {} (sticky {})",
             route.name,

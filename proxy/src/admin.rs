@@ -113,6 +113,21 @@ impl ServeHttp for AdminApp {
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             (Method::GET, "/routes") => json_response(StatusCode::OK, &self.routes_json()),
+            (Method::GET, "/shadow") => {
+                let routes = self.shadow_json(|_| true);
+                json_response(StatusCode::OK, &serde_json::json!({ "routes": routes }))
+            }
+            (Method::GET, one) if one.starts_with("/shadow/") => {
+                let name = &one["/shadow/".len()..];
+                match self.shadow_json(|route| route == name).pop() {
+                    Some(route) => json_response(StatusCode::OK, &route),
+                    None => respond(
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        format!("no route \"{name}\" with [routes.shadow]\n").into_bytes(),
+                    ),
+                }
+            }
             (Method::GET, "/metrics") => {
                 respond(StatusCode::OK, "text/plain; version=0.0.4", self.shared.metrics.render())
             }
@@ -124,7 +139,7 @@ impl ServeHttp for AdminApp {
                 };
                 json_response(status, &serde_json::to_value(&outcome).unwrap_or(Value::Null))
             }
-            (_, "/healthz" | "/routes" | "/metrics" | "/reload") => respond(
+            (_, "/healthz" | "/routes" | "/shadow" | "/metrics" | "/reload") => respond(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
                 b"method not allowed\n".to_vec(),
@@ -132,13 +147,44 @@ impl ServeHttp for AdminApp {
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                b"not found: try /healthz, /routes, /metrics or POST /reload\n".to_vec(),
+                b"not found: try /healthz, /routes, /shadow, /metrics or POST /reload\n".to_vec(),
             ),
         }
     }
 }
 
 impl AdminApp {
+    /// The shadow results of the routes whose name `wanted` accepts.
+    fn shadow_json(&self, wanted: impl Fn(&str) -> bool) -> Vec<Value> {
+        let active = self.shared.active.load_full();
+        let table = &active.table;
+        let mut out = Vec::new();
+        for (route, shadow) in table.routes.iter().zip(&active.shadows) {
+            let Some(shadow) = shadow.as_ref().filter(|_| wanted(&route.name)) else { continue };
+            let mut report = match shadow.report.lock() {
+                Ok(report) => report.to_json(),
+                Err(_) => continue,
+            };
+            let policy = &shadow.policy;
+            let ignore: Vec<String> = policy.ignore.iter().map(ToString::to_string).collect();
+            let fields = serde_json::json!({
+                "route": route.name,
+                "from": table.backends[route.from].name,
+                "to": table.backends[route.to].name,
+                "percent": f64::from(policy.threshold) / 100.0,
+                "methods": policy.methods,
+                "ignore": ignore,
+                "ignore_headers": policy.ignore_headers,
+                "noise_learning": policy.noise,
+            });
+            if let (Value::Object(report), Value::Object(fields)) = (&mut report, fields) {
+                report.extend(fields);
+            }
+            out.push(report);
+        }
+        out
+    }
+
     fn routes_json(&self) -> Value {
         let active = self.shared.active.load();
         let failure = self

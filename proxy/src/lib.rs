@@ -16,6 +16,7 @@ pub mod reload;
 pub mod request;
 pub mod service;
 pub mod settings;
+pub mod shadow;
 pub mod state;
 
 use std::net::TcpListener;

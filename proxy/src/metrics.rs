@@ -27,6 +27,14 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// 1 when a backend's health check passes, 0 when it is marked down.
     pub backend_up: IntGaugeVec,
+    /// Shadowed requests by route and result (`match`, `mismatch`, `error`, `skipped`,
+    /// `dropped`).
+    pub shadow: IntCounterVec,
+    /// Differences found by route and field (a JSON pointer with indices as `*`, `status`,
+    /// `header:NAME`; past 20 fields per route, `other`).
+    pub shadow_differences: IntCounterVec,
+    /// Shadow request duration by route and the backend shadowed to.
+    pub shadow_duration: HistogramVec,
     /// Client connections, read from the proxy service's cap when rendered.
     connections: ConnectionSeries,
 }
@@ -108,8 +116,27 @@ impl Metrics {
             Opts::new("ficus_backend_up", "Health-check status of a backend (1 up, 0 down)"),
             &["backend"],
         );
+        let shadow = IntCounterVec::new(
+            Opts::new("ficus_shadow_total", "Shadowed requests by route and result"),
+            &["route", "result"],
+        );
+        let shadow_differences = IntCounterVec::new(
+            Opts::new(
+                "ficus_shadow_differences_total",
+                "Differences between the legacy and the new answer, by route and field",
+            ),
+            &["route", "field"],
+        );
+        let shadow_duration = HistogramVec::new(
+            HistogramOpts::new("ficus_shadow_duration_seconds", "Shadow request duration")
+                .buckets(exponential_buckets(0.0005, 2.0, 16).unwrap_or_default()),
+            &["route", "backend"],
+        );
         // The names above are static and distinct, so creation and registration cannot fail.
         let metrics = Metrics {
+            shadow: shadow.expect("valid metric"),
+            shadow_differences: shadow_differences.expect("valid metric"),
+            shadow_duration: shadow_duration.expect("valid metric"),
             connections: ConnectionSeries::new().expect("valid metrics"),
             requests: requests.expect("valid metric"),
             duration: duration.expect("valid metric"),
@@ -126,6 +153,9 @@ impl Metrics {
             Box::new(metrics.fallbacks.clone()),
             Box::new(metrics.reloads.clone()),
             Box::new(metrics.backend_up.clone()),
+            Box::new(metrics.shadow.clone()),
+            Box::new(metrics.shadow_differences.clone()),
+            Box::new(metrics.shadow_duration.clone()),
             Box::new(metrics.connections.open.clone()),
             Box::new(metrics.connections.max.clone()),
             Box::new(metrics.connections.accept_waits.clone()),
@@ -145,6 +175,11 @@ impl Metrics {
             let (from, to) = (&table.backends[route.from].name, &table.backends[route.to].name);
             for reason in ["unhealthy", "connect_failed"] {
                 self.fallbacks.with_label_values(&[&route.name, from, to, reason]);
+            }
+            if route.shadow.is_some() {
+                for outcome in crate::shadow::report::Outcome::ALL {
+                    self.shadow.with_label_values(&[&route.name, outcome.as_str()]);
+                }
             }
         }
         for trigger in ["file", "sighup", "admin"] {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use std::borrow::Cow;
 
 use ficus_routes::{BackendId, Entropy, Reason, RouteTable};
@@ -18,6 +19,7 @@ use rand::Rng;
 use crate::guard;
 use crate::metrics::{status_class, status_index, NO_ROUTE};
 use crate::request::PingoraRequest;
+use crate::shadow::{Capture, Job, Side};
 use crate::state::{ActiveTable, Shared};
 
 /// How long a minted client id is kept by the browser: a year.
@@ -68,6 +70,8 @@ impl Routing {
 pub struct RequestCtx {
     started: Instant,
     routing: Option<Routing>,
+    /// The request's body and the primary's answer, kept for its shadow.
+    shadow: Option<Capture>,
 }
 
 /// The ficus proxy: routes each request by the active table.
@@ -158,24 +162,69 @@ impl FicusProxy {
         routing.fallback = Some(reason);
     }
 
-    /// Points the request at its backend: path rewrite, Host, and the X-Forwarded headers.
+    /// Starts capturing a request its route shadows: the method is listed, the request falls
+    /// in the shadowed share, and it goes to one of the route's two backends.
+    fn shadow_capture(&self, session: &Session, routing: &Routing) -> Option<Capture> {
+        let index = routing.route?;
+        let shadow = routing.active.shadows[index].as_ref()?;
+        let route = &routing.active.table.routes[index];
+        let method = session.req_header().method.as_str();
+        let bucket = rand::rng().random_range(0..ficus_routes::BUCKETS);
+        let served_by_route = routing.backend == route.to || routing.backend == route.from;
+        if !served_by_route || !shadow.policy.applies(method, bucket) {
+            return None;
+        }
+        shadow.capture(&self.shared.metrics)
+    }
+
+    /// Hands a finished request's capture to a background task that shadows it; the client
+    /// already has its answer.
+    fn dispatch_shadow(&self, session: &Session, capture: Capture, routing: &Routing) {
+        let Some(index) = routing.route else { return };
+        let table = &routing.active.table;
+        let route = &table.routes[index];
+        let side = |backend: BackendId| -> Option<Side> {
+            let mut request = session.req_header().clone();
+            self.prepare_upstream_request(session, table, Some(index), backend, &mut request)
+                .ok()?;
+            request.insert_header("X-Ficus-Shadow", "1").ok()?;
+            let peer = routing.active.upstreams[backend].peer.clone();
+            Some(Side { name: table.backends[backend].name.clone(), peer, request })
+        };
+        let (Some(from), Some(to)) = (side(route.from), side(route.to)) else { return };
+        let req = session.req_header();
+        let job = Job {
+            capture,
+            method: req.method.to_string(),
+            path: req.uri.path().to_string(),
+            from,
+            to,
+            served_by_to: routing.backend == route.to,
+        };
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            crate::shadow::run(job, &shared.shadow_connector, &shared.metrics).await;
+        });
+    }
+
+    /// Points a copy of the client's request at `backend`: path rewrite, Host, and the
+    /// X-Forwarded headers.
     fn prepare_upstream_request(
         &self,
         session: &Session,
-        routing: &Routing,
+        table: &RouteTable,
+        route: Option<usize>,
+        backend_id: BackendId,
         req: &mut RequestHeader,
     ) -> Result<()> {
-        let table = &routing.active.table;
-        let backend = &table.backends[routing.backend];
+        let backend = &table.backends[backend_id];
         let downstream = session.req_header();
         // The upstream request starts as a copy of the client's: change only what differs.
         // HTTP/2 requests carry an absolute URI; HTTP/1.1 upstreams get the origin form.
-        if table.rewrites_path(routing.route, routing.backend)
-            || downstream.uri.authority().is_some()
-        {
+        if table.rewrites_path(route, backend_id) || downstream.uri.authority().is_some() {
             let path = table.upstream_path(
-                routing.route,
-                routing.backend,
+                route,
+                backend_id,
                 downstream.uri.path(),
                 downstream.uri.query(),
             );
@@ -239,7 +288,7 @@ impl ProxyHttp for FicusProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx { started: Instant::now(), routing: None }
+        RequestCtx { started: Instant::now(), routing: None, shadow: None }
     }
 
     /// Refuses requests the table cannot route faithfully (400, returning true: answered),
@@ -264,8 +313,48 @@ impl ProxyHttp for FicusProxy {
             return Ok(true);
         }
         session.set_read_timeout(Some(self.request_body_timeout));
-        ctx.routing = Some(self.route(session, active));
+        let routing = self.route(session, active);
+        ctx.shadow = self.shadow_capture(session, &routing);
+        ctx.routing = Some(routing);
         Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(capture), Some(chunk)) = (ctx.shadow.as_mut(), body.as_ref()) {
+            capture.request_chunk(chunk);
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(capture) = ctx.shadow.as_mut() {
+            capture.response_header(response);
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let (Some(capture), Some(chunk)) = (ctx.shadow.as_mut(), body.as_ref()) {
+            capture.response_chunk(chunk);
+        }
+        Ok(None)
     }
 
     /// The peer of the chosen backend; called again after a failed connect, when the
@@ -332,7 +421,14 @@ impl ProxyHttp for FicusProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let routing = ctx.routing.as_ref().or_err(InternalError, "request was not routed")?;
-        self.prepare_upstream_request(session, routing, upstream_request)
+        let table = &routing.active.table;
+        self.prepare_upstream_request(
+            session,
+            table,
+            routing.route,
+            routing.backend,
+            upstream_request,
+        )
     }
 
     /// Refuses a protocol switch the client did not ask for (502), and hands a newly
@@ -393,6 +489,10 @@ impl ProxyHttp for FicusProxy {
         } else {
             let metrics = &self.shared.metrics;
             metrics.requests.with_label_values(&[route, backend, status_class(status)]).inc();
+        }
+        // Only a complete answer is worth comparing.
+        if let (Some(capture), Some(routing), None) = (ctx.shadow.take(), &ctx.routing, e) {
+            self.dispatch_shadow(session, capture, routing);
         }
         let req = session.req_header();
         let fallback = ctx.routing.as_ref().and_then(|r| r.fallback).map(Fallback::as_str);

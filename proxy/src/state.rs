@@ -12,6 +12,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::health::BackendHealth;
 use crate::metrics::{Metrics, SeriesCache};
+use crate::shadow::RouteShadow;
 
 /// A backend ready to connect to: its peer template and its health, if it is checked.
 pub struct Upstream {
@@ -36,6 +37,8 @@ pub struct ActiveTable {
     pub loaded_at: SystemTime,
     /// Request metrics by (route, backend), resolved on first use.
     pub series: SeriesCache,
+    /// Indexed like `table.routes`: the shadow state of routes with `[routes.shadow]`.
+    pub shadows: Vec<Option<Arc<RouteShadow>>>,
 }
 
 impl ActiveTable {
@@ -61,7 +64,15 @@ impl ActiveTable {
             return Err(LoadError::Invalid(errors));
         }
         let series = SeriesCache::new(table.routes.len(), table.backends.len());
-        Ok(ActiveTable { table, upstreams, loaded_at: SystemTime::now(), series })
+        let shadows = table
+            .routes
+            .iter()
+            .map(|route| {
+                let previous = previous.iter().flat_map(|p| p.shadows.iter().flatten());
+                RouteShadow::for_route(route, previous)
+            })
+            .collect();
+        Ok(ActiveTable { table, upstreams, loaded_at: SystemTime::now(), series, shadows })
     }
 }
 
@@ -110,6 +121,8 @@ pub struct Shared {
     pub active: ArcSwap<ActiveTable>,
     pub last_failure: Mutex<Option<ReloadFailure>>,
     pub metrics: Metrics,
+    /// Connections of shadow requests, pooled apart from the proxy's own.
+    pub shadow_connector: pingora::connectors::http::Connector,
 }
 
 impl Shared {
@@ -121,6 +134,7 @@ impl Shared {
             active: ArcSwap::from_pointee(active),
             last_failure: Mutex::new(None),
             metrics,
+            shadow_connector: pingora::connectors::http::Connector::new(None),
         }
     }
 }

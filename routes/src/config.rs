@@ -125,6 +125,59 @@ pub struct RouteConfig {
     /// Path rewriting applied only to requests sent to `to`.
     #[serde(default)]
     pub rewrite: Option<RewriteConfig>,
+    /// Also send requests to the backend that did not serve them, and compare the answers.
+    #[serde(default)]
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// A route's `[routes.shadow]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// Share of the route's requests shadowed, 0 to 100 in steps of 0.01.
+    #[serde(default = "default_shadow_percent")]
+    pub percent: f64,
+    /// Methods shadowed; unsafe ones only when listed.
+    #[serde(default = "default_shadow_methods")]
+    pub methods: Vec<String>,
+    /// JSON pointers (`*`: any key or index) left out of the body comparison.
+    #[serde(default)]
+    pub ignore: Vec<String>,
+    /// Response headers left out of the comparison.
+    #[serde(default)]
+    pub ignore_headers: Vec<String>,
+    /// Ask the legacy backend a second time and learn what differs between its own answers.
+    #[serde(default)]
+    pub noise: bool,
+    /// Bodies (request or response) above this are not compared.
+    #[serde(default = "default_shadow_max_body")]
+    pub max_body: bytesize::ByteSize,
+    /// How long a shadow request may take.
+    #[serde(default = "default_shadow_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Shadow requests in flight for the route; more are dropped.
+    #[serde(default = "default_shadow_in_flight")]
+    pub max_in_flight: usize,
+}
+
+fn default_shadow_percent() -> f64 {
+    100.0
+}
+
+fn default_shadow_methods() -> Vec<String> {
+    vec!["GET".into(), "HEAD".into()]
+}
+
+fn default_shadow_max_body() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(1)
+}
+
+fn default_shadow_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_shadow_in_flight() -> usize {
+    64
 }
 
 /// The conditions of a route's `match`.

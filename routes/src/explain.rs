@@ -19,6 +19,19 @@ impl Entropy for Placeholder {
     }
 }
 
+/// Whether a `method` request of `route` is shadowed, and where to.
+fn shadow_summary(table: &RouteTable, route: &crate::Route, method: &str) -> String {
+    let Some(shadow) = &route.shadow else { return "off".to_string() };
+    let (to, from) = (&table.backends[route.to].name, &table.backends[route.from].name);
+    if !shadow.methods.iter().any(|m| m == method) {
+        return format!("not for {method} (shadow.methods: {})", shadow.methods.join(", "));
+    }
+    format!(
+        "{:.2}% of {method} requests are also sent to the backend not serving them (\"{to}\" when \"{from}\" serves, \"{from}\" when \"{to}\" does) and the answers compared",
+        f64::from(shadow.threshold) / 100.0
+    )
+}
+
 /// Describes the routing of `req` through `table`, one `label: text` line each.
 pub fn explain(table: &RouteTable, req: &impl RequestView) -> String {
     let decision = table.decide(req, &mut Placeholder);
@@ -46,6 +59,7 @@ pub fn explain(table: &RouteTable, req: &impl RequestView) -> String {
         "split:   {:.2}% of clients to \"{to}\", the rest stay on \"{from}\"",
         route.percent()
     );
+    let _ = writeln!(out, "shadow:  {}", shadow_summary(table, route, req.method()));
     let why = match &decision.reason {
         Reason::NoRoute => "no route matched".to_string(),
         Reason::Override => {

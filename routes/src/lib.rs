@@ -14,6 +14,7 @@ pub mod load;
 pub mod matcher;
 pub mod path;
 pub mod request;
+pub mod shadow;
 pub mod source;
 pub mod sticky;
 pub mod table;

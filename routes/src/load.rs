@@ -11,13 +11,16 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::config::{BackendConfig, DefaultsConfig, RouteConfig};
+use crate::config::{BackendConfig, DefaultsConfig, RouteConfig, ShadowConfig};
 use crate::error::{LoadError, ValidationError};
 use crate::matcher::{Matcher, PathMatch};
+use crate::shadow::{FieldPattern, Shadow};
 use crate::source;
 use crate::sticky::{is_token, Sticky, BUCKETS};
 use crate::table::{Backend, BackendId, Route, RouteIndex, RouteTable};
 
+/// The largest `shadow.max_body`: each shadowed request holds up to three bodies this big.
+const MAX_SHADOW_BODY: usize = 64 << 20;
 const TOP_LEVEL_KEYS: [&str; 3] = ["backends", "defaults", "routes"];
 const METHODS: [&str; 9] =
     ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"];
@@ -370,9 +373,10 @@ impl Validator<'_> {
             } else if !seen.insert(config.name.clone()) {
                 self.error(&location, "name", format!("duplicate route name \"{}\"", config.name));
             }
-            if let Some(route) =
+            if let Some(mut route) =
                 self.route(&location, config, names, default_backend, default_sticky)
             {
+                route.fingerprint = xxh3_64(value.to_string().as_bytes());
                 routes.push(route);
             }
         }
@@ -395,7 +399,11 @@ impl Validator<'_> {
         if to.is_some() && to == from {
             self.error(location, "to", "is the same backend as `from`");
         }
-        let threshold = self.percent(location, config.percent);
+        let threshold = self.percent(location, "percent", config.percent);
+        let shadow = match &config.shadow {
+            Some(shadow) => self.shadow(location, shadow).map(Some),
+            None => Some(None),
+        };
         let sticky = match &config.sticky {
             Some(spec) => Sticky::parse(spec).map_err(|e| self.error(location, "sticky", e)).ok(),
             None => Some(default_sticky.clone()),
@@ -417,18 +425,75 @@ impl Validator<'_> {
             threshold: threshold?,
             sticky: sticky?,
             strip_prefix,
+            shadow: shadow?,
+            fingerprint: 0,
+        })
+    }
+
+    fn shadow(&mut self, location: &str, config: &ShadowConfig) -> Option<Shadow> {
+        let before = self.errors.len();
+        let threshold = self.percent(location, "shadow.percent", config.percent);
+        let mut methods = Vec::new();
+        for method in &config.methods {
+            let upper = method.to_ascii_uppercase();
+            if !METHODS.contains(&upper.as_str()) {
+                let message = format!("unknown HTTP method \"{method}\"");
+                self.error(location, "shadow.methods", message);
+            } else if upper == "CONNECT" {
+                self.error(location, "shadow.methods", "CONNECT cannot be shadowed");
+            } else {
+                methods.push(upper);
+            }
+        }
+        let mut ignore = Vec::new();
+        for pattern in &config.ignore {
+            match FieldPattern::parse(pattern) {
+                Ok(pattern) => ignore.push(pattern),
+                Err(e) => self.error(location, "shadow.ignore", e),
+            }
+        }
+        let mut ignore_headers = Vec::new();
+        for name in &config.ignore_headers {
+            if is_token(name) {
+                ignore_headers.push(name.to_ascii_lowercase());
+            } else {
+                let message = format!("\"{name}\" is not a valid header name");
+                self.error(location, "shadow.ignore_headers", message);
+            }
+        }
+        let max_body = usize::try_from(config.max_body.as_u64()).unwrap_or(usize::MAX);
+        if max_body > MAX_SHADOW_BODY {
+            let message =
+                format!("{} is above the most ficus holds per answer, 64 MiB", config.max_body);
+            self.error(location, "shadow.max_body", message);
+        }
+        if config.timeout.is_zero() {
+            self.error(location, "shadow.timeout", "must be longer than 0");
+        }
+        if config.max_in_flight == 0 {
+            self.error(location, "shadow.max_in_flight", "must be at least 1");
+        }
+        (self.errors.len() == before).then_some(Shadow {
+            threshold: threshold?,
+            methods,
+            ignore,
+            ignore_headers,
+            noise: config.noise,
+            max_body,
+            timeout: config.timeout,
+            max_in_flight: config.max_in_flight,
         })
     }
 
     /// Converts a percentage to a bucket threshold, rejecting values off the 0.01 grid.
-    fn percent(&mut self, location: &str, percent: f64) -> Option<u16> {
+    fn percent(&mut self, location: &str, field: &str, percent: f64) -> Option<u16> {
         if !(0.0..=100.0).contains(&percent) {
-            self.error(location, "percent", format!("{percent} is outside 0..=100"));
+            self.error(location, field, format!("{percent} is outside 0..=100"));
             return None;
         }
         let hundredths = (percent * 100.0).round();
         if (percent * 100.0 - hundredths).abs() > 1e-6 {
-            self.error(location, "percent", format!("{percent} is not a multiple of 0.01"));
+            self.error(location, field, format!("{percent} is not a multiple of 0.01"));
             return None;
         }
         // In 0..=10000 after the checks above.

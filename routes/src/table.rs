@@ -55,6 +55,10 @@ pub struct Route {
     pub sticky: Sticky,
     /// Removed from the path of requests sent to `to`; no trailing `/`.
     pub strip_prefix: Option<String>,
+    pub shadow: Option<crate::shadow::Shadow>,
+    /// A hash of the route's entry in the file: state kept per route (shadow results, learnt
+    /// noise) starts over when it changes.
+    pub fingerprint: u64,
 }
 
 impl Route {

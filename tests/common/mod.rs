@@ -410,3 +410,100 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM")
 }
+
+/// A request as an [`AppBackend`] received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+/// An answer of an [`AppBackend`]: status, content type, body.
+pub type Reply = (u16, &'static str, String);
+
+/// A real HTTP backend whose answers a test scripts, recording every request it receives
+/// (after an optional delay, as a slow service).
+pub struct AppBackend {
+    pub addr: SocketAddr,
+    pub seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl AppBackend {
+    pub async fn start(answer: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> AppBackend {
+        AppBackend::start_slow(Duration::ZERO, answer).await
+    }
+
+    pub async fn start_slow(
+        delay: Duration,
+        answer: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> AppBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().expect("backend address");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (answer, log) = (Arc::new(answer), seen.clone());
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (answer, log) = (answer.clone(), log.clone());
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let (answer, log) = (answer.clone(), log.clone());
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let seen = Seen {
+                            method: parts.method.to_string(),
+                            path: parts.uri.path().to_string(),
+                            headers: parts.headers,
+                            body,
+                        };
+                        tokio::time::sleep(delay).await;
+                        let (status, content_type, text) = answer(&seen);
+                        log.lock().expect("log").push(seen);
+                        let response = Response::builder()
+                            .status(status)
+                            .header("content-type", content_type)
+                            .body(full(text));
+                        Ok::<_, Infallible>(
+                            response.unwrap_or_else(|_| Response::new(full("bad response"))),
+                        )
+                    }
+                });
+                connections.spawn(async move {
+                    let _ = Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        AppBackend { addr, seen, task: Some(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops listening and closes every open connection, like a crashed process.
+    pub async fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("log").clone()
+    }
+}
+
+impl Drop for AppBackend {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

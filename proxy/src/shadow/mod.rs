@@ -1,0 +1,248 @@
+//! Shadow traffic: a share of a route's requests is also sent to the backend that did not
+//! serve it, once the client has its answer, and the two answers are compared.
+//!
+//! [`compare`] and [`report`] are pure; [`send`] is the I/O. This module owns the per-route
+//! state (the in-flight cap, the report) and the capture of one request's bodies.
+
+pub mod compare;
+pub mod report;
+pub mod send;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use ficus_routes::shadow::Shadow;
+use ficus_routes::Route;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::upstreams::peer::HttpPeer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use self::compare::Answer;
+use self::report::{Mismatch, Outcome, Report};
+use self::send::Fetched;
+use crate::metrics::Metrics;
+
+/// The shadow state of one route, kept across reloads while the route is unchanged.
+pub struct RouteShadow {
+    pub route: String,
+    pub policy: Shadow,
+    fingerprint: u64,
+    slots: Arc<Semaphore>,
+    pub report: Mutex<Report>,
+}
+
+impl RouteShadow {
+    /// The state for `route`: `previous` (of the table before a reload) when the route is
+    /// unchanged, else new.
+    pub fn for_route<'a>(
+        route: &Route,
+        mut previous: impl Iterator<Item = &'a Arc<RouteShadow>>,
+    ) -> Option<Arc<RouteShadow>> {
+        let policy = route.shadow.as_ref()?;
+        let same = |old: &&Arc<RouteShadow>| {
+            old.route == route.name && old.fingerprint == route.fingerprint
+        };
+        Some(previous.find(same).cloned().unwrap_or_else(|| {
+            Arc::new(RouteShadow {
+                route: route.name.clone(),
+                policy: policy.clone(),
+                fingerprint: route.fingerprint,
+                slots: Arc::new(Semaphore::new(policy.max_in_flight)),
+                report: Mutex::new(Report::default()),
+            })
+        }))
+    }
+
+    /// Starts capturing a request for the shadow, if one of the route's slots is free (else
+    /// the request is counted as dropped).
+    pub fn capture(self: &Arc<Self>, metrics: &Metrics) -> Option<Capture> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(Capture::new(self.clone(), slot)),
+            Err(_) => {
+                self.record(metrics, Outcome::Dropped);
+                None
+            }
+        }
+    }
+
+    fn record(&self, metrics: &Metrics, outcome: Outcome) {
+        if let Ok(mut report) = self.report.lock() {
+            report.count(outcome);
+        }
+        metrics.shadow.with_label_values(&[&self.route, outcome.as_str()]).inc();
+    }
+}
+
+/// A body kept up to a limit; past it, only the fact that it was too large.
+struct Tee {
+    chunks: BytesMut,
+    limit: usize,
+    overflow: bool,
+}
+
+impl Tee {
+    fn new(limit: usize) -> Tee {
+        Tee { chunks: BytesMut::new(), limit, overflow: false }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        if self.overflow {
+            return;
+        }
+        if self.chunks.len() + chunk.len() > self.limit {
+            self.overflow = true;
+            self.chunks = BytesMut::new();
+        } else {
+            self.chunks.extend_from_slice(chunk);
+        }
+    }
+
+    fn take(self) -> Option<Bytes> {
+        (!self.overflow).then(|| self.chunks.freeze())
+    }
+}
+
+/// One request's capture: its body and the primary's answer, each up to `max_body`. Holds
+/// one of the route's in-flight slots until the comparison is done.
+pub struct Capture {
+    route: Arc<RouteShadow>,
+    _slot: OwnedSemaphorePermit,
+    request_body: Tee,
+    response: Option<(u16, http::HeaderMap)>,
+    response_body: Tee,
+    /// The exchange became a tunnel (WebSocket): nothing to replay.
+    upgraded: bool,
+}
+
+impl Capture {
+    fn new(route: Arc<RouteShadow>, slot: OwnedSemaphorePermit) -> Capture {
+        let limit = route.policy.max_body;
+        Capture {
+            route,
+            _slot: slot,
+            request_body: Tee::new(limit),
+            response: None,
+            response_body: Tee::new(limit),
+            upgraded: false,
+        }
+    }
+
+    pub fn request_chunk(&mut self, chunk: &[u8]) {
+        self.request_body.push(chunk);
+    }
+
+    pub fn response_header(&mut self, response: &ResponseHeader) {
+        self.upgraded |= response.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        self.response = Some((response.status.as_u16(), response.headers.clone()));
+    }
+
+    pub fn response_chunk(&mut self, chunk: &[u8]) {
+        self.response_body.push(chunk);
+    }
+}
+
+/// One side of a route as a shadow exchange needs it.
+pub struct Side {
+    pub name: String,
+    pub peer: HttpPeer,
+    /// The client's request as it would be forwarded to this side, marked as a shadow.
+    pub request: RequestHeader,
+}
+
+/// A completed primary exchange, ready to be shadowed.
+pub struct Job {
+    pub capture: Capture,
+    pub method: String,
+    /// Without the query string.
+    pub path: String,
+    pub from: Side,
+    pub to: Side,
+    /// Whether `to` served the client.
+    pub served_by_to: bool,
+}
+
+/// Runs the shadow exchange of `job` and records its outcome. Called after the client has
+/// its answer; never fails.
+pub async fn run(job: Job, connector: &Connector, metrics: &Metrics) {
+    let route = job.capture.route.clone();
+    let policy = &route.policy;
+    let capture = job.capture;
+    let (Some((status, headers)), Some(request_body), Some(body), false) = (
+        capture.response,
+        capture.request_body.take(),
+        capture.response_body.take(),
+        capture.upgraded,
+    ) else {
+        return route.record(metrics, Outcome::Skipped);
+    };
+    let primary = Answer { status, headers, body };
+    let (shadow, legacy) =
+        if job.served_by_to { (&job.from, &job.from) } else { (&job.to, &job.from) };
+    let started = Instant::now();
+    let answer = send::fetch(
+        connector,
+        &shadow.peer,
+        shadow.request.clone(),
+        request_body.clone(),
+        policy.max_body,
+        policy.timeout,
+    )
+    .await;
+    metrics
+        .shadow_duration
+        .with_label_values(&[&route.route, &shadow.name])
+        .observe(started.elapsed().as_secs_f64());
+    let answer = match answer {
+        Ok(Fetched::Answer(answer)) => answer,
+        Ok(Fetched::TooLarge) => return route.record(metrics, Outcome::Skipped),
+        Err(error) => {
+            tracing::debug!(route = route.route, backend = shadow.name, %error, "shadow request failed");
+            return route.record(metrics, Outcome::Error);
+        }
+    };
+    let (from_answer, to_answer) =
+        if job.served_by_to { (&answer, &primary) } else { (&primary, &answer) };
+    // Noise: what differs between two answers of the legacy side to the same request. Only
+    // for safe methods: an unsafe one is not sent to the legacy side a third time.
+    if policy.noise && matches!(job.method.as_str(), "GET" | "HEAD" | "OPTIONS") {
+        let again = send::fetch(
+            connector,
+            &legacy.peer,
+            legacy.request.clone(),
+            request_body,
+            policy.max_body,
+            policy.timeout,
+        )
+        .await;
+        if let Ok(Fetched::Answer(again)) = again {
+            let noise = compare::compare(from_answer, &again, policy);
+            if let Ok(mut report) = route.report.lock() {
+                report.learn_noise(&noise);
+            }
+        }
+    }
+    let differences = compare::compare(from_answer, to_answer, policy);
+    let Ok(mut report) = route.report.lock() else { return };
+    let differences = report.without_noise(differences);
+    if differences.is_empty() {
+        report.count(Outcome::Match);
+        drop(report);
+        metrics.shadow.with_label_values(&[&route.route, Outcome::Match.as_str()]).inc();
+        return;
+    }
+    let labels = report.mismatch(Mismatch {
+        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        method: job.method,
+        path: job.path,
+        from_status: from_answer.status,
+        to_status: to_answer.status,
+        differences,
+    });
+    drop(report);
+    metrics.shadow.with_label_values(&[&route.route, Outcome::Mismatch.as_str()]).inc();
+    for field in labels {
+        metrics.shadow_differences.with_label_values(&[&route.route, &field]).inc();
+    }
+}
