@@ -419,7 +419,10 @@ mod connection_limit_tests {
         assert!(timeout(Duration::from_millis(50), &mut second).await.is_err());
         assert_eq!(limit.waits(), 1);
         drop(first);
-        assert!(second.await.is_some());
+        let second = second.await;
+        assert!(second.is_some());
         assert_eq!(limit.open(), 1);
+        drop(second);
+        assert_eq!(limit.open(), 0);
     }
 }
