@@ -194,3 +194,42 @@ fn every_example_route_file_passes_check() {
     }
     assert!(checked >= 3, "every deploy flavour has a route file");
 }
+
+#[test]
+fn shadow_policies_are_validated_explained_and_unsafe_methods_warned() {
+    let dir = tempfile::tempdir().expect("dir");
+    let shadow = "to = \"orders\"\npercent = 10\n[routes.shadow]\npercent = 50\nmethods = [\"GET\", \"POST\"]";
+    let file = write(dir.path(), "routes.toml", &route(shadow));
+    let output = run(&["routes", "check", file.to_str().expect("path")]);
+    assert!(output.status.success(), "{output:?}");
+    let text = stdout(&output);
+    assert!(
+        text.contains("warning: routes \"orders\": shadow.methods has POST: each such request reaches both backends"),
+        "{text}"
+    );
+
+    let path = file.to_str().expect("path");
+    let text = stdout(&run(&["routes", "explain", path, "GET", "/api/orders/7"]));
+    assert!(
+        text.contains("shadow:  50.00% of GET requests are also sent to the backend not serving them (\"orders\" when \"monolith\" serves, \"monolith\" when \"orders\" does)"),
+        "{text}"
+    );
+    let text = stdout(&run(&["routes", "explain", path, "DELETE", "/api/orders/7"]));
+    assert!(text.contains("shadow:  not for DELETE (shadow.methods: GET, POST)"), "{text}");
+
+    let bad = "to = \"orders\"\npercent = 10\n[routes.shadow]\npercent = 0.001\nmethods = [\"FETCH\"]\nignore = [\"items\"]\nmax_body = \"1GiB\"\nmax_in_flight = 0\ntimeout = \"0s\"";
+    let file = write(dir.path(), "bad.toml", &route(bad));
+    let output = run(&["routes", "check", file.to_str().expect("path")]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    for expected in [
+        "shadow.percent: 0.001 is not a multiple of 0.01",
+        "shadow.methods: unknown HTTP method \"FETCH\"",
+        "shadow.ignore: \"items\" is not a JSON pointer: it must start with /",
+        "shadow.max_body: 1.0 GiB is above the most ficus holds per answer, 64 MiB",
+        "shadow.max_in_flight: must be at least 1",
+        "shadow.timeout: must be longer than 0",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+}

@@ -5,8 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, AppBackend, Proxy, Reply, Seen, PATIENCE};
+use common::{client, start_ws_echo, AppBackend, Proxy, Reply, Seen, PATIENCE};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 /// A route file: `/api/orders` from `monolith` to `orders` at `percent`, with `shadow` as
 /// the body of its `[routes.shadow]`.
@@ -42,11 +44,16 @@ fn json_reply(body: Value) -> Reply {
     (200, "application/json", body.to_string())
 }
 
-/// Waits until the route's shadow results add up to `total`; returns them.
+/// Waits until the shadow results of route `orders` add up to `total`; returns them.
 async fn wait_shadow_total(proxy: &Proxy, total: u64) -> Value {
+    wait_route_total(proxy, "orders", total).await
+}
+
+async fn wait_route_total(proxy: &Proxy, route: &str, total: u64) -> Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let report: Value = proxy.admin_get("/shadow/orders").await.json().await.expect("json");
+        let path = format!("/shadow/{route}");
+        let report: Value = proxy.admin_get(&path).await.json().await.expect("json");
         let counts = &report["counts"];
         let sum: u64 = ["match", "mismatch", "error", "skipped", "dropped"]
             .iter()
@@ -210,4 +217,83 @@ async fn a_post_is_shadowed_only_when_listed_with_the_same_body() {
     let post = &orders.seen()[1];
     assert_eq!((post.method.as_str(), &post.body[..]), ("POST", &b"{\"sku\": \"a\"}"[..]));
     assert_eq!(post.headers.get("x-ficus-shadow").map(|v| v.as_bytes()), Some(&b"1"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_download_and_a_websocket_pass_intact_and_are_skipped() {
+    const BIG: usize = 100 << 20;
+    let monolith = AppBackend::start(|_| (200, "application/octet-stream", "x".repeat(BIG))).await;
+    let orders = AppBackend::start(|_| (200, "application/octet-stream", String::new())).await;
+    let (ws_addr, _ws) = start_ws_echo().await;
+    let routes = format!(
+        r#"{}
+[backends.live]
+url = "http://{ws_addr}"
+
+[[routes]]
+name = "live"
+match = {{ path_prefix = "/live" }}
+to = "live"
+percent = 100
+[routes.shadow]
+"#,
+        shadow_routes(&monolith, &orders, 0.0, "")
+    );
+    let proxy = Proxy::start(&routes).await;
+
+    let body = client().get(proxy.url("/api/orders/big")).send().await.expect("get");
+    let body = body.bytes().await.expect("download");
+    assert_eq!(body.len(), BIG);
+    assert!(body.iter().all(|&b| b == b'x'));
+    let report = wait_shadow_total(&proxy, 1).await;
+    assert_eq!(report["counts"]["skipped"], 1, "{report}");
+    assert!(orders.seen().is_empty(), "an answer above max_body is not replayed");
+
+    let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{}/live", proxy.addr))
+        .await
+        .expect("websocket through a shadowed route");
+    assert_eq!(response.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("hello {i}"))).await.expect("send");
+        let echoed = ws.next().await.expect("echo").expect("message");
+        assert_eq!(echoed.into_text().expect("text").as_str(), format!("hello {i}"));
+    }
+    ws.close(None).await.expect("close");
+    drop(ws);
+    let report = wait_route_total(&proxy, "live", 1).await;
+    assert_eq!(report["counts"]["skipped"], 1, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_by_max_in_flight_with_a_slow_shadow_backend() {
+    const BODY: usize = 900 << 10;
+    const REQUESTS: usize = 400;
+    let reply = |_: &Seen| (200, "text/plain", "y".repeat(BODY));
+    let monolith = AppBackend::start(reply).await;
+    let orders = AppBackend::start_slow(Duration::from_secs(1), reply).await;
+    let shadow = "max_in_flight = 8\nmax_body = \"1MiB\"";
+    let proxy = Proxy::start(&shadow_routes(&monolith, &orders, 0.0, shadow)).await;
+    let before = common::peak_rss_kib(proxy.pid());
+
+    let (proxy_url, client) = (proxy.url("/api/orders/1"), client());
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let (url, client) = (proxy_url.clone(), client.clone());
+        tasks.spawn(async move {
+            for _ in (worker..REQUESTS).step_by(16) {
+                let response = client.get(&url).header("x-user", "u1").send().await.expect("get");
+                assert_eq!(response.bytes().await.expect("body").len(), BODY);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("client task");
+    }
+    let report = wait_shadow_total(&proxy, REQUESTS as u64).await;
+    let peak = common::peak_rss_kib(proxy.pid());
+    eprintln!("ficus peak RSS: {before} KiB at start, {peak} KiB after {REQUESTS} shadowed 900 KiB answers: {report}");
+    assert!(report["counts"]["dropped"].as_u64() > Some(0), "{report}");
+    // 8 captures of at most 1 MiB each (and the same again for shadow answers) on top of
+    // the start: far below the 350 MiB that keeping every answer would take.
+    assert!(peak < before + 100 * 1024, "peak RSS {peak} KiB from {before} KiB at start");
 }

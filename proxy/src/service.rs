@@ -491,8 +491,11 @@ impl ProxyHttp for FicusProxy {
             metrics.requests.with_label_values(&[route, backend, status_class(status)]).inc();
         }
         // Only a complete answer is worth comparing.
-        if let (Some(capture), Some(routing), None) = (ctx.shadow.take(), &ctx.routing, e) {
-            self.dispatch_shadow(session, capture, routing);
+        if let (Some(capture), Some(routing)) = (ctx.shadow.take(), &ctx.routing) {
+            match e {
+                None => self.dispatch_shadow(session, capture, routing),
+                Some(_) => capture.skip(&self.shared.metrics),
+            }
         }
         let req = session.req_header();
         let fallback = ctx.routing.as_ref().and_then(|r| r.fallback).map(Fallback::as_str);

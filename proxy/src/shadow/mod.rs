@@ -141,6 +141,11 @@ impl Capture {
     pub fn response_chunk(&mut self, chunk: &[u8]) {
         self.response_body.push(chunk);
     }
+
+    /// Gives up on a request whose primary exchange failed: nothing to compare it with.
+    pub fn skip(self, metrics: &Metrics) {
+        self.route.record(metrics, Outcome::Skipped);
+    }
 }
 
 /// One side of a route as a shadow exchange needs it.
