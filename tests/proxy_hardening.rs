@@ -539,6 +539,16 @@ async fn time_to_close(stream: &mut tokio::net::TcpStream, limit: Duration) -> O
     closed.ok().map(|()| started.elapsed())
 }
 
+/// A keep-alive connection that had one request answered (in one read) and sends no more.
+async fn answered_then_idle(proxy: &Proxy) -> tokio::net::TcpStream {
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    idle.write_all(b"GET /home HTTP/1.1\r\nHost: shop\r\n\r\n").await.expect("write");
+    let mut answer = vec![0u8; 65536];
+    let read = idle.read(&mut answer).await.expect("response");
+    assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
+    idle
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_and_idle_keep_alive_connections_are_closed_at_the_header_deadline() {
     let (proxy, _backends) = start_with_settings("request_header_timeout = \"1s\"\n").await;
@@ -565,11 +575,7 @@ async fn slow_headers_and_idle_keep_alive_connections_are_closed_at_the_header_d
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 
     // Keep-alive: one request answered, then silence: closed at the deadline.
-    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
-    idle.write_all(b"GET /home HTTP/1.1\r\nHost: shop\r\n\r\n").await.expect("write");
-    let mut answer = vec![0u8; 65536];
-    let read = idle.read(&mut answer).await.expect("response");
-    assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
+    let mut idle = answered_then_idle(&proxy).await;
     let waited = time_to_close(&mut idle, Duration::from_secs(10)).await;
     let waited = waited.expect("an idle keep-alive connection stayed open for 10 s");
     assert!(waited < Duration::from_secs(5), "{waited:?}");
@@ -596,11 +602,7 @@ async fn with_h2c_on_a_silent_connection_is_closed_and_a_short_request_is_served
 async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
     let settings = "keepalive_timeout = \"1s\"\nrequest_header_timeout = \"30s\"\n";
     let (proxy, _backends) = start_with_settings(settings).await;
-    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
-    idle.write_all(b"GET /home HTTP/1.1\r\nHost: shop\r\n\r\n").await.expect("write");
-    let mut answer = vec![0u8; 65536];
-    let read = idle.read(&mut answer).await.expect("response");
-    assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
+    let mut idle = answered_then_idle(&proxy).await;
     let waited = time_to_close(&mut idle, Duration::from_secs(10)).await;
     let waited = waited.expect("an idle keep-alive connection stayed open for 10 s");
     assert!(waited < Duration::from_secs(5), "{waited:?}");

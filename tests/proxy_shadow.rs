@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, start_ws_echo, AppBackend, Proxy, Reply, Seen, PATIENCE};
+use common::{
+    client, split_routes_between, start_ws_echo, AppBackend, Proxy, Reply, Seen, PATIENCE,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -13,27 +15,8 @@ use tokio_tungstenite::tungstenite::Message;
 /// A route file: `/api/orders` from `monolith` to `orders` at `percent`, with `shadow` as
 /// the body of its `[routes.shadow]`.
 fn shadow_routes(monolith: &AppBackend, orders: &AppBackend, percent: f64, shadow: &str) -> String {
-    format!(
-        r#"
-[backends.monolith]
-url = "{}"
-[backends.orders]
-url = "{}"
-[defaults]
-backend = "monolith"
-sticky = "header:x-user"
-
-[[routes]]
-name = "orders"
-match = {{ path_prefix = "/api/orders" }}
-to = "orders"
-percent = {percent}
-[routes.shadow]
-{shadow}
-"#,
-        monolith.url(),
-        orders.url()
-    )
+    let routes = split_routes_between(&monolith.url(), &orders.url(), percent);
+    format!("{routes}[routes.shadow]\n{shadow}\n")
 }
 
 fn order_id(seen: &Seen) -> u64 {
@@ -70,7 +53,7 @@ async fn wait_route_total(proxy: &Proxy, route: &str, total: u64) -> Value {
 async fn get(proxy: &Proxy, path: &str) -> (u16, Duration) {
     let started = Instant::now();
     let response =
-        client().get(proxy.url(path)).header("x-user", "u1").send().await.expect("request");
+        client().get(proxy.url(path)).header("x-user-id", "u1").send().await.expect("request");
     let status = response.status().as_u16();
     let _ = response.bytes().await.expect("body");
     (status, started.elapsed())
@@ -193,7 +176,7 @@ async fn a_post_is_shadowed_only_when_listed_with_the_same_body() {
     let post = || {
         client()
             .post(proxy.url("/api/orders"))
-            .header("x-user", "u1")
+            .header("x-user-id", "u1")
             .body("{\"sku\": \"a\"}")
             .send()
     };
@@ -281,7 +264,8 @@ async fn memory_stays_bounded_by_max_in_flight_with_a_slow_shadow_backend() {
         let (url, client) = (proxy_url.clone(), client.clone());
         tasks.spawn(async move {
             for _ in (worker..REQUESTS).step_by(16) {
-                let response = client.get(&url).header("x-user", "u1").send().await.expect("get");
+                let response =
+                    client.get(&url).header("x-user-id", "u1").send().await.expect("get");
                 assert_eq!(response.bytes().await.expect("body").len(), BODY);
             }
         });

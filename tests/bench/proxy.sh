@@ -2,7 +2,9 @@
 # Proxy benchmark: the same 30/70 sticky split done by ficus, NGINX and HAProxy, side by side,
 # against the same two upstreams (NGINX serving a fixed small response), plus two floors
 # (wrk straight to an upstream; Pingora doing the split and nothing else), the cost of a
-# 1,000-route table against 10 routes, and each proxy's CPU time per request.
+# 1,000-route table against 10 routes, the cost of shadowing every request (ficus-shadow: each
+# request also sent to the other upstream and the answers compared), and each proxy's CPU time
+# per request.
 #
 #   tests/bench/proxy.sh                 # defaults: 64 connections, median of 3 runs of 10 s
 #   CONNS=128 DURATION=30s ROUNDS=5 tests/bench/proxy.sh
@@ -98,8 +100,8 @@ run_once() {
 # warm_up PORT: 2 s of load first (upstream connections, caches), not measured.
 warm_up() { wrk -t"$WRK_THREADS" -c"$CONNS" -d2s -s "$WORK/load.lua" "http://127.0.0.1:$1/" > /dev/null 2>&1 || true; }
 
-routes_file() { # routes_file N: N-1 non-matching routes (prefix and regex), then the split
-  local n=$1 file="$WORK/routes-$1.toml"
+routes_file() { # routes_file N [shadow]: N-1 non-matching routes (prefix and regex), then the split
+  local n=$1 file="$WORK/routes-$1${2:+-$2}.toml"
   {
     echo "[backends.a]"; echo "url = \"http://127.0.0.1:$UP_A\""
     echo "[backends.b]"; echo "url = \"http://127.0.0.1:$UP_B\""
@@ -111,6 +113,8 @@ routes_file() { # routes_file N: N-1 non-matching routes (prefix and regex), the
     done
     echo "[[routes]]"; echo "name = \"split\""; echo "match = { path_prefix = \"/\" }"
     echo "to = \"b\""; echo "percent = 30"; echo "from = \"a\""
+    # Every request shadowed and compared; in-flight cap high enough that none is dropped.
+    if [ "${2:-}" = shadow ]; then echo "[routes.shadow]"; echo "max_in_flight = 4096"; fi
   } > "$file"
   echo "$file"
 }
@@ -128,6 +132,11 @@ PORT[direct]=$UP_A; PID[direct]=""
 
 PORT[ficus]=$(free_port)
 start_ficus "$(routes_file 10)" "${PORT[ficus]}"; PID[ficus]=$FICUS_PID
+
+# Shadow cost: the same table with the split shadowed at 100%. The upstreams answer "a" and
+# "b", so every comparison is a mismatch, the costlier outcome.
+PORT[ficus-shadow]=$(free_port)
+start_ficus "$(routes_file 10 shadow)" "${PORT[ficus-shadow]}"; PID[ficus-shadow]=$FICUS_PID
 
 # Route-table cost: the same split behind 1,000 routes (prefix and regex) instead of 10.
 PORT[ficus-1000-routes]=$(free_port)
@@ -195,7 +204,7 @@ PORT[pingora-floor]=$(free_port)
 target/release/examples/pingora_floor "127.0.0.1:${PORT[pingora-floor]}" "127.0.0.1:$UP_A" "127.0.0.1:$UP_B" 30 x-user "$WORKERS" \
   > "$WORK/floor.log" 2>&1 & PID[pingora-floor]=$!; PIDS+=($!); wait_port "${PORT[pingora-floor]}"
 
-CONTENDERS=(direct ficus nginx haproxy ficus-1000-routes pingora-floor)
+CONTENDERS=(direct ficus nginx haproxy ficus-1000-routes ficus-shadow pingora-floor)
 for name in "${CONTENDERS[@]}"; do warm_up "${PORT[$name]}"; done
 runs=()
 for round in $(seq "$ROUNDS"); do
@@ -235,6 +244,7 @@ for name, r in data.items():
 f = data["ficus"]
 ratios = {"ficus/nginx": f["rps"] / data["nginx"]["rps"], "ficus/haproxy": f["rps"] / data["haproxy"]["rps"],
           "1000 routes / 10 routes": data["ficus-1000-routes"]["rps"] / f["rps"],
+          "shadow 100% / off": data["ficus-shadow"]["rps"] / f["rps"],
           "ficus/pingora-floor": f["rps"] / data["pingora-floor"]["rps"]}
 for k, v in ratios.items():
     print(f"{k:<24}{v:.3f}")

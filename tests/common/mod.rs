@@ -330,12 +330,18 @@ impl Drop for Proxy {
 
 /// A route file with a monolith, an orders service and one route between them.
 pub fn split_routes(monolith: &TestBackend, orders: &TestBackend, percent: f64) -> String {
+    split_routes_between(&monolith.url(), &orders.url(), percent)
+}
+
+/// [`split_routes`] between backends at any two URLs. The route's sections (`[routes.shadow]`)
+/// can be appended.
+pub fn split_routes_between(monolith: &str, orders: &str, percent: f64) -> String {
     format!(
         r#"
 [backends.monolith]
-url = "{}"
+url = "{monolith}"
 [backends.orders]
-url = "{}"
+url = "{orders}"
 
 [defaults]
 backend = "monolith"
@@ -347,9 +353,7 @@ name = "orders"
 match = {{ path_prefix = "/api/orders" }}
 to = "orders"
 percent = {percent}
-"#,
-        monolith.url(),
-        orders.url()
+"#
     )
 }
 
