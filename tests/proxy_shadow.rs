@@ -125,15 +125,32 @@ async fn a_field_the_legacy_service_varies_on_every_call_is_learnt_as_noise() {
     let monolith = AppBackend::start(nonce).await;
     let orders = AppBackend::start(nonce).await;
     // Clients already moved: the shadow goes to the legacy side, which is also asked twice.
-    let proxy = Proxy::start(&shadow_routes(&monolith, &orders, 100.0, "noise = true")).await;
-    for id in 1..=5 {
+    let routes = shadow_routes(&monolith, &orders, 100.0, "noise = true");
+    let proxy = Proxy::start(&routes).await;
+    for id in 1..=4 {
         assert_eq!(get(&proxy, &format!("/api/orders/{id}")).await.0, 200);
     }
+    // An HTTP/2 client's request is shadowed over HTTP/1.1 like the others.
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
+    let response = h2.get(proxy.url("/api/orders/5")).header("x-user-id", "u1").send().await;
+    assert_eq!(response.expect("h2c request").status(), 200);
     let report = wait_shadow_total(&proxy, 5).await;
     assert_eq!(report["counts"]["match"], 5, "{report}");
     assert_eq!(report["noise"], json!(["/nonce"]));
     assert_eq!(orders.seen().len(), 5);
     assert_eq!(monolith.seen().len(), 10, "a shadow and a second legacy request each");
+
+    // Learnt noise stays while the route is unchanged, and starts over when it changes.
+    let version = proxy.version().await;
+    proxy.write_routes(&format!("{routes}\n[backends.spare]\nurl = \"http://127.0.0.1:9\"\n"));
+    let version = proxy.wait_version_change(&version).await;
+    let report: Value = proxy.admin_get("/shadow/orders").await.json().await.expect("json");
+    assert_eq!(report["noise"], json!(["/nonce"]), "{report}");
+    proxy.write_routes(&routes.replace("percent = 100", "percent = 99"));
+    proxy.wait_version_change(&version).await;
+    let report: Value = proxy.admin_get("/shadow/orders").await.json().await.expect("json");
+    assert_eq!(report["noise"], json!([]), "{report}");
+    assert_eq!(report["counts"]["match"], 0, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -188,6 +188,9 @@ impl FicusProxy {
             self.prepare_upstream_request(session, table, Some(index), backend, &mut request)
                 .ok()?;
             request.insert_header("X-Ficus-Shadow", "1").ok()?;
+            // Sent over HTTP/1.1 whatever the client spoke, with its whole body at once.
+            request.set_version(http::Version::HTTP_11);
+            request.remove_header(&http::header::EXPECT);
             let peer = routing.active.upstreams[backend].peer.clone();
             Some(Side { name: table.backends[backend].name.clone(), peer, request })
         };
