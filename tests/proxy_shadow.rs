@@ -114,6 +114,8 @@ async fn mismatches_are_counted_exactly_and_equal_answers_match() {
     assert_eq!(common::metric(&metrics, series), 2.0, "{metrics}");
     let series = r#"ficus_shadow_differences_total{field="/total",route="orders"}"#;
     assert_eq!(common::metric(&metrics, series), 2.0, "{metrics}");
+    let series = r#"ficus_shadow_duration_seconds_count{backend="orders",route="orders"}"#;
+    assert_eq!(common::metric(&metrics, series), 10.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,9 +234,13 @@ async fn a_post_is_shadowed_only_when_listed_with_the_same_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_download_and_a_websocket_pass_intact_and_are_skipped() {
+async fn a_large_download_an_event_stream_and_a_websocket_pass_intact_and_are_skipped() {
     const BIG: usize = 100 << 20;
-    let monolith = AppBackend::start(|_| (200, "application/octet-stream", "x".repeat(BIG))).await;
+    let monolith = AppBackend::start(|seen| match seen.path.as_str() {
+        "/api/orders/events" => (200, "text/event-stream", "data: one\n\ndata: two\n\n".into()),
+        _ => (200, "application/octet-stream", "x".repeat(BIG)),
+    })
+    .await;
     let orders = AppBackend::start(|_| (200, "application/octet-stream", String::new())).await;
     let (ws_addr, _ws) = start_ws_echo().await;
     let routes = format!(
@@ -259,7 +265,11 @@ percent = 100
     assert!(body.iter().all(|&b| b == b'x'));
     let report = wait_shadow_total(&proxy, 1).await;
     assert_eq!(report["counts"]["skipped"], 1, "{report}");
-    assert!(orders.seen().is_empty(), "an answer above max_body is not replayed");
+    let events = client().get(proxy.url("/api/orders/events")).send().await.expect("get");
+    assert_eq!(events.text().await.expect("events"), "data: one\n\ndata: two\n\n");
+    let report = wait_shadow_total(&proxy, 2).await;
+    assert_eq!(report["counts"]["skipped"], 2, "{report}");
+    assert!(orders.seen().is_empty(), "neither a large answer nor a stream is replayed");
 
     let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{}/live", proxy.addr))
         .await

@@ -112,8 +112,9 @@ pub struct Capture {
     request_body: Tee,
     response: Option<(u16, http::HeaderMap)>,
     response_body: Tee,
-    /// The exchange became a tunnel (WebSocket): nothing to replay.
-    upgraded: bool,
+    /// The exchange became a tunnel (WebSocket) or an event stream (SSE): replaying it would
+    /// open a stream on the other backend that lasts until the shadow timeout.
+    streamed: bool,
 }
 
 impl Capture {
@@ -125,7 +126,7 @@ impl Capture {
             request_body: Tee::new(limit),
             response: None,
             response_body: Tee::new(limit),
-            upgraded: false,
+            streamed: false,
         }
     }
 
@@ -134,7 +135,12 @@ impl Capture {
     }
 
     pub fn response_header(&mut self, response: &ResponseHeader) {
-        self.upgraded |= response.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        let event_stream = response
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+        self.streamed |= event_stream || response.status == http::StatusCode::SWITCHING_PROTOCOLS;
         self.response = Some((response.status.as_u16(), response.headers.clone()));
     }
 
@@ -178,7 +184,7 @@ pub async fn run(job: Job, connector: &Connector, metrics: &Metrics) {
         capture.response,
         capture.request_body.take(),
         capture.response_body.take(),
-        capture.upgraded,
+        capture.streamed,
     ) else {
         return route.record(metrics, Outcome::Skipped);
     };
