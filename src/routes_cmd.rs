@@ -71,13 +71,18 @@ fn print_summary(file: &Path, table: &RouteTable) {
             );
         }
         println!(
-            "  {}: {} -> {:.2}% to {}, rest on {} (sticky {})",
+            "  {}: {} -> {:.2}% to {}, rest on {} (sticky {}){}",
             route.name,
             route.matcher.describe(),
             route.percent(),
             table.backends[route.to].name,
             table.backends[route.from].name,
-            route.sticky
+            route.sticky,
+            route.shadow.as_ref().map_or(String::new(), |shadow| format!(
+                "; shadow {:.2}% of {}",
+                f64::from(shadow.threshold) / 100.0,
+                shadow.methods.join(",")
+            ))
         );
     }
 }

@@ -207,6 +207,7 @@ fn shadow_policies_are_validated_explained_and_unsafe_methods_warned() {
         text.contains("warning: routes \"orders\": shadow.methods has POST: each such request reaches both backends"),
         "{text}"
     );
+    assert!(text.contains("(sticky cookie:ficus_id); shadow 50.00% of GET,POST"), "{text}");
 
     let path = file.to_str().expect("path");
     let text = stdout(&run(&["routes", "explain", path, "GET", "/api/orders/7"]));
