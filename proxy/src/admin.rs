@@ -6,11 +6,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use ficus_routes::table::same_secret;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::ramp::{Command, CommandError};
 use crate::reload::{ReloadOutcome, Reloader};
 use crate::state::{ActiveTable, Shared};
 
@@ -20,6 +22,8 @@ pub struct AdminApp {
     pub reloader: Reloader,
     /// Host names the API answers to besides IP addresses and `localhost`.
     pub hosts: Vec<String>,
+    /// The token writes need; without one, writes come from loopback only.
+    pub token: Option<String>,
 }
 
 /// Why the admin API refuses a request before looking at it.
@@ -110,6 +114,25 @@ impl ServeHttp for AdminApp {
         }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
+        if method == Method::POST && !self.write_allowed(session) {
+            let message = match self.token {
+                Some(_) => "writes need Authorization: Bearer <the admin token>\n",
+                None => "without proxy.admin_token_file, writes are accepted from loopback only\n",
+            };
+            let mut response = respond(StatusCode::UNAUTHORIZED, "text/plain", message.into());
+            response
+                .headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        if let (true, Some(rest)) = (method == Method::POST, path.strip_prefix("/routes/")) {
+            let force = session
+                .req_header()
+                .uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "force=true"));
+            return self.ramp_command(rest, force);
+        }
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             (Method::GET, "/routes") => json_response(StatusCode::OK, &self.routes_json()),
@@ -185,6 +208,51 @@ impl AdminApp {
         out
     }
 
+    fn write_allowed(&self, session: &ServerSession) -> bool {
+        match &self.token {
+            Some(token) => session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes())),
+            None => session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .is_some_and(|a| a.ip().is_loopback()),
+        }
+    }
+
+    /// `POST /routes/{name}/{pause|resume|rollback|advance}`.
+    fn ramp_command(&self, rest: &str, force: bool) -> Response<Vec<u8>> {
+        let Some((route, name)) = rest.rsplit_once('/') else {
+            return respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"try POST /routes/NAME/pause, resume, rollback or advance\n".to_vec(),
+            );
+        };
+        let Some(command) = Command::parse(name, force) else {
+            let message =
+                format!("unknown command \"{name}\": pause, resume, rollback or advance\n");
+            return respond(StatusCode::NOT_FOUND, "text/plain", message.into_bytes());
+        };
+        match self.shared.ramps.command(route, command, &self.shared.metrics) {
+            Ok(state) => json_response(
+                StatusCode::OK,
+                &json!({"route": route, "status": state.status.as_str(), "percent": state.percent(), "reason": state.reason}),
+            ),
+            Err(CommandError::NoRamp) => {
+                let message = format!("no route \"{route}\" with [routes.ramp]\n");
+                respond(StatusCode::NOT_FOUND, "text/plain", message.into_bytes())
+            }
+            Err(CommandError::Refused(why)) => {
+                json_response(StatusCode::CONFLICT, &json!({"route": route, "error": why}))
+            }
+        }
+    }
+
     fn routes_json(&self) -> Value {
         let active = self.shared.active.load();
         let failure = self
@@ -223,15 +291,19 @@ pub fn table_json(active: &ActiveTable) -> Value {
     let routes: Vec<Value> = table
         .routes
         .iter()
-        .map(|route| {
+        .zip(&active.ramps)
+        .map(|(route, ramp)| {
+            let percent =
+                ramp.as_ref().map_or(route.percent(), |r| f64::from(r.threshold()) / 100.0);
             json!({
                 "name": route.name,
                 "match": route.matcher.describe(),
                 "to": table.backends[route.to].name,
                 "from": table.backends[route.from].name,
-                "percent": route.percent(),
+                "percent": percent,
                 "sticky": route.sticky.to_string(),
                 "strip_prefix": route.strip_prefix,
+                "ramp": ramp.as_ref().map(|r| r.json()),
             })
         })
         .collect();

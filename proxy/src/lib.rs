@@ -12,6 +12,7 @@ pub mod guard;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod ramp;
 pub mod reload;
 pub mod request;
 pub mod service;
@@ -33,6 +34,8 @@ use pingora::services::listening::{ConnectionLimit, Service};
 pub use settings::{ProxySettings, TlsSettings};
 
 use crate::admin::AdminApp;
+use crate::metrics::Metrics;
+use crate::ramp::{RampTicker, Ramps};
 use crate::reload::{ReloadTriggers, Reloader};
 use crate::service::FicusProxy;
 use crate::state::{ActiveTable, Shared};
@@ -49,6 +52,14 @@ pub enum ProxyError {
     Tls { cert: String, key: String, message: String },
     #[error(transparent)]
     Limits(#[from] limits::LimitError),
+    #[error(transparent)]
+    RampState(#[from] ramp::store::StoreError),
+    #[error(
+        "proxy.state = {0:?}: give file:PATH (a shared PostgreSQL store is not supported yet)"
+    )]
+    StateStore(String),
+    #[error("proxy.admin_token_file {path}: {message}")]
+    AdminToken { path: String, message: String },
 }
 
 /// Loads the route table and runs the proxy until the process is told to stop.
@@ -64,7 +75,9 @@ pub fn run_with(
     settings: ProxySettings,
     add_services: impl FnOnce(&mut Server),
 ) -> Result<(), ProxyError> {
-    let active = ActiveTable::load(&settings.routes, None)?;
+    let ramps = Ramps::open(settings.state_store()?)?;
+    let metrics = Metrics::new();
+    let active = ActiveTable::load(&settings.routes, None, &ramps, &metrics)?;
     tracing::info!(
         routes_file = %settings.routes.display(),
         version = active.table.version,
@@ -81,7 +94,7 @@ pub fn run_with(
     let fit = limits::apply(settings.max_connections)?;
     let connections = Arc::new(ConnectionLimit::new(fit.max_connections));
 
-    let shared = Arc::new(Shared::new(settings.routes.clone(), active));
+    let shared = Arc::new(Shared::new(settings.routes.clone(), active, metrics, ramps));
     shared.metrics.watch_connections(connections.clone());
     let reloader = Reloader::new(shared.clone());
 
@@ -119,7 +132,10 @@ pub fn run_with(
         proxy.add_tls_with_settings(&tls.listen, None, tls_settings);
     }
 
-    let app = AdminApp { shared, reloader: reloader.clone(), hosts: settings.admin_hosts.clone() };
+    let ramp_ticker = background_service("ficus ramps", RampTicker { shared: shared.clone() });
+    let token = settings.admin_token()?;
+    let app =
+        AdminApp { shared, reloader: reloader.clone(), hosts: settings.admin_hosts.clone(), token };
     let mut admin = Service::new("ficus admin".to_string(), app);
     admin.add_tcp(&settings.admin);
     let triggers =
@@ -128,6 +144,7 @@ pub fn run_with(
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(triggers);
+    server.add_service(ramp_ticker);
     add_services(&mut server);
     tracing::info!(
         listen = settings.listen,

@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use pingora::services::listening::ConnectionLimit;
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Label used for requests that matched no route.
@@ -35,6 +35,13 @@ pub struct Metrics {
     pub shadow_differences: IntCounterVec,
     /// Shadow request duration by route and the backend shadowed to.
     pub shadow_duration: HistogramVec,
+    /// Ramp transitions by route, percents before and after, and kind (`advance`,
+    /// `breach`, `operator_pause`, ...).
+    pub ramp_transitions: IntCounterVec,
+    /// The share of a ramped route's clients on `to`, in percent.
+    pub route_percent: GaugeVec,
+    /// 1 for the state a ramp is in (`ramping`, `paused`, `held`, `rolled_back`, `done`).
+    pub ramp_state: IntGaugeVec,
     /// Client connections, read from the proxy service's cap when rendered.
     connections: ConnectionSeries,
 }
@@ -132,8 +139,23 @@ impl Metrics {
                 .buckets(exponential_buckets(0.0005, 2.0, 16).unwrap_or_default()),
             &["route", "backend"],
         );
+        let ramp_transitions = IntCounterVec::new(
+            Opts::new("ficus_ramp_transitions_total", "Ramp transitions"),
+            &["route", "from", "to", "reason"],
+        );
+        let route_percent = GaugeVec::new(
+            Opts::new("ficus_route_percent", "Share of a ramped route's clients on `to`"),
+            &["route"],
+        );
+        let ramp_state = IntGaugeVec::new(
+            Opts::new("ficus_ramp_state", "The state of a ramp"),
+            &["route", "state"],
+        );
         // The names above are static and distinct, so creation and registration cannot fail.
         let metrics = Metrics {
+            ramp_transitions: ramp_transitions.expect("valid metric"),
+            route_percent: route_percent.expect("valid metric"),
+            ramp_state: ramp_state.expect("valid metric"),
             shadow: shadow.expect("valid metric"),
             shadow_differences: shadow_differences.expect("valid metric"),
             shadow_duration: shadow_duration.expect("valid metric"),
@@ -153,6 +175,9 @@ impl Metrics {
             Box::new(metrics.fallbacks.clone()),
             Box::new(metrics.reloads.clone()),
             Box::new(metrics.backend_up.clone()),
+            Box::new(metrics.ramp_transitions.clone()),
+            Box::new(metrics.route_percent.clone()),
+            Box::new(metrics.ramp_state.clone()),
             Box::new(metrics.shadow.clone()),
             Box::new(metrics.shadow_differences.clone()),
             Box::new(metrics.shadow_duration.clone()),

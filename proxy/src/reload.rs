@@ -50,7 +50,12 @@ impl Reloader {
         let _serialized = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let shared = &self.shared;
         let current = shared.active.load_full();
-        let outcome = match ActiveTable::load(&shared.routes_path, Some(&current)) {
+        let outcome = match ActiveTable::load(
+            &shared.routes_path,
+            Some(&current),
+            &shared.ramps,
+            &shared.metrics,
+        ) {
             Ok(next) if next.table.version == current.table.version => {
                 // A file put back as it was is valid again: the old error no longer applies.
                 *lock_failure(shared) = None;

@@ -130,7 +130,8 @@ impl FicusProxy {
     /// Decides where the request goes, on `active`, the table active right now.
     fn route(&self, session: &Session, active: Arc<ActiveTable>) -> Routing {
         let view = PingoraRequest { header: session.req_header(), client_ip: client_ip(session) };
-        let decision = active.table.decide(&view, &mut ThreadEntropy);
+        let ramp_threshold = |index: usize| active.ramps[index].as_ref().map(|r| r.threshold());
+        let decision = active.table.decide_with(&view, &mut ThreadEntropy, ramp_threshold);
         let route = decision.route.map(|(index, _)| index);
         let backend = decision.backend;
         let may_fall_back = decision.is_to() && decision.reason != Reason::Override;
@@ -489,6 +490,14 @@ impl ProxyHttp for FicusProxy {
             );
             series.requests[status_index(status)].inc();
             series.duration.observe(elapsed.as_secs_f64());
+            if let Some(ramp) = routing.route.and_then(|i| routing.active.ramps[i].as_ref()) {
+                let route = &routing.active.table.routes[routing.route.unwrap_or_default()];
+                let failed = status.is_none_or(|s| s >= 500);
+                let side = routing.backend;
+                if side == route.to || side == route.from {
+                    ramp.record(side == route.to, failed, elapsed);
+                }
+            }
         } else {
             let metrics = &self.shared.metrics;
             metrics.requests.with_label_values(&[route, backend, status_class(status)]).inc();

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
+
+use crate::ramp::store::FileStore;
 use serde::Deserialize;
 
 /// Settings of `ficus proxy`.
@@ -55,6 +57,14 @@ pub struct ProxySettings {
     /// accepting until one closes. Unset: 10,000, or what the file limit allows.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Where ramp states are kept: `file:PATH`. Default: beside the route file
+    /// (`routes.toml` -> `routes.state.json`).
+    #[serde(default)]
+    pub state: Option<String>,
+    /// A file holding the token admin writes need (`Authorization: Bearer TOKEN`). Without
+    /// one, writes are accepted from loopback clients only.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
     /// On SIGTERM: how long to keep serving before closing listeners, then how long to let
     /// requests in flight finish.
     #[serde(default = "default_grace", with = "humantime_serde")]
@@ -78,8 +88,38 @@ impl ProxySettings {
             request_body_timeout: default_request_body_timeout(),
             max_request_header_size: default_max_request_header_size(),
             max_connections: None,
+            state: None,
+            admin_token_file: None,
             shutdown_grace: default_grace(),
         }
+    }
+}
+
+impl ProxySettings {
+    /// The store of ramp states.
+    pub fn state_store(&self) -> Result<FileStore, crate::ProxyError> {
+        match &self.state {
+            None => Ok(FileStore::beside(&self.routes)),
+            Some(spec) => match spec.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(FileStore::new(PathBuf::from(path))),
+                _ => Err(crate::ProxyError::StateStore(spec.clone())),
+            },
+        }
+    }
+
+    /// The admin token, read once at start.
+    pub fn admin_token(&self) -> Result<Option<String>, crate::ProxyError> {
+        let Some(path) = &self.admin_token_file else { return Ok(None) };
+        let error = |message: String| crate::ProxyError::AdminToken {
+            path: path.display().to_string(),
+            message,
+        };
+        let token = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(error("the file is empty".into()));
+        }
+        Ok(Some(token.to_string()))
     }
 }
 

@@ -12,6 +12,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::health::BackendHealth;
 use crate::metrics::{Metrics, SeriesCache};
+use crate::ramp::{Ramps, RouteRamp};
 use crate::shadow::RouteShadow;
 
 /// A backend ready to connect to: its peer template and its health, if it is checked.
@@ -39,12 +40,20 @@ pub struct ActiveTable {
     pub series: SeriesCache,
     /// Indexed like `table.routes`: the shadow state of routes with `[routes.shadow]`.
     pub shadows: Vec<Option<Arc<RouteShadow>>>,
+    /// Indexed like `table.routes`: the ramps of routes with `[routes.ramp]`.
+    pub ramps: Vec<Option<Arc<RouteRamp>>>,
 }
 
 impl ActiveTable {
     /// Loads, validates and resolves a route file. Health state is carried over from
-    /// `previous` for backends whose address and check are unchanged.
-    pub fn load(path: &Path, previous: Option<&ActiveTable>) -> Result<ActiveTable, LoadError> {
+    /// `previous` for backends whose address and check are unchanged; ramps are attached
+    /// last, once the file is known to be good.
+    pub fn load(
+        path: &Path,
+        previous: Option<&ActiveTable>,
+        ramps: &Ramps,
+        metrics: &Metrics,
+    ) -> Result<ActiveTable, LoadError> {
         let table = RouteTable::load(path)?;
         let file = path.display().to_string();
         let mut upstreams = Vec::with_capacity(table.backends.len());
@@ -72,7 +81,9 @@ impl ActiveTable {
                 RouteShadow::for_route(route, previous)
             })
             .collect();
-        Ok(ActiveTable { table, upstreams, loaded_at: SystemTime::now(), series, shadows })
+        let ramps = ramps.attach(&table, metrics);
+        let loaded_at = SystemTime::now();
+        Ok(ActiveTable { table, upstreams, loaded_at, series, shadows, ramps })
     }
 }
 
@@ -121,19 +132,25 @@ pub struct Shared {
     pub active: ArcSwap<ActiveTable>,
     pub last_failure: Mutex<Option<ReloadFailure>>,
     pub metrics: Metrics,
+    pub ramps: Ramps,
     /// Connections of shadow requests, pooled apart from the proxy's own.
     pub shadow_connector: pingora::connectors::http::Connector,
 }
 
 impl Shared {
-    pub fn new(routes_path: PathBuf, active: ActiveTable) -> Shared {
-        let metrics = Metrics::new();
+    pub fn new(
+        routes_path: PathBuf,
+        active: ActiveTable,
+        metrics: Metrics,
+        ramps: Ramps,
+    ) -> Shared {
         metrics.prime(&active.table);
         Shared {
             routes_path,
             active: ArcSwap::from_pointee(active),
             last_failure: Mutex::new(None),
             metrics,
+            ramps,
             shadow_connector: pingora::connectors::http::Connector::new(None),
         }
     }

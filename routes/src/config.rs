@@ -114,8 +114,13 @@ pub struct RouteConfig {
     pub match_: MatchConfig,
     /// The backend taking this route over.
     pub to: String,
-    /// Share of this route's clients sent to `to`, 0 to 100 in steps of 0.01.
-    pub percent: f64,
+    /// Share of this route's clients sent to `to`, 0 to 100 in steps of 0.01; exactly one of
+    /// `percent` and `ramp` is given.
+    #[serde(default)]
+    pub percent: Option<f64>,
+    /// An automatic ramp: the share grows step by step while `to` is as healthy as `from`.
+    #[serde(default)]
+    pub ramp: Option<RampConfig>,
     /// The backend the route is taken from; defaults to `defaults.backend`.
     #[serde(default)]
     pub from: Option<String>,
@@ -128,6 +133,35 @@ pub struct RouteConfig {
     /// Also send requests to the backend that did not serve them, and compare the answers.
     #[serde(default)]
     pub shadow: Option<ShadowConfig>,
+}
+
+/// A route's `[routes.ramp]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RampConfig {
+    /// Increasing percents, each in steps of 0.01.
+    pub steps: Vec<f64>,
+    /// The least time on a step before it may advance.
+    #[serde(with = "humantime_serde")]
+    pub hold: Duration,
+    /// Answers from `to` on a step before it may advance.
+    pub min_requests: u64,
+    /// Percentage points of failed answers `to` may have above `from`.
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    /// The most `to`'s p99 may be, as a multiple of `from`'s.
+    #[serde(default)]
+    pub max_p99_ratio: Option<f64>,
+    /// Percent of shadow comparisons that may mismatch (needs `[routes.shadow]`).
+    #[serde(default)]
+    pub max_mismatch_rate: Option<f64>,
+    /// `rollback` (to 0%) or `hold` (stay on the step).
+    #[serde(default = "default_on_breach")]
+    pub on_breach: String,
+}
+
+fn default_on_breach() -> String {
+    "rollback".into()
 }
 
 /// A route's `[routes.shadow]`.

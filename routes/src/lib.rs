@@ -13,6 +13,7 @@ pub mod explain;
 pub mod load;
 pub mod matcher;
 pub mod path;
+pub mod ramp;
 pub mod request;
 pub mod shadow;
 pub mod source;

@@ -11,9 +11,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::config::{BackendConfig, DefaultsConfig, RouteConfig, ShadowConfig};
+use crate::config::{BackendConfig, DefaultsConfig, RampConfig, RouteConfig, ShadowConfig};
 use crate::error::{LoadError, ValidationError};
 use crate::matcher::{Matcher, PathMatch};
+use crate::ramp::{OnBreach, Ramp};
 use crate::shadow::{FieldPattern, Shadow};
 use crate::source;
 use crate::sticky::{is_token, Sticky, BUCKETS};
@@ -399,7 +400,23 @@ impl Validator<'_> {
         if to.is_some() && to == from {
             self.error(location, "to", "is the same backend as `from`");
         }
-        let threshold = self.percent(location, "percent", config.percent);
+        // A ramped route starts at 0%: the ramp's state, not the file, says where it is.
+        let (threshold, ramp) = match (config.percent, &config.ramp) {
+            (Some(percent), None) => (self.percent(location, "percent", percent), Some(None)),
+            (None, Some(ramp)) => {
+                let has_shadow = config.shadow.is_some();
+                (Some(0), self.ramp(location, ramp, has_shadow).map(Some))
+            }
+            (Some(_), Some(_)) => {
+                let message = "give either `percent` or `[routes.ramp]`, not both";
+                self.error(location, "percent", message);
+                (None, None)
+            }
+            (None, None) => {
+                self.error(location, "percent", "missing: give `percent` or `[routes.ramp]`");
+                (None, None)
+            }
+        };
         let shadow = match &config.shadow {
             Some(shadow) => self.shadow(location, shadow).map(Some),
             None => Some(None),
@@ -426,7 +443,54 @@ impl Validator<'_> {
             sticky: sticky?,
             strip_prefix,
             shadow: shadow?,
+            ramp: ramp?,
             fingerprint: 0,
+        })
+    }
+
+    fn ramp(&mut self, location: &str, config: &RampConfig, has_shadow: bool) -> Option<Ramp> {
+        let before = self.errors.len();
+        let mut steps = Vec::new();
+        for &percent in &config.steps {
+            if let Some(step) = self.percent(location, "ramp.steps", percent) {
+                if step == 0 || steps.last().is_some_and(|&last| step <= last) {
+                    let message = format!("must increase and stay above 0; {percent} does not");
+                    self.error(location, "ramp.steps", message);
+                }
+                steps.push(step);
+            }
+        }
+        if config.steps.is_empty() {
+            self.error(location, "ramp.steps", "must list at least one percent");
+        }
+        if config.min_requests == 0 {
+            self.error(location, "ramp.min_requests", "must be at least 1");
+        }
+        let limits = [
+            ("ramp.max_error_rate", config.max_error_rate),
+            ("ramp.max_p99_ratio", config.max_p99_ratio),
+            ("ramp.max_mismatch_rate", config.max_mismatch_rate),
+        ];
+        for (field, limit) in limits {
+            if limit.is_some_and(|l| !l.is_finite() || l < 0.0) {
+                self.error(location, field, "must be a number of 0 or more");
+            }
+        }
+        if config.max_mismatch_rate.is_some() && !has_shadow {
+            let message = "needs [routes.shadow]: mismatches come from its comparisons";
+            self.error(location, "ramp.max_mismatch_rate", message);
+        }
+        let on_breach = OnBreach::parse(&config.on_breach)
+            .map_err(|e| self.error(location, "ramp.on_breach", e))
+            .ok();
+        (self.errors.len() == before).then_some(Ramp {
+            steps,
+            hold: config.hold,
+            min_requests: config.min_requests,
+            max_error_rate: config.max_error_rate,
+            max_p99_ratio: config.max_p99_ratio,
+            max_mismatch_rate: config.max_mismatch_rate,
+            on_breach: on_breach?,
         })
     }
 

@@ -56,6 +56,8 @@ pub struct Route {
     /// Removed from the path of requests sent to `to`; no trailing `/`.
     pub strip_prefix: Option<String>,
     pub shadow: Option<crate::shadow::Shadow>,
+    /// With a ramp, `threshold` is 0 and the ramp's state gives the share.
+    pub ramp: Option<crate::ramp::Ramp>,
     /// A hash of the route's entry in the file: state kept per route (shadow results, learnt
     /// noise) starts over when it changes.
     pub fingerprint: u64,
@@ -194,7 +196,7 @@ impl RouteIndex {
 }
 
 /// Compares two secrets in time that does not depend on where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
@@ -302,6 +304,17 @@ impl RouteTable {
         req: &'r impl RequestView,
         entropy: &mut impl Entropy,
     ) -> Decision<'t, 'r> {
+        self.decide_with(req, entropy, |_| None)
+    }
+
+    /// [`Self::decide`] with the share of some routes given from outside the file (a ramp's
+    /// current step): `threshold(index)` overrides the route's own when it is `Some`.
+    pub fn decide_with<'t, 'r>(
+        &'t self,
+        req: &'r impl RequestView,
+        entropy: &mut impl Entropy,
+        threshold: impl Fn(usize) -> Option<u16>,
+    ) -> Decision<'t, 'r> {
         let Some((index, route)) = self.match_route(req) else {
             return Decision {
                 route: None,
@@ -314,7 +327,8 @@ impl RouteTable {
             return Decision { route: route_ref, backend, reason: Reason::Override };
         }
         let (key, bucket) = self.client_key(route, req, entropy);
-        let backend = if bucket < route.threshold { route.to } else { route.from };
+        let threshold = threshold(index).unwrap_or(route.threshold);
+        let backend = if bucket < threshold { route.to } else { route.from };
         Decision { route: route_ref, backend, reason: Reason::Split { key, bucket } }
     }
 

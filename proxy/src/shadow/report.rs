@@ -74,6 +74,12 @@ pub struct Report {
 }
 
 impl Report {
+    /// Comparisons made so far, and how many mismatched.
+    pub fn compared_totals(&self) -> (u64, u64) {
+        let mismatched = self.counts[Outcome::Mismatch as usize];
+        (self.counts[Outcome::Match as usize] + mismatched, mismatched)
+    }
+
     pub fn count(&mut self, outcome: Outcome) {
         self.counts[outcome as usize] += 1;
     }

@@ -1,0 +1,197 @@
+//! A ramped route's answers counted per second and per side (`to`, `from`), with latency
+//! histograms: the figures of the recent sliding window and of the current step. Pure data;
+//! time comes in as seconds.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::evaluate::{Figures, Side};
+
+/// The sliding window a breach is judged on.
+pub const WINDOW: Duration = Duration::from_secs(30);
+/// Latency buckets: upper bounds of 0.5 ms doubling, the last one open.
+const BUCKETS: usize = 24;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SideCounts {
+    answers: u64,
+    failures: u64,
+    latency: [u64; BUCKETS],
+}
+
+impl SideCounts {
+    fn add(&mut self, other: &SideCounts) {
+        self.answers += other.answers;
+        self.failures += other.failures;
+        for (a, b) in self.latency.iter_mut().zip(&other.latency) {
+            *a += b;
+        }
+    }
+
+    fn record(&mut self, failed: bool, latency: Duration) {
+        self.answers += 1;
+        self.failures += u64::from(failed);
+        self.latency[bucket_of(latency)] += 1;
+    }
+
+    fn side(&self) -> Side {
+        Side { answers: self.answers, failures: self.failures, p99: p99(&self.latency) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Span {
+    to: SideCounts,
+    from: SideCounts,
+    compared: u64,
+    mismatched: u64,
+}
+
+impl Span {
+    fn add(&mut self, other: &Span) {
+        self.to.add(&other.to);
+        self.from.add(&other.from);
+        self.compared += other.compared;
+        self.mismatched += other.mismatched;
+    }
+
+    fn figures(&self) -> Figures {
+        let (compared, mismatched) = (self.compared, self.mismatched);
+        Figures { to: self.to.side(), from: self.from.side(), compared, mismatched }
+    }
+}
+
+/// The counts of one route.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// (second, counts of that second), oldest first, none older than the window.
+    seconds: VecDeque<(u64, Span)>,
+    step: Span,
+}
+
+impl Counts {
+    /// One answer of `to` (or `from`) at second `now`.
+    pub fn record(&mut self, now: u64, to: bool, failed: bool, latency: Duration) {
+        let span = self.second(now);
+        if to { &mut span.to } else { &mut span.from }.record(failed, latency);
+        let step = if to { &mut self.step.to } else { &mut self.step.from };
+        step.record(failed, latency);
+    }
+
+    /// Shadow comparisons finished at second `now`.
+    pub fn record_comparisons(&mut self, now: u64, compared: u64, mismatched: u64) {
+        let span = self.second(now);
+        span.compared += compared;
+        span.mismatched += mismatched;
+        self.step.compared += compared;
+        self.step.mismatched += mismatched;
+    }
+
+    /// The figures of the window ending at second `now`.
+    pub fn window(&mut self, now: u64) -> Figures {
+        self.expire(now);
+        let mut sum = Span::default();
+        for (_, span) in &self.seconds {
+            sum.add(span);
+        }
+        sum.figures()
+    }
+
+    /// The figures since the step began.
+    pub fn step(&self) -> Figures {
+        self.step.figures()
+    }
+
+    /// A new step begins: its figures start from zero; the window goes on.
+    pub fn new_step(&mut self) {
+        self.step = Span::default();
+    }
+
+    fn second(&mut self, now: u64) -> &mut Span {
+        self.expire(now);
+        if self.seconds.back().is_none_or(|(at, _)| *at < now) {
+            self.seconds.push_back((now, Span::default()));
+        }
+        // Never empty here; a clock that went back counts into the newest second.
+        let last = self.seconds.len() - 1;
+        &mut self.seconds[last].1
+    }
+
+    fn expire(&mut self, now: u64) {
+        let oldest = now.saturating_sub(WINDOW.as_secs() - 1);
+        while self.seconds.front().is_some_and(|(at, _)| *at < oldest) {
+            self.seconds.pop_front();
+        }
+    }
+}
+
+fn bucket_of(latency: Duration) -> usize {
+    let halves_ms = latency.as_micros() / 500;
+    let bucket = (u128::BITS - halves_ms.leading_zeros()) as usize;
+    bucket.min(BUCKETS - 1)
+}
+
+fn upper_bound(bucket: usize) -> Duration {
+    Duration::from_micros(500u64 << bucket)
+}
+
+/// The upper bound of the bucket holding the 99th percentile.
+fn p99(latency: &[u64; BUCKETS]) -> Option<Duration> {
+    let total: u64 = latency.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = total - total / 100;
+    let mut seen = 0;
+    for (bucket, count) in latency.iter().enumerate() {
+        seen += count;
+        if seen >= rank {
+            return Some(upper_bound(bucket));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_window_forgets_what_is_older_than_it() {
+        let mut counts = Counts::default();
+        counts.record(100, true, true, MS);
+        counts.record(100, false, false, MS);
+        counts.record(129, true, false, MS);
+        let window = counts.window(129);
+        assert_eq!((window.to.answers, window.to.failures, window.from.answers), (2, 1, 1));
+        let window = counts.window(130);
+        assert_eq!((window.to.answers, window.to.failures, window.from.answers), (1, 0, 0));
+        // The step keeps everything since it began.
+        assert_eq!(counts.step().to.answers, 2);
+        counts.new_step();
+        assert_eq!(counts.step().to.answers, 0);
+    }
+
+    #[test]
+    fn p99_is_the_bound_of_the_bucket_holding_it() {
+        let mut counts = Counts::default();
+        for _ in 0..99 {
+            counts.record(1, true, false, 3 * MS);
+        }
+        counts.record(1, true, false, 900 * MS);
+        assert_eq!(counts.window(1).to.p99, Some(4 * MS));
+        counts.record(1, true, false, 900 * MS);
+        assert_eq!(counts.window(1).to.p99, Some(1024 * MS));
+        assert_eq!(counts.window(1).from.p99, None);
+    }
+
+    #[test]
+    fn comparisons_count_in_window_and_step() {
+        let mut counts = Counts::default();
+        counts.record_comparisons(5, 10, 1);
+        let (window, step) = (counts.window(5), counts.step());
+        assert_eq!((window.compared, window.mismatched, step.compared), (10, 1, 10));
+    }
+}

@@ -1,0 +1,215 @@
+//! Automatic ramps through the real `ficus proxy`: a route walks its steps while `to` is as
+//! healthy as `from`, rolls back on a breach, and stays rolled back across a restart until
+//! an operator resumes it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{client, split_routes_between, AppBackend, Proxy, Seen};
+use serde_json::{json, Value};
+
+/// Each backend names itself in its JSON body.
+async fn named(name: &'static str) -> AppBackend {
+    AppBackend::start(move |_: &Seen| {
+        (200, "application/json", json!({"backend": name}).to_string())
+    })
+    .await
+}
+
+/// The route file: `/api/orders` from `monolith` to `orders`, ramped by `ramp`.
+fn ramp_routes(monolith: &AppBackend, orders: &AppBackend, ramp: &str) -> String {
+    split_routes_between(&monolith.url(), &orders.url(), 0.0)
+        .replace("percent = 0\n", &format!("[routes.ramp]\n{ramp}\n"))
+}
+
+/// One request per client; the backend each client got.
+async fn one_round(proxy: &Proxy, clients: usize) -> Vec<String> {
+    let mut backends = Vec::with_capacity(clients);
+    for client_id in 0..clients {
+        let response = client()
+            .get(proxy.url("/api/orders/1"))
+            .header("x-user-id", format!("c{client_id}"))
+            .send()
+            .await
+            .expect("request");
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        backends.push(body["backend"].as_str().unwrap_or("(failed)").to_string());
+    }
+    backends
+}
+
+async fn ramp_of(proxy: &Proxy) -> Value {
+    proxy.routes_json().await["routes"][0]["ramp"].clone()
+}
+
+/// Settings with the ramp state in `state` (kept across restarts) and an admin token.
+fn settings(dir: &std::path::Path) -> String {
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret\n").expect("token");
+    let file = dir.join("proxy.toml");
+    let text = format!(
+        "[proxy]\nstate = \"file:{}\"\nadmin_token_file = \"{}\"\n",
+        dir.join("ramp.json").display(),
+        token.display()
+    );
+    std::fs::write(&file, text).expect("settings");
+    file.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_route_walks_every_step_and_no_client_ever_moves_back() {
+    let (monolith, orders) = (named("monolith").await, named("orders").await);
+    let ramp = "steps = [10, 50, 100]\nhold = \"1s\"\nmin_requests = 20\nmax_error_rate = 1.0";
+    let proxy = Proxy::start(&ramp_routes(&monolith, &orders, ramp)).await;
+    assert_eq!(ramp_of(&proxy).await["percent"], 10.0);
+
+    let mut moved: HashMap<usize, bool> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (client_id, backend) in one_round(&proxy, 50).await.into_iter().enumerate() {
+            let on_to = backend == "orders";
+            assert!(backend == "orders" || backend == "monolith", "{backend}");
+            let was = moved.insert(client_id, on_to).unwrap_or(false);
+            assert!(!was || on_to, "client c{client_id} moved back while the ramp advanced");
+        }
+        let ramp = ramp_of(&proxy).await;
+        if ramp["status"] == "done" {
+            assert_eq!(ramp["percent"], 100.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "ramp not done in 60 s: {ramp}");
+    }
+    assert!(moved.values().all(|&on_to| on_to), "every client ends on `to`");
+    let logs = proxy.logs();
+    assert_eq!(logs.matches("ramp transition").count(), 3, "{logs}");
+    assert!(logs.contains("10% held for"), "transitions carry their figures:\n{logs}");
+    let metrics = proxy.metrics().await;
+    assert_eq!(common::metric(&metrics, "ficus_route_percent{route=\"orders\"}"), 100.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_of_to_roll_back_within_seconds_until_an_operator_resumes() {
+    let monolith = named("monolith").await;
+    // One answer in twenty (5%) of the new service is a 500.
+    let calls = Arc::new(AtomicU64::new(0));
+    let orders = AppBackend::start(move |_: &Seen| {
+        if calls.fetch_add(1, Ordering::Relaxed) % 20 == 19 {
+            (500, "text/plain", "boom".into())
+        } else {
+            (200, "application/json", json!({"backend": "orders"}).to_string())
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let settings = settings(dir.path());
+    let ramp = "steps = [50, 100]\nhold = \"1h\"\nmin_requests = 20\nmax_error_rate = 1.0";
+    let routes = ramp_routes(&monolith, &orders, ramp);
+    let proxy = Proxy::start_with(&routes, &["--config", &settings]).await;
+
+    let started = Instant::now();
+    let ramp = loop {
+        one_round(&proxy, 20).await;
+        let ramp = ramp_of(&proxy).await;
+        if ramp["status"] == "rolled_back" {
+            break ramp;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "no rollback: {ramp}");
+    };
+    assert!(started.elapsed() < Duration::from_secs(5), "rollback took {:?}", started.elapsed());
+    assert_eq!(ramp["percent"], 0.0);
+    assert!(ramp["reason"].as_str().is_some_and(|r| r.contains("`to` failed")), "{ramp}");
+    assert!(one_round(&proxy, 20).await.iter().all(|b| b == "monolith"), "everyone back on `from`");
+
+    // A restart keeps the rollback.
+    let routes_file = std::fs::read_to_string(&proxy.routes).expect("routes");
+    drop(proxy);
+    let proxy = Proxy::start_with(&routes_file, &["--config", &settings]).await;
+    assert_eq!(ramp_of(&proxy).await["status"], "rolled_back");
+    assert!(one_round(&proxy, 20).await.iter().all(|b| b == "monolith"));
+
+    // Only an operator resumes it, with the token.
+    let resume = format!("http://{}/routes/orders/resume", proxy.admin);
+    let post = |token: Option<&str>| {
+        let request = client().post(&resume).header("content-type", "application/json");
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+        .send()
+    };
+    assert_eq!(post(None).await.expect("post").status(), 401);
+    assert_eq!(post(Some("wrong")).await.expect("post").status(), 401);
+    assert_eq!(ramp_of(&proxy).await["status"], "rolled_back", "nothing changed");
+    let answer = post(Some("s3cret")).await.expect("post");
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.expect("json");
+    assert_eq!(
+        (answer["status"].as_str(), answer["percent"].as_f64()),
+        (Some("ramping"), Some(50.0))
+    );
+    let reload = client()
+        .post(format!("http://{}/reload", proxy.admin))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reload.status(), 401, "POST /reload follows the same rule");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_little_traffic_never_advances_and_says_why() {
+    let (monolith, orders) = (named("monolith").await, named("orders").await);
+    let ramp = "steps = [10, 100]\nhold = \"1s\"\nmin_requests = 1000";
+    let proxy = Proxy::start(&ramp_routes(&monolith, &orders, ramp)).await;
+    one_round(&proxy, 30).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ramp = ramp_of(&proxy).await;
+    assert_eq!((ramp["status"].as_str(), ramp["percent"].as_f64()), (Some("ramping"), Some(10.0)));
+    let waiting = ramp["waiting"].as_str().unwrap_or_default();
+    assert!(
+        waiting.starts_with("too little traffic:")
+            && waiting.ends_with("of 1000 answers from `to` on this step"),
+        "{ramp}"
+    );
+}
+
+/// Sends rounds of traffic until the ramp rolls back; its reason.
+async fn wait_rollback(proxy: &Proxy) -> String {
+    let started = Instant::now();
+    loop {
+        one_round(proxy, 20).await;
+        let ramp = ramp_of(proxy).await;
+        if ramp["status"] == "rolled_back" {
+            return ramp["reason"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "no rollback: {ramp}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_to_rolls_back_on_p99() {
+    let monolith = named("monolith").await;
+    let orders = AppBackend::start_slow(Duration::from_millis(30), |_: &Seen| {
+        (200, "application/json", json!({"backend": "orders"}).to_string())
+    })
+    .await;
+    let ramp = "steps = [50, 100]\nhold = \"1h\"\nmin_requests = 20\nmax_p99_ratio = 1.5";
+    let proxy = Proxy::start(&ramp_routes(&monolith, &orders, ramp)).await;
+    let reason = wait_rollback(&proxy).await;
+    assert!(reason.contains("p99 of `to`"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mismatches_roll_back() {
+    let monolith = named("monolith").await;
+    let orders = named("orders").await;
+    // Every answer differs (each backend names itself), so every comparison mismatches.
+    let ramp = "steps = [50, 100]\nhold = \"1h\"\nmin_requests = 20\nmax_mismatch_rate = 0.5\n[routes.shadow]";
+    let proxy = Proxy::start(&ramp_routes(&monolith, &orders, ramp)).await;
+    let reason = wait_rollback(&proxy).await;
+    assert!(reason.contains("shadow comparisons mismatched"), "{reason}");
+}
