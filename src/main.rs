@@ -83,6 +83,13 @@ struct ProxyArgs {
     /// Worker threads.
     #[arg(long)]
     threads: Option<usize>,
+    /// A file holding the token admin writes need (`Authorization: Bearer TOKEN`); without
+    /// it, writes are accepted from loopback only.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Where ramp states are kept: `file:PATH` (default: beside the route file).
+    #[arg(long)]
+    state: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -141,7 +148,7 @@ fn proxy_settings(args: &ProxyArgs) -> Result<ProxySettings> {
             .separator("__")
             .try_parsing(true),
     );
-    let flags: [(&str, Option<String>); 7] = [
+    let flags: [(&str, Option<String>); 9] = [
         ("proxy.routes", args.routes.as_ref().map(|p| p.display().to_string())),
         ("proxy.listen", args.listen.clone()),
         ("proxy.admin", args.admin.clone()),
@@ -149,6 +156,8 @@ fn proxy_settings(args: &ProxyArgs) -> Result<ProxySettings> {
         ("proxy.tls.cert", args.tls_cert.as_ref().map(|p| p.display().to_string())),
         ("proxy.tls.key", args.tls_key.as_ref().map(|p| p.display().to_string())),
         ("proxy.threads", args.threads.map(|t| t.to_string())),
+        ("proxy.admin_token_file", args.admin_token_file.as_ref().map(|p| p.display().to_string())),
+        ("proxy.state", args.state.clone()),
     ];
     for (key, value) in flags {
         if let Some(value) = value {
