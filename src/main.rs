@@ -9,6 +9,7 @@ mod cdc_cmd;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod demo;
+mod ramp_cmd;
 mod routes_cmd;
 
 use std::io::{BufWriter, IsTerminal};
@@ -48,6 +49,8 @@ enum Command {
     /// Check or explain a route file.
     #[command(subcommand)]
     Routes(RoutesCommand),
+    /// Show or steer the automatic ramps of a running proxy.
+    Ramp(ramp_cmd::RampArgs),
     /// Run the whole story locally until Ctrl-C: PostgreSQL, Kafka, a legacy shop, a new
     /// orders service, ficus proxy and ficus cdc.
     Demo(demo::DemoArgs),
@@ -131,6 +134,7 @@ fn run(command: Command) -> Result<i32> {
         Command::Cdc(args) => cdc_cmd::run(&args),
         Command::Routes(RoutesCommand::Check { files }) => Ok(routes_cmd::check(&files)),
         Command::Routes(RoutesCommand::Explain(args)) => routes_cmd::explain(&args),
+        Command::Ramp(args) => ramp_cmd::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Sample(args) => demo::run_sample(&args),
     }

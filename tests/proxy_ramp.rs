@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{client, split_routes_between, AppBackend, Proxy, Seen};
+use common::{client, ficus, split_routes_between, AppBackend, Proxy, Seen};
 use serde_json::{json, Value};
 
 /// Each backend names itself in its JSON body.
@@ -144,13 +144,29 @@ async fn failures_of_to_roll_back_within_seconds_until_an_operator_resumes() {
     assert_eq!(post(None).await.expect("post").status(), 401);
     assert_eq!(post(Some("wrong")).await.expect("post").status(), 401);
     assert_eq!(ramp_of(&proxy).await["status"], "rolled_back", "nothing changed");
-    let answer = post(Some("s3cret")).await.expect("post");
-    assert_eq!(answer.status(), 200);
-    let answer: Value = answer.json().await.expect("json");
-    assert_eq!(
-        (answer["status"].as_str(), answer["percent"].as_f64()),
-        (Some("ramping"), Some(50.0))
+
+    // The CLI shows why, and resumes with the token.
+    let admin = format!("http://{}", proxy.admin);
+    let status =
+        ficus().args(["ramp", "status", "orders", "--admin", &admin]).output().expect("run");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.starts_with("orders: rolled_back at 0.0% (monolith -> orders), steps 50.0, 100.0"),
+        "{text}"
     );
+    assert!(text.contains("last transition: breach over the last window: `to` failed"), "{text}");
+    let token = dir.path().join("token");
+    let token = token.to_str().expect("path");
+    let resume = ["ramp", "resume", "orders", "--admin", &admin, "--token-file", token];
+    let output = ficus().args(resume).output().expect("run");
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.starts_with("orders: ramping at 50.0%: resumed by an operator"), "{text}");
+    assert_eq!(ramp_of(&proxy).await["percent"], 50.0);
+    let again = ficus().args(resume).output().expect("run");
+    assert_eq!(again.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("409 Conflict: cannot resume: the ramp is ramping"), "{stderr}");
     let reload = client()
         .post(format!("http://{}/reload", proxy.admin))
         .header("content-type", "application/json")
