@@ -229,3 +229,154 @@ async fn shadow_mismatches_roll_back() {
     let reason = wait_rollback(&proxy).await;
     assert!(reason.contains("shadow comparisons mismatched"), "{reason}");
 }
+
+/// Settings sharing the ramp state in PostgreSQL at `url`, with the admin token.
+fn shared_settings(dir: &std::path::Path, url: &str) -> String {
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret\n").expect("token");
+    let file = dir.join("shared.toml");
+    let text = format!("[proxy]\nstate = \"{url}\"\nadmin_token_file = \"{}\"\n", token.display());
+    std::fs::write(&file, text).expect("settings");
+    file.display().to_string()
+}
+
+/// Every client's backend on `a` and on `b`, asked one after the other.
+async fn both_rounds(a: &Proxy, b: &Proxy, clients: usize) -> (Vec<String>, Vec<String>) {
+    (one_round(a, clients).await, one_round(b, clients).await)
+}
+
+async fn post_command(proxy: &Proxy, command: &str) -> reqwest::StatusCode {
+    client()
+        .post(format!("http://{}/routes/orders/{command}", proxy.admin))
+        .header("content-type", "application/json")
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .expect("post")
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_postgres_route_alike_and_survive_the_deciding_one() {
+    let pg = common::pg::PgCluster::start();
+    let (monolith, orders) = (named("monolith").await, named("orders").await);
+    let dir = tempfile::tempdir().expect("dir");
+    let settings = shared_settings(dir.path(), &pg.url("postgres"));
+    let ramp = "steps = [10, 30, 60, 100]\nhold = \"2s\"\nmin_requests = 10\nmax_error_rate = 1.0";
+    let routes = ramp_routes(&monolith, &orders, ramp);
+    let mut replicas = [
+        Some(Proxy::start_with(&routes, &["--config", &settings]).await),
+        Some(Proxy::start_with(&routes, &["--config", &settings]).await),
+    ];
+
+    // The replicas may disagree only while one has applied a new step and the other not yet:
+    // the documented window of 2 s (a tick each).
+    let mut disagreeing_since: Option<Instant> = None;
+    let mut check = |a: &[String], b: &[String]| {
+        if a == b {
+            disagreeing_since = None;
+        } else {
+            let since = *disagreeing_since.get_or_insert_with(Instant::now);
+            assert!(
+                since.elapsed() < Duration::from_secs(3),
+                "replicas disagree for 3 s:\n{a:?}\n{b:?}"
+            );
+        }
+    };
+    let started = Instant::now();
+    let (mut paused, mut killed) = (false, false);
+    loop {
+        let live: Vec<&Proxy> = replicas.iter().flatten().collect();
+        if live.len() == 2 {
+            let (a, b) = both_rounds(live[0], live[1], 20).await;
+            check(&a, &b);
+        } else {
+            one_round(live[0], 20).await;
+        }
+        let ramp = ramp_of(live[0]).await;
+        let percent = ramp["percent"].as_f64().unwrap_or(0.0);
+        if !paused && percent >= 30.0 {
+            // A write on one replica holds on both.
+            assert_eq!(post_command(live[0], "pause").await, 200);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while ramp_of(live[1]).await["status"] != "paused" {
+                assert!(Instant::now() < deadline, "the pause did not reach the other replica");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // A rollback sends everyone back on both, and a resume starts over.
+            assert_eq!(post_command(live[1], "rollback").await, 200);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let (a, b) = both_rounds(live[0], live[1], 20).await;
+                if a.iter().chain(&b).all(|backend| backend == "monolith") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the rollback did not reach both:\n{a:?}\n{b:?}"
+                );
+            }
+            assert_eq!(post_command(live[0], "resume").await, 200);
+            paused = true;
+        } else if paused && !killed && percent >= 60.0 {
+            // kill -9 the deciding replica: the other takes over and the ramp goes on.
+            let mut deciding = None;
+            for (index, proxy) in replicas.iter().enumerate() {
+                let Some(proxy) = proxy else { continue };
+                if proxy.routes_json().await["ramp_store"]["deciding"] == true {
+                    deciding = Some(index);
+                }
+            }
+            let deciding = deciding.expect("one replica decides");
+            drop(replicas[deciding].take());
+            killed = true;
+        }
+        if ramp["status"] == "done" {
+            assert!(killed, "the ramp ended before the kill: {ramp}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "ramp not done in 90 s: {ramp}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let survivor = replicas.iter().flatten().next().expect("a survivor");
+    assert_eq!(survivor.routes_json().await["ramp_store"]["deciding"], true);
+    assert!(one_round(survivor, 20).await.iter().all(|b| b == "orders"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_shared_store_out_of_reach_a_ramp_keeps_its_step_and_says_so() {
+    let pg = common::pg::PgCluster::start();
+    let (monolith, orders) = (named("monolith").await, named("orders").await);
+    let dir = tempfile::tempdir().expect("dir");
+    let settings = shared_settings(dir.path(), &pg.url("postgres"));
+    let ramp = "steps = [10, 100]\nhold = \"1s\"\nmin_requests = 5";
+    let proxy =
+        Proxy::start_with(&ramp_routes(&monolith, &orders, ramp), &["--config", &settings]).await;
+    let first = one_round(&proxy, 20).await;
+    assert_eq!(ramp_of(&proxy).await["percent"], 10.0);
+
+    pg.stop();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while proxy.routes_json().await["ramp_store"]["reachable"] != false {
+        assert!(Instant::now() < deadline, "the lost store was not reported");
+        one_round(&proxy, 20).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(one_round(&proxy, 20).await, first, "clients keep their backend");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ramp_of(&proxy).await["percent"], 10.0, "no advance without the store");
+    assert_eq!(common::metric(&proxy.metrics().await, "ficus_ramp_store_up"), 0.0);
+    assert!(proxy.logs().contains("ramp state database unreachable"), "{}", proxy.logs());
+
+    pg.start_again();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ramp_of(&proxy).await["status"] != "done" {
+        assert!(
+            Instant::now() < deadline,
+            "no advance once the store is back: {}",
+            ramp_of(&proxy).await
+        );
+        one_round(&proxy, 20).await;
+    }
+}

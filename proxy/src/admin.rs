@@ -131,7 +131,7 @@ impl ServeHttp for AdminApp {
                 .uri
                 .query()
                 .is_some_and(|q| q.split('&').any(|p| p == "force=true"));
-            return self.ramp_command(rest, force);
+            return self.ramp_command(rest, force).await;
         }
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
@@ -225,7 +225,7 @@ impl AdminApp {
     }
 
     /// `POST /routes/{name}/{pause|resume|rollback|advance}`.
-    fn ramp_command(&self, rest: &str, force: bool) -> Response<Vec<u8>> {
+    async fn ramp_command(&self, rest: &str, force: bool) -> Response<Vec<u8>> {
         let Some((route, name)) = rest.rsplit_once('/') else {
             return respond(
                 StatusCode::NOT_FOUND,
@@ -238,7 +238,7 @@ impl AdminApp {
                 format!("unknown command \"{name}\": pause, resume, rollback or advance\n");
             return respond(StatusCode::NOT_FOUND, "text/plain", message.into_bytes());
         };
-        match self.shared.ramps.command(route, command, &self.shared.metrics) {
+        match self.shared.ramps.command(route, command, &self.shared.metrics).await {
             Ok(state) => json_response(
                 StatusCode::OK,
                 &json!({"route": route, "status": state.status.as_str(), "percent": state.percent(), "reason": state.reason}),
@@ -250,6 +250,10 @@ impl AdminApp {
             Err(CommandError::Refused(why)) => {
                 json_response(StatusCode::CONFLICT, &json!({"route": route, "error": why}))
             }
+            Err(CommandError::Store(why)) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"route": route, "error": why}),
+            ),
         }
     }
 
@@ -264,6 +268,7 @@ impl AdminApp {
         let mut body = table_json(&active);
         body["routes_file"] = json!(self.shared.routes_path.display().to_string());
         body["last_reload_error"] = serde_json::to_value(failure).unwrap_or(Value::Null);
+        body["ramp_store"] = self.shared.ramps.store_json();
         body
     }
 }

@@ -54,9 +54,7 @@ pub enum ProxyError {
     Limits(#[from] limits::LimitError),
     #[error(transparent)]
     RampState(#[from] ramp::store::StoreError),
-    #[error(
-        "proxy.state = {0:?}: give file:PATH (a shared PostgreSQL store is not supported yet)"
-    )]
+    #[error("proxy.state = {0:?}: give file:PATH or postgres://...")]
     StateStore(String),
     #[error("proxy.admin_token_file {path}: {message}")]
     AdminToken { path: String, message: String },

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub route_percent: GaugeVec,
     /// 1 for the state a ramp is in (`ramping`, `paused`, `held`, `rolled_back`, `done`).
     pub ramp_state: IntGaugeVec,
+    /// 1 while the shared ramp state store answers (always 1 with a state file).
+    pub ramp_store_up: IntGauge,
     /// Client connections, read from the proxy service's cap when rendered.
     connections: ConnectionSeries,
 }
@@ -151,8 +153,11 @@ impl Metrics {
             Opts::new("ficus_ramp_state", "The state of a ramp"),
             &["route", "state"],
         );
+        let ramp_store_up =
+            IntGauge::new("ficus_ramp_store_up", "1 while the ramp state store answers");
         // The names above are static and distinct, so creation and registration cannot fail.
         let metrics = Metrics {
+            ramp_store_up: ramp_store_up.expect("valid metric"),
             ramp_transitions: ramp_transitions.expect("valid metric"),
             route_percent: route_percent.expect("valid metric"),
             ramp_state: ramp_state.expect("valid metric"),
@@ -178,6 +183,7 @@ impl Metrics {
             Box::new(metrics.ramp_transitions.clone()),
             Box::new(metrics.route_percent.clone()),
             Box::new(metrics.ramp_state.clone()),
+            Box::new(metrics.ramp_store_up.clone()),
             Box::new(metrics.shadow.clone()),
             Box::new(metrics.shadow_differences.clone()),
             Box::new(metrics.shadow_duration.clone()),

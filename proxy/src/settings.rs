@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 
+use crate::ramp::shared::SharedStore;
 use crate::ramp::store::FileStore;
+use crate::ramp::StateStore;
 use serde::Deserialize;
 
 /// Settings of `ficus proxy`.
@@ -57,8 +59,8 @@ pub struct ProxySettings {
     /// accepting until one closes. Unset: 10,000, or what the file limit allows.
     #[serde(default)]
     pub max_connections: Option<usize>,
-    /// Where ramp states are kept: `file:PATH`. Default: beside the route file
-    /// (`routes.toml` -> `routes.state.json`).
+    /// Where ramp states are kept: `file:PATH` for one replica, `postgres://...` for several.
+    /// Default: beside the route file (`routes.toml` -> `routes.state.json`).
     #[serde(default)]
     pub state: Option<String>,
     /// A file holding the token admin writes need (`Authorization: Bearer TOKEN`). Without
@@ -97,13 +99,18 @@ impl ProxySettings {
 
 impl ProxySettings {
     /// The store of ramp states.
-    pub fn state_store(&self) -> Result<FileStore, crate::ProxyError> {
-        match &self.state {
-            None => Ok(FileStore::beside(&self.routes)),
-            Some(spec) => match spec.strip_prefix("file:") {
-                Some(path) if !path.is_empty() => Ok(FileStore::new(PathBuf::from(path))),
-                _ => Err(crate::ProxyError::StateStore(spec.clone())),
-            },
+    pub fn state_store(&self) -> Result<StateStore, crate::ProxyError> {
+        let Some(spec) = &self.state else {
+            return Ok(StateStore::File(FileStore::beside(&self.routes)));
+        };
+        if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            return Ok(StateStore::Shared(Box::new(SharedStore::new(spec.clone()))));
+        }
+        match spec.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => {
+                Ok(StateStore::File(FileStore::new(PathBuf::from(path))))
+            }
+            _ => Err(crate::ProxyError::StateStore(spec.clone())),
         }
     }
 

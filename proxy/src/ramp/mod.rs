@@ -1,9 +1,11 @@
 //! Automatic ramps: a ramped route's share grows step by step while `to` answers as well as
 //! `from`, and goes back to 0% on a breach. This module owns the ramp states (one per ramped
-//! route, kept across reloads and restarts), counts each ramped route's answers, ticks the
-//! decisions of [`evaluate`] once a second, and applies operators' commands.
+//! route, kept across reloads and restarts in a file or, for several replicas, in PostgreSQL
+//! ([`shared`]), counts each ramped route's answers, ticks the decisions of [`evaluate`] once
+//! a second, and applies operators' commands.
 
 pub mod evaluate;
+pub mod shared;
 pub mod store;
 pub mod window;
 
@@ -21,8 +23,9 @@ use serde_json::{json, Value};
 
 pub use self::evaluate::State;
 use self::evaluate::{Status, Verdict};
+use self::shared::{SharedError, SharedStore};
 use self::store::{FileStore, StoreError};
-use self::window::Counts;
+use self::window::{Counts, Span};
 use crate::metrics::Metrics;
 use crate::state::{ActiveTable, Shared};
 
@@ -43,6 +46,9 @@ pub struct RouteRamp {
     /// The share in force, read on every request.
     threshold: AtomicU16,
     state: Mutex<State>,
+    /// No state was known when the route was attached (a shared store out of reach): the
+    /// route stays at 0% until the store says where it is.
+    provisional: std::sync::atomic::AtomicBool,
     counts: Mutex<Counts>,
     /// Why the ramp is not moving, from the last tick.
     waiting: Mutex<String>,
@@ -51,12 +57,13 @@ pub struct RouteRamp {
 }
 
 impl RouteRamp {
-    fn new(route: &str, ramp: Ramp, state: State) -> RouteRamp {
+    fn new(route: &str, ramp: Ramp, state: State, provisional: bool) -> RouteRamp {
         RouteRamp {
             route: route.to_string(),
             threshold: AtomicU16::new(state.threshold),
             ramp: Mutex::new(ramp),
             state: Mutex::new(state),
+            provisional: std::sync::atomic::AtomicBool::new(provisional),
             counts: Mutex::new(Counts::default()),
             waiting: Mutex::new(String::new()),
             comparisons_seen: Mutex::new((0, 0)),
@@ -77,23 +84,37 @@ impl RouteRamp {
         lock(&self.state).clone()
     }
 
-    /// Moves to `next`; the caller persists it.
-    fn set(&self, next: State, metrics: &Metrics, kind: &str) {
-        let mut state = lock(&self.state);
-        if next.threshold != state.threshold || next.step_since_ms != state.step_since_ms {
-            lock(&self.counts).new_step();
-        }
-        let (from, to) = (state.percent().to_string(), next.percent().to_string());
+    fn ramp(&self) -> Ramp {
+        lock(&self.ramp).clone()
+    }
+
+    /// Moves to `next`, decided here (logged and counted as a transition).
+    fn apply(&self, next: State, metrics: &Metrics, kind: &str) {
+        let previous = self.state();
         tracing::warn!(
             route = self.route,
-            from_percent = state.percent(),
+            from_percent = previous.percent(),
             to_percent = next.percent(),
-            from_status = state.status.as_str(),
+            from_status = previous.status.as_str(),
             to_status = next.status.as_str(),
             reason = next.reason,
             "ramp transition"
         );
+        let (from, to) = (previous.percent().to_string(), next.percent().to_string());
         metrics.ramp_transitions.with_label_values(&[&self.route, &from, &to, kind]).inc();
+        self.adopt(next, metrics);
+    }
+
+    /// Takes `next` as the state in force (decided here or by another replica).
+    fn adopt(&self, next: State, metrics: &Metrics) {
+        self.provisional.store(false, Ordering::Relaxed);
+        let mut state = lock(&self.state);
+        if *state == next {
+            return;
+        }
+        if next.threshold != state.threshold || next.step_since_ms != state.step_since_ms {
+            lock(&self.counts).new_step();
+        }
         self.threshold.store(next.threshold, Ordering::Relaxed);
         *state = next;
         self.export(&state, metrics);
@@ -107,45 +128,54 @@ impl RouteRamp {
         }
     }
 
-    /// Evaluates the ramp at `now`; true when it moved.
-    fn tick(&self, now: u64, comparisons: Option<(u64, u64)>, metrics: &Metrics) -> bool {
-        let (step, window) = {
-            let mut counts = lock(&self.counts);
-            if let Some((compared, mismatched)) = comparisons {
-                let mut seen = lock(&self.comparisons_seen);
-                let new = (compared.saturating_sub(seen.0), mismatched.saturating_sub(seen.1));
-                *seen = (compared, mismatched);
-                counts.record_comparisons(now / 1000, new.0, new.1);
-            }
-            (counts.step(), counts.window(now / 1000))
-        };
-        let ramp = lock(&self.ramp).clone();
-        let state = self.state();
-        match evaluate::evaluate(&ramp, &state, &step, &window, now) {
+    /// This replica's counts at `now`: since the step began, and over the window. Shadow
+    /// comparisons made since the last call are added first.
+    fn spans(&self, now: u64, comparisons: Option<(u64, u64)>) -> (Span, Span) {
+        let mut counts = lock(&self.counts);
+        if let Some((compared, mismatched)) = comparisons {
+            let mut seen = lock(&self.comparisons_seen);
+            let new = (compared.saturating_sub(seen.0), mismatched.saturating_sub(seen.1));
+            *seen = (compared, mismatched);
+            counts.record_comparisons(now / 1000, new.0, new.1);
+        }
+        (counts.step_span(), counts.window_span(now / 1000))
+    }
+
+    /// Evaluates the ramp on `step` and `window` counts; the move it decides, if any, with
+    /// its kind. The reason it waits is kept for operators.
+    fn decide(&self, now: u64, step: &Span, window: &Span) -> Option<(State, &'static str)> {
+        let verdict = evaluate::evaluate(
+            &self.ramp(),
+            &self.state(),
+            &step.figures(),
+            &window.figures(),
+            now,
+        );
+        match verdict {
             Verdict::Move(next) => {
+                lock(&self.waiting).clear();
                 let kind = match next.status {
                     Status::RolledBack | Status::Held => "breach",
                     _ => "advance",
                 };
-                self.set(next, metrics, kind);
-                lock(&self.waiting).clear();
-                true
+                Some((next, kind))
             }
             Verdict::Wait(why) => {
                 *lock(&self.waiting) = why;
-                false
+                None
             }
         }
     }
 
-    /// Applies an operator's command at `now`.
-    fn command(&self, command: Command, now: u64, metrics: &Metrics) -> Result<State, String> {
-        let ramp = lock(&self.ramp).clone();
-        let state = self.state();
-        let next = match command {
-            Command::Pause if state.status == Status::Ramping => {
-                State { status: Status::Paused, reason: "paused by an operator".into(), ..state }
-            }
+    /// The state an operator's `command` leads to from `state`.
+    fn command_next(&self, state: &State, command: Command, now: u64) -> Result<State, String> {
+        let ramp = self.ramp();
+        Ok(match command {
+            Command::Pause if state.status == Status::Ramping => State {
+                status: Status::Paused,
+                reason: "paused by an operator".into(),
+                ..state.clone()
+            },
             Command::Pause => {
                 return Err(format!("cannot pause: the ramp is {}", state.status.as_str()))
             }
@@ -156,7 +186,7 @@ impl RouteRamp {
                 Status::Paused | Status::Held => State {
                     status: Status::Ramping,
                     reason: "resumed by an operator".into(),
-                    ..state
+                    ..state.clone()
                 },
                 status => return Err(format!("cannot resume: the ramp is {}", status.as_str())),
             },
@@ -173,16 +203,14 @@ impl RouteRamp {
                         return Err(format!("a limit is not kept over the step ({breach}); add ?force=true to advance anyway"));
                     }
                 }
-                evaluate::advance(&ramp, &state, now, "advanced by an operator".into())
+                evaluate::advance(&ramp, state, now, "advanced by an operator".into())
             }
-        };
-        self.set(next.clone(), metrics, command.as_str());
-        Ok(next)
+        })
     }
 
     /// The ramp as `GET /routes` shows it.
     pub fn json(&self) -> Value {
-        let ramp = lock(&self.ramp).clone();
+        let ramp = self.ramp();
         let state = self.state();
         let (step, window) = {
             let mut counts = lock(&self.counts);
@@ -251,20 +279,55 @@ impl Command {
     }
 }
 
+/// A ramp to tick, with its route's shadow comparisons so far (compared, mismatched).
+type Ticked = (Arc<RouteRamp>, Option<(u64, u64)>);
+
+/// Where ramp states live.
+pub enum StateStore {
+    /// One replica: a local file.
+    File(FileStore),
+    /// Several replicas: PostgreSQL.
+    Shared(Box<SharedStore>),
+}
+
+/// Whether the store was reachable on the last tick.
+#[derive(Debug, Clone, Default)]
+struct StoreHealth {
+    error: Option<String>,
+    deciding: bool,
+}
+
 /// The ramps of every ramped route, and where their states are kept.
 pub struct Ramps {
     routes: Mutex<BTreeMap<String, Arc<RouteRamp>>>,
-    store: FileStore,
-    /// States read from the store at start, for routes not attached yet.
+    store: StateStore,
+    /// States known at start, for routes not attached yet.
     saved: Mutex<store::States>,
+    health: Mutex<StoreHealth>,
 }
 
 impl Ramps {
-    /// Reads the states saved in `store`. A garbled file is an error: starting every ramp
-    /// over would undo rollbacks.
-    pub fn open(store: FileStore) -> Result<Ramps, StoreError> {
-        let saved = store.load()?;
-        Ok(Ramps { routes: Mutex::new(BTreeMap::new()), store, saved: Mutex::new(saved) })
+    /// Opens the store and reads the states saved in it. A garbled state file is an error:
+    /// starting every ramp over would undo rollbacks. A shared store out of reach is not:
+    /// its routes stay at 0% until it answers.
+    pub fn open(store: StateStore) -> Result<Ramps, StoreError> {
+        let (saved, error) = match &store {
+            StateStore::File(file) => (file.load()?, None),
+            StateStore::Shared(shared) => match initial_states(shared) {
+                Ok(states) => (states, None),
+                Err(e) => {
+                    tracing::error!(error = %e, "ramp state database unreachable at start: ramped routes stay at 0% until it answers");
+                    (store::States::new(), Some(e.to_string()))
+                }
+            },
+        };
+        let health = StoreHealth { error, deciding: false };
+        Ok(Ramps {
+            routes: Mutex::new(BTreeMap::new()),
+            store,
+            saved: Mutex::new(saved),
+            health: Mutex::new(health),
+        })
     }
 
     /// The ramps of `table`'s routes (indexed like its routes): kept for routes ramped
@@ -272,6 +335,8 @@ impl Ramps {
     /// ramp is gone hands its share back to the file.
     pub fn attach(&self, table: &RouteTable, metrics: &Metrics) -> Vec<Option<Arc<RouteRamp>>> {
         let now = now_ms();
+        let unknown =
+            matches!(self.store, StateStore::Shared(_)) && lock(&self.health).error.is_some();
         let mut routes = lock(&self.routes);
         let mut saved = lock(&self.saved);
         let mut attached = BTreeMap::new();
@@ -282,11 +347,24 @@ impl Ramps {
                 let ramp = route.ramp.as_ref()?;
                 let existing = routes.remove(&route.name).or_else(|| {
                     let state = saved.remove(&route.name)?;
-                    Some(Arc::new(RouteRamp::new(&route.name, ramp.clone(), state)))
+                    Some(Arc::new(RouteRamp::new(&route.name, ramp.clone(), state, false)))
                 });
                 let ramp_state = existing.unwrap_or_else(|| {
-                    let state = State::start(ramp, now, "started");
-                    Arc::new(RouteRamp::new(&route.name, ramp.clone(), state))
+                    let (state, provisional) = if unknown {
+                        let reason = "the ramp state database is out of reach";
+                        (
+                            State {
+                                threshold: 0,
+                                status: Status::Paused,
+                                step_since_ms: now,
+                                reason: reason.into(),
+                            },
+                            true,
+                        )
+                    } else {
+                        (State::start(ramp, now, "started"), false)
+                    };
+                    Arc::new(RouteRamp::new(&route.name, ramp.clone(), state, provisional))
                 });
                 // An edited ramp keeps its share; its next advance goes to the first step
                 // above it.
@@ -305,44 +383,178 @@ impl Ramps {
         *routes = attached;
         drop(routes);
         drop(saved);
-        self.save();
+        self.save_file();
         list
     }
 
-    /// Evaluates every ramp once.
-    pub fn tick(&self, active: &ActiveTable, metrics: &Metrics) {
+    /// Evaluates every ramp once (the deciding replica's job with a shared store).
+    pub async fn tick(&self, active: &ActiveTable, metrics: &Metrics) {
         let now = now_ms();
-        let mut moved = false;
-        for (ramp, shadow) in active.ramps.iter().zip(&active.shadows) {
-            let Some(ramp) = ramp else { continue };
-            let comparisons = shadow.as_ref().map(|s| lock(&s.report).compared_totals());
-            moved |= ramp.tick(now, comparisons, metrics);
+        let ramps: Vec<Ticked> = active
+            .ramps
+            .iter()
+            .zip(&active.shadows)
+            .filter_map(|(ramp, shadow)| {
+                let comparisons = shadow.as_ref().map(|s| lock(&s.report).compared_totals());
+                Some((ramp.clone()?, comparisons))
+            })
+            .collect();
+        match &self.store {
+            StateStore::File(_) => {
+                let mut moved = false;
+                for (ramp, comparisons) in ramps {
+                    let (step, window) = ramp.spans(now, comparisons);
+                    if let Some((next, kind)) = ramp.decide(now, &step, &window) {
+                        ramp.apply(next, metrics, kind);
+                        moved = true;
+                    }
+                }
+                if moved {
+                    self.save_file();
+                }
+            }
+            StateStore::Shared(shared) => {
+                let result = tick_shared(shared, &ramps, now, metrics).await;
+                self.record_health(result, metrics);
+            }
         }
-        if moved {
-            self.save();
+    }
+
+    fn record_health(&self, result: Result<bool, SharedError>, metrics: &Metrics) {
+        let mut health = lock(&self.health);
+        match result {
+            Ok(deciding) => {
+                if health.error.take().is_some() {
+                    tracing::info!("ramp state database reachable again");
+                }
+                health.deciding = deciding;
+                metrics.ramp_store_up.set(1);
+            }
+            Err(e) => {
+                if health.error.is_none() {
+                    tracing::error!(error = %e, "ramp state database unreachable: every ramp keeps its step and none advances");
+                }
+                *health = StoreHealth { error: Some(e.to_string()), deciding: false };
+                metrics.ramp_store_up.set(0);
+            }
         }
     }
 
     /// Applies `command` to the ramp of `route`.
-    pub fn command(
+    pub async fn command(
         &self,
         route: &str,
         command: Command,
         metrics: &Metrics,
     ) -> Result<State, CommandError> {
         let ramp = lock(&self.routes).get(route).cloned().ok_or(CommandError::NoRamp)?;
-        let state = ramp.command(command, now_ms(), metrics).map_err(CommandError::Refused)?;
-        self.save();
-        Ok(state)
+        let now = now_ms();
+        match &self.store {
+            StateStore::File(_) => {
+                let next = ramp
+                    .command_next(&ramp.state(), command, now)
+                    .map_err(CommandError::Refused)?;
+                ramp.apply(next.clone(), metrics, command.as_str());
+                self.save_file();
+                Ok(next)
+            }
+            StateStore::Shared(shared) => {
+                let store_error = |e: SharedError| CommandError::Store(e.to_string());
+                let states = shared.states().await.map_err(store_error)?;
+                let current = states.get(route).cloned().unwrap_or_else(|| ramp.state());
+                let next =
+                    ramp.command_next(&current, command, now).map_err(CommandError::Refused)?;
+                if !shared.replace(route, &current, &next).await.map_err(store_error)? {
+                    let why = "the ramp changed meanwhile; look again and retry";
+                    return Err(CommandError::Refused(why.into()));
+                }
+                ramp.apply(next.clone(), metrics, command.as_str());
+                Ok(next)
+            }
+        }
     }
 
-    fn save(&self) {
+    /// The store as `GET /routes` shows it.
+    pub fn store_json(&self) -> Value {
+        let health = lock(&self.health).clone();
+        match &self.store {
+            StateStore::File(file) => {
+                json!({"kind": "file", "path": file.path().display().to_string()})
+            }
+            StateStore::Shared(shared) => json!({
+                "kind": "postgres",
+                "replica": shared.replica,
+                "reachable": health.error.is_none(),
+                "error": health.error,
+                "deciding": health.deciding,
+            }),
+        }
+    }
+
+    fn save_file(&self) {
+        let StateStore::File(file) = &self.store else { return };
         let states: store::States =
             lock(&self.routes).iter().map(|(name, ramp)| (name.clone(), ramp.state())).collect();
-        if let Err(e) = self.store.save(&states) {
+        if let Err(e) = file.save(&states) {
             tracing::error!(error = %e, "ramp state not saved; a restart would lose the latest transitions");
         }
     }
+}
+
+/// The shared states, read before the proxy serves, so that a restarted replica starts where
+/// the others are.
+fn initial_states(shared: &SharedStore) -> Result<store::States, SharedError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let runtime =
+        runtime.map_err(|e| SharedError::Garbled { route: "-".into(), message: e.to_string() })?;
+    let states = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), shared.states()).await });
+    // The connection lived on this runtime; the next use opens a new one.
+    drop(runtime);
+    match states {
+        Ok(states) => states,
+        Err(_) => {
+            Err(SharedError::Garbled { route: "-".into(), message: "no answer within 5 s".into() })
+        }
+    }
+}
+
+/// One tick with a shared store: adopt the states, publish this replica's counts, and decide
+/// when this replica holds the decider lock. Whether it decided.
+async fn tick_shared(
+    shared: &SharedStore,
+    ramps: &[Ticked],
+    now: u64,
+    metrics: &Metrics,
+) -> Result<bool, SharedError> {
+    let states = shared.states().await?;
+    for (ramp, comparisons) in ramps {
+        match states.get(&ramp.route) {
+            Some(state) => ramp.adopt(state.clone(), metrics),
+            None => {
+                let provisional = ramp.provisional.load(Ordering::Relaxed);
+                let state = if provisional {
+                    State::start(&ramp.ramp(), now, "started")
+                } else {
+                    ramp.state()
+                };
+                shared.insert(&ramp.route, &state).await?;
+            }
+        }
+        let (step, window) = ramp.spans(now, *comparisons);
+        shared.publish(&ramp.route, ramp.state().step_since_ms, &step, &window).await?;
+    }
+    let deciding = shared.lead().await?;
+    for (ramp, _) in ramps {
+        let state = ramp.state();
+        let (step, window) = shared.counts(&ramp.route, state.step_since_ms).await?;
+        // Every replica says why a ramp waits; only the decider moves it.
+        let Some((next, kind)) = ramp.decide(now, &step, &window) else { continue };
+        if deciding && shared.replace(&ramp.route, &state, &next).await? {
+            ramp.apply(next, metrics, kind);
+        }
+    }
+    Ok(deciding)
 }
 
 /// Why a command was not applied.
@@ -352,6 +564,8 @@ pub enum CommandError {
     NoRamp,
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Store(String),
 }
 
 /// Ticks every ramp once a second.
@@ -363,11 +577,12 @@ pub struct RampTicker {
 impl BackgroundService for RampTicker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = interval.tick() => {
                     let active = self.shared.active.load_full();
-                    self.shared.ramps.tick(&active, &self.shared.metrics);
+                    self.shared.ramps.tick(&active, &self.shared.metrics).await;
                 }
                 _ = shutdown.changed() => return,
             }

@@ -5,6 +5,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use super::evaluate::{Figures, Side};
 
 /// The sliding window a breach is judged on.
@@ -12,7 +14,7 @@ pub const WINDOW: Duration = Duration::from_secs(30);
 /// Latency buckets: upper bounds of 0.5 ms doubling, the last one open.
 const BUCKETS: usize = 24;
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct SideCounts {
     answers: u64,
     failures: u64,
@@ -39,8 +41,9 @@ impl SideCounts {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Span {
+/// Counts over a span of time: what replicas publish to each other, and add up.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Span {
     to: SideCounts,
     from: SideCounts,
     compared: u64,
@@ -48,14 +51,14 @@ struct Span {
 }
 
 impl Span {
-    fn add(&mut self, other: &Span) {
+    pub fn add(&mut self, other: &Span) {
         self.to.add(&other.to);
         self.from.add(&other.from);
         self.compared += other.compared;
         self.mismatched += other.mismatched;
     }
 
-    fn figures(&self) -> Figures {
+    pub fn figures(&self) -> Figures {
         let (compared, mismatched) = (self.compared, self.mismatched);
         Figures { to: self.to.side(), from: self.from.side(), compared, mismatched }
     }
@@ -89,17 +92,27 @@ impl Counts {
 
     /// The figures of the window ending at second `now`.
     pub fn window(&mut self, now: u64) -> Figures {
+        self.window_span(now).figures()
+    }
+
+    /// The counts of the window ending at second `now`.
+    pub fn window_span(&mut self, now: u64) -> Span {
         self.expire(now);
         let mut sum = Span::default();
         for (_, span) in &self.seconds {
             sum.add(span);
         }
-        sum.figures()
+        sum
     }
 
     /// The figures since the step began.
     pub fn step(&self) -> Figures {
         self.step.figures()
+    }
+
+    /// The counts since the step began.
+    pub fn step_span(&self) -> Span {
+        self.step
     }
 
     /// A new step begins: its figures start from zero; the window goes on.
