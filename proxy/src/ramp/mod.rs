@@ -495,6 +495,11 @@ impl Ramps {
         let StateStore::File(file) = &self.store else { return };
         let states: store::States =
             lock(&self.routes).iter().map(|(name, ramp)| (name.clone(), ramp.state())).collect();
+        // A table without ramps leaves no file behind (the route file's directory may be
+        // read-only, as a Kubernetes ConfigMap is).
+        if states.is_empty() && !file.path().exists() {
+            return;
+        }
         if let Err(e) = file.save(&states) {
             tracing::error!(error = %e, "ramp state not saved; a restart would lose the latest transitions");
         }
