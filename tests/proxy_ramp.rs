@@ -380,3 +380,30 @@ async fn with_the_shared_store_out_of_reach_a_ramp_keeps_its_step_and_says_so() 
         one_round(&proxy, 20).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_ramp_keeps_its_share_and_a_removed_one_hands_back_to_the_file() {
+    let (monolith, orders) = (named("monolith").await, named("orders").await);
+    let ramp = |steps: &str| format!("steps = {steps}\nhold = \"1h\"\nmin_requests = 1");
+    let proxy = Proxy::start(&ramp_routes(&monolith, &orders, &ramp("[10, 50, 100]"))).await;
+    let advance = || async {
+        let url = format!("http://{}/routes/orders/advance?force=true", proxy.admin);
+        let answer = client().post(url).header("content-type", "application/json").send();
+        answer.await.expect("post").status()
+    };
+    // From loopback, without a token configured.
+    assert_eq!(advance().await, 200);
+    assert_eq!(ramp_of(&proxy).await["percent"], 50.0);
+
+    let version = proxy.version().await;
+    proxy.write_routes(&ramp_routes(&monolith, &orders, &ramp("[20, 40, 80, 100]")));
+    let version = proxy.wait_version_change(&version).await;
+    assert_eq!(ramp_of(&proxy).await["percent"], 50.0, "an edit keeps the share");
+    assert_eq!(advance().await, 200);
+    assert_eq!(ramp_of(&proxy).await["percent"], 80.0, "then the first step above it");
+
+    proxy.write_routes(&split_routes_between(&monolith.url(), &orders.url(), 5.0));
+    proxy.wait_version_change(&version).await;
+    let route = &proxy.routes_json().await["routes"][0];
+    assert_eq!((route["percent"].as_f64(), route["ramp"].is_null()), (Some(5.0), true));
+}
