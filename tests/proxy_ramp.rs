@@ -46,18 +46,21 @@ async fn ramp_of(proxy: &Proxy) -> Value {
     proxy.routes_json().await["routes"][0]["ramp"].clone()
 }
 
-/// Settings with the ramp state in `state` (kept across restarts) and an admin token.
-fn settings(dir: &std::path::Path) -> String {
+/// Settings with the ramp state in `state` (`file:...` or `postgres://...`, kept across
+/// restarts) and the admin token `s3cret`, written in `dir`.
+fn settings_with_state(dir: &std::path::Path, state: &str) -> String {
     let token = dir.join("token");
     std::fs::write(&token, "s3cret\n").expect("token");
     let file = dir.join("proxy.toml");
-    let text = format!(
-        "[proxy]\nstate = \"file:{}\"\nadmin_token_file = \"{}\"\n",
-        dir.join("ramp.json").display(),
-        token.display()
-    );
+    let text =
+        format!("[proxy]\nstate = \"{state}\"\nadmin_token_file = \"{}\"\n", token.display());
     std::fs::write(&file, text).expect("settings");
     file.display().to_string()
+}
+
+/// [`settings_with_state`] with a state file in `dir`.
+fn settings(dir: &std::path::Path) -> String {
+    settings_with_state(dir, &format!("file:{}", dir.join("ramp.json").display()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,16 +233,6 @@ async fn shadow_mismatches_roll_back() {
     assert!(reason.contains("shadow comparisons mismatched"), "{reason}");
 }
 
-/// Settings sharing the ramp state in PostgreSQL at `url`, with the admin token.
-fn shared_settings(dir: &std::path::Path, url: &str) -> String {
-    let token = dir.join("token");
-    std::fs::write(&token, "s3cret\n").expect("token");
-    let file = dir.join("shared.toml");
-    let text = format!("[proxy]\nstate = \"{url}\"\nadmin_token_file = \"{}\"\n", token.display());
-    std::fs::write(&file, text).expect("settings");
-    file.display().to_string()
-}
-
 /// Every client's backend on `a` and on `b`, asked one after the other.
 async fn both_rounds(a: &Proxy, b: &Proxy, clients: usize) -> (Vec<String>, Vec<String>) {
     (one_round(a, clients).await, one_round(b, clients).await)
@@ -261,7 +254,7 @@ async fn two_replicas_sharing_postgres_route_alike_and_survive_the_deciding_one(
     let pg = common::pg::PgCluster::start();
     let (monolith, orders) = (named("monolith").await, named("orders").await);
     let dir = tempfile::tempdir().expect("dir");
-    let settings = shared_settings(dir.path(), &pg.url("postgres"));
+    let settings = settings_with_state(dir.path(), &pg.url("postgres"));
     let ramp = "steps = [10, 30, 60, 100]\nhold = \"2s\"\nmin_requests = 10\nmax_error_rate = 1.0";
     let routes = ramp_routes(&monolith, &orders, ramp);
     let mut replicas = [
@@ -348,7 +341,7 @@ async fn with_the_shared_store_out_of_reach_a_ramp_keeps_its_step_and_says_so() 
     let pg = common::pg::PgCluster::start();
     let (monolith, orders) = (named("monolith").await, named("orders").await);
     let dir = tempfile::tempdir().expect("dir");
-    let settings = shared_settings(dir.path(), &pg.url("postgres"));
+    let settings = settings_with_state(dir.path(), &pg.url("postgres"));
     let ramp = "steps = [10, 100]\nhold = \"1s\"\nmin_requests = 5";
     let proxy =
         Proxy::start_with(&ramp_routes(&monolith, &orders, ramp), &["--config", &settings]).await;
