@@ -234,3 +234,31 @@ fn shadow_policies_are_validated_explained_and_unsafe_methods_warned() {
         assert!(text.contains(expected), "{expected} missing from:\n{text}");
     }
 }
+
+#[test]
+fn ramps_are_validated_with_every_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let both = "to = \"orders\"\npercent = 10\n[routes.ramp]\nsteps = [1]\nhold = \"1m\"\nmin_requests = 10";
+    let file = write(dir.path(), "both.toml", &route(both));
+    let text = stdout(&run(&["routes", "check", file.to_str().expect("path")]));
+    assert!(text.contains("percent: give either `percent` or `[routes.ramp]`, not both"), "{text}");
+
+    let bad = "to = \"orders\"\n[routes.ramp]\nsteps = [5, 5, 0.001]\nhold = \"1m\"\nmin_requests = 0\nmax_error_rate = -1\nmax_mismatch_rate = 1\non_breach = \"panic\"";
+    let file = write(dir.path(), "bad.toml", &route(bad));
+    let output = run(&["routes", "check", file.to_str().expect("path")]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    for expected in [
+        "ramp.steps: must increase and stay above 0; 5 does not",
+        "ramp.steps: 0.001 is not a multiple of 0.01",
+        "ramp.min_requests: must be at least 1",
+        "ramp.max_error_rate: must be a number of 0 or more",
+        "ramp.max_mismatch_rate: needs [routes.shadow]",
+        "ramp.on_breach: \"panic\" is neither \"rollback\" nor \"hold\"",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    let neither = write(dir.path(), "neither.toml", &route("to = \"orders\""));
+    let text = stdout(&run(&["routes", "check", neither.to_str().expect("path")]));
+    assert!(text.contains("percent: missing: give `percent` or `[routes.ramp]`"), "{text}");
+}

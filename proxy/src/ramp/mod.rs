@@ -594,3 +594,57 @@ impl BackgroundService for RampTicker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp() -> Ramp {
+        Ramp {
+            steps: vec![1000, 5000, 10_000],
+            hold: Duration::from_secs(60),
+            min_requests: 10,
+            max_error_rate: Some(1.0),
+            max_p99_ratio: None,
+            max_mismatch_rate: None,
+            on_breach: ficus_routes::ramp::OnBreach::Rollback,
+        }
+    }
+
+    fn route_ramp() -> RouteRamp {
+        RouteRamp::new("orders", ramp(), State::start(&ramp(), 0, "started"), false)
+    }
+
+    #[test]
+    fn commands_follow_the_state_they_find() {
+        let route = route_ramp();
+        let paused = route.command_next(&route.state(), Command::Pause, 5).expect("pause");
+        assert_eq!((paused.status, paused.threshold), (Status::Paused, 1000));
+        assert!(route.command_next(&paused, Command::Pause, 5).is_err());
+        let resumed = route.command_next(&paused, Command::Resume, 6).expect("resume");
+        assert_eq!((resumed.status, resumed.threshold), (Status::Ramping, 1000));
+        assert!(route.command_next(&resumed, Command::Resume, 6).is_err());
+        let rolled = route.command_next(&resumed, Command::Rollback, 7).expect("rollback");
+        assert_eq!((rolled.status, rolled.threshold), (Status::RolledBack, 0));
+        // After a rollback, a resume starts over from the first step.
+        let again = route.command_next(&rolled, Command::Resume, 8).expect("resume");
+        assert_eq!(
+            (again.status, again.threshold, again.step_since_ms),
+            (Status::Ramping, 1000, 8)
+        );
+    }
+
+    #[test]
+    fn advance_skips_the_hold_but_not_the_limits_unless_forced() {
+        let route = route_ramp();
+        for _ in 0..10 {
+            route.record(true, true, Duration::from_millis(1));
+            route.record(false, false, Duration::from_millis(1));
+        }
+        let refused = route.command_next(&route.state(), Command::Advance { force: false }, 1);
+        let refused = refused.expect_err("a breached limit refuses the advance");
+        assert!(refused.contains("add ?force=true"), "{refused}");
+        let forced = route.command_next(&route.state(), Command::Advance { force: true }, 1);
+        assert_eq!(forced.expect("forced").threshold, 5000);
+    }
+}
