@@ -75,6 +75,7 @@ pub fn run_with(
 ) -> Result<(), ProxyError> {
     let ramps = Ramps::open(settings.state_store()?)?;
     let metrics = Metrics::new();
+    metrics.ramp_store_up.set(i64::from(ramps.reachable()));
     let active = ActiveTable::load(&settings.routes, None, &ramps, &metrics)?;
     tracing::info!(
         routes_file = %settings.routes.display(),

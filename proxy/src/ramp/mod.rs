@@ -474,6 +474,11 @@ impl Ramps {
         }
     }
 
+    /// Whether the store answered last (a state file always does).
+    pub fn reachable(&self) -> bool {
+        lock(&self.health).error.is_none()
+    }
+
     /// The store as `GET /routes` shows it.
     pub fn store_json(&self) -> Value {
         let health = lock(&self.health).clone();
