@@ -220,6 +220,30 @@ impl Metrics {
         }
     }
 
+    /// The running totals of `route`'s answers from `backend`: answers, failures (5xx and
+    /// none), and the latency histogram. Read by the ramp ticker, off the request path:
+    /// requests only add to these atomics.
+    pub fn answer_totals(&self, route: &str, backend: &str) -> crate::ramp::window::SideCounts {
+        use prometheus::core::Metric;
+        let mut answers = 0;
+        let mut failures = 0;
+        for class in STATUS_CLASSES {
+            let count = self.requests.with_label_values(&[route, backend, class]).get();
+            answers += count;
+            if class == "5xx" || class == "error" {
+                failures += count;
+            }
+        }
+        let histogram = self.duration.with_label_values(&[route, backend]).metric();
+        let cumulative: Vec<u64> = histogram
+            .get_histogram()
+            .get_bucket()
+            .iter()
+            .map(|b| b.get_cumulative_count())
+            .collect();
+        crate::ramp::window::SideCounts::from_totals(answers, failures, &cumulative)
+    }
+
     /// Reports the client connections of `limit` from now on.
     pub fn watch_connections(&self, limit: Arc<ConnectionLimit>) {
         // Set once, by the proxy at start.

@@ -490,14 +490,6 @@ impl ProxyHttp for FicusProxy {
             );
             series.requests[status_index(status)].inc();
             series.duration.observe(elapsed.as_secs_f64());
-            if let Some(ramp) = routing.route.and_then(|i| routing.active.ramps[i].as_ref()) {
-                let route = &routing.active.table.routes[routing.route.unwrap_or_default()];
-                let failed = status.is_none_or(|s| s >= 500);
-                let side = routing.backend;
-                if side == route.to || side == route.from {
-                    ramp.record(side == route.to, failed, elapsed);
-                }
-            }
         } else {
             let metrics = &self.shared.metrics;
             metrics.requests.with_label_values(&[route, backend, status_class(status)]).inc();

@@ -25,7 +25,7 @@ pub use self::evaluate::State;
 use self::evaluate::{Status, Verdict};
 use self::shared::{SharedError, SharedStore};
 use self::store::{FileStore, StoreError};
-use self::window::{Counts, Span};
+use self::window::{Counts, SideCounts, Span};
 use crate::metrics::Metrics;
 use crate::state::{ActiveTable, Shared};
 
@@ -49,7 +49,11 @@ pub struct RouteRamp {
     /// No state was known when the route was attached (a shared store out of reach): the
     /// route stays at 0% until the store says where it is.
     provisional: std::sync::atomic::AtomicBool,
+    /// Touched by the ticker and the admin API only, never by requests: answers are read
+    /// from the request metrics' running totals.
     counts: Mutex<Counts>,
+    /// The running totals (`to`, `from`) at the last tick.
+    totals: Mutex<Option<(SideCounts, SideCounts)>>,
     /// Why the ramp is not moving, from the last tick.
     waiting: Mutex<String>,
     /// Shadow comparisons (compared, mismatched) counted so far.
@@ -65,6 +69,7 @@ impl RouteRamp {
             state: Mutex::new(state),
             provisional: std::sync::atomic::AtomicBool::new(provisional),
             counts: Mutex::new(Counts::default()),
+            totals: Mutex::new(None),
             waiting: Mutex::new(String::new()),
             comparisons_seen: Mutex::new((0, 0)),
         }
@@ -75,9 +80,15 @@ impl RouteRamp {
         self.threshold.load(Ordering::Relaxed)
     }
 
-    /// One answer of the route: from `to` or `from`, failed (5xx or none) or not.
-    pub fn record(&self, to: bool, failed: bool, latency: Duration) {
-        lock(&self.counts).record(now_ms() / 1000, to, failed, latency);
+    /// Takes in the answers that came since the last call, from running totals.
+    fn sample(&self, now: u64, to: SideCounts, from: SideCounts) {
+        let mut totals = lock(&self.totals);
+        if let Some((last_to, last_from)) = totals.as_ref() {
+            let mut counts = lock(&self.counts);
+            counts.add(now / 1000, true, &to.since(last_to));
+            counts.add(now / 1000, false, &from.since(last_from));
+        }
+        *totals = Some((to, from));
     }
 
     pub fn state(&self) -> State {
@@ -282,6 +293,17 @@ impl Command {
 /// A ramp to tick, with its route's shadow comparisons so far (compared, mismatched).
 type Ticked = (Arc<RouteRamp>, Option<(u64, u64)>);
 
+/// Takes the answers of every ramped route in since the last tick, from the request metrics.
+fn sample_answers(active: &ActiveTable, metrics: &Metrics, now: u64) {
+    let table = &active.table;
+    for (route, ramp) in table.routes.iter().zip(&active.ramps) {
+        let Some(ramp) = ramp else { continue };
+        let totals =
+            |backend: usize| metrics.answer_totals(&route.name, &table.backends[backend].name);
+        ramp.sample(now, totals(route.to), totals(route.from));
+    }
+}
+
 /// Where ramp states live.
 pub enum StateStore {
     /// One replica: a local file.
@@ -390,6 +412,7 @@ impl Ramps {
     /// Evaluates every ramp once (the deciding replica's job with a shared store).
     pub async fn tick(&self, active: &ActiveTable, metrics: &Metrics) {
         let now = now_ms();
+        sample_answers(active, metrics, now);
         let ramps: Vec<Ticked> = active
             .ramps
             .iter()
@@ -643,8 +666,8 @@ mod tests {
     fn advance_skips_the_hold_but_not_the_limits_unless_forced() {
         let route = route_ramp();
         for _ in 0..10 {
-            route.record(true, true, Duration::from_millis(1));
-            route.record(false, false, Duration::from_millis(1));
+            lock(&route.counts).record(0, true, true, Duration::from_millis(1));
+            lock(&route.counts).record(0, false, false, Duration::from_millis(1));
         }
         let refused = route.command_next(&route.state(), Command::Advance { force: false }, 1);
         let refused = refused.expect_err("a breached limit refuses the advance");

@@ -11,17 +11,48 @@ use super::evaluate::{Figures, Side};
 
 /// The sliding window a breach is judged on.
 pub const WINDOW: Duration = Duration::from_secs(30);
-/// Latency buckets: upper bounds of 0.5 ms doubling, the last one open.
-const BUCKETS: usize = 24;
+/// Latency buckets: upper bounds of 0.5 ms doubling, the last one open. The same bounds as
+/// `ficus_request_duration_seconds`'s, so that its counts can be taken as they are.
+pub const BUCKETS: usize = 24;
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct SideCounts {
+/// One backend's answers: counts and a latency histogram (per bucket, not cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SideCounts {
     answers: u64,
     failures: u64,
     latency: [u64; BUCKETS],
 }
 
 impl SideCounts {
+    /// From running totals: answers, failures, and the cumulative counts of a histogram
+    /// whose bucket `i` ends at 0.5 ms * 2^i.
+    pub fn from_totals(answers: u64, failures: u64, cumulative: &[u64]) -> SideCounts {
+        let mut latency = [0; BUCKETS];
+        let mut below = 0;
+        for (bucket, &count) in cumulative.iter().take(BUCKETS).enumerate() {
+            latency[bucket] = count.saturating_sub(below);
+            below = count;
+        }
+        // Answers slower than the last bound count in the next bucket.
+        if let Some(last) = latency.get_mut(cumulative.len().min(BUCKETS - 1)) {
+            *last += answers.saturating_sub(below);
+        }
+        SideCounts { answers, failures, latency }
+    }
+
+    /// What was added since `earlier`, running totals of the same series.
+    pub fn since(&self, earlier: &SideCounts) -> SideCounts {
+        let mut latency = [0; BUCKETS];
+        for (i, slot) in latency.iter_mut().enumerate() {
+            *slot = self.latency[i].saturating_sub(earlier.latency[i]);
+        }
+        SideCounts {
+            answers: self.answers.saturating_sub(earlier.answers),
+            failures: self.failures.saturating_sub(earlier.failures),
+            latency,
+        }
+    }
+
     fn add(&mut self, other: &SideCounts) {
         self.answers += other.answers;
         self.failures += other.failures;
@@ -75,10 +106,17 @@ pub struct Counts {
 impl Counts {
     /// One answer of `to` (or `from`) at second `now`.
     pub fn record(&mut self, now: u64, to: bool, failed: bool, latency: Duration) {
+        let mut one = SideCounts::default();
+        one.record(failed, latency);
+        self.add(now, to, &one);
+    }
+
+    /// Answers of `to` (or `from`) that came in by second `now`.
+    pub fn add(&mut self, now: u64, to: bool, counts: &SideCounts) {
         let span = self.second(now);
-        if to { &mut span.to } else { &mut span.from }.record(failed, latency);
+        if to { &mut span.to } else { &mut span.from }.add(counts);
         let step = if to { &mut self.step.to } else { &mut self.step.from };
-        step.record(failed, latency);
+        step.add(counts);
     }
 
     /// Shadow comparisons finished at second `now`.
@@ -198,6 +236,21 @@ mod tests {
         counts.record(1, true, false, 900 * MS);
         assert_eq!(counts.window(1).to.p99, Some(1024 * MS));
         assert_eq!(counts.window(1).from.p99, None);
+    }
+
+    #[test]
+    fn running_totals_become_counts_per_bucket() {
+        // 3 answers at most 0.5 ms, 2 more at most 1 ms, 1 beyond the last bound.
+        let earlier = SideCounts::from_totals(5, 1, &[3, 5, 5]);
+        let now = SideCounts::from_totals(6, 1, &[3, 5, 5]);
+        let mut counts = Counts::default();
+        counts.add(1, true, &now.since(&earlier));
+        let window = counts.window(1);
+        assert_eq!((window.to.answers, window.to.failures), (1, 0));
+        assert_eq!(window.to.p99, Some(upper_bound(3)), "the slow one is past the last bound");
+        let all = SideCounts::from_totals(6, 1, &[3, 5, 5]);
+        counts.add(1, false, &all);
+        assert_eq!(counts.window(1).from.p99, Some(upper_bound(3)));
     }
 
     #[test]
