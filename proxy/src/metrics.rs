@@ -235,12 +235,8 @@ impl Metrics {
             }
         }
         let histogram = self.duration.with_label_values(&[route, backend]).metric();
-        let cumulative: Vec<u64> = histogram
-            .get_histogram()
-            .get_bucket()
-            .iter()
-            .map(|b| b.get_cumulative_count())
-            .collect();
+        let cumulative: Vec<u64> =
+            histogram.get_histogram().get_bucket().iter().map(|b| b.cumulative_count()).collect();
         crate::ramp::window::SideCounts::from_totals(answers, failures, &cumulative)
     }
 
