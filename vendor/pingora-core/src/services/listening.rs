@@ -37,7 +37,7 @@ use pingora_error::Result;
 use pingora_runtime::current_handle;
 use pingora_timeout::timeout;
 use std::fs::Permissions;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -52,14 +52,41 @@ pub type RuntimeOptsOverride = Arc<dyn Fn(&RuntimeOpts) -> Option<RuntimeOpts> +
 pub struct ConnectionLimit {
     max: usize,
     slots: Arc<Semaphore>,
+    /// Accepted connections still open (the accept loop also holds a slot while it waits
+    /// in `accept()`, so the free slots do not say this).
+    open: AtomicUsize,
     waits: AtomicU64,
+}
+
+/// An accepted connection: counted as open, and holding its slot, until dropped.
+struct OpenConnection {
+    limit: Arc<ConnectionLimit>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(limit: Arc<ConnectionLimit>, slot: OwnedSemaphorePermit) -> OpenConnection {
+        limit.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection { limit, _slot: slot }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.limit.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnectionLimit {
     /// A limit of `max` connections (at least one).
     pub fn new(max: usize) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
-        ConnectionLimit { max, slots: Arc::new(Semaphore::new(max)), waits: AtomicU64::new(0) }
+        ConnectionLimit {
+            max,
+            slots: Arc::new(Semaphore::new(max)),
+            open: AtomicUsize::new(0),
+            waits: AtomicU64::new(0),
+        }
     }
 
     /// The limit.
@@ -69,7 +96,7 @@ impl ConnectionLimit {
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.max - self.slots.available_permits()
+        self.open.load(Ordering::Relaxed)
     }
 
     /// How many times accepting had to wait for a connection to close.
@@ -292,9 +319,10 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 Ok(io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
+                    let open = limit.clone().zip(slot).map(|(l, s)| OpenConnection::new(l, s));
                     current_handle().spawn(async move {
                         // held until the connection closes
-                        let _slot = slot;
+                        let _open = open;
                         let peer_addr = io.peer_addr();
                         match timeout(Duration::from_secs(60), io.handshake()).await {
                             Ok(handshake) => {
@@ -411,18 +439,18 @@ mod connection_limit_tests {
 
     #[tokio::test]
     async fn a_full_limit_waits_for_a_connection_to_close() {
-        let limit = ConnectionLimit::new(1);
-        let first = limit.slot().await;
-        assert_eq!((limit.open(), limit.waits()), (1, 0));
+        let limit = Arc::new(ConnectionLimit::new(1));
+        let first = limit.slot().await.expect("a free slot");
+        // A slot taken while waiting in accept() is not an open connection.
+        assert_eq!((limit.open(), limit.waits()), (0, 0));
+        let first = OpenConnection::new(limit.clone(), first);
+        assert_eq!(limit.open(), 1);
         let second = limit.slot();
         tokio::pin!(second);
         assert!(timeout(Duration::from_millis(50), &mut second).await.is_err());
         assert_eq!(limit.waits(), 1);
         drop(first);
-        let second = second.await;
-        assert!(second.is_some());
-        assert_eq!(limit.open(), 1);
-        drop(second);
         assert_eq!(limit.open(), 0);
+        assert!(second.await.is_some());
     }
 }
