@@ -136,6 +136,13 @@ impl ServeHttp for AdminApp {
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             (Method::GET, "/routes") => json_response(StatusCode::OK, &self.routes_json()),
+            (Method::GET, "/history") => {
+                json_response(StatusCode::OK, &self.shared.history.json(None))
+            }
+            (Method::GET, one) if one.starts_with("/history/") => {
+                let name = &one["/history/".len()..];
+                json_response(StatusCode::OK, &self.shared.history.json(Some(name)))
+            }
             (Method::GET, "/shadow") => {
                 let routes = self.shadow_json(|_| true);
                 json_response(StatusCode::OK, &serde_json::json!({ "routes": routes }))
@@ -162,11 +169,13 @@ impl ServeHttp for AdminApp {
                 };
                 json_response(status, &serde_json::to_value(&outcome).unwrap_or(Value::Null))
             }
-            (_, "/healthz" | "/routes" | "/shadow" | "/metrics" | "/reload") => respond(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                b"method not allowed\n".to_vec(),
-            ),
+            (_, "/healthz" | "/routes" | "/shadow" | "/history" | "/metrics" | "/reload") => {
+                respond(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "text/plain",
+                    b"method not allowed\n".to_vec(),
+                )
+            }
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",

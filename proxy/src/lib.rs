@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod console;
 pub mod guard;
 pub mod health;
 pub mod limits;
@@ -34,6 +35,7 @@ use pingora::services::listening::{ConnectionLimit, Service};
 pub use settings::{ProxySettings, TlsSettings};
 
 use crate::admin::AdminApp;
+use crate::console::HistorySampler;
 use crate::metrics::Metrics;
 use crate::ramp::{RampTicker, Ramps};
 use crate::reload::{ReloadTriggers, Reloader};
@@ -132,6 +134,7 @@ pub fn run_with(
     }
 
     let ramp_ticker = background_service("ficus ramps", RampTicker { shared: shared.clone() });
+    let history = background_service("ficus history", HistorySampler { shared: shared.clone() });
     let token = settings.admin_token()?;
     let app =
         AdminApp { shared, reloader: reloader.clone(), hosts: settings.admin_hosts.clone(), token };
@@ -144,6 +147,7 @@ pub fn run_with(
     server.add_service(admin);
     server.add_service(triggers);
     server.add_service(ramp_ticker);
+    server.add_service(history);
     add_services(&mut server);
     tracing::info!(
         listen = settings.listen,

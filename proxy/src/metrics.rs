@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use pingora::services::listening::ConnectionLimit;
+
+use crate::ramp::window::SideCounts;
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -220,24 +222,14 @@ impl Metrics {
         }
     }
 
-    /// The running totals of `route`'s answers from `backend`: answers, failures (5xx and
-    /// none), and the latency histogram. Read by the ramp ticker, off the request path:
-    /// requests only add to these atomics.
-    pub fn answer_totals(&self, route: &str, backend: &str) -> crate::ramp::window::SideCounts {
-        use prometheus::core::Metric;
-        let mut answers = 0;
-        let mut failures = 0;
-        for class in STATUS_CLASSES {
-            let count = self.requests.with_label_values(&[route, backend, class]).get();
-            answers += count;
-            if class == "5xx" || class == "error" {
-                failures += count;
-            }
-        }
-        let histogram = self.duration.with_label_values(&[route, backend]).metric();
-        let cumulative: Vec<u64> =
-            histogram.get_histogram().get_bucket().iter().map(|b| b.cumulative_count()).collect();
-        crate::ramp::window::SideCounts::from_totals(answers, failures, &cumulative)
+    /// The running totals of `route`'s answers from `backend` (see [`PairSeries::totals`]).
+    pub fn answer_totals(&self, route: &str, backend: &str) -> SideCounts {
+        let series = PairSeries {
+            requests: STATUS_CLASSES
+                .map(|class| self.requests.with_label_values(&[route, backend, class])),
+            duration: self.duration.with_label_values(&[route, backend]),
+        };
+        series.totals()
     }
 
     /// Reports the client connections of `limit` from now on.
@@ -272,6 +264,21 @@ pub struct PairSeries {
     pub duration: prometheus::Histogram,
 }
 
+impl PairSeries {
+    /// The running totals: answers, failures (5xx and none), and the latency histogram.
+    /// Read off the request path (the ramp ticker, the console's history): requests only add
+    /// to these atomics.
+    pub fn totals(&self) -> SideCounts {
+        use prometheus::core::Metric;
+        let answers = self.requests.iter().map(|c| c.get()).sum();
+        let failures = self.requests[4].get() + self.requests[5].get();
+        let histogram = self.duration.metric();
+        let cumulative: Vec<u64> =
+            histogram.get_histogram().get_bucket().iter().map(|b| b.cumulative_count()).collect();
+        SideCounts::from_totals(answers, failures, &cumulative)
+    }
+}
+
 /// Lazily resolved [`PairSeries`] of a route table: only pairs that see traffic are created,
 /// so a big table does not export thousands of zero series.
 pub struct SeriesCache {
@@ -288,6 +295,11 @@ impl SeriesCache {
 
     /// The series of `route` (None: no route matched) and `backend`, named `route_name` and
     /// `backend_name` in labels.
+    /// The series of a pair that has seen traffic, without creating it.
+    pub fn existing(&self, route: usize, backend: usize) -> Option<&PairSeries> {
+        self.cells.get(route * self.backends + backend)?.get()
+    }
+
     pub fn get(
         &self,
         metrics: &Metrics,

@@ -133,6 +133,8 @@ pub struct Shared {
     pub last_failure: Mutex<Option<ReloadFailure>>,
     pub metrics: Metrics,
     pub ramps: Ramps,
+    /// The last 15 minutes of each route, for the console.
+    pub history: crate::console::History,
     /// Connections of shadow requests, pooled apart from the proxy's own.
     pub shadow_connector: pingora::connectors::http::Connector,
 }
@@ -151,6 +153,7 @@ impl Shared {
             last_failure: Mutex::new(None),
             metrics,
             ramps,
+            history: crate::console::History::default(),
             shadow_connector: pingora::connectors::http::Connector::new(None),
         }
     }

@@ -67,7 +67,8 @@ impl SideCounts {
         self.latency[bucket_of(latency)] += 1;
     }
 
-    fn side(&self) -> Side {
+    /// The counts as figures: answers, failures, p99.
+    pub fn side(&self) -> Side {
         Side { answers: self.answers, failures: self.failures, p99: p99(&self.latency) }
     }
 }
