@@ -400,3 +400,27 @@ async fn an_edited_ramp_keeps_its_share_and_a_removed_one_hands_back_to_the_file
     let route = &proxy.routes_json().await["routes"][0];
     assert_eq!((route["percent"].as_f64(), route["ramp"].is_null()), (Some(5.0), true));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_database_that_never_answers_holds_nothing_up() {
+    // Accepts connections (the kernel does) but never says a word, like a dropped network path.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("postgres://postgres@{}/ficus", silent.local_addr().expect("addr"));
+    let (monolith, orders) = (named("monolith").await, named("orders").await);
+    let dir = tempfile::tempdir().expect("dir");
+    let settings = settings_with_state(dir.path(), &url);
+    let ramp = "steps = [10, 100]\nhold = \"1s\"\nmin_requests = 1";
+    let started = Instant::now();
+    let proxy =
+        Proxy::start_with(&ramp_routes(&monolith, &orders, ramp), &["--config", &settings]).await;
+    assert!(started.elapsed() < Duration::from_secs(10), "start took {:?}", started.elapsed());
+    let ramp = ramp_of(&proxy).await;
+    assert_eq!(ramp["percent"], 0.0, "no state known: everyone stays on `from`: {ramp}");
+    assert!(one_round(&proxy, 10).await.iter().all(|b| b == "monolith"));
+    assert_eq!(proxy.routes_json().await["ramp_store"]["reachable"], false);
+
+    let asked = Instant::now();
+    assert_eq!(post_command(&proxy, "pause").await, 503);
+    assert!(asked.elapsed() < Duration::from_secs(8), "the command took {:?}", asked.elapsed());
+    drop(silent);
+}

@@ -16,6 +16,9 @@ const DECIDER_LOCK: i64 = 0x6669_6375_7372_6d70;
 const SCHEMA_LOCK: i64 = 0x6669_6375_7373_6368;
 /// Published counts older than this are ignored: their replica is gone or cut off.
 const FRESH_SECONDS: i64 = 10;
+/// The longest one exchange with the database may take, connecting included: a database that
+/// hangs (a dropped network path) must not hold the ticker or an operator's command.
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 const SCHEMA: &str = "
 CREATE SCHEMA IF NOT EXISTS ficus;
@@ -40,6 +43,8 @@ pub enum SharedError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("ramp state of route {route} in the database is not valid: {message}")]
     Garbled { route: String, message: String },
+    #[error("ramp state database did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// The connection to the shared store, reopened when it breaks.
@@ -69,12 +74,18 @@ impl SharedStore {
         work: impl AsyncFnOnce(&mut Connection) -> Result<T, SharedError>,
     ) -> Result<T, SharedError> {
         let mut slot = self.connection.lock().await;
-        let connection = match slot.take() {
-            Some(open) if !open.client.is_closed() => slot.insert(open),
-            _ => slot.insert(self.connect().await?),
+        let exchange = async {
+            let connection = match slot.take() {
+                Some(open) if !open.client.is_closed() => slot.insert(open),
+                _ => slot.insert(self.connect().await?),
+            };
+            work(connection).await
         };
-        let result = work(connection).await;
-        if matches!(result, Err(SharedError::Postgres(_))) {
+        let result = match tokio::time::timeout(STORE_TIMEOUT, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(SharedError::Timeout(STORE_TIMEOUT)),
+        };
+        if matches!(result, Err(SharedError::Postgres(_) | SharedError::Timeout(_))) {
             *slot = None;
         }
         result
