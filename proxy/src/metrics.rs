@@ -222,16 +222,6 @@ impl Metrics {
         }
     }
 
-    /// The running totals of `route`'s answers from `backend` (see [`PairSeries::totals`]).
-    pub fn answer_totals(&self, route: &str, backend: &str) -> SideCounts {
-        let series = PairSeries {
-            requests: STATUS_CLASSES
-                .map(|class| self.requests.with_label_values(&[route, backend, class])),
-            duration: self.duration.with_label_values(&[route, backend]),
-        };
-        series.totals()
-    }
-
     /// Reports the client connections of `limit` from now on.
     pub fn watch_connections(&self, limit: Arc<ConnectionLimit>) {
         // Set once, by the proxy at start.

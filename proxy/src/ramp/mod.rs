@@ -296,10 +296,12 @@ type Ticked = (Arc<RouteRamp>, Option<(u64, u64)>);
 /// Takes the answers of every ramped route in since the last tick, from the request metrics.
 fn sample_answers(active: &ActiveTable, metrics: &Metrics, now: u64) {
     let table = &active.table;
-    for (route, ramp) in table.routes.iter().zip(&active.ramps) {
+    for (index, (route, ramp)) in table.routes.iter().zip(&active.ramps).enumerate() {
         let Some(ramp) = ramp else { continue };
-        let totals =
-            |backend: usize| metrics.answer_totals(&route.name, &table.backends[backend].name);
+        let totals = |backend: usize| {
+            let name = &table.backends[backend].name;
+            active.series.get(metrics, Some(index), backend, &route.name, name).totals()
+        };
         ramp.sample(now, totals(route.to), totals(route.from));
     }
 }

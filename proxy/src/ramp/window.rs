@@ -61,6 +61,7 @@ impl SideCounts {
         }
     }
 
+    #[cfg(test)]
     fn record(&mut self, failed: bool, latency: Duration) {
         self.answers += 1;
         self.failures += u64::from(failed);
@@ -106,6 +107,7 @@ pub struct Counts {
 
 impl Counts {
     /// One answer of `to` (or `from`) at second `now`.
+    #[cfg(test)]
     pub fn record(&mut self, now: u64, to: bool, failed: bool, latency: Duration) {
         let mut one = SideCounts::default();
         one.record(failed, latency);
@@ -177,6 +179,7 @@ impl Counts {
     }
 }
 
+#[cfg(test)]
 fn bucket_of(latency: Duration) -> usize {
     let halves_ms = latency.as_micros() / 500;
     let bucket = (u128::BITS - halves_ms.leading_zeros()) as usize;
