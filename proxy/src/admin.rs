@@ -1,6 +1,7 @@
-//! The admin HTTP API, for operators on a private port: `/healthz`, `/routes`, `/metrics`
-//! and `POST /reload`, guarded against requests a web page makes a browser send
-//! ([`guard`]: DNS rebinding and cross-site writes).
+//! The admin HTTP API, for operators on a private port: the console page (`/`), `/healthz`,
+//! `/routes`, `/history`, `/shadow`, `/metrics`, `POST /reload` and the ramp commands,
+//! guarded against requests a web page makes a browser send ([`guard`]: DNS rebinding and
+//! cross-site writes).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -114,6 +115,11 @@ impl ServeHttp for AdminApp {
         }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
+        if method == Method::GET {
+            if let Some(asset) = crate::console::asset(&path) {
+                return console_response(asset);
+            }
+        }
         if method == Method::POST && !self.write_allowed(session) {
             let message = match self.token {
                 Some(_) => "writes need Authorization: Bearer <the admin token>\n",
@@ -126,22 +132,20 @@ impl ServeHttp for AdminApp {
             return response;
         }
         if let (true, Some(rest)) = (method == Method::POST, path.strip_prefix("/routes/")) {
-            let force = session
-                .req_header()
-                .uri
-                .query()
-                .is_some_and(|q| q.split('&').any(|p| p == "force=true"));
+            let force = query_param(session, "force") == Some("true");
             return self.ramp_command(rest, force).await;
         }
+        // `/history?since=MS`: only the points after it, for a page that keeps the rest.
+        let since = query_param(session, "since").and_then(|v| v.parse().ok()).unwrap_or(0);
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             (Method::GET, "/routes") => json_response(StatusCode::OK, &self.routes_json()),
             (Method::GET, "/history") => {
-                json_response(StatusCode::OK, &self.shared.history.json(None))
+                json_response(StatusCode::OK, &self.shared.history.json(None, since))
             }
             (Method::GET, one) if one.starts_with("/history/") => {
                 let name = &one["/history/".len()..];
-                json_response(StatusCode::OK, &self.shared.history.json(Some(name)))
+                json_response(StatusCode::OK, &self.shared.history.json(Some(name), since))
             }
             (Method::GET, "/shadow") => {
                 let routes = self.shadow_json(|_| true);
@@ -179,7 +183,7 @@ impl ServeHttp for AdminApp {
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                b"not found: try /healthz, /routes, /shadow, /metrics or POST /reload\n".to_vec(),
+                b"not found: try / (the console), /healthz, /routes, /history, /shadow, /metrics or POST /reload\n".to_vec(),
             ),
         }
     }
@@ -194,7 +198,7 @@ impl AdminApp {
         for (route, shadow) in table.routes.iter().zip(&active.shadows) {
             let Some(shadow) = shadow.as_ref().filter(|_| wanted(&route.name)) else { continue };
             let mut report = match shadow.report.lock() {
-                Ok(report) => report.to_json(),
+                Ok(report) => report.to_json(shadow.outcomes.get()),
                 Err(_) => continue,
             };
             let policy = &shadow.policy;
@@ -277,6 +281,8 @@ impl AdminApp {
         let mut body = table_json(&active);
         body["routes_file"] = json!(self.shared.routes_path.display().to_string());
         body["last_reload_error"] = serde_json::to_value(failure).unwrap_or(Value::Null);
+        body["reloads"] =
+            serde_json::to_value(self.shared.reload_log.records()).unwrap_or_default();
         body["ramp_store"] = self.shared.ramps.store_json();
         body
     }
@@ -306,7 +312,8 @@ pub fn table_json(active: &ActiveTable) -> Value {
         .routes
         .iter()
         .zip(&active.ramps)
-        .map(|(route, ramp)| {
+        .enumerate()
+        .map(|(index, (route, ramp))| {
             let percent =
                 ramp.as_ref().map_or(route.percent(), |r| f64::from(r.threshold()) / 100.0);
             json!({
@@ -318,6 +325,8 @@ pub fn table_json(active: &ActiveTable) -> Value {
                 "sticky": route.sticky.to_string(),
                 "strip_prefix": route.strip_prefix,
                 "ramp": ramp.as_ref().map(|r| r.json()),
+                "shadow": route.shadow.is_some(),
+                "fallbacks": active.fallbacks_total(index),
             })
         })
         .collect();
@@ -333,6 +342,20 @@ pub fn table_json(active: &ActiveTable) -> Value {
         "backends": backends,
         "routes": routes,
     })
+}
+
+/// The value of `name` in the request's query string.
+fn query_param<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
+    let query = session.req_header().uri.query()?;
+    query.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn console_response(asset: crate::console::Asset) -> Response<Vec<u8>> {
+    let mut response = respond(StatusCode::OK, asset.content_type, asset.body.as_bytes().to_vec());
+    for (name, value) in crate::console::HEADERS {
+        response.headers_mut().insert(name, http::HeaderValue::from_static(value));
+    }
+    response
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {

@@ -206,8 +206,8 @@ impl Metrics {
         }
         for route in &table.routes {
             let (from, to) = (&table.backends[route.from].name, &table.backends[route.to].name);
-            for reason in ["unhealthy", "connect_failed"] {
-                self.fallbacks.with_label_values(&[&route.name, from, to, reason]);
+            for reason in crate::state::Fallback::ALL {
+                self.fallbacks.with_label_values(&[&route.name, from, to, reason.as_str()]);
             }
             if route.shadow.is_some() {
                 for outcome in crate::shadow::report::Outcome::ALL {
@@ -283,13 +283,13 @@ impl SeriesCache {
         SeriesCache { cells, backends, routes }
     }
 
-    /// The series of `route` (None: no route matched) and `backend`, named `route_name` and
-    /// `backend_name` in labels.
     /// The series of a pair that has seen traffic, without creating it.
     pub fn existing(&self, route: usize, backend: usize) -> Option<&PairSeries> {
         self.cells.get(route * self.backends + backend)?.get()
     }
 
+    /// The series of `route` (None: no route matched) and `backend`, named `route_name` and
+    /// `backend_name` in labels.
     pub fn get(
         &self,
         metrics: &Metrics,

@@ -30,6 +30,44 @@ pub enum ReloadOutcome {
     Error { errors: Vec<String> },
 }
 
+/// One reload attempt, for the console's reload history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadRecord {
+    pub at: String,
+    /// `start`, `file`, `sighup` or `admin`.
+    pub trigger: String,
+    #[serde(flatten)]
+    pub outcome: ReloadOutcome,
+}
+
+/// The last reload attempts, newest last.
+#[derive(Default)]
+pub struct ReloadLog {
+    records: Mutex<std::collections::VecDeque<ReloadRecord>>,
+}
+
+impl ReloadLog {
+    /// Attempts kept.
+    pub const KEEP: usize = 20;
+
+    pub fn record(&self, trigger: &str, outcome: ReloadOutcome) {
+        let mut records = self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if records.len() == Self::KEEP {
+            records.pop_front();
+        }
+        records.push_back(ReloadRecord {
+            at: now_rfc3339(),
+            trigger: trigger.to_string(),
+            outcome,
+        });
+    }
+
+    pub fn records(&self) -> Vec<ReloadRecord> {
+        let records = self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        records.iter().cloned().collect()
+    }
+}
+
 /// Reloads the route table; cheap to clone and safe to call from any task.
 #[derive(Clone)]
 pub struct Reloader {
@@ -96,6 +134,7 @@ impl Reloader {
             ReloadOutcome::Error { .. } => "error",
         };
         shared.metrics.reloads.with_label_values(&[trigger, result]).inc();
+        shared.reload_log.record(trigger, outcome.clone());
         outcome
     }
 

@@ -20,28 +20,10 @@ use crate::guard;
 use crate::metrics::{status_class, status_index, NO_ROUTE};
 use crate::request::PingoraRequest;
 use crate::shadow::{Capture, Job, Side};
-use crate::state::{ActiveTable, Shared};
+use crate::state::{ActiveTable, Fallback, Shared};
 
 /// How long a minted client id is kept by the browser: a year.
 const CLIENT_ID_MAX_AGE: u32 = 365 * 24 * 3600;
-
-/// Why a request went to its route's `from` instead of `to`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fallback {
-    /// The health check marks `to` down.
-    Unhealthy,
-    /// Connecting to `to` failed (refused, timed out, TLS failure).
-    ConnectFailed,
-}
-
-impl Fallback {
-    fn as_str(self) -> &'static str {
-        match self {
-            Fallback::Unhealthy => "unhealthy",
-            Fallback::ConnectFailed => "connect_failed",
-        }
-    }
-}
 
 /// The routing decision of one request, taken once in `request_filter`.
 pub struct Routing {
@@ -146,19 +128,9 @@ impl FicusProxy {
 
     /// Sends the request to its route's `from` instead of `to`.
     fn fall_back(&self, routing: &mut Routing, reason: Fallback) {
-        let Some(route) = routing.route.map(|i| &routing.active.table.routes[i]) else { return };
-        let table = &routing.active.table;
-        self.shared
-            .metrics
-            .fallbacks
-            .with_label_values(&[
-                &route.name,
-                &table.backends[route.from].name,
-                &table.backends[route.to].name,
-                reason.as_str(),
-            ])
-            .inc();
-        routing.backend = route.from;
+        let Some(index) = routing.route else { return };
+        routing.active.fallbacks[index][reason as usize].inc();
+        routing.backend = routing.active.table.routes[index].from;
         routing.may_fall_back = false;
         routing.fallback = Some(reason);
     }
@@ -175,7 +147,7 @@ impl FicusProxy {
         if !served_by_route || !shadow.policy.applies(method, bucket) {
             return None;
         }
-        shadow.capture(&self.shared.metrics)
+        shadow.capture()
     }
 
     /// Hands a finished request's capture to a background task that shadows it; the client
@@ -498,7 +470,7 @@ impl ProxyHttp for FicusProxy {
         if let (Some(capture), Some(routing)) = (ctx.shadow.take(), &ctx.routing) {
             match e {
                 None => self.dispatch_shadow(session, capture, routing),
-                Some(_) => capture.skip(&self.shared.metrics),
+                Some(_) => capture.skip(),
             }
         }
         let req = session.req_header();

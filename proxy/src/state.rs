@@ -9,11 +9,32 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use ficus_routes::{Backend, LoadError, RouteTable, ValidationError};
 use pingora::upstreams::peer::HttpPeer;
+use prometheus::IntCounter;
 
 use crate::health::BackendHealth;
 use crate::metrics::{Metrics, SeriesCache};
 use crate::ramp::{Ramps, RouteRamp};
 use crate::shadow::RouteShadow;
+
+/// Why a request went to its route's `from` instead of `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The health check marks `to` down.
+    Unhealthy = 0,
+    /// Connecting to `to` failed (refused, timed out, TLS failure).
+    ConnectFailed = 1,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 2] = [Fallback::Unhealthy, Fallback::ConnectFailed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Unhealthy => "unhealthy",
+            Fallback::ConnectFailed => "connect_failed",
+        }
+    }
+}
 
 /// A backend ready to connect to: its peer template and its health, if it is checked.
 pub struct Upstream {
@@ -42,6 +63,9 @@ pub struct ActiveTable {
     pub shadows: Vec<Option<Arc<RouteShadow>>>,
     /// Indexed like `table.routes`: the ramps of routes with `[routes.ramp]`.
     pub ramps: Vec<Option<Arc<RouteRamp>>>,
+    /// Indexed like `table.routes`, then by [`Fallback`]: the fallback counters, resolved
+    /// once so that neither a fallback nor the console's sampling looks them up by label.
+    pub fallbacks: Vec<[IntCounter; 2]>,
 }
 
 impl ActiveTable {
@@ -78,12 +102,27 @@ impl ActiveTable {
             .iter()
             .map(|route| {
                 let previous = previous.iter().flat_map(|p| p.shadows.iter().flatten());
-                RouteShadow::for_route(route, previous)
+                RouteShadow::for_route(route, previous, metrics)
             })
             .collect();
         let ramps = ramps.attach(&table, metrics);
+        let fallbacks = table
+            .routes
+            .iter()
+            .map(|route| {
+                let (from, to) = (&table.backends[route.from].name, &table.backends[route.to].name);
+                Fallback::ALL.map(|reason| {
+                    metrics.fallbacks.with_label_values(&[&route.name, from, to, reason.as_str()])
+                })
+            })
+            .collect();
         let loaded_at = SystemTime::now();
-        Ok(ActiveTable { table, upstreams, loaded_at, series, shadows, ramps })
+        Ok(ActiveTable { table, upstreams, loaded_at, series, shadows, ramps, fallbacks })
+    }
+
+    /// The fallbacks of route `index` so far, for every reason.
+    pub fn fallbacks_total(&self, index: usize) -> u64 {
+        self.fallbacks.get(index).map_or(0, |counters| counters.iter().map(IntCounter::get).sum())
     }
 }
 
@@ -131,6 +170,8 @@ pub struct Shared {
     pub routes_path: PathBuf,
     pub active: ArcSwap<ActiveTable>,
     pub last_failure: Mutex<Option<ReloadFailure>>,
+    /// The table loaded at start and the last reload attempts after it.
+    pub reload_log: crate::reload::ReloadLog,
     pub metrics: Metrics,
     pub ramps: Ramps,
     /// The last 15 minutes of each route, for the console.
@@ -147,10 +188,14 @@ impl Shared {
         ramps: Ramps,
     ) -> Shared {
         metrics.prime(&active.table);
+        let reload_log = crate::reload::ReloadLog::default();
+        let version = active.table.version.clone();
+        reload_log.record("start", crate::reload::ReloadOutcome::Ok { version });
         Shared {
             routes_path,
             active: ArcSwap::from_pointee(active),
             last_failure: Mutex::new(None),
+            reload_log,
             metrics,
             ramps,
             history: crate::console::History::default(),

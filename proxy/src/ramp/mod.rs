@@ -420,7 +420,7 @@ impl Ramps {
             .iter()
             .zip(&active.shadows)
             .filter_map(|(ramp, shadow)| {
-                let comparisons = shadow.as_ref().map(|s| lock(&s.report).compared_totals());
+                let comparisons = shadow.as_ref().map(|s| s.outcomes.compared_totals());
                 Some((ramp.clone()?, comparisons))
             })
             .collect();

@@ -70,7 +70,12 @@ impl SideCounts {
 
     /// The counts as figures: answers, failures, p99.
     pub fn side(&self) -> Side {
-        Side { answers: self.answers, failures: self.failures, p99: p99(&self.latency) }
+        Side { answers: self.answers, failures: self.failures, p99: self.quantile(99) }
+    }
+
+    /// The upper bound of the bucket holding the `percent`th percentile of the latencies.
+    pub fn quantile(&self, percent: u64) -> Option<Duration> {
+        quantile(&self.latency, percent)
     }
 }
 
@@ -190,13 +195,13 @@ fn upper_bound(bucket: usize) -> Duration {
     Duration::from_micros(500u64 << bucket)
 }
 
-/// The upper bound of the bucket holding the 99th percentile.
-fn p99(latency: &[u64; BUCKETS]) -> Option<Duration> {
+/// The upper bound of the bucket holding the `percent`th percentile.
+fn quantile(latency: &[u64; BUCKETS], percent: u64) -> Option<Duration> {
     let total: u64 = latency.iter().sum();
     if total == 0 {
         return None;
     }
-    let rank = total - total / 100;
+    let rank = total - total * (100 - percent.min(100)) / 100;
     let mut seen = 0;
     for (bucket, count) in latency.iter().enumerate() {
         seen += count;

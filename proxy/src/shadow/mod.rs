@@ -20,7 +20,7 @@ use pingora::upstreams::peer::HttpPeer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use self::compare::Answer;
-use self::report::{Mismatch, Outcome, Report};
+use self::report::{Mismatch, Outcome, OutcomeCounts, Report};
 use self::send::Fetched;
 use crate::metrics::Metrics;
 
@@ -30,6 +30,11 @@ pub struct RouteShadow {
     pub policy: Shadow,
     fingerprint: u64,
     slots: Arc<Semaphore>,
+    /// Taken by requests (a dropped or skipped shadow): atomics, no lock.
+    pub outcomes: OutcomeCounts,
+    /// `ficus_shadow_requests_total` of this route, by `Outcome as usize`.
+    series: [prometheus::IntCounter; 5],
+    /// Taken only by comparisons and readers, never by requests.
     pub report: Mutex<Report>,
 }
 
@@ -39,6 +44,7 @@ impl RouteShadow {
     pub fn for_route<'a>(
         route: &Route,
         mut previous: impl Iterator<Item = &'a Arc<RouteShadow>>,
+        metrics: &Metrics,
     ) -> Option<Arc<RouteShadow>> {
         let policy = route.shadow.as_ref()?;
         let same = |old: &&Arc<RouteShadow>| {
@@ -50,6 +56,9 @@ impl RouteShadow {
                 policy: policy.clone(),
                 fingerprint: route.fingerprint,
                 slots: Arc::new(Semaphore::new(policy.max_in_flight)),
+                outcomes: OutcomeCounts::default(),
+                series: Outcome::ALL
+                    .map(|o| metrics.shadow.with_label_values(&[&route.name, o.as_str()])),
                 report: Mutex::new(Report::default()),
             })
         }))
@@ -57,21 +66,19 @@ impl RouteShadow {
 
     /// Starts capturing a request for the shadow, if one of the route's slots is free (else
     /// the request is counted as dropped).
-    pub fn capture(self: &Arc<Self>, metrics: &Metrics) -> Option<Capture> {
+    pub fn capture(self: &Arc<Self>) -> Option<Capture> {
         match self.slots.clone().try_acquire_owned() {
             Ok(slot) => Some(Capture::new(self.clone(), slot)),
             Err(_) => {
-                self.record(metrics, Outcome::Dropped);
+                self.record(Outcome::Dropped);
                 None
             }
         }
     }
 
-    fn record(&self, metrics: &Metrics, outcome: Outcome) {
-        if let Ok(mut report) = self.report.lock() {
-            report.count(outcome);
-        }
-        metrics.shadow.with_label_values(&[&self.route, outcome.as_str()]).inc();
+    fn record(&self, outcome: Outcome) {
+        self.outcomes.add(outcome);
+        self.series[outcome as usize].inc();
     }
 }
 
@@ -149,8 +156,8 @@ impl Capture {
     }
 
     /// Gives up on a request whose primary exchange failed: nothing to compare it with.
-    pub fn skip(self, metrics: &Metrics) {
-        self.route.record(metrics, Outcome::Skipped);
+    pub fn skip(self) {
+        self.route.record(Outcome::Skipped);
     }
 }
 
@@ -186,7 +193,7 @@ pub async fn run(job: Job, connector: &Connector, metrics: &Metrics) {
         capture.response_body.take(),
         capture.streamed,
     ) else {
-        return route.record(metrics, Outcome::Skipped);
+        return route.record(Outcome::Skipped);
     };
     let primary = Answer { status, headers, body };
     let (shadow, legacy) =
@@ -207,10 +214,10 @@ pub async fn run(job: Job, connector: &Connector, metrics: &Metrics) {
         .observe(started.elapsed().as_secs_f64());
     let answer = match answer {
         Ok(Fetched::Answer(answer)) => answer,
-        Ok(Fetched::TooLarge) => return route.record(metrics, Outcome::Skipped),
+        Ok(Fetched::TooLarge) => return route.record(Outcome::Skipped),
         Err(error) => {
             tracing::debug!(route = route.route, backend = shadow.name, %error, "shadow request failed");
-            return route.record(metrics, Outcome::Error);
+            return route.record(Outcome::Error);
         }
     };
     let (from_answer, to_answer) =
@@ -238,10 +245,8 @@ pub async fn run(job: Job, connector: &Connector, metrics: &Metrics) {
     let Ok(mut report) = route.report.lock() else { return };
     let differences = report.without_noise(differences);
     if differences.is_empty() {
-        report.count(Outcome::Match);
         drop(report);
-        metrics.shadow.with_label_values(&[&route.route, Outcome::Match.as_str()]).inc();
-        return;
+        return route.record(Outcome::Match);
     }
     let labels = report.mismatch(Mismatch {
         at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -252,7 +257,7 @@ pub async fn run(job: Job, connector: &Connector, metrics: &Metrics) {
         differences,
     });
     drop(report);
-    metrics.shadow.with_label_values(&[&route.route, Outcome::Mismatch.as_str()]).inc();
+    route.record(Outcome::Mismatch);
     for field in labels {
         metrics.shadow_differences.with_label_values(&[&route.route, &field]).inc();
     }

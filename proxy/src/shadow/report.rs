@@ -2,6 +2,7 @@
 //! learnt noise and the last mismatches. Pure bookkeeping, served by `GET /shadow`.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{json, Value};
 
@@ -35,6 +36,29 @@ impl Outcome {
     }
 }
 
+/// How many shadowed requests ended each way, counted without a lock: requests add to them
+/// (a shadow dropped or skipped), the report is only touched by comparisons.
+#[derive(Debug, Default)]
+pub struct OutcomeCounts([AtomicU64; 5]);
+
+impl OutcomeCounts {
+    pub fn add(&self, outcome: Outcome) {
+        self.0[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts, indexed by `Outcome as usize`.
+    pub fn get(&self) -> [u64; 5] {
+        self.0.each_ref().map(|count| count.load(Ordering::Relaxed))
+    }
+
+    /// Comparisons made so far, and how many mismatched.
+    pub fn compared_totals(&self) -> (u64, u64) {
+        let counts = self.get();
+        let mismatched = counts[Outcome::Mismatch as usize];
+        (counts[Outcome::Match as usize] + mismatched, mismatched)
+    }
+}
+
 /// One mismatch as shown to the operator: no request headers, no query string.
 #[derive(Debug, Clone)]
 pub struct Mismatch {
@@ -63,10 +87,9 @@ struct FieldCount {
     to: String,
 }
 
-/// The results of one route's comparisons.
+/// What one route's comparisons found, beyond the counts.
 #[derive(Debug, Default)]
 pub struct Report {
-    counts: [u64; 5],
     fields: HashMap<String, FieldCount>,
     noise: BTreeSet<String>,
     last: VecDeque<Mismatch>,
@@ -74,16 +97,6 @@ pub struct Report {
 }
 
 impl Report {
-    /// Comparisons made so far, and how many mismatched.
-    pub fn compared_totals(&self) -> (u64, u64) {
-        let mismatched = self.counts[Outcome::Mismatch as usize];
-        (self.counts[Outcome::Match as usize] + mismatched, mismatched)
-    }
-
-    pub fn count(&mut self, outcome: Outcome) {
-        self.counts[outcome as usize] += 1;
-    }
-
     /// Learns the fields that differ between two answers of the legacy backend as noise.
     pub fn learn_noise(&mut self, differences: &[Difference]) {
         for difference in differences {
@@ -99,7 +112,6 @@ impl Report {
 
     /// Records a mismatch; returns the metric label of each differing field.
     pub fn mismatch(&mut self, mismatch: Mismatch) -> Vec<String> {
-        self.count(Outcome::Mismatch);
         let mut labels = Vec::new();
         for difference in &mismatch.differences {
             let pattern = &difference.pattern;
@@ -124,18 +136,18 @@ impl Report {
         labels
     }
 
-    pub fn to_json(&self) -> Value {
-        let counts: serde_json::Map<String, Value> = Outcome::ALL
-            .iter()
-            .map(|o| (o.as_str().to_string(), json!(self.counts[*o as usize])))
-            .collect();
-        let compared =
-            self.counts[Outcome::Match as usize] + self.counts[Outcome::Mismatch as usize];
+    /// The report as JSON, with `counts` (indexed by `Outcome as usize`).
+    pub fn to_json(&self, counts: [u64; 5]) -> Value {
+        let compared = counts[Outcome::Match as usize] + counts[Outcome::Mismatch as usize];
         let mismatch_rate = if compared == 0 {
             Value::Null
         } else {
-            json!(100.0 * self.counts[Outcome::Mismatch as usize] as f64 / compared as f64)
+            json!(100.0 * counts[Outcome::Mismatch as usize] as f64 / compared as f64)
         };
+        let counts: serde_json::Map<String, Value> = Outcome::ALL
+            .iter()
+            .map(|o| (o.as_str().to_string(), json!(counts[*o as usize])))
+            .collect();
         let mut top: Vec<(&String, &FieldCount)> = self.fields.iter().collect();
         top.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
         let top: Vec<Value> = top
@@ -198,11 +210,14 @@ mod tests {
     #[test]
     fn counts_rate_and_top_fields() {
         let mut report = Report::default();
-        report.count(Outcome::Match);
-        report.count(Outcome::Match);
         report.mismatch(mismatch(vec![difference("/a/0/x", "/a/*/x")]));
         report.mismatch(mismatch(vec![difference("/a/1/x", "/a/*/x"), difference("/b", "/b")]));
-        let json = report.to_json();
+        let counts = OutcomeCounts::default();
+        for outcome in [Outcome::Match, Outcome::Match, Outcome::Mismatch, Outcome::Mismatch] {
+            counts.add(outcome);
+        }
+        assert_eq!(counts.compared_totals(), (4, 2));
+        let json = report.to_json(counts.get());
         assert_eq!(json["counts"]["match"], 2);
         assert_eq!(json["counts"]["mismatch"], 2);
         assert_eq!(json["mismatch_rate_percent"], 50.0);
@@ -218,7 +233,7 @@ mod tests {
         let left = report
             .without_noise(vec![difference("/items/0/at", "/items/*/at"), difference("/b", "/b")]);
         assert_eq!(left, vec![difference("/b", "/b")]);
-        assert_eq!(report.to_json()["noise"][0], "/items/*/at");
+        assert_eq!(report.to_json([0; 5])["noise"][0], "/items/*/at");
     }
 
     #[test]
@@ -240,9 +255,8 @@ mod tests {
             report.mismatch(mismatch(vec![difference("/a", "/a")]));
         }
         assert_eq!(
-            report.to_json()["last_mismatches"].as_array().map(Vec::len),
+            report.to_json([0; 5])["last_mismatches"].as_array().map(Vec::len),
             Some(LAST_MISMATCHES)
         );
-        assert_eq!(report.to_json()["counts"]["mismatch"], (LAST_MISMATCHES + 5) as u64);
     }
 }

@@ -1,7 +1,7 @@
-//! The cutover console's memory: the last 15 minutes of each route that has traffic, sampled
-//! every 5 seconds from the request metrics' running totals (so requests take no lock for it):
-//! its share, and per backend the rate, failed share and p99, and the shadow mismatch rate.
-//! Served as JSON by `GET /history`.
+//! The console's memory: the last 15 minutes of each route that has traffic, sampled every
+//! 5 seconds from the request metrics' running totals (so requests take no lock for it): its
+//! share and fallbacks, per backend the rate, failed share, p50 and p99, and the shadow
+//! mismatch rate. Served as JSON by `GET /history`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,8 @@ pub struct Totals {
     /// Shadow comparisons made, and how many mismatched.
     pub compared: u64,
     pub mismatched: u64,
+    /// Requests sent to `from` because `to` was down or refused.
+    pub fallbacks: u64,
 }
 
 /// One backend over one interval.
@@ -40,6 +42,7 @@ pub struct BackendPoint {
     pub requests_per_second: f64,
     /// `None` without answers.
     pub failed_percent: Option<f64>,
+    pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
 }
 
@@ -52,6 +55,7 @@ pub struct Point {
     pub from: BackendPoint,
     /// `None` without comparisons.
     pub mismatch_percent: Option<f64>,
+    pub fallbacks_per_second: f64,
 }
 
 /// One route's samples.
@@ -68,12 +72,15 @@ impl RouteHistory {
             let seconds = at_ms.saturating_sub(then) as f64 / 1000.0;
             if seconds > 0.0 {
                 let backend = |now: &SideCounts, before: &SideCounts| {
-                    let side = now.since(before).side();
+                    let interval = now.since(before);
+                    let side = interval.side();
+                    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
                     BackendPoint {
                         requests_per_second: side.answers as f64 / seconds,
                         failed_percent: (side.answers > 0)
                             .then(|| 100.0 * side.failures as f64 / side.answers as f64),
-                        p99_ms: side.p99.map(|p| p.as_secs_f64() * 1000.0),
+                        p50_ms: interval.quantile(50).map(ms),
+                        p99_ms: side.p99.map(ms),
                     }
                 };
                 let compared = totals.compared.saturating_sub(last.compared);
@@ -88,6 +95,8 @@ impl RouteHistory {
                     from: backend(&totals.from, &last.from),
                     mismatch_percent: (compared > 0)
                         .then(|| 100.0 * mismatched as f64 / compared as f64),
+                    fallbacks_per_second: totals.fallbacks.saturating_sub(last.fallbacks) as f64
+                        / seconds,
                 });
             }
         }
@@ -117,7 +126,8 @@ impl History {
                 active.series.existing(index, route.to),
                 active.series.existing(index, route.from),
             );
-            if to.is_none() && from.is_none() && !routes.contains_key(&route.name) {
+            let quiet = to.is_none() && from.is_none() && active.fallbacks_total(index) == 0;
+            if quiet && !routes.contains_key(&route.name) {
                 continue;
             }
             if !routes.contains_key(&route.name) && routes.len() >= MAX_ROUTES {
@@ -125,13 +135,14 @@ impl History {
             }
             let (compared, mismatched) = active.shadows[index]
                 .as_ref()
-                .map(|s| s.report.lock().map(|r| r.compared_totals()).unwrap_or_default())
+                .map(|s| s.outcomes.compared_totals())
                 .unwrap_or_default();
             let totals = Totals {
                 to: to.map(|s| s.totals()).unwrap_or_default(),
                 from: from.map(|s| s.totals()).unwrap_or_default(),
                 compared,
                 mismatched,
+                fallbacks: active.fallbacks_total(index),
             };
             let percent = active.ramps[index]
                 .as_ref()
@@ -140,14 +151,15 @@ impl History {
         }
     }
 
-    /// The samples of every followed route (or of `route`), oldest first.
-    pub fn json(&self, route: Option<&str>) -> Value {
+    /// The samples of every followed route (or of `route`) taken after `since_ms`, oldest
+    /// first.
+    pub fn json(&self, route: Option<&str>, since_ms: u64) -> Value {
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         let series: serde_json::Map<String, Value> = routes
             .iter()
             .filter(|(name, _)| route.is_none_or(|wanted| wanted == name.as_str()))
             .map(|(name, history)| {
-                let points: Vec<&Point> = history.points().collect();
+                let points: Vec<&Point> = history.points().filter(|p| p.at_ms > since_ms).collect();
                 (name.clone(), json!(points))
             })
             .collect();
@@ -195,6 +207,7 @@ mod tests {
             from: side(90, 0, &[90]),
             compared: 20,
             mismatched: 5,
+            fallbacks: 3,
         };
         history.sample(6_000, 10.0, totals);
         let point = *history.points().next().expect("a point");
@@ -202,6 +215,8 @@ mod tests {
         assert_eq!(point.to.requests_per_second, 2.0);
         assert_eq!(point.to.failed_percent, Some(10.0));
         assert_eq!(point.to.p99_ms, Some(2.0));
+        assert_eq!(point.from.p50_ms, Some(0.5));
+        assert_eq!(point.fallbacks_per_second, 0.6);
         assert_eq!(point.from.requests_per_second, 18.0);
         assert_eq!(point.mismatch_percent, Some(25.0));
         // Nothing new: no rates, no percents.
