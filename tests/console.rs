@@ -174,7 +174,7 @@ async fn the_page_is_self_contained_and_cannot_be_framed() {
     assert!(headers["content-type"].to_str().expect("type").starts_with("text/html"));
     let html = page.text().await.expect("html");
     for asset in ["/console.js", "/console.css"] {
-        assert!(html.contains(&format!("\"{asset}\"")), "{asset} not linked");
+        assert!(html.contains(&format!("\"{}\"", &asset[1..])), "{asset} not linked");
         let response = proxy.admin_get(asset).await;
         assert_eq!(response.status(), 200, "{asset}");
         let text = response.text().await.expect("asset");
@@ -222,4 +222,102 @@ async fn history_shows_each_backends_rate_failures_and_the_mismatch_rate() {
     assert!(point["to"]["p99_ms"].as_f64().is_some(), "{point}");
     // Every answer differs between the backends (each names itself).
     assert_eq!(point["mismatch_percent"], 100.0, "{point}");
+}
+
+/// Draws the README's screenshots (`docs/console.png`, `docs/console-phone.png`): after three
+/// minutes of traffic, `orders` ramping with shadow comparisons (a sixth of its answers
+/// disagree on the type of `total`), `customers` moved for good, and `payments`, whose new
+/// service is down, falling back. Run by hand:
+/// `cargo test --test console -- --ignored readme_screenshots`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes three minutes and rewrites docs/; run by hand"]
+async fn readme_screenshots() {
+    let id = |seen: &Seen| -> u64 {
+        seen.path.rsplit('/').next().and_then(|id| id.parse().ok()).unwrap_or(0)
+    };
+    let monolith = AppBackend::start(move |seen: &Seen| {
+        let body = json!({"id": id(seen), "total": "12.50", "status": "paid"});
+        (200, "application/json", body.to_string())
+    })
+    .await;
+    let orders = AppBackend::start_slow(Duration::from_millis(2), move |seen: &Seen| {
+        let id = id(seen);
+        let total = if id % 10 == 1 { json!(12.5) } else { json!("12.50") };
+        let status = if id % 400 == 7 { 500 } else { 200 };
+        (
+            status,
+            "application/json",
+            json!({"id": id, "total": total, "status": "paid"}).to_string(),
+        )
+    })
+    .await;
+    let payments_down = common::free_addr();
+    let routes = format!(
+        r#"
+[backends.monolith]
+url = "{monolith}"
+[backends.orders]
+url = "{orders}"
+health = {{ path = "/healthz", interval = "2s" }}
+[backends.payments]
+url = "http://{payments_down}"
+health = {{ path = "/healthz", interval = "2s" }}
+
+[defaults]
+backend = "monolith"
+sticky = "header:x-user-id"
+
+[[routes]]
+name = "orders"
+match = {{ path_prefix = "/api/orders" }}
+to = "orders"
+[routes.ramp]
+steps = [5, 25, 50, 100]
+hold = "45s"
+min_requests = 60
+max_error_rate = 2.0
+max_mismatch_rate = 30.0
+[routes.shadow]
+percent = 50
+
+[[routes]]
+name = "customers"
+match = {{ path_prefix = "/api/customers" }}
+to = "orders"
+percent = 100
+
+[[routes]]
+name = "payments"
+match = {{ path_prefix = "/api/payments" }}
+to = "payments"
+percent = 20
+"#,
+        monolith = monolith.url(),
+        orders = orders.url(),
+    );
+    let settings_dir = tempfile::tempdir().expect("settings dir");
+    let proxy =
+        Proxy::start_with(&routes, &["--config", &token_settings(settings_dir.path())]).await;
+    let browser = Browser::start().await;
+    let page = browser.open(&format!("http://{}/", proxy.admin), 1280, 800).await;
+
+    let until = Instant::now() + Duration::from_secs(180);
+    let mut n: u64 = 0;
+    while Instant::now() < until {
+        for path in ["orders", "orders", "orders", "customers", "payments"] {
+            n += 1;
+            let request = client()
+                .get(proxy.url(&format!("/api/{path}/{}", n % 1000)))
+                .header("x-user-id", format!("user-{}", n % 400));
+            let _ = request.send().await.expect("request").bytes().await;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    page.wait_for("document.querySelectorAll('article.route').length === 3").await;
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    page.screenshot(&docs.join("console.png")).await;
+    page.resize(390, 844).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    page.screenshot(&docs.join("console-phone.png")).await;
+    assert_eq!(browser.errors(), Vec::<String>::new());
 }

@@ -281,6 +281,7 @@ impl AdminApp {
         let mut body = table_json(&active);
         body["routes_file"] = json!(self.shared.routes_path.display().to_string());
         body["last_reload_error"] = serde_json::to_value(failure).unwrap_or(Value::Null);
+        body["now"] = json!(crate::reload::now_rfc3339());
         body["reloads"] =
             serde_json::to_value(self.shared.reload_log.records()).unwrap_or_default();
         body["ramp_store"] = self.shared.ramps.store_json();

@@ -262,3 +262,42 @@ pub async fn run(job: Job, connector: &Connector, metrics: &Metrics) {
         metrics.shadow_differences.with_label_values(&[&route.route, &field]).inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn requests_never_wait_for_a_reader_of_the_report() {
+        let table = ficus_routes::RouteTable::parse(
+            "[backends.a]\nurl = \"http://127.0.0.1:1\"\n[backends.b]\nurl = \"http://127.0.0.1:2\"\n\
+             [defaults]\nbackend = \"a\"\n[[routes]]\nname = \"r\"\nmatch = {}\nto = \"b\"\n\
+             percent = 1\n[routes.shadow]\nmax_in_flight = 1\n",
+            ficus_routes::Format::Toml,
+            "t.toml",
+        )
+        .expect("valid table");
+        let metrics = Metrics::new();
+        let shadow =
+            RouteShadow::for_route(&table.routes[0], std::iter::empty(), &metrics).expect("shadow");
+        let _in_flight = shadow.capture().expect("the one slot");
+        // The console (or /shadow) reading the report holds its lock...
+        let reading = shadow.report.lock().expect("report");
+        // ...while a request finds every slot taken and counts a dropped shadow.
+        let (done, finished) = mpsc::channel();
+        let request = shadow.clone();
+        std::thread::spawn(move || {
+            let captured = request.capture().is_some();
+            let _ = done.send(captured);
+        });
+        let captured = finished.recv_timeout(Duration::from_secs(5));
+        assert_eq!(captured, Ok(false), "the request waited for the report's lock");
+        drop(reading);
+        assert_eq!(shadow.outcomes.get()[Outcome::Dropped as usize], 1);
+        let text = String::from_utf8(metrics.render()).expect("utf8");
+        assert!(text.contains(r#"ficus_shadow_total{result="dropped",route="r"} 1"#), "{text}");
+    }
+}

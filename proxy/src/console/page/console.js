@@ -3,7 +3,10 @@
 // Everything that comes from the proxy or its backends is set as text, never as HTML.
 "use strict";
 
-const REFRESH_MS = 1500;
+const REFRESH_MS = 1000;
+const READ_TIMEOUT_MS = 5000;
+// A ramp command may wait up to 3 s for the shared state store.
+const WRITE_TIMEOUT_MS = 10000;
 const HISTORY_MS = 15 * 60 * 1000;
 const TOKEN_KEY = "ficus-admin-token";
 const SVG = "http://www.w3.org/2000/svg";
@@ -66,8 +69,9 @@ function duration(seconds) {
   return `${+(seconds / 3600).toFixed(1)} h`;
 }
 
-function since(iso) {
-  const seconds = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
+/** How long before the proxy's own clock (`now` of /routes) `iso` is. */
+function since(iso, now) {
+  const seconds = Math.max(0, Math.round((Date.parse(now) - Date.parse(iso)) / 1000));
   if (Number.isNaN(seconds)) return "";
   if (seconds < 90) return `${seconds} s ago`;
   if (seconds < 5400) return `${Math.round(seconds / 60)} min ago`;
@@ -77,17 +81,21 @@ function since(iso) {
 // --- reading the API ----------------------------------------------------------------------
 
 async function getJson(path) {
-  const response = await fetch(path, { cache: "no-store", headers: { Accept: "application/json" } });
+  const response = await fetch(path, {
+    cache: "no-store",
+    headers: { Accept: "application/json" },
+    signal: AbortSignal.timeout(READ_TIMEOUT_MS),
+  });
   if (!response.ok) throw new Error(`${path}: ${response.status} ${(await response.text()).trim()}`);
   return response.json();
 }
 
 async function refresh() {
   try {
-    const routes = await getJson("/routes");
+    const routes = await getJson("routes");
     const [history, shadow] = await Promise.all([
-      getJson(`/history?since=${state.lastPoint}`),
-      routes.routes.some((r) => r.shadow) ? getJson("/shadow") : { routes: [] },
+      getJson(`history?since=${state.lastPoint}`),
+      routes.routes.some((r) => r.shadow) ? getJson("shadow") : { routes: [] },
     ]);
     state.routes = routes;
     mergeHistory(history);
@@ -103,17 +111,20 @@ async function refresh() {
   }
 }
 
+// Times are the proxy's (`at_ms`), never this browser's, whose clock may be off.
 function mergeHistory(history) {
   state.interval = history.interval_seconds;
-  const cutoff = Date.now() - HISTORY_MS;
   for (const [name, points] of Object.entries(history.routes)) {
     const held = state.history.get(name) || [];
     for (const point of points) {
       if (!held.length || point.at_ms > held[held.length - 1].at_ms) held.push(point);
       state.lastPoint = Math.max(state.lastPoint, point.at_ms);
     }
-    while (held.length && held[0].at_ms < cutoff) held.shift();
     state.history.set(name, held);
+  }
+  const cutoff = state.lastPoint - HISTORY_MS;
+  for (const held of state.history.values()) {
+    while (held.length && held[0].at_ms < cutoff) held.shift();
   }
 }
 
@@ -122,7 +133,7 @@ function mergeHistory(history) {
 function render() {
   const table = state.routes;
   $("version").textContent = table.version;
-  $("loaded").textContent = `${table.loaded_at} (${since(table.loaded_at)})`;
+  $("loaded").textContent = `${table.loaded_at} (${since(table.loaded_at, table.now)})`;
   $("file").textContent = table.routes_file;
   $("store").textContent = storeText(table.ramp_store);
 
@@ -149,6 +160,9 @@ function render() {
       state.cards.delete(name);
     }
   }
+  for (const name of state.history.keys()) {
+    if (!names.has(name)) state.history.delete(name);
+  }
   const main = $("routes");
   table.routes.forEach((route, index) => {
     let card = state.cards.get(route.name);
@@ -159,10 +173,9 @@ function render() {
     if (main.children[index] !== card.root) main.insertBefore(card.root, main.children[index] || null);
     fillCard(card, route);
   });
-  if (!table.routes.length) {
-    main.replaceChildren(h("p", { class: "panel" }, "No routes: every request goes to the default backend, ", table.default_backend, "."));
-    state.cards.clear();
-  }
+  const empty = $("no-routes");
+  empty.hidden = table.routes.length > 0;
+  empty.textContent = `No routes: every request goes to the default backend, ${table.default_backend}.`;
 
   $("backends").tBodies[0].replaceChildren(...table.backends.map((b) =>
     h("tr", {},
@@ -197,7 +210,7 @@ function makeCard(name) {
   };
   const command = (verb, label, cls) => {
     const button = h("button", { type: "button", class: cls, "data-command": verb,
-      onclick: () => write(`/routes/${encodeURIComponent(name)}/${verb}`, `${name}: ${label}`) }, label);
+      onclick: () => write(`routes/${encodeURIComponent(name)}/${verb}`, `${name}: ${label}`) }, label);
     card.buttons.push(button);
     return button;
   };
@@ -249,7 +262,7 @@ function rampLines(route, ramp) {
   if (ramp.limits.max_p99_ratio != null) limits.push(`p99 ≤ ${ramp.limits.max_p99_ratio}× ${route.from}'s`);
   if (ramp.limits.max_mismatch_rate != null) limits.push(`mismatches ≤ ${ramp.limits.max_mismatch_rate}%`);
   lines.push(h("p", { class: "why" }, `Each step holds ${duration(ramp.hold_seconds)} and ${ramp.min_requests} requests; limits: ${limits.join(", ") || "none"}. On this step for ${duration(ramp.on_step_seconds)}; last ${ramp.window_seconds} s: ${recent.to.answers} answers on ${route.to}, ${recent.to.failures} failed.`));
-  if (ramp.waiting) lines.push(h("p", { class: "why" }, h("b", {}, "Waiting: "), ramp.waiting));
+  if (ramp.waiting && ramp.waiting !== ramp.reason && !ramp.waiting.endsWith(ramp.reason)) lines.push(h("p", { class: "why" }, h("b", {}, "Waiting: "), ramp.waiting));
   if (ramp.reason) lines.push(h("p", { class: "why" }, h("b", {}, `${ramp.status === "rolled_back" ? "Rolled back" : "Last change"}: `), ramp.reason));
   return lines;
 }
@@ -302,8 +315,9 @@ function charts(route, points) {
 
 function chart(title, series, minTop) {
   const W = 300, H = 90, PAD = 4;
-  // The time axis spans the data held (at least a minute), up to the 15 minutes kept.
-  const now = Date.now();
+  // The time axis ends at the newest sample and spans the data held (at least a minute), up
+  // to the 15 minutes kept.
+  const now = state.lastPoint;
   const first = Math.min(...series.flatMap((s) => s.data.map(([t]) => t)));
   const start = Math.max(now - HISTORY_MS, Math.min(first, now - 60 * 1000));
   const span = now - start;
@@ -393,7 +407,21 @@ function showAnswer(kind, text) {
   answer.textContent = text;
 }
 
+let writing = false;
+
 async function write(path, label) {
+  // One write at a time: a second click while the token is asked or an answer awaited is
+  // ignored rather than sent twice.
+  if (writing) return;
+  writing = true;
+  try {
+    await send(path, label);
+  } finally {
+    writing = false;
+  }
+}
+
+async function send(path, label) {
   let token = sessionStorage.getItem(TOKEN_KEY);
   if (token === null) {
     token = await askToken();
@@ -404,7 +432,8 @@ async function write(path, label) {
   if (token) headers.Authorization = `Bearer ${token}`;
   let response, body;
   try {
-    response = await fetch(path, { method: "POST", headers, body: "{}", cache: "no-store" });
+    const signal = AbortSignal.timeout(WRITE_TIMEOUT_MS);
+    response = await fetch(path, { method: "POST", headers, body: "{}", cache: "no-store", signal });
     body = (await response.text()).trim();
   } catch (error) {
     return showAnswer("refused", `${label}: the proxy did not answer (${error.message}).`);
@@ -431,10 +460,15 @@ function describe(body) {
   return body;
 }
 
+// The next refresh is scheduled when one ends, so a slow proxy is never asked twice at once.
+async function loop() {
+  await refresh();
+  setTimeout(loop, REFRESH_MS);
+}
+
 function start() {
-  $("reload").addEventListener("click", () => write("/reload", "Reload"));
-  refresh();
-  setInterval(refresh, REFRESH_MS);
+  $("reload").addEventListener("click", () => write("reload", "Reload"));
+  loop();
 }
 
 start();
