@@ -58,15 +58,22 @@ async fn run_async(args: &RampArgs) -> Result<i32> {
                 .await?;
             return Ok(print_status(&routes, route.as_deref()));
         }
-        RampCommand::Pause { route } => (route, "pause".to_string()),
-        RampCommand::Resume { route } => (route, "resume".to_string()),
-        RampCommand::Rollback { route } => (route, "rollback".to_string()),
-        RampCommand::Advance { route, force } => {
-            (route, if *force { "advance?force=true".into() } else { "advance".into() })
-        }
+        RampCommand::Pause { route } => (route, "pause"),
+        RampCommand::Resume { route } => (route, "resume"),
+        RampCommand::Rollback { route } => (route, "rollback"),
+        RampCommand::Advance { route, .. } => (route, "advance"),
     };
-    let url = format!("{admin}/routes/{route}/{command}");
-    let mut request = client.post(&url).header("content-type", "application/json");
+    // The route name is one path segment, escaped: names may hold spaces, `/` or `?`.
+    let mut url = reqwest::Url::parse(admin)
+        .with_context(|| format!("--admin {admin} is not a URL (http://HOST:PORT)"))?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("--admin {admin} is not an http URL"))?
+        .pop_if_empty()
+        .extend(["routes", route.as_str(), command]);
+    if matches!(args.command, RampCommand::Advance { force: true, .. }) {
+        url.set_query(Some("force=true"));
+    }
+    let mut request = client.post(url.clone()).header("content-type", "application/json");
     if let Some(file) = &args.token_file {
         let token = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read the token file {}", file.display()))?;

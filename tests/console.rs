@@ -9,15 +9,25 @@ use common::browser::{artifacts_dir, Browser, Page};
 use common::{client, split_routes_between, AppBackend, Proxy, Seen};
 use serde_json::{json, Value};
 
-/// The console test's route file: `orders` ramped (10, 50, 100 %, held an hour per step) and
-/// shadowed, `users` at a fixed `users_percent`.
+/// The console test's route file: `orders / v2` (a name that needs escaping in a URL) ramped
+/// (10, 50, 100 %, held an hour per step) and shadowed, `users` at a fixed `users_percent`.
 fn console_routes(monolith: &str, orders: &str, users_percent: f64) -> String {
     let ramp = "[routes.ramp]\nsteps = [10, 50, 100]\nhold = \"1h\"\nmin_requests = 100\n[routes.shadow]\n";
     let users = format!(
         "\n[[routes]]\nname = \"users\"\nmatch = {{ path_prefix = \"/api/users\" }}\n\
          to = \"orders\"\npercent = {users_percent}\n"
     );
-    split_routes_between(monolith, orders, 0.0).replace("percent = 0\n", ramp) + &users
+    split_routes_between(monolith, orders, 0.0)
+        .replace("percent = 0\n", ramp)
+        .replace("name = \"orders\"", &format!("name = \"{ORDERS}\""))
+        + &users
+}
+
+const ORDERS: &str = "orders / v2";
+
+/// The card of route `name`.
+fn card(name: &str) -> String {
+    format!("[data-route={}]", json!(name))
 }
 
 /// Settings with the admin token `s3cret`, written in `dir`.
@@ -46,7 +56,7 @@ async fn traffic(proxy: &Proxy) {
 
 /// The percent a route's card shows.
 async fn shown_percent(page: &Page<'_>, route: &str) -> String {
-    page.text(&format!("[data-route={route}] .percent")).await
+    page.text(&format!("{} .percent", card(route))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,17 +87,17 @@ async fn the_console_shows_every_route_live_and_its_buttons_act_on_the_proxy() {
         assert_eq!(shown_percent(&page, name).await, expected, "{name}: {route}");
     }
     assert_eq!(page.text("#version").await, table["version"].as_str().expect("version"));
-    assert!(page.text("[data-route=orders] .state").await.contains("RAMPING"));
-    assert!(page.text("[data-route=users] .state").await.contains("FIXED"));
+    assert!(page.text(&format!("{} .state", card(ORDERS))).await.contains("RAMPING"));
+    assert!(page.text(&format!("{} .state", card("users"))).await.contains("FIXED"));
 
     // The mismatch the test produces (the two backends disagree on `total`), and the charts,
     // which need two samples.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         traffic(&proxy).await;
-        let shown = page.text("[data-route=orders] .shadow").await;
-        let charts =
-            page.eval("document.querySelectorAll('[data-route=orders] svg path').length").await;
+        let shown = page.text(&format!("{} .shadow", card(ORDERS))).await;
+        let paths = json!(format!("{} svg path", card(ORDERS)));
+        let charts = page.eval(&format!("document.querySelectorAll({paths}).length")).await;
         if shown.contains("/total") && shown.contains("10 → 12") && charts.as_u64() > Some(1) {
             break;
         }
@@ -97,7 +107,7 @@ async fn the_console_shows_every_route_live_and_its_buttons_act_on_the_proxy() {
     let rate =
         page.eval("document.querySelector('[data-mismatch-rate]').dataset.mismatchRate").await;
     assert_eq!(rate, "100", "every comparison differs");
-    assert!(page.text("[data-route=orders] table").await.contains("req/s"));
+    assert!(page.text(&format!("{} table", card(ORDERS))).await.contains("req/s"));
     assert_eq!(browser.errors(), Vec::<String>::new(), "the page reported errors");
 
     let artifacts = artifacts_dir();
@@ -115,8 +125,9 @@ async fn the_console_shows_every_route_live_and_its_buttons_act_on_the_proxy() {
     let version = proxy.version().await;
     proxy.write_routes(&console_routes(&monolith.url(), &orders.url(), 60.0));
     let edited = Instant::now();
+    let users = json!(format!("{} .percent", card("users")));
     page.wait_for_within(
-        "document.querySelector('[data-route=users] .percent')?.textContent === '60%'",
+        &format!("document.querySelector({users})?.textContent === '60%'"),
         Duration::from_secs(3),
     )
     .await;
@@ -126,7 +137,7 @@ async fn the_console_shows_every_route_live_and_its_buttons_act_on_the_proxy() {
     assert!(page.text("#reload-list").await.contains("ERROR"), "the failed reload is listed");
 
     // Rollback without the token: refused, with the reason, and nothing changes.
-    let rollback = "[data-route=orders] button[data-command=rollback]";
+    let rollback = &format!("{} button[data-command=rollback]", card(ORDERS));
     page.click(rollback).await;
     page.wait_for("document.getElementById('token-dialog').open").await;
     page.click("#token-send").await;
@@ -147,13 +158,20 @@ async fn the_console_shows_every_route_live_and_its_buttons_act_on_the_proxy() {
         (route["percent"].as_f64(), route["ramp"]["status"].as_str()),
         (Some(0.0), Some("rolled_back"))
     );
-    page.wait_for("document.querySelector('[data-route=orders] .percent').textContent === '0%'")
-        .await;
-    assert!(page.text("[data-route=orders] .state").await.contains("ROLLED BACK"));
+    let (percent, state) =
+        (json!(format!("{} .percent", card(ORDERS))), json!(format!("{} .state", card(ORDERS))));
+    page.wait_for(&format!(
+        "document.querySelector({percent}).textContent === '0%' && \
+         document.querySelector({state}).textContent === 'ROLLED BACK'"
+    ))
+    .await;
 
     // The only error is the browser's note of the refused write.
     for error in browser.errors() {
-        assert!(error.contains("401") && error.contains("/routes/orders/rollback"), "{error}");
+        assert!(
+            error.contains("401") && error.contains("/routes/orders%20%2F%20v2/rollback"),
+            "{error}"
+        );
     }
     eprintln!(
         "console: route-file edit shown in {shown_after:?}; screenshots in {}",

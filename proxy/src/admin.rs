@@ -144,15 +144,15 @@ impl ServeHttp for AdminApp {
                 json_response(StatusCode::OK, &self.shared.history.json(None, since))
             }
             (Method::GET, one) if one.starts_with("/history/") => {
-                let name = &one["/history/".len()..];
-                json_response(StatusCode::OK, &self.shared.history.json(Some(name), since))
+                let name = route_name(&one["/history/".len()..]);
+                json_response(StatusCode::OK, &self.shared.history.json(Some(&name), since))
             }
             (Method::GET, "/shadow") => {
                 let routes = self.shadow_json(|_| true);
                 json_response(StatusCode::OK, &serde_json::json!({ "routes": routes }))
             }
             (Method::GET, one) if one.starts_with("/shadow/") => {
-                let name = &one["/shadow/".len()..];
+                let name = route_name(&one["/shadow/".len()..]);
                 match self.shadow_json(|route| route == name).pop() {
                     Some(route) => json_response(StatusCode::OK, &route),
                     None => respond(
@@ -246,6 +246,7 @@ impl AdminApp {
                 b"try POST /routes/NAME/pause, resume, rollback or advance\n".to_vec(),
             );
         };
+        let route = &*route_name(route);
         let Some(command) = Command::parse(name, force) else {
             let message =
                 format!("unknown command \"{name}\": pause, resume, rollback or advance\n");
@@ -345,6 +346,12 @@ pub fn table_json(active: &ActiveTable) -> Value {
     })
 }
 
+/// A route name from a path segment, where it is percent-encoded (names may hold spaces, `/`
+/// or `?`).
+fn route_name(segment: &str) -> std::borrow::Cow<'_, str> {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy()
+}
+
 /// The value of `name` in the request's query string.
 fn query_param<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
     let query = session.req_header().uri.query()?;
@@ -374,6 +381,10 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
     if let Ok(value) = response.body().len().to_string().parse() {
         response.headers_mut().insert(http::header::CONTENT_LENGTH, value);
     }
+    // Answers repeat what the request said (a Host, a route name): never read as HTML.
+    response
+        .headers_mut()
+        .insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
     response
 }
 

@@ -211,12 +211,13 @@ impl Page<'_> {
     }
 
     /// Clicks the middle of the element `selector` matches, with the mouse, as a user does:
-    /// the click lands on whatever is on top there.
+    /// once that element is the one on top there (not covered, not moving under a redraw).
     pub async fn click(&self, selector: &str) {
         let expression = format!(
             "(() => {{ const el = document.querySelector({}); if (!el) return null;
                el.scrollIntoView({{block: 'center'}}); const r = el.getBoundingClientRect();
-               return [r.x + r.width / 2, r.y + r.height / 2]; }})()",
+               const [x, y] = [r.x + r.width / 2, r.y + r.height / 2];
+               return el.contains(document.elementFromPoint(x, y)) ? [x, y] : null; }})()",
             json!(selector)
         );
         let point = self.wait_for(&expression).await;

@@ -25,17 +25,17 @@ pub fn asset(path: &str) -> Option<Asset> {
     Some(Asset { content_type, body })
 }
 
-/// Headers the console's files are served with. The page loads nothing from anywhere else and
-/// may not be framed (its buttons must not be clickjacked); its address never leaks as a
-/// referrer; a new binary's page is fetched again rather than taken from a cache.
-pub const HEADERS: [(&str, &str); 5] = [
+/// Headers the console's files are served with (besides `nosniff`, which every admin answer
+/// has). The page loads nothing from anywhere else and may not be framed (its buttons must not
+/// be clickjacked); its address never leaks as a referrer; a new binary's page is fetched
+/// again rather than taken from a cache.
+pub const HEADERS: [(&str, &str); 4] = [
     (
         "content-security-policy",
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
          img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     ),
     ("x-frame-options", "DENY"),
-    ("x-content-type-options", "nosniff"),
     ("referrer-policy", "no-referrer"),
     ("cache-control", "no-cache"),
 ];

@@ -59,8 +59,7 @@ function fmt(value, digits = 1, unit = "") {
 }
 
 function percentText(value) {
-  const digits = Number.isInteger(value) ? 0 : 2;
-  return `${Number(value).toFixed(digits)}%`;
+  return `${+Number(value).toFixed(2)}%`;
 }
 
 function duration(seconds) {
@@ -90,25 +89,35 @@ async function getJson(path) {
   return response.json();
 }
 
+let refreshes = 0;   // refreshes started
+let drawn = 0;       // the latest refresh drawn
+
 async function refresh() {
+  const number = ++refreshes;
+  let routes, history, shadow;
   try {
-    const routes = await getJson("routes");
-    const [history, shadow] = await Promise.all([
+    routes = await getJson("routes");
+    [history, shadow] = await Promise.all([
       getJson(`history?since=${state.lastPoint}`),
       routes.routes.some((r) => r.shadow) ? getJson("shadow") : { routes: [] },
     ]);
-    state.routes = routes;
-    mergeHistory(history);
-    state.shadow = new Map(shadow.routes.map((report) => [report.route, report]));
-    render();
-    const live = $("live");
-    live.className = "live";
-    live.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
     const live = $("live");
     live.className = "live down";
     live.textContent = `DISCONNECTED: ${error.message}. Showing the last data read; retrying.`;
+    return;
   }
+  // A write's refresh may overtake the periodic one: never draw older data over newer.
+  if (number < drawn) return;
+  drawn = number;
+  state.routes = routes;
+  mergeHistory(history);
+  state.shadow = new Map(shadow.routes.map((report) => [report.route, report]));
+  // A drawing error is a bug: it propagates to the console, not into "DISCONNECTED".
+  render();
+  const live = $("live");
+  live.className = "live";
+  live.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
 }
 
 // Times are the proxy's (`at_ms`), never this browser's, whose clock may be off.
@@ -262,7 +271,8 @@ function rampLines(route, ramp) {
   if (ramp.limits.max_p99_ratio != null) limits.push(`p99 ≤ ${ramp.limits.max_p99_ratio}× ${route.from}'s`);
   if (ramp.limits.max_mismatch_rate != null) limits.push(`mismatches ≤ ${ramp.limits.max_mismatch_rate}%`);
   lines.push(h("p", { class: "why" }, `Each step holds ${duration(ramp.hold_seconds)} and ${ramp.min_requests} requests; limits: ${limits.join(", ") || "none"}. On this step for ${duration(ramp.on_step_seconds)}; last ${ramp.window_seconds} s: ${recent.to.answers} answers on ${route.to}, ${recent.to.failures} failed.`));
-  if (ramp.waiting && ramp.waiting !== ramp.reason && !ramp.waiting.endsWith(ramp.reason)) lines.push(h("p", { class: "why" }, h("b", {}, "Waiting: "), ramp.waiting));
+  const repeatsReason = ramp.reason && ramp.waiting.endsWith(ramp.reason);
+  if (ramp.waiting && !repeatsReason) lines.push(h("p", { class: "why" }, h("b", {}, "Waiting: "), ramp.waiting));
   if (ramp.reason) lines.push(h("p", { class: "why" }, h("b", {}, `${ramp.status === "rolled_back" ? "Rolled back" : "Last change"}: `), ramp.reason));
   return lines;
 }
@@ -387,13 +397,14 @@ function askToken() {
   input.value = "";
   return new Promise((resolve) => {
     const done = (value) => {
-      $("token-send").onclick = $("token-cancel").onclick = input.onkeydown = dialog.oncancel = null;
+      $("token-send").onclick = $("token-cancel").onclick = input.onkeydown = dialog.onclose = null;
       if (dialog.open) dialog.close();
       resolve(value);
     };
     $("token-send").onclick = () => done(input.value.trim());
     $("token-cancel").onclick = () => done(null);
-    dialog.oncancel = () => done(null);
+    // However the dialog closes (Esc included), the write goes on or is cancelled.
+    dialog.onclose = () => done(null);
     input.onkeydown = (event) => { if (event.key === "Enter") done(input.value.trim()); };
     dialog.showModal();
     input.focus();
@@ -436,7 +447,9 @@ async function send(path, label) {
     response = await fetch(path, { method: "POST", headers, body: "{}", cache: "no-store", signal });
     body = (await response.text()).trim();
   } catch (error) {
-    return showAnswer("refused", `${label}: the proxy did not answer (${error.message}).`);
+    // Also what a token no header can carry gives: ask for it again next time.
+    sessionStorage.removeItem(TOKEN_KEY);
+    return showAnswer("refused", `${label}: not sent or not answered (${error.message}).`);
   }
   if (response.status === 401) {
     sessionStorage.removeItem(TOKEN_KEY);
@@ -453,6 +466,7 @@ async function send(path, label) {
 function describe(body) {
   let answer;
   try { answer = JSON.parse(body); } catch { return body; }
+  if (!answer || typeof answer !== "object") return body;
   if (answer.error) return answer.error;
   if (answer.status) return `${answer.route} is ${answer.status.replace("_", " ")} at ${percentText(answer.percent)}${answer.reason ? `: ${answer.reason}` : ""}`;
   if (answer.result === "error") return `the file was rejected: ${answer.errors.join("; ")}`;
@@ -462,8 +476,11 @@ function describe(body) {
 
 // The next refresh is scheduled when one ends, so a slow proxy is never asked twice at once.
 async function loop() {
-  await refresh();
-  setTimeout(loop, REFRESH_MS);
+  try {
+    await refresh();
+  } finally {
+    setTimeout(loop, REFRESH_MS);
+  }
 }
 
 function start() {
