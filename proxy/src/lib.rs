@@ -22,7 +22,7 @@ pub mod shadow;
 pub mod state;
 
 use std::net::TcpListener;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ficus_routes::LoadError;
 use pingora::apps::HttpServerOptions;
@@ -38,7 +38,7 @@ use crate::admin::AdminApp;
 use crate::console::HistorySampler;
 use crate::metrics::Metrics;
 use crate::ramp::{RampTicker, Ramps};
-use crate::reload::{ReloadTriggers, Reloader};
+use crate::reload::{FileChanges, ReloadTriggers, Reloader};
 use crate::service::FicusProxy;
 use crate::state::{ActiveTable, Shared};
 
@@ -78,6 +78,8 @@ pub fn run_with(
     let ramps = Ramps::open(settings.state_store()?)?;
     let metrics = Metrics::new();
     metrics.ramp_store_up.set(i64::from(ramps.reachable()));
+    // Watch before the first read: a change in between is then seen, not lost.
+    let changes = if settings.watch { FileChanges::watch(&settings.routes) } else { None };
     let active = ActiveTable::load(&settings.routes, None, &ramps, &metrics)?;
     tracing::info!(
         routes_file = %settings.routes.display(),
@@ -140,8 +142,10 @@ pub fn run_with(
         AdminApp { shared, reloader: reloader.clone(), hosts: settings.admin_hosts.clone(), token };
     let mut admin = Service::new("ficus admin".to_string(), app);
     admin.add_tcp(&settings.admin);
-    let triggers =
-        background_service("ficus reload", ReloadTriggers { reloader, watch: settings.watch });
+    let triggers = background_service(
+        "ficus reload",
+        ReloadTriggers { reloader, changes: Mutex::new(changes) },
+    );
 
     server.add_service(proxy);
     server.add_service(admin);

@@ -157,13 +157,30 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-/// Background service: reloads on SIGHUP and on changes to the route file.
+/// Changes to the route file, seen from the moment this is made: made before the file is
+/// first read, so that a change between that read and the reload service's start is not
+/// missed (it waits in the channel).
 ///
 /// The file's directory is watched, not the file, so that editors that write a new file and
 /// rename it, and Kubernetes' atomic swap of a ConfigMap's `..data` symlink, are both seen.
+pub struct FileChanges {
+    _watcher: RecommendedWatcher,
+    changes: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl FileChanges {
+    /// Starts watching `path`; `None` (logged) when the system cannot watch it.
+    pub fn watch(path: &Path) -> Option<FileChanges> {
+        let (tx, changes) = tokio::sync::mpsc::channel::<()>(1);
+        watch_file(path, tx).map(|watcher| FileChanges { _watcher: watcher, changes })
+    }
+}
+
+/// Background service: reloads on SIGHUP and on changes to the route file.
 pub struct ReloadTriggers {
     pub reloader: Reloader,
-    pub watch: bool,
+    /// Taken when the service starts.
+    pub changes: Mutex<Option<FileChanges>>,
 }
 
 #[async_trait]
@@ -178,19 +195,23 @@ impl BackgroundService for ReloadTriggers {
                 None
             }
         };
-        let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-        let _watcher =
-            if self.watch { watch_file(&self.reloader.shared.routes_path, tx) } else { None };
+        let taken = self.changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let (_watcher, mut changes) = match taken {
+            Some(FileChanges { _watcher, changes }) => (Some(_watcher), Some(changes)),
+            None => (None, None),
+        };
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = async { match hangup.as_mut() { Some(s) => s.recv().await, None => None } } => {
                     self.reloader.reload_async("sighup").await;
                 }
-                Some(()) = changes.recv() => {
+                Some(()) = async { match changes.as_mut() { Some(c) => c.recv().await, None => None } } => {
                     // Let a burst of writes (an editor saving, a ConfigMap swap) settle first.
                     tokio::time::sleep(SETTLE).await;
-                    while changes.try_recv().is_ok() {}
+                    if let Some(changes) = changes.as_mut() {
+                        while changes.try_recv().is_ok() {}
+                    }
                     self.reloader.reload_async("file").await;
                 }
             }
