@@ -9,6 +9,7 @@ mod cdc_cmd;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod demo;
+mod pg_cluster;
 mod ramp_cmd;
 mod routes_cmd;
 

@@ -255,6 +255,42 @@ impl KafkaConfig {
         }
         props.into_iter().collect()
     }
+
+    /// The properties of the admin client that creates topics: the producer's, so that it
+    /// reaches the same cluster the same way (SASL, TLS, client id, ...), less those only a
+    /// producer has. Kept by leaving out, not by picking, so that a connection property
+    /// this list does not know still reaches the admin client.
+    pub fn admin_properties(&self) -> Vec<(String, String)> {
+        const PRODUCER_ONLY: [&str; 10] = [
+            "acks",
+            "request.required.acks",
+            "enable.idempotence",
+            "enable.gapless.guarantee",
+            "transactional.id",
+            "transaction.timeout.ms",
+            "linger.ms",
+            "queue.buffering.max.ms",
+            "message.timeout.ms",
+            "delivery.timeout.ms",
+        ];
+        const PRODUCER_ONLY_PREFIXES: [&str; 8] = [
+            "queue.buffering.",
+            "batch.",
+            "compression.",
+            "message.send.",
+            "retries",
+            "partitioner",
+            "sticky.partitioning",
+            "max.in.flight",
+        ];
+        self.producer_properties()
+            .into_iter()
+            .filter(|(key, _)| {
+                !PRODUCER_ONLY.contains(&key.as_str())
+                    && !PRODUCER_ONLY_PREFIXES.iter().any(|prefix| key.starts_with(prefix))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +305,40 @@ mod tests {
             tables: None,
             snapshot: SnapshotMode::Initial,
             heartbeat: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_admin_client_reaches_the_cluster_as_the_producer_does() {
+        let kafka: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "kafka:9093",
+            "topic_prefix": "shop",
+            "producer": {
+                "security.protocol": "SASL_SSL",
+                "sasl.mechanisms": "SCRAM-SHA-512",
+                "sasl.username": "ficus",
+                "sasl.password": "secret",
+                "ssl.ca.location": "/etc/ficus/ca.pem",
+                "client.id": "ficus-cdc",
+                "compression.type": "lz4",
+                "batch.size": 100000,
+            },
+        }))
+        .expect("kafka config");
+        let admin: BTreeMap<String, String> = kafka.admin_properties().into_iter().collect();
+        for key in [
+            "bootstrap.servers",
+            "security.protocol",
+            "sasl.mechanisms",
+            "sasl.username",
+            "sasl.password",
+            "ssl.ca.location",
+            "client.id",
+        ] {
+            assert!(admin.contains_key(key), "{key} missing: {admin:?}");
+        }
+        for key in ["acks", "enable.idempotence", "linger.ms", "compression.type", "batch.size"] {
+            assert!(!admin.contains_key(key), "{key} is the producer's: {admin:?}");
         }
     }
 

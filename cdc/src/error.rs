@@ -41,8 +41,10 @@ pub enum CdcError {
     Sql(#[from] tokio_postgres::Error),
     #[error("unexpected message from PostgreSQL: {0}")]
     Protocol(String),
-    #[error("garbled pgoutput message at {lsn}: {source}")]
-    Decode { lsn: crate::lsn::Lsn, source: DecodeError },
+    #[error("garbled pgoutput message at {lsn} ({bytes}): {source}")]
+    Decode { lsn: crate::lsn::Lsn, source: DecodeError, bytes: String },
+    #[error("the pgoutput message at {lsn} ({bytes}) failed to decode {attempts} times in a row: {source}. It is not a network fault; ficus stops rather than skip a change. Report it with this message; the slot still holds the change")]
+    Undecodable { lsn: crate::lsn::Lsn, source: DecodeError, bytes: String, attempts: u32 },
     #[error("wal_level is '{0}', but logical replication needs 'logical': run `ALTER SYSTEM SET wal_level = logical` (or set it in postgresql.conf) and restart PostgreSQL")]
     WalLevel(String),
     #[error("table {0} does not exist (check source.tables)")]
@@ -74,6 +76,42 @@ impl From<Box<crate::names::TopicCollision>> for CdcError {
             first_topic: c.first.1,
             second: c.second.0.to_string(),
             second_topic: c.second.1,
+        }
+    }
+}
+
+/// A summary of a message's bytes for an error: its length and first bytes in hex.
+pub fn bytes_summary(bytes: &[u8]) -> String {
+    const SHOWN: usize = 32;
+    let hex: String = bytes.iter().take(SHOWN).map(|b| format!("{b:02x}")).collect();
+    let more = if bytes.len() > SHOWN { "..." } else { "" };
+    format!("{} bytes: {hex}{more}", bytes.len())
+}
+
+/// Counts the same message failing to decode across restarts: a garbled network read
+/// decodes on the next try, a message ficus cannot decode never does.
+#[derive(Debug, Default)]
+pub struct DecodeFailures {
+    last: Option<crate::lsn::Lsn>,
+    attempts: u32,
+}
+
+impl DecodeFailures {
+    /// Restarts allowed for a message that fails to decode, before ficus stops.
+    pub const ATTEMPTS: u32 = 3;
+
+    /// Takes in the error of a failed run: a decode failure of the same message as the
+    /// last, `ATTEMPTS` times in a row, becomes a fatal [`CdcError::Undecodable`].
+    pub fn check(&mut self, error: CdcError) -> CdcError {
+        let CdcError::Decode { lsn, source, bytes } = error else {
+            return error;
+        };
+        self.attempts = if self.last == Some(lsn) { self.attempts + 1 } else { 1 };
+        self.last = Some(lsn);
+        if self.attempts >= Self::ATTEMPTS {
+            CdcError::Undecodable { lsn, source, bytes, attempts: self.attempts }
+        } else {
+            CdcError::Decode { lsn, source, bytes }
         }
     }
 }
@@ -110,5 +148,35 @@ impl CdcError {
             }
             _ => CdcError::Server(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+
+    fn decode_error(lsn: u64) -> CdcError {
+        let source = DecodeError::UnknownMessage('?');
+        CdcError::Decode { lsn: Lsn(lsn), source, bytes: bytes_summary(&[0x3f; 40]) }
+    }
+
+    #[test]
+    fn a_message_that_never_decodes_stops_the_pipeline() {
+        let mut failures = DecodeFailures::default();
+        assert!(failures.check(decode_error(10)).is_retryable());
+        // Another message failing resets the count: that was the network.
+        assert!(failures.check(decode_error(20)).is_retryable());
+        assert!(failures.check(decode_error(20)).is_retryable());
+        let fatal = failures.check(decode_error(20));
+        assert!(!fatal.is_retryable());
+        let text = fatal.to_string();
+        assert!(text.contains("0/14") && text.contains("3 times"), "{text}");
+        assert!(
+            text.contains("40 bytes: 3f3f") && text.ends_with("the slot still holds the change"),
+            "{text}"
+        );
+        // Other errors pass through untouched.
+        assert!(matches!(failures.check(CdcError::Kafka("down".into())), CdcError::Kafka(_)));
     }
 }

@@ -2,9 +2,10 @@
 //! Debezium-compatible JSON events, confirming a position to PostgreSQL only once Kafka has
 //! acknowledged everything before it.
 //!
-//! Pure parts: [`pgoutput`] (decoding), [`copy`] (snapshot rows), [`value`] (type mapping),
-//! [`event`] (encoding). I/O at the edges: [`wire`] (replication protocol), [`catalog`]
-//! (SQL), [`sink`] (Kafka), driven by [`pipeline`].
+//! Pure parts: [`pgoutput`] (decoding), [`stream`] (what each message means, and what may
+//! be confirmed when), [`copy`] (snapshot rows), [`value`] (type mapping), [`event`]
+//! (encoding), [`wire::split_frame`] (framing). I/O at the edges: [`wire`] (replication
+//! protocol), [`catalog`] (SQL), [`sink`] (Kafka), driven by [`pipeline`].
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod names;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod sink;
+pub mod stream;
 pub mod time;
 pub mod tls;
 pub mod value;

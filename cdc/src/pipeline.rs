@@ -5,7 +5,7 @@
 //! pipeline from the slot after a backoff; since nothing unacknowledged was confirmed, the
 //! restart resends the unconfirmed tail and loses nothing.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,13 +17,14 @@ use tokio_postgres::{Client, NoTls};
 use crate::catalog::{self, Catalog, PublishedTable};
 use crate::config::{CdcConfig, SnapshotMode};
 use crate::copy::CopyRows;
-use crate::error::CdcError;
-use crate::event::{self, Op, Record, Source, Table, NEW_KEY_HEADER, OLD_KEY_HEADER};
+use crate::error::{bytes_summary, CdcError, DecodeFailures};
+use crate::event::{self, Op, Record, Source, Table};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::names::{quote_ident, TableName, Topics};
-use crate::pgoutput::{self, Datum, Message, OldKind, Relation, PG_EPOCH_OFFSET_MICROS};
+use crate::names::{quote_ident, Topics};
+use crate::pgoutput::{self, Datum};
 use crate::sink::{Commit, InFlight, SendError, Sink};
+use crate::stream::{Action, Core, Positions};
 use crate::wire::{ReplicationConnection, StreamMessage, SESSION_SETTINGS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -54,10 +55,13 @@ pub async fn run(
     }
     let mut backoff = Duration::from_millis(250);
     let mut catalog = Catalog::default();
+    let mut decode_failures = DecodeFailures::default();
     loop {
         let started = Instant::now();
-        let result =
-            Pipeline::new(&config, metrics.clone())?.run_once(&mut catalog, shutdown.clone()).await;
+        let result = Pipeline::new(&config, metrics.clone())?
+            .run_once(&mut catalog, shutdown.clone())
+            .await
+            .map_err(|e| decode_failures.check(e));
         metrics.healthy.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
@@ -86,55 +90,12 @@ struct Pipeline<'c> {
     in_flight: InFlight,
     /// Records (and commit markers) waiting for room in the producer.
     pending: VecDeque<Pending>,
-    /// Highest LSN whose preceding events Kafka has all acknowledged.
-    confirmed: Lsn,
     database: String,
 }
 
 enum Pending {
     Record(Record),
     Commit(Commit),
-}
-
-/// The tables of the stream: what each relation id is, which are streamed, their topics.
-struct Relations<'a> {
-    catalog: &'a mut Catalog,
-    topics: Topics,
-    /// The configured tables: only these are streamed. `None`: whatever the publication sends.
-    include: Option<HashSet<TableName>>,
-    /// Each relation seen, by id: its table, or `None` when it is filtered out.
-    known: HashMap<u32, Option<Arc<Table>>>,
-}
-
-impl Relations<'_> {
-    /// What a change of relation `id` is for: `Ok(None)` for a table filtered out.
-    fn table(&self, id: u32) -> Result<Option<Arc<Table>>, CdcError> {
-        self.known.get(&id).cloned().ok_or_else(|| {
-            CdcError::Protocol(format!("change for relation {id} before its Relation message"))
-        })
-    }
-
-    /// Takes in a Relation message: the table of a streamed relation, or none.
-    async fn learn(
-        &mut self,
-        client: &Client,
-        relation: Relation,
-        prefix: &str,
-    ) -> Result<Option<Arc<Table>>, CdcError> {
-        let name = TableName::new(&relation.namespace, &relation.name);
-        if self.include.as_ref().is_some_and(|include| !include.contains(&name)) {
-            if let Some(Some(was)) = self.known.get(&relation.id) {
-                let was = TableName::new(&was.relation.namespace, &was.relation.name);
-                tracing::warn!(table = %was, now = %name, "a streamed table was renamed to a name not in source.tables: its changes are no longer streamed");
-            }
-            self.known.insert(relation.id, None);
-            return Ok(None);
-        }
-        let topic = self.topics.claim(prefix, &name)?;
-        let table = Arc::new(self.catalog.table_for(client, relation, topic).await?);
-        self.known.insert(table.relation.id, Some(table.clone()));
-        Ok(Some(table))
-    }
 }
 
 /// A snapshot on Kafka whose temporary slot still lives on its replication connection.
@@ -145,13 +106,6 @@ struct Exported {
     reader: Client,
     temporary: String,
     consistent: Lsn,
-}
-
-/// The transaction being streamed.
-struct Txn {
-    xid: u32,
-    /// Commit time, microseconds since the Unix epoch.
-    commit_time_us: i64,
 }
 
 fn now_ms() -> i64 {
@@ -171,7 +125,6 @@ impl<'c> Pipeline<'c> {
             sink: Sink::new(config)?,
             in_flight: InFlight::default(),
             pending: VecDeque::new(),
-            confirmed: Lsn::ZERO,
             database,
         })
     }
@@ -234,12 +187,8 @@ impl<'c> Pipeline<'c> {
         }
         self.sink.ensure_topics(&topic_names).await?;
         catalog.refresh(&client).await?;
-        let mut relations = Relations {
-            catalog,
-            topics,
-            include: configured.map(|tables| tables.into_iter().collect()),
-            known: HashMap::new(),
-        };
+        let include = configured.map(|tables| tables.into_iter().collect());
+        let core = Core::new(prefix, &self.database, topics, include);
 
         let slot = catalog::slot_state(&client, &source.slot).await?;
         match &slot {
@@ -262,7 +211,7 @@ impl<'c> Pipeline<'c> {
         }
         match (slot.is_some(), source.snapshot) {
             (_, SnapshotMode::InitialOnly) => {
-                if !self.snapshot_unless_stopped(&tables, false, &mut relations, &shutdown).await? {
+                if !self.snapshot_unless_stopped(&tables, false, catalog, &shutdown).await? {
                     return Err(CdcError::Stopped(
                         "the initial_only snapshot was stopped before it finished".into(),
                     ));
@@ -270,7 +219,7 @@ impl<'c> Pipeline<'c> {
                 return Ok(());
             }
             (false, SnapshotMode::Initial) => {
-                if !self.snapshot_unless_stopped(&tables, true, &mut relations, &shutdown).await? {
+                if !self.snapshot_unless_stopped(&tables, true, catalog, &shutdown).await? {
                     return Ok(());
                 }
             }
@@ -285,7 +234,7 @@ impl<'c> Pipeline<'c> {
             }
             (true, _) => {}
         }
-        self.stream(&client, relations, shutdown).await
+        self.stream(&client, catalog, core, shutdown).await
     }
 
     /// Runs the snapshot, unless a stop comes first: then it stops at once, and the false it
@@ -295,7 +244,7 @@ impl<'c> Pipeline<'c> {
         &mut self,
         tables: &[PublishedTable],
         make_permanent: bool,
-        relations: &mut Relations<'_>,
+        catalog: &mut Catalog,
         shutdown: &watch::Receiver<Shutdown>,
     ) -> Result<bool, CdcError> {
         let mut shutdown = shutdown.clone();
@@ -308,7 +257,7 @@ impl<'c> Pipeline<'c> {
             }
         };
         let exported = tokio::select! {
-            exported = self.snapshot(tables, relations.catalog) => exported?,
+            exported = self.snapshot(tables, catalog) => exported?,
             () = stop => {
                 tracing::warn!("snapshot stopped before it finished; the next start takes it again from the beginning, so the rows sent so far will be sent again");
                 return Ok(false);
@@ -388,10 +337,7 @@ impl<'c> Pipeline<'c> {
                 .query_one("SELECT reltuples FROM pg_class WHERE oid = $1", &[&table.relation.id])
                 .await?
                 .get(0);
-            self.metrics
-                .snapshot_estimate
-                .with_label_values(&[&label])
-                .set(estimate.max(0.0) as i64);
+            self.metrics.snapshot_estimate.with_label_values(&[&label]).set(row_estimate(estimate));
             let columns = table
                 .relation
                 .columns
@@ -506,13 +452,12 @@ impl<'c> Pipeline<'c> {
     async fn stream(
         &mut self,
         client: &Client,
-        mut relations: Relations<'_>,
+        catalog: &mut Catalog,
+        mut core: Core,
         mut shutdown: watch::Receiver<Shutdown>,
     ) -> Result<(), CdcError> {
         let source = &self.config.source;
         let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
-        // Start from what the slot already holds as confirmed, so keepalives seen while the
-        // server catches up never report an older position.
         let flushed: Option<String> = client
             .query_opt(
                 "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
@@ -520,17 +465,12 @@ impl<'c> Pipeline<'c> {
             )
             .await?
             .and_then(|row| row.get(0));
-        if let Some(lsn) = flushed.and_then(|text| text.parse::<Lsn>().ok()) {
-            self.confirmed = self.confirmed.max(lsn);
-        }
+        let mut positions =
+            Positions::new(flushed.and_then(|text| text.parse::<Lsn>().ok()).unwrap_or_default());
         repl.start_replication(&source.slot, Lsn::ZERO, &source.publication).await?;
         tracing::info!(slot = source.slot, publication = source.publication, "streaming changes");
         self.metrics.healthy.store(true, Ordering::Relaxed);
         let ReplicationConnection { mut rx, mut tx, .. } = repl;
-        let mut txn: Option<Txn> = None;
-        let mut last_commit: Option<Lsn> = None;
-        let mut received = Lsn::ZERO;
-        let mut reported = Lsn::ZERO;
         let mut heartbeat = tokio::time::interval(source.heartbeat);
         let mut status = tokio::time::interval(Duration::from_secs(1).min(source.heartbeat));
         let mut retry = tokio::time::interval(Duration::from_millis(50));
@@ -543,17 +483,21 @@ impl<'c> Pipeline<'c> {
                 && self.in_flight.records() < self.config.kafka.max_in_flight;
             self.metrics.backpressure.set(i64::from(!can_read));
             self.metrics.in_flight.set(self.in_flight.records() as i64);
+            // Nothing open and nothing unacknowledged: the server's position is safe.
+            let idle =
+                !core.in_transaction() && self.in_flight.is_empty() && self.pending.is_empty();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
-                    self.drain(Duration::from_secs(10)).await;
-                    tx.status_update(received, self.confirmed, false).await?;
-                    tracing::info!(confirmed = %self.confirmed, "cdc stopped");
+                    self.drain(&mut positions, Duration::from_secs(10)).await;
+                    let (received, confirmed) = positions.report();
+                    tx.status_update(received, confirmed, false).await?;
+                    tracing::info!(%confirmed, "cdc stopped");
                     return Ok(());
                 }
                 done = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     if let Some(commit) = done? {
-                        self.confirmed = self.confirmed.max(commit.lsn);
+                        positions.acknowledged(commit.lsn);
                         self.metrics.observe_commit_acked(commit.commit_time_us, now_us());
                     }
                     self.send_pending()?;
@@ -561,45 +505,69 @@ impl<'c> Pipeline<'c> {
                 _ = retry.tick(), if !self.pending.is_empty() => self.send_pending()?,
                 message = rx.recv(), if can_read => match message? {
                     StreamMessage::XLogData { start, data, .. } => {
-                        received = received.max(start);
-                        let message = pgoutput::decode(&data).map_err(|source| CdcError::Decode { lsn: start, source })?;
-                        self.apply(client, message, start, &mut relations, &mut txn, &mut last_commit).await?;
+                        positions.received(start);
+                        let message = pgoutput::decode(&data).map_err(|source| {
+                            CdcError::Decode { lsn: start, source, bytes: bytes_summary(&data) }
+                        })?;
+                        let action = core.on_message(message, start, now_ms())?;
+                        self.act(client, catalog, &mut core, action).await?;
                         self.send_pending()?;
                     }
                     StreamMessage::Keepalive { wal_end, reply } => {
-                        received = received.max(wal_end);
-                        // Nothing open and nothing unacknowledged: the server's position is safe.
-                        if txn.is_none() && self.in_flight.is_empty() && self.pending.is_empty() {
-                            self.confirmed = self.confirmed.max(wal_end);
-                        }
+                        positions.keepalive(wal_end, idle);
                         if reply {
-                            tx.status_update(received, self.confirmed, false).await?;
-                            reported = self.confirmed;
+                            let (received, confirmed) = positions.report();
+                            tx.status_update(received, confirmed, false).await?;
                         }
                     }
                 },
-                _ = status.tick(), if self.confirmed != reported => {
-                    tx.status_update(received, self.confirmed, false).await?;
-                    reported = self.confirmed;
+                _ = status.tick(), if positions.unreported() => {
+                    let (received, confirmed) = positions.report();
+                    tx.status_update(received, confirmed, false).await?;
                 }
                 _ = heartbeat.tick() => {
                     // When idle, ask for a keepalive: its position confirms a quiet slot.
-                    let idle = txn.is_none() && self.in_flight.is_empty() && self.pending.is_empty();
-                    tx.status_update(received, self.confirmed, idle).await?;
-                    reported = self.confirmed;
+                    let (received, confirmed) = positions.report();
+                    tx.status_update(received, confirmed, idle).await?;
                 }
             }
-            self.metrics.confirmed_lsn.set(self.confirmed.0 as i64);
-            self.metrics.received_lsn.set(received.0 as i64);
+            self.metrics.confirmed_lsn.set(positions.confirmed().0 as i64);
+            self.metrics.received_lsn.set(positions.last_received().0 as i64);
         }
     }
 
+    /// Does what the core asked for after a message.
+    async fn act(
+        &mut self,
+        client: &Client,
+        catalog: &mut Catalog,
+        core: &mut Core,
+        action: Action,
+    ) -> Result<(), CdcError> {
+        match action {
+            Action::None => {}
+            Action::Learn { relation, topic } => {
+                let table = Arc::new(catalog.table_for(client, relation, topic).await?);
+                self.sink.ensure_topics(std::slice::from_ref(&table.topic)).await?;
+                core.learned(table);
+            }
+            Action::Send { records, counted } => {
+                for (table, op) in &counted {
+                    self.count(table, *op);
+                }
+                self.pending.extend(records.into_iter().map(Pending::Record));
+            }
+            Action::Commit(commit) => self.pending.push_back(Pending::Commit(commit)),
+        }
+        Ok(())
+    }
+
     /// Waits, up to `limit`, for records in flight to be acknowledged.
-    async fn drain(&mut self, limit: Duration) {
+    async fn drain(&mut self, positions: &mut Positions, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
-                Ok(Ok(Some(commit))) => self.confirmed = self.confirmed.max(commit.lsn),
+                Ok(Ok(Some(commit))) => positions.acknowledged(commit.lsn),
                 Ok(Ok(None)) => {}
                 Ok(Err(_)) | Err(_) => return,
             }
@@ -629,126 +597,6 @@ impl<'c> Pipeline<'c> {
         }
         Ok(())
     }
-
-    /// Turns one pgoutput message into pending records.
-    async fn apply(
-        &mut self,
-        client: &Client,
-        message: Message,
-        lsn: Lsn,
-        relations: &mut Relations<'_>,
-        txn: &mut Option<Txn>,
-        last_commit: &mut Option<Lsn>,
-    ) -> Result<(), CdcError> {
-        let (xid, commit_ms) =
-            txn.as_ref().map_or((None, now_ms()), |t| (Some(t.xid), t.commit_time_us / 1000));
-        let source = Source {
-            version: VERSION,
-            name: &self.config.kafka.topic_prefix,
-            db: &self.database,
-            ts_ms: commit_ms,
-            snapshot: "false",
-            tx_id: xid,
-            lsn,
-            last_commit_lsn: *last_commit,
-        };
-        let now = now_ms();
-        let (table, op, records) = match message {
-            Message::Begin { xid, commit_time, .. } => {
-                *txn = Some(Txn { xid, commit_time_us: commit_time + PG_EPOCH_OFFSET_MICROS });
-                return Ok(());
-            }
-            Message::Commit { commit_lsn, end_lsn, commit_time, .. } => {
-                self.pending.push_back(Pending::Commit(Commit {
-                    lsn: end_lsn,
-                    commit_time_us: commit_time + PG_EPOCH_OFFSET_MICROS,
-                }));
-                *last_commit = Some(commit_lsn);
-                *txn = None;
-                return Ok(());
-            }
-            Message::Relation(relation) => {
-                let prefix = &self.config.kafka.topic_prefix;
-                if let Some(table) = relations.learn(client, relation, prefix).await? {
-                    self.sink.ensure_topics(std::slice::from_ref(&table.topic)).await?;
-                }
-                return Ok(());
-            }
-            Message::Insert { relation, new } => {
-                let Some(table) = relations.table(relation)? else { return Ok(()) };
-                let records =
-                    event::change(&table, Op::Create, None, Some(&new), None, &source, now);
-                (table, Op::Create, records)
-            }
-            Message::Update { relation, old, new } => {
-                let Some(table) = relations.table(relation)? else { return Ok(()) };
-                let (op, records) = self.update(&table, old, &new, &source, now);
-                (table, op, records)
-            }
-            Message::Delete { relation, old: (_, old) } => {
-                let Some(table) = relations.table(relation)? else { return Ok(()) };
-                let records =
-                    event::change(&table, Op::Delete, Some(&old), None, None, &source, now);
-                (table, Op::Delete, records)
-            }
-            Message::Truncate { relations: ids, .. } => {
-                for id in ids {
-                    if let Some(table) = relations.table(id)? {
-                        self.count(&table, Op::Truncate);
-                        self.pending
-                            .push_back(Pending::Record(event::truncate(&table, &source, now)));
-                    }
-                }
-                return Ok(());
-            }
-            Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => {
-                return Ok(())
-            }
-        };
-        self.count(&table, op);
-        self.pending.extend(records.into_iter().map(Pending::Record));
-        Ok(())
-    }
-
-    /// The records of an update, and the operation they count as. One that changes the key becomes, as in Debezium, a delete
-    /// of the old key (with its tombstone, and the new key in a `__debezium.newkey` header)
-    /// and a create of the new one (with `__debezium.oldkey`). Under REPLICA IDENTITY FULL
-    /// the old row fills in the unchanged TOASTed values PostgreSQL did not send again.
-    fn update(
-        &self,
-        table: &Table,
-        old: Option<(OldKind, Vec<Datum>)>,
-        new: &[Datum],
-        source: &Source<'_>,
-        now: i64,
-    ) -> (Op, Vec<Record>) {
-        let old_row = old.as_ref().map(|(_, row)| row.as_slice());
-        let full_old =
-            old.as_ref().filter(|(kind, _)| *kind == OldKind::Full).map(|(_, row)| row.as_slice());
-        // Most updates carry no old row (default identity, key unchanged): no keys to compare.
-        let moved = old_row.and_then(|row| event::key_json(table, row, None)).and_then(|old_key| {
-            let new_key = event::key_json(table, new, old_row);
-            (new_key.as_ref() != Some(&old_key)).then_some((old_key, new_key))
-        });
-        let Some((old_key, new_key)) = moved else {
-            let records =
-                event::change(table, Op::Update, full_old, Some(new), full_old, source, now);
-            return (Op::Update, records);
-        };
-        let mut records = event::change(table, Op::Delete, old_row, None, None, source, now);
-        if let Some(new_key) = &new_key {
-            for record in &mut records {
-                record.headers.push((NEW_KEY_HEADER, new_key.clone()));
-            }
-        }
-        self.count(table, Op::Delete);
-        let mut created = event::change(table, Op::Create, None, Some(new), full_old, source, now);
-        for record in &mut created {
-            record.headers.push((OLD_KEY_HEADER, old_key.clone()));
-        }
-        records.extend(created);
-        (Op::Create, records)
-    }
 }
 
 /// Drives a SQL connection to its end.
@@ -764,5 +612,27 @@ fn privilege(e: CdcError, slot: &str) -> CdcError {
     match e {
         CdcError::Server(server) => CdcError::from_server(server, slot),
         other => other,
+    }
+}
+
+/// `pg_class.reltuples` as the snapshot's row estimate: -1 when PostgreSQL has none (since
+/// PostgreSQL 14, a table never vacuumed or analyzed has -1; an empty one analyzed, 0).
+fn row_estimate(reltuples: f32) -> i64 {
+    if reltuples < 0.0 {
+        -1
+    } else {
+        reltuples.round() as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_never_analyzed_has_no_estimate() {
+        assert_eq!(row_estimate(-1.0), -1);
+        assert_eq!(row_estimate(0.0), 0);
+        assert_eq!(row_estimate(1234.4), 1234);
     }
 }

@@ -154,10 +154,12 @@ impl KafkaSink {
         }
         let producer: FutureProducer =
             client.create().map_err(|e| CdcError::Config(format!("kafka producer: {e}")))?;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .create()
-            .map_err(|e| CdcError::Config(format!("kafka admin client: {e}")))?;
+        let mut admin = ClientConfig::new();
+        for (key, value) in config.admin_properties() {
+            admin.set(key, value);
+        }
+        let admin: AdminClient<DefaultClientContext> =
+            admin.create().map_err(|e| CdcError::Config(format!("kafka admin client: {e}")))?;
         Ok(KafkaSink {
             producer,
             admin,

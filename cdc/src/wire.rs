@@ -53,9 +53,40 @@ pub const SESSION_SETTINGS: [(&str, &str); 6] = [
 
 /// One backend message: its type byte and body.
 #[derive(Debug)]
-struct Frame {
-    tag: u8,
-    body: Bytes,
+pub struct Frame {
+    pub tag: u8,
+    pub body: Bytes,
+}
+
+/// The longest message PostgreSQL sends (its `PQ_LARGE_MESSAGE_LIMIT`, 1 GiB): a longer
+/// announced length means the stream is garbled, and is refused before anything is allocated.
+pub const MAX_FRAME: usize = 1 << 30;
+
+/// How much more the receive buffer grows at a time while a long message arrives: memory
+/// follows the bytes received, not the length announced.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Splits the next whole message off the front of `buf`, checking its announced length
+/// first; `Ok(None)` while it has not all arrived.
+pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Frame>, CdcError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let announced = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let len = usize::try_from(announced).ok().filter(|len| (4..=MAX_FRAME).contains(len));
+    let Some(len) = len else {
+        return Err(protocol(&format!(
+            "message {:?} announces {announced} bytes (a length is 4 to 1 GiB): the stream is garbled",
+            char::from(buf[0])
+        )));
+    };
+    if buf.len() <= len {
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(len + 1).freeze();
+    let tag = frame[0];
+    frame.advance(5);
+    Ok(Some(Frame { tag, body: frame }))
 }
 
 /// A message of the replication stream.
@@ -341,19 +372,11 @@ impl Receiver {
 
     async fn frame(&mut self) -> Result<Frame, CdcError> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-                let len = usize::try_from(len)
-                    .ok()
-                    .filter(|&l| l >= 4)
-                    .ok_or_else(|| protocol("negative message length"))?;
-                if self.buf.len() > len {
-                    let mut frame = self.buf.split_to(len + 1).freeze();
-                    let tag = frame[0];
-                    frame.advance(5);
-                    return Ok(Frame { tag, body: frame });
-                }
-                self.buf.reserve(len + 1 - self.buf.len());
+            if let Some(frame) = split_frame(&mut self.buf)? {
+                return Ok(frame);
+            }
+            if self.buf.len() == self.buf.capacity() {
+                self.buf.reserve(READ_CHUNK);
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
                 return Err(CdcError::Io(std::io::Error::new(
@@ -399,7 +422,8 @@ fn pg_now() -> i64 {
     unix - PG_EPOCH_OFFSET_MICROS
 }
 
-fn parse_copy_data(mut body: Bytes) -> Result<StreamMessage, CdcError> {
+/// A replication stream message from the body of a CopyData message.
+pub fn parse_copy_data(mut body: Bytes) -> Result<StreamMessage, CdcError> {
     if body.is_empty() {
         return Err(protocol("empty CopyData"));
     }
@@ -514,6 +538,49 @@ mod tests {
         ));
         assert!(parse_copy_data(Bytes::from_static(b"k\0")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"x")).is_err());
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![tag];
+        bytes.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    #[test]
+    fn frames_are_split_only_once_whole() {
+        let mut stream = message(b'd', b"kabc");
+        stream.extend(message(b'N', b""));
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        // Byte by byte, as a slow network delivers it.
+        for byte in stream {
+            buf.put_u8(byte);
+            while let Some(frame) = split_frame(&mut buf).expect("valid framing") {
+                frames.push((frame.tag, frame.body));
+            }
+        }
+        assert_eq!(frames, [(b'd', Bytes::from_static(b"kabc")), (b'N', Bytes::new())]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn garbled_lengths_are_refused_before_anything_is_allocated() {
+        for announced in [-1_i32, 0, 3, (MAX_FRAME + 1) as i32, i32::MAX] {
+            let mut buf = BytesMut::from(&[b'd'][..]);
+            buf.put_i32(announced);
+            let error = split_frame(&mut buf).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                error.contains(&format!("announces {announced} bytes")),
+                "{announced}: {error}"
+            );
+            assert!(buf.capacity() < 1024, "{announced}: {} bytes reserved", buf.capacity());
+        }
+        // The longest allowed length is only waited for.
+        let mut buf = BytesMut::from(&[b'd'][..]);
+        buf.put_i32(MAX_FRAME as i32);
+        assert!(matches!(split_frame(&mut buf), Ok(None)));
+        assert!(buf.capacity() < 1024);
     }
 
     #[test]

@@ -214,3 +214,21 @@ pub async fn print_events(consumer: StreamConsumer) {
         }
     }
 }
+
+/// The demo shop's schema and a few rows.
+pub const SHOP_SCHEMA: &str = "
+CREATE TABLE customers (id serial PRIMARY KEY, email text NOT NULL UNIQUE, name text NOT NULL);
+CREATE TABLE orders (
+  id serial PRIMARY KEY,
+  customer_id int NOT NULL REFERENCES customers,
+  item text NOT NULL,
+  quantity int NOT NULL,
+  total numeric(10,2) NOT NULL,
+  status text NOT NULL DEFAULT 'placed',
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO customers (email, name) VALUES
+  ('ada@example.com', 'Ada'), ('grace@example.com', 'Grace'), ('alan@example.com', 'Alan');
+INSERT INTO orders (customer_id, item, quantity, total) VALUES
+  (1, 'keyboard', 1, 49.90), (2, 'monitor', 2, 399.00), (3, 'mouse', 3, 59.70);
+";

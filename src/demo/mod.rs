@@ -4,7 +4,6 @@
 //! streaming the shop's changes into Kafka, from which the new service builds its data.
 
 mod apps;
-mod postgres;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -19,8 +18,8 @@ use ficus_proxy::ProxySettings;
 use pingora::services::listening::Service;
 use rdkafka::mocking::MockCluster;
 
-use self::apps::{Orders, Shop};
-use self::postgres::{LocalPostgres, SHOP_SCHEMA};
+use self::apps::{Orders, Shop, SHOP_SCHEMA};
+use crate::pg_cluster::PgCluster;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -72,7 +71,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
     let _entered = runtime.enter();
 
     println!("ficus demo: starting PostgreSQL, Kafka, the shop, the orders service, ficus proxy and ficus cdc...");
-    let pg = LocalPostgres::start(&dir.join("postgres"), free_port()?)?;
+    let pg = PgCluster::start(&dir.join("postgres"), free_port()?, &[])?;
     let db = runtime.block_on(async {
         let (admin, connection) =
             tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls).await?;

@@ -1,0 +1,444 @@
+//! The streaming core: what each pgoutput message means, as state and actions, without I/O.
+//! [`Core`] owns the transaction in progress, the relations seen (which are streamed, under
+//! which topic) and the events built from changes; the pipeline performs what it asks for (a
+//! catalog lookup, sending records, confirming a commit once acknowledged) and hands back the
+//! results. [`Positions`] owns what may be confirmed to PostgreSQL, and when.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::error::CdcError;
+use crate::event::{self, Op, Record, Source, Table, NEW_KEY_HEADER, OLD_KEY_HEADER};
+use crate::lsn::Lsn;
+use crate::names::{TableName, Topics};
+use crate::pgoutput::{Datum, Message, OldKind, Relation, PG_EPOCH_OFFSET_MICROS};
+use crate::sink::Commit;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the pipeline does after a message.
+#[derive(Debug)]
+pub enum Action {
+    /// Nothing (a transaction's start, a change of a table not streamed, ...).
+    None,
+    /// Look `relation` up in the catalog and make sure `topic` exists, then hand the table to
+    /// [`Core::learned`]: the changes that follow need it.
+    Learn { relation: Relation, topic: String },
+    /// Send `records`, in order; `counted` are the changes they stand for.
+    Send { records: Vec<Record>, counted: Vec<(Arc<Table>, Op)> },
+    /// A transaction ended: its end may be confirmed once Kafka has acknowledged every
+    /// record sent before it.
+    Commit(Commit),
+}
+
+/// The transaction being streamed.
+#[derive(Debug, Clone, Copy)]
+struct Txn {
+    xid: u32,
+    /// Commit time, microseconds since the Unix epoch.
+    commit_time_us: i64,
+}
+
+/// The state of the stream between messages.
+pub struct Core {
+    prefix: String,
+    database: String,
+    topics: Topics,
+    /// The configured tables: only these are streamed. `None`: whatever the publication sends.
+    include: Option<HashSet<TableName>>,
+    /// Each relation seen, by id: its table, or `None` when it is not streamed.
+    known: HashMap<u32, Option<Arc<Table>>>,
+    txn: Option<Txn>,
+    last_commit: Option<Lsn>,
+}
+
+impl Core {
+    /// `topics` holds the topics already claimed (the published tables'), so that a new
+    /// relation whose topic would collide with one of them is refused.
+    pub fn new(
+        prefix: &str,
+        database: &str,
+        topics: Topics,
+        include: Option<HashSet<TableName>>,
+    ) -> Core {
+        Core {
+            prefix: prefix.to_string(),
+            database: database.to_string(),
+            topics,
+            include,
+            known: HashMap::new(),
+            txn: None,
+            last_commit: None,
+        }
+    }
+
+    /// Whether a transaction is open: its end has not been seen.
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// Takes in the table a [`Action::Learn`] asked for.
+    pub fn learned(&mut self, table: Arc<Table>) {
+        self.known.insert(table.relation.id, Some(table));
+    }
+
+    /// What message `message`, at `lsn`, means; `now_ms` is the events' `ts_ms`.
+    pub fn on_message(
+        &mut self,
+        message: Message,
+        lsn: Lsn,
+        now_ms: i64,
+    ) -> Result<Action, CdcError> {
+        let (xid, commit_ms) =
+            self.txn.map_or((None, now_ms), |t| (Some(t.xid), t.commit_time_us / 1000));
+        let source = Source {
+            version: VERSION,
+            name: &self.prefix,
+            db: &self.database,
+            ts_ms: commit_ms,
+            snapshot: "false",
+            tx_id: xid,
+            lsn,
+            last_commit_lsn: self.last_commit,
+        };
+        let (table, op, records) = match message {
+            Message::Begin { xid, commit_time, .. } => {
+                let commit_time_us = commit_time + PG_EPOCH_OFFSET_MICROS;
+                self.txn = Some(Txn { xid, commit_time_us });
+                return Ok(Action::None);
+            }
+            Message::Commit { commit_lsn, end_lsn, commit_time, .. } => {
+                self.last_commit = Some(commit_lsn);
+                self.txn = None;
+                let commit_time_us = commit_time + PG_EPOCH_OFFSET_MICROS;
+                return Ok(Action::Commit(Commit { lsn: end_lsn, commit_time_us }));
+            }
+            Message::Relation(relation) => return self.relation(relation),
+            Message::Insert { relation, new } => {
+                let Some(table) = self.table(relation)? else { return Ok(Action::None) };
+                let records =
+                    event::change(&table, Op::Create, None, Some(&new), None, &source, now_ms);
+                (table, Op::Create, records)
+            }
+            Message::Update { relation, old, new } => {
+                let Some(table) = self.table(relation)? else { return Ok(Action::None) };
+                return Ok(update(table, old, &new, &source, now_ms));
+            }
+            Message::Delete { relation, old: (_, old) } => {
+                let Some(table) = self.table(relation)? else { return Ok(Action::None) };
+                let records =
+                    event::change(&table, Op::Delete, Some(&old), None, None, &source, now_ms);
+                (table, Op::Delete, records)
+            }
+            Message::Truncate { relations, .. } => {
+                let (mut records, mut counted) = (Vec::new(), Vec::new());
+                for id in relations {
+                    if let Some(table) = self.table(id)? {
+                        records.push(event::truncate(&table, &source, now_ms));
+                        counted.push((table, Op::Truncate));
+                    }
+                }
+                return Ok(Action::Send { records, counted });
+            }
+            Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => {
+                return Ok(Action::None)
+            }
+        };
+        Ok(Action::Send { records, counted: vec![(table, op)] })
+    }
+
+    /// What a change of relation `id` is for: `Ok(None)` for a table not streamed.
+    fn table(&self, id: u32) -> Result<Option<Arc<Table>>, CdcError> {
+        self.known.get(&id).cloned().ok_or_else(|| {
+            CdcError::Protocol(format!("change for relation {id} before its Relation message"))
+        })
+    }
+
+    /// A Relation message: a table not streamed is noted as such; a streamed one needs its
+    /// catalog view and topic, which the pipeline gets.
+    fn relation(&mut self, relation: Relation) -> Result<Action, CdcError> {
+        let name = TableName::new(&relation.namespace, &relation.name);
+        if self.include.as_ref().is_some_and(|include| !include.contains(&name)) {
+            if let Some(Some(was)) = self.known.get(&relation.id) {
+                let was = TableName::new(&was.relation.namespace, &was.relation.name);
+                tracing::warn!(table = %was, now = %name, "a streamed table was renamed to a name not in source.tables: its changes are no longer streamed");
+            }
+            self.known.insert(relation.id, None);
+            return Ok(Action::None);
+        }
+        let topic = self.topics.claim(&self.prefix, &name)?;
+        Ok(Action::Learn { relation, topic })
+    }
+}
+
+/// The records of an update. One that changes the key becomes, as in Debezium, a delete of
+/// the old key (with its tombstone, and the new key in a `__debezium.newkey` header) and a
+/// create of the new one (with `__debezium.oldkey`). Under REPLICA IDENTITY FULL the old row
+/// fills in the unchanged TOASTed values PostgreSQL did not send again.
+fn update(
+    table: Arc<Table>,
+    old: Option<(OldKind, Vec<Datum>)>,
+    new: &[Datum],
+    source: &Source<'_>,
+    now_ms: i64,
+) -> Action {
+    let old_row = old.as_ref().map(|(_, row)| row.as_slice());
+    let full_old =
+        old.as_ref().filter(|(kind, _)| *kind == OldKind::Full).map(|(_, row)| row.as_slice());
+    // Most updates carry no old row (default identity, key unchanged): no keys to compare.
+    let moved = old_row.and_then(|row| event::key_json(&table, row, None)).and_then(|old_key| {
+        let new_key = event::key_json(&table, new, old_row);
+        (new_key.as_ref() != Some(&old_key)).then_some((old_key, new_key))
+    });
+    let Some((old_key, new_key)) = moved else {
+        let records =
+            event::change(&table, Op::Update, full_old, Some(new), full_old, source, now_ms);
+        return Action::Send { records, counted: vec![(table, Op::Update)] };
+    };
+    let mut records = event::change(&table, Op::Delete, old_row, None, None, source, now_ms);
+    if let Some(new_key) = &new_key {
+        for record in &mut records {
+            record.headers.push((NEW_KEY_HEADER, new_key.clone()));
+        }
+    }
+    let mut created = event::change(&table, Op::Create, None, Some(new), full_old, source, now_ms);
+    for record in &mut created {
+        record.headers.push((OLD_KEY_HEADER, old_key.clone()));
+    }
+    records.extend(created);
+    Action::Send { records, counted: vec![(table.clone(), Op::Delete), (table, Op::Create)] }
+}
+
+/// The stream's positions. The confirmed one moves only here, and only forward: to the end
+/// of a transaction Kafka has wholly acknowledged, or to the server's position when nothing
+/// is open or unacknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Positions {
+    received: Lsn,
+    confirmed: Lsn,
+    /// The confirmed position last sent in a status update.
+    reported: Lsn,
+}
+
+impl Positions {
+    /// Starting from what the slot already holds as confirmed, so that keepalives seen while
+    /// the server catches up never report an older position.
+    pub fn new(slot_confirmed: Lsn) -> Positions {
+        Positions { confirmed: slot_confirmed, ..Positions::default() }
+    }
+
+    /// WAL at `lsn` was received.
+    pub fn received(&mut self, lsn: Lsn) {
+        self.received = self.received.max(lsn);
+    }
+
+    /// Kafka acknowledged every record up to the end of the transaction ending at `commit`.
+    pub fn acknowledged(&mut self, commit: Lsn) {
+        self.confirmed = self.confirmed.max(commit);
+    }
+
+    /// The server is at `wal_end`; `idle` when no transaction is open and nothing sent is
+    /// unacknowledged, so that its position is safe to confirm (a quiet slot advances).
+    pub fn keepalive(&mut self, wal_end: Lsn, idle: bool) {
+        self.received(wal_end);
+        if idle {
+            self.confirmed = self.confirmed.max(wal_end);
+        }
+    }
+
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
+    pub fn last_received(&self) -> Lsn {
+        self.received
+    }
+
+    /// Whether the confirmed position moved since the last status update.
+    pub fn unreported(&self) -> bool {
+        self.confirmed != self.reported
+    }
+
+    /// The (received, confirmed) positions of a status update about to be sent.
+    pub fn report(&mut self) -> (Lsn, Lsn) {
+        self.reported = self.confirmed;
+        (self.received, self.confirmed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::pgoutput::{decode, Column};
+    use crate::value::ValueType;
+
+    /// One transaction captured from PostgreSQL 15 (`pg_logical_slot_peek_binary_changes`,
+    /// table `cap(id int primary key, name text, big text)`, REPLICA IDENTITY FULL): begin,
+    /// relation, insert, update, delete, relation, truncate, a logical message, commit.
+    const CAPTURED: [&str; 9] = [
+        "4200000000015a462000030427b9706ad6000002e1",
+        "520000400c7075626c696300636170006600030169640000000017ffffffff016e616d650000000019ffffffff016269670000000019ffffffff",
+        "490000400c4e00037400000001317400000001616e",
+        "550000400c4f00037400000001317400000001616e4e00037400000001317400000001626e",
+        "440000400c4f00037400000001317400000001626e",
+        "520000400c7075626c696300636170006600030169640000000017ffffffff016e616d650000000019ffffffff016269670000000019ffffffff",
+        "5400000001000000400c",
+        "4d0100000000015a46206669637573000000000568656c6c6f",
+        "430000000000015a462000000000015a479000030427b9706ad6",
+    ];
+
+    fn captured(index: usize) -> Message {
+        let hex = CAPTURED[index];
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        decode(&Bytes::from(bytes)).expect("decodes")
+    }
+
+    /// The catalog's view of `relation`: keyed by `id`, as the pipeline would learn it.
+    fn table_of(relation: Relation, topic: String) -> Arc<Table> {
+        let types =
+            relation.columns.iter().map(|c: &Column| ValueType::Scalar(c.type_oid)).collect();
+        Arc::new(Table { relation, types, key: vec![0], topic })
+    }
+
+    fn core(include: Option<&[&str]>) -> Core {
+        let include =
+            include.map(|names| names.iter().map(|n| TableName::new("public", *n)).collect());
+        Core::new("shop", "shop", Topics::default(), include)
+    }
+
+    /// Feeds message `index`, learning tables as the pipeline would.
+    fn feed(core: &mut Core, index: usize) -> Action {
+        let action = core.on_message(captured(index), Lsn(100 + index as u64), 7).expect("valid");
+        if let Action::Learn { relation, topic } = &action {
+            core.learned(table_of(relation.clone(), topic.clone()));
+        }
+        action
+    }
+
+    fn values(action: &Action) -> Vec<Value> {
+        let Action::Send { records, .. } = action else { panic!("not a send: {action:?}") };
+        records
+            .iter()
+            .map(|r| {
+                r.value.as_ref().map_or(Value::Null, |v| serde_json::from_slice(v).expect("json"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_transaction_becomes_its_events_then_a_commit() {
+        let mut core = core(None);
+        assert!(matches!(feed(&mut core, 0), Action::None));
+        assert!(core.in_transaction());
+        let Action::Learn { topic, .. } = feed(&mut core, 1) else { panic!("relation first") };
+        assert_eq!(topic, "shop.public.cap");
+
+        let insert = feed(&mut core, 2);
+        let event = &values(&insert)[0];
+        assert_eq!(event["op"], "c");
+        assert_eq!(event["after"], json!({"id": 1, "name": "a", "big": null}));
+        assert_eq!(event["source"]["txId"], 737);
+        assert_eq!(event["source"]["lsn"], 102);
+        // Commit time from Begin, in ms since the Unix epoch.
+        assert_eq!(
+            event["source"]["ts_ms"],
+            (0x0003_0427_b970_6ad6 + PG_EPOCH_OFFSET_MICROS) / 1000
+        );
+
+        let update = feed(&mut core, 3);
+        assert_eq!(values(&update)[0]["op"], "u");
+        let Action::Send { counted, .. } = &update else { panic!() };
+        assert_eq!(counted.iter().map(|(_, op)| *op).collect::<Vec<_>>(), [Op::Update]);
+
+        // A delete is its event and a tombstone.
+        let delete = feed(&mut core, 4);
+        assert_eq!(values(&delete)[0]["op"], "d");
+        assert_eq!(values(&delete)[1], Value::Null);
+
+        assert!(matches!(feed(&mut core, 5), Action::Learn { .. }));
+        assert_eq!(values(&feed(&mut core, 6))[0]["op"], "t");
+        assert!(matches!(feed(&mut core, 7), Action::None), "logical messages are not streamed");
+        let Action::Commit(commit) = feed(&mut core, 8) else { panic!("commit") };
+        assert_eq!(commit.lsn, Lsn(0x15A_4790));
+        assert!(!core.in_transaction());
+    }
+
+    #[test]
+    fn the_next_transaction_names_the_last_commit() {
+        let mut core = core(None);
+        for index in [0, 1, 2, 8, 0] {
+            feed(&mut core, index);
+        }
+        let event = &values(&feed(&mut core, 2))[0];
+        assert_eq!(event["source"]["sequence"], r#"["22693408","102"]"#);
+    }
+
+    #[test]
+    fn tables_not_configured_are_skipped_and_unknown_relations_refused() {
+        let mut core = core(Some(&["other"]));
+        feed(&mut core, 0);
+        assert!(matches!(feed(&mut core, 1), Action::None), "cap is not in source.tables");
+        assert!(matches!(feed(&mut core, 2), Action::None));
+        let mut fresh = self::core(None);
+        let error = fresh.on_message(captured(2), Lsn(1), 0).expect_err("no Relation yet");
+        assert!(error.to_string().contains("before its Relation message"), "{error}");
+    }
+
+    #[test]
+    fn a_key_change_is_a_delete_and_a_create_carrying_each_others_key() {
+        let mut core = core(None);
+        for index in [0, 1] {
+            feed(&mut core, index);
+        }
+        let Some(Some(table)) = core.known.get(&16396).cloned() else { panic!("learnt") };
+        let text = |s: &str| Datum::Text(Bytes::copy_from_slice(s.as_bytes()));
+        let old = Some((OldKind::Key, vec![text("1"), Datum::Null, Datum::Null]));
+        let action = update(table, old, &[text("2"), text("x"), Datum::Null], &source(), 7);
+        let Action::Send { records, counted } = &action else { panic!() };
+        let ops: Vec<Op> = counted.iter().map(|(_, op)| *op).collect();
+        assert_eq!(ops, [Op::Delete, Op::Create]);
+        // The delete, its tombstone, the create.
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[0].headers, [(NEW_KEY_HEADER, br#"{"id":2}"#.to_vec())]);
+        assert_eq!(records[2].headers, [(OLD_KEY_HEADER, br#"{"id":1}"#.to_vec())]);
+    }
+
+    fn source() -> Source<'static> {
+        Source {
+            version: "0",
+            name: "shop",
+            db: "shop",
+            ts_ms: 0,
+            snapshot: "false",
+            tx_id: None,
+            lsn: Lsn(1),
+            last_commit_lsn: None,
+        }
+    }
+
+    #[test]
+    fn only_acknowledged_commits_and_idle_keepalives_are_confirmed() {
+        let mut positions = Positions::new(Lsn(50));
+        // Behind what the slot holds: never reported backwards.
+        positions.keepalive(Lsn(40), true);
+        assert_eq!(positions.confirmed(), Lsn(50));
+        // A keepalive while a transaction is open or records are unacknowledged.
+        positions.keepalive(Lsn(90), false);
+        assert_eq!((positions.confirmed(), positions.last_received()), (Lsn(50), Lsn(90)));
+        positions.acknowledged(Lsn(80));
+        assert!(positions.unreported());
+        assert_eq!(positions.report(), (Lsn(90), Lsn(80)));
+        assert!(!positions.unreported());
+        // An acknowledgement older than what is confirmed moves nothing.
+        positions.acknowledged(Lsn(70));
+        assert_eq!(positions.confirmed(), Lsn(80));
+        positions.keepalive(Lsn(95), true);
+        assert_eq!(positions.report(), (Lsn(95), Lsn(95)));
+    }
+}
