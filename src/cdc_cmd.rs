@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use ficus_cdc::{CdcConfig, Metrics, Shutdown};
 
@@ -17,10 +17,27 @@ pub struct CdcArgs {
     stdout: bool,
 }
 
+/// The sections of a cdc configuration.
+const SECTIONS: [&str; 5] = ["source", "kafka", "metrics", "columns", "masking"];
+
 /// Reads the configuration: the file, then `FICUS_SECTION__KEY` environment variables.
 pub fn load_config(path: Option<&std::path::Path>) -> Result<CdcConfig> {
     let mut builder = config::Config::builder();
     if let Some(path) = path {
+        // A section of the file that is not ours is a mistake (a misspelt `[columns]` would
+        // let out the columns it was to keep in), unlike other FICUS_ variables.
+        let file = config::Config::builder()
+            .add_source(config::File::from(path).required(true))
+            .build()
+            .with_context(|| format!("cannot read cdc configuration {}", path.display()))?
+            .try_deserialize::<serde_json::Map<String, serde_json::Value>>()?;
+        if let Some(unknown) = file.keys().find(|key| !SECTIONS.contains(&key.as_str())) {
+            bail!(
+                "invalid cdc configuration {}: unknown section [{unknown}] (the sections are {})",
+                path.display(),
+                SECTIONS.join(", ")
+            );
+        }
         builder = builder.add_source(config::File::from(path).required(true));
     }
     builder = builder.add_source(
@@ -34,7 +51,7 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<CdcConfig> {
     let raw = builder.build().with_context(|| format!("cannot read cdc configuration {source}"))?;
     // Only the cdc sections: other FICUS_ variables (the proxy's, the log format) are not ours.
     let mut table = raw.try_deserialize::<serde_json::Map<String, serde_json::Value>>()?;
-    table.retain(|key, _| matches!(key.as_str(), "source" | "kafka" | "metrics"));
+    table.retain(|key, _| SECTIONS.contains(&key.as_str()));
     serde_json::from_value(serde_json::Value::Object(table))
         .with_context(|| format!("invalid cdc configuration {source}"))
 }

@@ -337,3 +337,45 @@ async fn a_million_row_transaction_streams_in_bounded_memory() {
     );
     cdc.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_lag_grows_while_kafka_is_paused_and_drains_after() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    if !broker.is_own() {
+        eprintln!("skipped: an external Kafka (KAFKA_BROKERS) cannot be paused by the test");
+        return;
+    }
+    let db = accounts(&pg, 10).await;
+    db.batch_execute("CREATE TABLE noise (id serial PRIMARY KEY, payload text)")
+        .await
+        .expect("noise");
+    let mut cdc = Cdc::start(&config(&pg.url("bank"), &broker, "bank", "tables = [\"accounts\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    cdc.wait_metric("ficus_cdc_slot_wal_status{status=\"reserved\"}", 1.0, QUIET).await;
+
+    broker.pause();
+    // Records stuck in flight hold the confirmed position; the WAL of later transactions is
+    // lag. (WAL before their commit is not: a position the server has read past without a
+    // commit to send is confirmed, as a quiet slot's is.)
+    db.batch_execute("UPDATE accounts SET balance = balance + 1").await.expect("update");
+    cdc.wait_metric("ficus_cdc_in_flight_records", 10.0, QUIET).await;
+    db.batch_execute(
+        "INSERT INTO noise (payload) SELECT repeat('x', 1000) FROM generate_series(1, 5000)",
+    )
+    .await
+    .expect("noise");
+    let paused = cdc.wait_metric("ficus_cdc_slot_lag_bytes", 4_000_000.0, QUIET).await;
+    assert!(common::metric(&paused, "ficus_cdc_slot_retained_wal_bytes") >= 4_000_000.0);
+
+    broker.resume();
+    let deadline = Instant::now() + QUIET;
+    loop {
+        let lag = common::metric(&cdc.metrics_text().await, "ficus_cdc_slot_lag_bytes");
+        if lag < 100_000.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lag stayed at {lag} bytes:\n{}", cdc.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cdc.terminate();
+}

@@ -122,3 +122,14 @@ async fn an_unknown_config_key_is_named() {
     assert!(!cdc.wait_exit().success());
     assert!(cdc.logs().contains("unknown field `slott`"), "{}", cdc.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelt_section_is_named_not_ignored() {
+    let broker = Broker::start();
+    let mut cdc = Cdc::start(&format!(
+        "{}\n[colums.\"public.customers\"]\nexclude = [\"ssn\"]\n",
+        config("postgres://x@127.0.0.1:1/x", &broker, "x", "")
+    ));
+    assert!(!cdc.wait_exit().success());
+    assert!(cdc.logs().contains("unknown section [colums]"), "{}", cdc.logs());
+}

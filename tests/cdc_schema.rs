@@ -1,6 +1,6 @@
 //! `ficus cdc` against schemas as users really have them: publications they made themselves,
-//! tables dropped or re-keyed before ficus caught up, unusual replica identities, and table
-//! names that Kafka topics cannot tell apart.
+//! tables dropped or re-keyed before ficus caught up, unusual replica identities, table
+//! names that Kafka topics cannot tell apart, and columns that must not leave the database.
 
 mod common;
 
@@ -334,4 +334,81 @@ async fn a_composite_key_keeps_the_primary_keys_order_under_every_identity() {
         ["{\"b\":2,\"a\":1", "{\"b\":2,\"a\":1", "{\"b\":4,\"a\":3", "{\"b\":4,\"a\":3"]
     );
     cdc.terminate();
+}
+
+/// The config of the masking tests: `rules` under `[columns."public.customers"]`, and a salt.
+fn masking_config(pg: &PgCluster, broker: &Broker, dir: &std::path::Path, rules: &str) -> String {
+    let salt = dir.join("salt");
+    std::fs::write(&salt, "a salt of sixteen bytes or more\n").expect("salt");
+    let base = config(&pg.url("shop"), broker, "shop", "tables = [\"public.customers\"]");
+    format!(
+        "{base}\n[columns.\"public.customers\"]\n{rules}\n\n[masking]\nsalt_file = \"{}\"\n",
+        salt.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_and_masked_columns_never_leave_the_process() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute(
+        "CREATE TABLE customers (id int PRIMARY KEY, email text, ssn text, phone text, name text);
+         INSERT INTO customers VALUES (1, 'ada@example.com', '078-05-1120', '555-0100', 'Ada');",
+    )
+    .await
+    .expect("schema");
+    let dir = tempfile::tempdir().expect("dir");
+    let rules = "exclude = [\"ssn\"]\nmask = { email = \"hash\", phone = \"redact\" }";
+    let mut cdc = Cdc::start(&masking_config(&pg, &broker, dir.path(), rules));
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute(
+        "INSERT INTO customers VALUES (2, 'grace@example.com', '219-09-9999', '555-0199', 'Grace');
+         UPDATE customers SET email = 'ada@example.com', ssn = '111-22-3333', phone = NULL
+           WHERE id = 2;
+         DELETE FROM customers WHERE id = 1;",
+    )
+    .await
+    .expect("changes");
+
+    // The snapshot's read, the insert, the update, the delete and its tombstone.
+    let records = broker.consume("shop.public.customers", 5, QUIET);
+    assert_eq!(records.len(), 5, "{records:#?}");
+    let everything: String =
+        records.iter().map(|r| format!("{:?} {:?} {:?}", r.key, r.value, r.headers)).collect();
+    for secret in ["078-05", "219-09", "111-22", "ssn", "555-01", "@example.com"] {
+        assert!(!everything.contains(secret), "{secret} left the database: {everything}");
+    }
+    let row =
+        |index: usize, image: &str| records[index].value.as_ref().expect("value")[image].clone();
+    let (snapshot, updated) = (row(0, "after"), row(2, "after"));
+    assert_eq!(snapshot["phone"], "***");
+    assert_eq!(snapshot["name"], "Ada", "other columns are kept");
+    assert_eq!(updated["phone"], serde_json::Value::Null, "a NULL stays NULL");
+    // The same email hashes alike in the snapshot and the stream: joins still work.
+    let hash = snapshot["email"].as_str().expect("hashed email");
+    assert_eq!(hash.len(), 64);
+    assert_eq!(updated["email"], hash);
+    assert_ne!(row(1, "after")["email"], hash, "another email, another hash");
+    cdc.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_naming_a_column_the_table_lacks_stops_before_any_event() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute(
+        "CREATE TABLE customers (id int PRIMARY KEY, ssn text);
+         INSERT INTO customers VALUES (1, '078-05-1120');",
+    )
+    .await
+    .expect("schema");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cdc = Cdc::start(&masking_config(&pg, &broker, dir.path(), "exclude = [\"snn\"]"));
+    assert!(!cdc.wait_exit().success(), "a typo must not let ssn out");
+    let logs = cdc.logs();
+    assert!(logs.contains("public.customers streams no column \"snn\""), "{logs}");
+    assert!(
+        !broker.has_topic("shop.public.customers")
+            || broker.consume("shop.public.customers", 1, Duration::from_secs(3)).is_empty()
+    );
 }

@@ -386,7 +386,7 @@ impl Catalog {
         for column in &relation.columns {
             types.push(self.value_type(client, column.type_oid).await?);
         }
-        Ok(Table { relation, types, key, topic })
+        Ok(Table { relation, types, key, topic, masks: Vec::new() })
     }
 
     /// The table's primary key columns now (empty without one), remembered; `None` when the

@@ -9,8 +9,10 @@ use serde::Deserialize;
 use std::path::PathBuf;
 
 use crate::error::CdcError;
+use crate::mask::{ColumnRules, Masking};
 use crate::names::TableName;
 use crate::tls::{client_config, SslMode, TlsSettings};
+use crate::value::TimePrecision;
 use crate::wire::ConnectParams;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -20,6 +22,11 @@ pub struct CdcConfig {
     pub kafka: KafkaConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Per table (`"schema.table"`), columns excluded or masked in every event.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnRules>,
+    #[serde(default)]
+    pub masking: MaskingConfig,
     /// Where events go; set by `ficus cdc --stdout`, not in the file.
     #[serde(skip)]
     pub output: Output,
@@ -56,6 +63,9 @@ pub struct SourceConfig {
     /// Longest time between two confirmations to PostgreSQL while idle.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// `micros` (always) or `adaptive` (milliseconds for `time(0..3)`, `timestamp(0..3)`).
+    #[serde(default)]
+    pub time_precision: TimePrecision,
 }
 
 /// Whether to copy existing rows before streaming changes.
@@ -92,6 +102,37 @@ pub struct KafkaConfig {
     /// Any librdkafka producer property, passed through (`"compression.type" = "lz4"`).
     #[serde(default)]
     pub producer: BTreeMap<String, serde_json::Value>,
+}
+
+/// The secret of `mask = "hash"`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskingConfig {
+    /// A file holding the salt (at least 16 bytes; a trailing newline is not part of it).
+    #[serde(default)]
+    pub salt_file: Option<PathBuf>,
+}
+
+impl CdcConfig {
+    /// The column rules compiled, with the salt read: every error named with its key.
+    pub fn masking(&self) -> Result<Masking, CdcError> {
+        let salt = match &self.masking.salt_file {
+            None => None,
+            Some(path) => {
+                let mut salt = std::fs::read(path).map_err(|e| {
+                    CdcError::Config(format!(
+                        "masking.salt_file: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                while salt.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    salt.pop();
+                }
+                Some(salt)
+            }
+        };
+        Masking::compile(&self.columns, salt).map_err(|errors| CdcError::Config(errors.join("; ")))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -305,6 +346,7 @@ mod tests {
             tables: None,
             snapshot: SnapshotMode::Initial,
             heartbeat: Duration::from_secs(1),
+            time_precision: Default::default(),
         }
     }
 

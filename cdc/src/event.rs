@@ -8,6 +8,7 @@ use std::fmt::Write;
 use serde_json::Value;
 
 use crate::lsn::Lsn;
+use crate::mask::{self, Mask};
 use crate::pgoutput::{Datum, Relation};
 use crate::value::{to_json, ValueType, UNAVAILABLE};
 
@@ -23,6 +24,14 @@ pub struct Table {
     pub key: Vec<usize>,
     /// `<topic_prefix>.<schema>.<table>`.
     pub topic: String,
+    /// What happens to each column (excluded, masked); empty: every column as it is.
+    pub masks: Vec<Mask>,
+}
+
+impl Table {
+    fn mask(&self, index: usize) -> &Mask {
+        self.masks.get(index).unwrap_or(&Mask::Keep)
+    }
 }
 
 /// Debezium's operation codes.
@@ -158,12 +167,7 @@ pub fn key_json(table: &Table, row: Row<'_>, fallback: Option<Row<'_>>) -> Optio
         }
         write_str(&mut out, &table.relation.columns[index].name);
         out.push(':');
-        write_datum(
-            &mut out,
-            &table.types[index],
-            row.get(index),
-            fallback.and_then(|f| f.get(index)),
-        );
+        write_column(&mut out, table, index, row.get(index), fallback.and_then(|f| f.get(index)));
     }
     out.push('}');
     Some(out.into_bytes())
@@ -175,15 +179,45 @@ fn write_row(out: &mut String, table: &Table, row: Option<Row<'_>>, fallback: Op
         return;
     };
     out.push('{');
-    for (index, (column, ty)) in table.relation.columns.iter().zip(&table.types).enumerate() {
-        if index > 0 {
+    let mut first = true;
+    for (index, column) in table.relation.columns.iter().enumerate() {
+        if *table.mask(index) == Mask::Exclude {
+            continue;
+        }
+        if !first {
             out.push(',');
         }
+        first = false;
         write_str(out, &column.name);
         out.push(':');
-        write_datum(out, ty, row.get(index), fallback.and_then(|f| f.get(index)));
+        write_column(out, table, index, row.get(index), fallback.and_then(|f| f.get(index)));
     }
     out.push('}');
+}
+
+/// Column `index`'s value, masked as the table says.
+fn write_column(
+    out: &mut String,
+    table: &Table,
+    index: usize,
+    datum: Option<&Datum>,
+    fallback: Option<&Datum>,
+) {
+    // An unchanged TOASTed value is the old row's, when PostgreSQL sent it.
+    let datum = match (datum, fallback) {
+        (Some(Datum::UnchangedToast), Some(old @ (Datum::Text(_) | Datum::Binary(_)))) => Some(old),
+        _ => datum,
+    };
+    match (table.mask(index), datum) {
+        (Mask::Keep | Mask::Exclude, _) | (_, Some(Datum::Null) | None) => {
+            write_datum(out, &table.types[index], datum, None)
+        }
+        (Mask::Hash(salt), Some(Datum::Text(bytes) | Datum::Binary(bytes))) => {
+            write_str(out, &mask::hash(salt, bytes))
+        }
+        (Mask::Hash(_), Some(Datum::UnchangedToast)) => write_str(out, UNAVAILABLE),
+        (Mask::Redact, Some(_)) => write_str(out, mask::REDACTED),
+    }
 }
 
 fn write_datum(out: &mut String, ty: &ValueType, datum: Option<&Datum>, fallback: Option<&Datum>) {
@@ -266,6 +300,7 @@ mod tests {
             types: vec![ValueType::Scalar(23), ValueType::Scalar(25), ValueType::Scalar(25)],
             key: vec![0],
             topic: "shop.public.orders".into(),
+            masks: Vec::new(),
         }
     }
 
@@ -288,6 +323,23 @@ mod tests {
 
     fn parse(bytes: &Option<Vec<u8>>) -> serde_json::Value {
         serde_json::from_slice(bytes.as_deref().expect("bytes")).expect("json")
+    }
+
+    #[test]
+    fn masks_apply_to_both_images_and_to_the_key() {
+        let salt: std::sync::Arc<[u8]> = b"0123456789abcdef".as_slice().into();
+        let mut table = table();
+        table.masks = vec![Mask::Hash(salt.clone()), Mask::Redact, Mask::Exclude];
+        let before = [text("1"), text("a@x"), text("secret")];
+        let after = [text("1"), Datum::Null, text("secret")];
+        let records = change(&table, Op::Update, Some(&before), Some(&after), None, &source(), 5);
+        let id = crate::mask::hash(&salt, b"1");
+        assert_eq!(parse(&records[0].key), json!({ "id": id }));
+        let value = parse(&records[0].value);
+        assert_eq!(value["before"], json!({"id": id, "email": "***"}));
+        assert_eq!(value["after"], json!({"id": id, "email": null}));
+        let bytes = String::from_utf8(records[0].value.clone().expect("value")).expect("utf8");
+        assert!(!bytes.contains("secret") && !bytes.contains("note"), "{bytes}");
     }
 
     #[test]

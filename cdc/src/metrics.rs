@@ -37,6 +37,14 @@ pub struct Metrics {
     pub commit_to_ack: Histogram,
     /// True while connected and snapshotting or streaming.
     pub healthy: AtomicBool,
+    /// WAL the server keeps for the slot.
+    pub slot_retained_wal: IntGauge,
+    /// WAL written since the slot's confirmed position.
+    pub slot_lag: IntGauge,
+    /// WAL that can still be written before the slot is in danger (-1: no limit).
+    pub slot_safe_wal: IntGauge,
+    /// 1 for the slot's `wal_status`.
+    pub slot_wal_status: IntGaugeVec,
 }
 
 impl Metrics {
@@ -98,6 +106,23 @@ impl Metrics {
             restarts,
             commit_to_ack,
             healthy: AtomicBool::new(false),
+            slot_retained_wal: gauge(
+                "ficus_cdc_slot_retained_wal_bytes",
+                "WAL the server keeps for the replication slot",
+            ),
+            slot_lag: gauge(
+                "ficus_cdc_slot_lag_bytes",
+                "WAL written since the replication slot's confirmed position",
+            ),
+            slot_safe_wal: gauge(
+                "ficus_cdc_slot_safe_wal_bytes",
+                "WAL that can be written before the slot nears max_slot_wal_keep_size (-1: no limit)",
+            ),
+            slot_wal_status: gauge_vec(
+                "ficus_cdc_slot_wal_status",
+                "1 for the replication slot's wal_status (reserved, extended, unreserved, lost)",
+                &["status"],
+            ),
             registry,
         })
     }
@@ -108,6 +133,17 @@ impl Metrics {
         // A clock step backwards must not record a negative latency.
         let micros = now_us.saturating_sub(commit_time_us).max(0);
         self.commit_to_ack.observe(micros as f64 / 1e6);
+    }
+
+    /// Publishes one reading of the slot's health.
+    pub fn observe_slot(&self, health: &crate::slot::SlotHealth) {
+        self.slot_retained_wal.set(health.retained_bytes);
+        self.slot_lag.set(health.lag_bytes);
+        self.slot_safe_wal.set(health.safe_wal_bytes.unwrap_or(-1));
+        for status in ["reserved", "extended", "unreserved", "lost"] {
+            let current = health.wal_status.as_deref() == Some(status);
+            self.slot_wal_status.with_label_values(&[status]).set(i64::from(current));
+        }
     }
 
     pub fn render(&self) -> Vec<u8> {

@@ -20,11 +20,14 @@ use crate::copy::CopyRows;
 use crate::error::{bytes_summary, CdcError, DecodeFailures};
 use crate::event::{self, Op, Record, Source, Table};
 use crate::lsn::Lsn;
+use crate::mask::Masking;
 use crate::metrics::Metrics;
 use crate::names::{quote_ident, Topics};
 use crate::pgoutput::{self, Datum};
 use crate::sink::{Commit, InFlight, SendError, Sink};
+use crate::slot;
 use crate::stream::{Action, Core, Positions};
+use crate::value::ValueType;
 use crate::wire::{ReplicationConnection, StreamMessage, SESSION_SETTINGS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -53,12 +56,13 @@ pub async fn run(
     if config.output == crate::config::Output::Kafka && config.kafka.brokers.is_empty() {
         return Err(CdcError::Config("kafka.brokers is required (or run with --stdout)".into()));
     }
+    let masking = config.masking()?;
     let mut backoff = Duration::from_millis(250);
     let mut catalog = Catalog::default();
     let mut decode_failures = DecodeFailures::default();
     loop {
         let started = Instant::now();
-        let result = Pipeline::new(&config, metrics.clone())?
+        let result = Pipeline::new(&config, &masking, metrics.clone())?
             .run_once(&mut catalog, shutdown.clone())
             .await
             .map_err(|e| decode_failures.check(e));
@@ -85,6 +89,7 @@ pub async fn run(
 /// One attempt: connections, Kafka producer, and the state of the stream.
 struct Pipeline<'c> {
     config: &'c CdcConfig,
+    masking: &'c Masking,
     metrics: Arc<Metrics>,
     sink: Sink,
     in_flight: InFlight,
@@ -117,10 +122,15 @@ fn now_us() -> i64 {
 }
 
 impl<'c> Pipeline<'c> {
-    fn new(config: &'c CdcConfig, metrics: Arc<Metrics>) -> Result<Pipeline<'c>, CdcError> {
+    fn new(
+        config: &'c CdcConfig,
+        masking: &'c Masking,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline<'c>, CdcError> {
         let database = config.source.connect_params()?.database;
         Ok(Pipeline {
             config,
+            masking,
             metrics,
             sink: Sink::new(config)?,
             in_flight: InFlight::default(),
@@ -329,7 +339,7 @@ impl<'c> Pipeline<'c> {
         let mut schemas = Vec::with_capacity(tables.len());
         for (index, published) in tables.iter().enumerate() {
             let topic = published.name.topic(&self.config.kafka.topic_prefix);
-            let table = catalog.table_schema(&reader, published, topic).await?;
+            let table = self.configured(catalog.table_schema(&reader, published, topic).await?)?;
             schemas.push(table);
             let table = &schemas[index];
             let label = format!("{}.{}", published.name.schema, published.name.name);
@@ -443,6 +453,18 @@ impl<'c> Pipeline<'c> {
         }
     }
 
+    /// `table` as the configuration shapes its events: its columns' masks (a rule that does
+    /// not fit it stops the pipeline) and the precision of its times.
+    fn configured(&self, mut table: Table) -> Result<Table, CdcError> {
+        table.masks = self.masking.masks(&table).map_err(CdcError::Config)?;
+        let precision = self.config.source.time_precision;
+        for (ty, column) in table.types.iter_mut().zip(&table.relation.columns) {
+            *ty =
+                precision.apply(std::mem::replace(ty, ValueType::Scalar(0)), column.type_modifier);
+        }
+        Ok(table)
+    }
+
     fn count(&self, table: &Table, op: Op) {
         let label = format!("{}.{}", table.relation.namespace, table.relation.name);
         self.metrics.events.with_label_values(&[&label, op.code()]).inc();
@@ -468,6 +490,10 @@ impl<'c> Pipeline<'c> {
         let mut positions =
             Positions::new(flushed.and_then(|text| text.parse::<Lsn>().ok()).unwrap_or_default());
         repl.start_replication(&source.slot, Lsn::ZERO, &source.publication).await?;
+        // The slot's health, on a side connection; the task ends with this attempt.
+        let side = self.sql_client().await?;
+        let mut slot_lost =
+            AbortOnDrop(tokio::spawn(slot::watch(side, source.slot.clone(), self.metrics.clone())));
         tracing::info!(slot = source.slot, publication = source.publication, "streaming changes");
         self.metrics.healthy.store(true, Ordering::Relaxed);
         let ReplicationConnection { mut rx, mut tx, .. } = repl;
@@ -503,6 +529,9 @@ impl<'c> Pipeline<'c> {
                     self.send_pending()?;
                 }
                 _ = retry.tick(), if !self.pending.is_empty() => self.send_pending()?,
+                lost = &mut slot_lost.0 => {
+                    return Err(lost.unwrap_or_else(|e| CdcError::Protocol(format!("slot watch failed: {e}"))));
+                }
                 message = rx.recv(), if can_read => match message? {
                     StreamMessage::XLogData { start, data, .. } => {
                         positions.received(start);
@@ -547,7 +576,8 @@ impl<'c> Pipeline<'c> {
         match action {
             Action::None => {}
             Action::Learn { relation, topic } => {
-                let table = Arc::new(catalog.table_for(client, relation, topic).await?);
+                let table =
+                    Arc::new(self.configured(catalog.table_for(client, relation, topic).await?)?);
                 self.sink.ensure_topics(std::slice::from_ref(&table.topic)).await?;
                 core.learned(table);
             }
@@ -596,6 +626,15 @@ impl<'c> Pipeline<'c> {
             self.pending.pop_front();
         }
         Ok(())
+    }
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -303,7 +303,7 @@ mod tests {
     fn table_of(relation: Relation, topic: String) -> Arc<Table> {
         let types =
             relation.columns.iter().map(|c: &Column| ValueType::Scalar(c.type_oid)).collect();
-        Arc::new(Table { relation, types, key: vec![0], topic })
+        Arc::new(Table { relation, types, key: vec![0], topic, masks: Vec::new() })
     }
 
     fn core(include: Option<&[&str]>) -> Core {

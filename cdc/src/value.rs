@@ -44,6 +44,42 @@ pub enum ValueType {
     /// An array of the element type, of any number of dimensions, whose text form separates
     /// elements by the element type's delimiter (`,`; `;` for `box`).
     Array { element: Box<ValueType>, delimiter: char },
+    /// `time` or `timestamp` in milliseconds rather than microseconds, as Debezium's
+    /// `time.precision.mode = adaptive` gives those of precision 0 to 3
+    /// (`io.debezium.time.Time`, `io.debezium.time.Timestamp`).
+    Millis(u32),
+}
+
+/// How `time` and `timestamp` values are given (`source.time_precision`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimePrecision {
+    /// Always microseconds.
+    #[default]
+    Micros,
+    /// Milliseconds for a declared precision of 0 to 3, else microseconds: Debezium's
+    /// default.
+    Adaptive,
+}
+
+impl TimePrecision {
+    /// The encoding of a column of type `ty` declared with `type_modifier` (its precision for
+    /// `time` and `timestamp`, -1 when not declared, which means 6).
+    pub fn apply(self, ty: ValueType, type_modifier: i32) -> ValueType {
+        match (self, ty) {
+            (TimePrecision::Micros, ty) => ty,
+            (_, ValueType::Scalar(oid @ (oid::TIME | oid::TIMESTAMP)))
+                if (0..=3).contains(&type_modifier) =>
+            {
+                ValueType::Millis(oid)
+            }
+            (_, ValueType::Array { element, delimiter }) => ValueType::Array {
+                element: Box::new(self.apply(*element, type_modifier)),
+                delimiter,
+            },
+            (_, ty) => ty,
+        }
+    }
 }
 
 impl ValueType {
@@ -68,6 +104,7 @@ pub fn to_json(ty: &ValueType, text: &str) -> Value {
         ValueType::Scalar(type_oid) => scalar(*type_oid, text),
         ValueType::Money { scale } => money(text, *scale).map(Value::String),
         ValueType::Array { element, delimiter } => parse_array(text, element, *delimiter),
+        ValueType::Millis(type_oid) => millis(*type_oid, text),
     };
     converted.unwrap_or_else(|| Value::String(text.to_string()))
 }
@@ -101,6 +138,15 @@ fn scalar(type_oid: u32, text: &str) -> Option<Value> {
         oid::INTERVAL => json!(interval_micros(text)?),
         _ => return None,
     })
+}
+
+fn millis(type_oid: u32, text: &str) -> Option<Value> {
+    let micros = match type_oid {
+        oid::TIME => i128::from(time::time_micros(text)?),
+        _ => time::timestamp_micros(text)?,
+    };
+    // Floored, as Java's epoch milliseconds are for times before 1970.
+    Some(json!(i64::try_from(micros.div_euclid(1000)).ok()?))
 }
 
 /// `money` as the C locale prints it (`-$1,234.50`) as an exact decimal string with `scale`
@@ -217,6 +263,26 @@ fn array_level(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adaptive_precision_gives_milliseconds_up_to_precision_3() {
+        let adaptive = TimePrecision::Adaptive;
+        let time3 = adaptive.apply(ValueType::Scalar(oid::TIME), 3);
+        assert_eq!(time3, ValueType::Millis(oid::TIME));
+        assert_eq!(to_json(&time3, "01:02:03.456"), json!(3_723_456));
+        let ts0 = adaptive.apply(ValueType::Scalar(oid::TIMESTAMP), 0);
+        assert_eq!(to_json(&ts0, "2022-01-01 10:00:00"), json!(1_641_031_200_000_i64));
+        // Before 1970 the milliseconds are floored, as Java's are.
+        assert_eq!(to_json(&ts0, "1969-12-31 23:59:59.9995"), json!(-1));
+        // Undeclared precision is 6; other types and the default mode keep microseconds.
+        assert_eq!(adaptive.apply(ValueType::Scalar(oid::TIME), -1), ValueType::Scalar(oid::TIME));
+        assert_eq!(adaptive.apply(ValueType::Scalar(oid::TIME), 4), ValueType::Scalar(oid::TIME));
+        assert_eq!(adaptive.apply(ValueType::Scalar(oid::DATE), 3), ValueType::Scalar(oid::DATE));
+        let micros = TimePrecision::Micros.apply(ValueType::Scalar(oid::TIME), 3);
+        assert_eq!(micros, ValueType::Scalar(oid::TIME));
+        let array = adaptive.apply(ValueType::array_of(oid::TIMESTAMP), 2);
+        assert_eq!(to_json(&array, "{\"1970-01-01 00:00:01\"}"), json!([1000]));
+    }
 
     fn scalar(type_oid: u32, text: &str) -> Value {
         to_json(&ValueType::Scalar(type_oid), text)

@@ -117,6 +117,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
             tables: Some(vec!["public.customers".into(), "public.orders".into()]),
             snapshot: SnapshotMode::Initial,
             heartbeat: Duration::from_secs(1),
+            time_precision: Default::default(),
         },
         kafka: KafkaConfig {
             brokers: brokers.clone(),
@@ -127,6 +128,8 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
             producer: BTreeMap::new(),
         },
         metrics: MetricsConfig::default(),
+        columns: BTreeMap::new(),
+        masking: Default::default(),
         output: ficus_cdc::config::Output::Kafka,
     };
     runtime.spawn(async move {
