@@ -18,7 +18,7 @@ pub struct CdcArgs {
 }
 
 /// The sections of a cdc configuration.
-const SECTIONS: [&str; 5] = ["source", "kafka", "metrics", "columns", "masking"];
+const SECTIONS: [&str; 6] = ["source", "kafka", "metrics", "columns", "masking", "outbox"];
 
 /// Reads the configuration: the file, then `FICUS_SECTION__KEY` environment variables.
 pub fn load_config(path: Option<&std::path::Path>) -> Result<CdcConfig> {

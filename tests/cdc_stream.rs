@@ -350,3 +350,63 @@ async fn stdout_sink_writes_one_json_line_per_record() {
     assert_eq!(lines[7]["headers"], json!({"__debezium.oldkey": {"id": 5}}));
     cdc.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_and_messages_arrive_routed_in_commit_order() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY);
+         CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+           aggregate_type text NOT NULL, aggregate_id text NOT NULL, type text NOT NULL,
+           payload jsonb);",
+    )
+    .await
+    .expect("schema");
+    let config = config(&pg.url("shop"), &broker, "shop", "tables = [\"public.orders\"]")
+        + "\n[[outbox]]\ntable = \"public.outbox\"\n";
+    let mut cdc = Cdc::start(&config);
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO orders VALUES (1);
+         INSERT INTO outbox (aggregate_type, aggregate_id, type, payload)
+           VALUES ('Order', '1', 'OrderPlaced', '{\"total\": 10}');
+         DELETE FROM outbox;
+         COMMIT;
+         INSERT INTO outbox (aggregate_type, aggregate_id, type, payload)
+           VALUES ('Order', '1', 'OrderPaid', '{\"paid\": true}'),
+                  ('Customer', '7', 'CustomerMoved', '{\"city\": \"Oslo\"}');
+         SELECT pg_logical_emit_message(true, 'ficus.outbox',
+           '{\"aggregate_type\": \"Order\", \"aggregate_id\": \"2\", \"type\": \"OrderPlaced\",
+             \"id\": \"m-1\", \"payload\": {\"total\": 5}}');
+         SELECT pg_logical_emit_message(true, 'another.prefix', 'not an event');",
+    )
+    .await
+    .expect("events");
+
+    broker.wait_topic("shop.outbox.Customer", QUIET);
+    let orders = broker.consume("shop.outbox.Order", 3, QUIET);
+    let seen: Vec<_> = orders
+        .iter()
+        .map(|r| (r.key.clone(), r.header("type").cloned(), r.value.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some(json!("1")), Some(json!("OrderPlaced")), Some(json!({"total": 10}))),
+            (Some(json!("1")), Some(json!("OrderPaid")), Some(json!({"paid": true}))),
+            (Some(json!("2")), Some(json!("OrderPlaced")), Some(json!({"total": 5}))),
+        ]
+    );
+    // The row's uuid and the message's id, as the `id` header.
+    let id = orders[0].header("id").and_then(|v| v.as_str()).unwrap_or_default();
+    assert_eq!(id.len(), 36, "{id}");
+    assert_eq!(orders[2].header("id"), Some(&json!("m-1")));
+    let customers = broker.consume("shop.outbox.Customer", 1, QUIET);
+    assert_eq!(customers[0].value, Some(json!({"city": "Oslo"})));
+    // The outbox table's own changes are not streamed as a table.
+    assert!(!broker.has_topic("shop.public.outbox"));
+    assert_eq!(broker.consume("shop.public.orders", 1, QUIET).len(), 1);
+    cdc.terminate();
+}

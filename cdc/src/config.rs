@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use crate::error::CdcError;
 use crate::mask::{ColumnRules, Masking};
 use crate::names::TableName;
+use crate::outbox::{self, OutboxConfig, OutboxTable};
 use crate::tls::{client_config, SslMode, TlsSettings};
 use crate::value::TimePrecision;
 use crate::wire::ConnectParams;
@@ -27,6 +28,9 @@ pub struct CdcConfig {
     pub columns: BTreeMap<String, ColumnRules>,
     #[serde(default)]
     pub masking: MaskingConfig,
+    /// Outbox tables whose inserted rows are routed as events.
+    #[serde(default)]
+    pub outbox: Vec<OutboxConfig>,
     /// Where events go; set by `ficus cdc --stdout`, not in the file.
     #[serde(skip)]
     pub output: Output,
@@ -114,6 +118,11 @@ pub struct MaskingConfig {
 }
 
 impl CdcConfig {
+    /// The `[[outbox]]` tables compiled, every error named with its key.
+    pub fn outbox_tables(&self) -> Result<Vec<OutboxTable>, CdcError> {
+        outbox::compile(&self.outbox).map_err(|errors| CdcError::Config(errors.join("; ")))
+    }
+
     /// The column rules compiled, with the salt read: every error named with its key.
     pub fn masking(&self) -> Result<Masking, CdcError> {
         let salt = match &self.masking.salt_file {

@@ -18,6 +18,7 @@ pub mod lsn;
 pub mod mask;
 pub mod metrics;
 pub mod names;
+pub mod outbox;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod sink;

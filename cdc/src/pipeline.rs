@@ -23,6 +23,7 @@ use crate::lsn::Lsn;
 use crate::mask::Masking;
 use crate::metrics::Metrics;
 use crate::names::{quote_ident, Topics};
+use crate::outbox::OutboxTable;
 use crate::pgoutput::{self, Datum};
 use crate::sink::{Commit, InFlight, SendError, Sink};
 use crate::slot;
@@ -57,12 +58,13 @@ pub async fn run(
         return Err(CdcError::Config("kafka.brokers is required (or run with --stdout)".into()));
     }
     let masking = config.masking()?;
+    let outbox = config.outbox_tables()?;
     let mut backoff = Duration::from_millis(250);
     let mut catalog = Catalog::default();
     let mut decode_failures = DecodeFailures::default();
     loop {
         let started = Instant::now();
-        let result = Pipeline::new(&config, &masking, metrics.clone())?
+        let result = Pipeline::new(&config, &masking, &outbox, metrics.clone())?
             .run_once(&mut catalog, shutdown.clone())
             .await
             .map_err(|e| decode_failures.check(e));
@@ -90,6 +92,7 @@ pub async fn run(
 struct Pipeline<'c> {
     config: &'c CdcConfig,
     masking: &'c Masking,
+    outbox: &'c [OutboxTable],
     metrics: Arc<Metrics>,
     sink: Sink,
     in_flight: InFlight,
@@ -125,12 +128,14 @@ impl<'c> Pipeline<'c> {
     fn new(
         config: &'c CdcConfig,
         masking: &'c Masking,
+        outbox: &'c [OutboxTable],
         metrics: Arc<Metrics>,
     ) -> Result<Pipeline<'c>, CdcError> {
         let database = config.source.connect_params()?.database;
         Ok(Pipeline {
             config,
             masking,
+            outbox,
             metrics,
             sink: Sink::new(config)?,
             in_flight: InFlight::default(),
@@ -185,11 +190,23 @@ impl<'c> Pipeline<'c> {
         let prefix = &self.config.kafka.topic_prefix;
         let client = self.sql_client().await?;
         catalog::check_wal_level(&client).await?;
-        let configured = source.table_names()?;
-        let tables =
+        let is_outbox =
+            |name: &crate::names::TableName| self.outbox.iter().any(|o| &o.name == name);
+        // Outbox tables are published with the configured tables...
+        let configured = source.table_names()?.map(|mut names| {
+            for outbox in self.outbox {
+                if !names.contains(&outbox.name) {
+                    names.push(outbox.name.clone());
+                }
+            }
+            names
+        });
+        let mut tables =
             catalog::prepare_publication(&client, &source.publication, configured.as_deref())
                 .await?;
         catalog::check_replica_identities(&client, &tables).await?;
+        // ...but their rows are events from the stream, not rows to copy to a topic of theirs.
+        tables.retain(|table| !is_outbox(&table.name));
         let mut topics = Topics::default();
         let mut topic_names = Vec::with_capacity(tables.len());
         for table in &tables {
@@ -198,7 +215,7 @@ impl<'c> Pipeline<'c> {
         self.sink.ensure_topics(&topic_names).await?;
         catalog.refresh(&client).await?;
         let include = configured.map(|tables| tables.into_iter().collect());
-        let core = Core::new(prefix, &self.database, topics, include);
+        let core = Core::new(prefix, &self.database, topics, include, self.outbox.to_vec());
 
         let slot = catalog::slot_state(&client, &source.slot).await?;
         match &slot {
@@ -582,8 +599,14 @@ impl<'c> Pipeline<'c> {
                 core.learned(table);
             }
             Action::Send { records, counted } => {
+                // Outbox events go to a topic per aggregate type, met as they come.
+                for record in &records {
+                    if !self.sink.knows(&record.topic) {
+                        self.sink.ensure_topics(std::slice::from_ref(&record.topic)).await?;
+                    }
+                }
                 for (table, op) in &counted {
-                    self.count(table, *op);
+                    self.metrics.events.with_label_values(&[table, op.code()]).inc();
                 }
                 self.pending.extend(records.into_iter().map(Pending::Record));
             }

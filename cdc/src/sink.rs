@@ -56,6 +56,14 @@ impl Sink {
         }
     }
 
+    /// Whether `topic` is known to exist (always, for standard output).
+    pub fn knows(&self, topic: &str) -> bool {
+        match self {
+            Sink::Kafka(kafka) => kafka.known_topics.contains(topic),
+            Sink::Stdout(_) => true,
+        }
+    }
+
     /// Hands a record over; the future resolves once it is delivered.
     pub fn send(&mut self, record: &Record) -> Result<Delivery, SendError> {
         match self {

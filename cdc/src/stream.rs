@@ -11,6 +11,7 @@ use crate::error::CdcError;
 use crate::event::{self, Op, Record, Source, Table, NEW_KEY_HEADER, OLD_KEY_HEADER};
 use crate::lsn::Lsn;
 use crate::names::{TableName, Topics};
+use crate::outbox::{self, OutboxTable, Resolved};
 use crate::pgoutput::{Datum, Message, OldKind, Relation, PG_EPOCH_OFFSET_MICROS};
 use crate::sink::Commit;
 
@@ -24,8 +25,9 @@ pub enum Action {
     /// Look `relation` up in the catalog and make sure `topic` exists, then hand the table to
     /// [`Core::learned`]: the changes that follow need it.
     Learn { relation: Relation, topic: String },
-    /// Send `records`, in order; `counted` are the changes they stand for.
-    Send { records: Vec<Record>, counted: Vec<(Arc<Table>, Op)> },
+    /// Send `records`, in order (making sure their topics exist first); `counted` are the
+    /// changes they stand for, by table label (`schema.table`).
+    Send { records: Vec<Record>, counted: Vec<(String, Op)> },
     /// A transaction ended: its end may be confirmed once Kafka has acknowledged every
     /// record sent before it.
     Commit(Commit),
@@ -50,6 +52,14 @@ pub struct Core {
     known: HashMap<u32, Option<Arc<Table>>>,
     txn: Option<Txn>,
     last_commit: Option<Lsn>,
+    /// The configured outbox tables, and those met, by relation id.
+    outbox: Vec<OutboxTable>,
+    outboxes: HashMap<u32, Resolved>,
+}
+
+/// The metrics label of a table.
+fn label(table: &Table) -> String {
+    format!("{}.{}", table.relation.namespace, table.relation.name)
 }
 
 impl Core {
@@ -60,6 +70,7 @@ impl Core {
         database: &str,
         topics: Topics,
         include: Option<HashSet<TableName>>,
+        outbox: Vec<OutboxTable>,
     ) -> Core {
         Core {
             prefix: prefix.to_string(),
@@ -69,6 +80,8 @@ impl Core {
             known: HashMap::new(),
             txn: None,
             last_commit: None,
+            outbox,
+            outboxes: HashMap::new(),
         }
     }
 
@@ -115,6 +128,12 @@ impl Core {
             }
             Message::Relation(relation) => return self.relation(relation),
             Message::Insert { relation, new } => {
+                if let Some(outbox) = self.outboxes.get(&relation) {
+                    let records = vec![outbox.route(&self.prefix, &new)];
+                    let table = outbox.table();
+                    let label = format!("{}.{}", table.schema, table.name);
+                    return Ok(Action::Send { records, counted: vec![(label, Op::Create)] });
+                }
                 let Some(table) = self.table(relation)? else { return Ok(Action::None) };
                 let records =
                     event::change(&table, Op::Create, None, Some(&new), None, &source, now_ms);
@@ -135,16 +154,20 @@ impl Core {
                 for id in relations {
                     if let Some(table) = self.table(id)? {
                         records.push(event::truncate(&table, &source, now_ms));
-                        counted.push((table, Op::Truncate));
+                        counted.push((label(&table), Op::Truncate));
                     }
                 }
                 return Ok(Action::Send { records, counted });
+            }
+            Message::LogicalMessage { prefix, content, .. } if prefix == outbox::MESSAGE_PREFIX => {
+                let records = vec![outbox::route_message(&self.prefix, &content)];
+                return Ok(Action::Send { records, counted: vec![(prefix, Op::Create)] });
             }
             Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => {
                 return Ok(Action::None)
             }
         };
-        Ok(Action::Send { records, counted: vec![(table, op)] })
+        Ok(Action::Send { records, counted: vec![(label(&table), op)] })
     }
 
     /// What a change of relation `id` is for: `Ok(None)` for a table not streamed.
@@ -158,6 +181,15 @@ impl Core {
     /// catalog view and topic, which the pipeline gets.
     fn relation(&mut self, relation: Relation) -> Result<Action, CdcError> {
         let name = TableName::new(&relation.namespace, &relation.name);
+        // An outbox table's rows are events, not changes: its inserts are routed, the rest
+        // (the application emptying it) ignored.
+        if let Some(outbox) = self.outbox.iter().find(|o| o.name == name) {
+            let resolved = outbox.resolve(&relation).map_err(CdcError::Config)?;
+            self.outboxes.insert(relation.id, resolved);
+            self.known.insert(relation.id, None);
+            return Ok(Action::None);
+        }
+        self.outboxes.remove(&relation.id);
         if self.include.as_ref().is_some_and(|include| !include.contains(&name)) {
             if let Some(Some(was)) = self.known.get(&relation.id) {
                 let was = TableName::new(&was.relation.namespace, &was.relation.name);
@@ -193,7 +225,7 @@ fn update(
     let Some((old_key, new_key)) = moved else {
         let records =
             event::change(&table, Op::Update, full_old, Some(new), full_old, source, now_ms);
-        return Action::Send { records, counted: vec![(table, Op::Update)] };
+        return Action::Send { records, counted: vec![(label(&table), Op::Update)] };
     };
     let mut records = event::change(&table, Op::Delete, old_row, None, None, source, now_ms);
     if let Some(new_key) = &new_key {
@@ -206,6 +238,7 @@ fn update(
         record.headers.push((OLD_KEY_HEADER, old_key.clone()));
     }
     records.extend(created);
+    let table = label(&table);
     Action::Send { records, counted: vec![(table.clone(), Op::Delete), (table, Op::Create)] }
 }
 
@@ -309,7 +342,7 @@ mod tests {
     fn core(include: Option<&[&str]>) -> Core {
         let include =
             include.map(|names| names.iter().map(|n| TableName::new("public", *n)).collect());
-        Core::new("shop", "shop", Topics::default(), include)
+        Core::new("shop", "shop", Topics::default(), include, Vec::new())
     }
 
     /// Feeds message `index`, learning tables as the pipeline would.

@@ -130,6 +130,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
         metrics: MetricsConfig::default(),
         columns: BTreeMap::new(),
         masking: Default::default(),
+        outbox: Vec::new(),
         output: ficus_cdc::config::Output::Kafka,
     };
     runtime.spawn(async move {

@@ -99,6 +99,19 @@ impl Broker {
         metadata.topics().iter().any(|t| t.name() == topic)
     }
 
+    /// Waits until `topic` exists: for topics made as events come (the outbox's).
+    pub fn wait_topic(&self, topic: &str, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while !self.has_topic(topic) {
+            assert!(
+                Instant::now() < deadline,
+                "no topic {} within {patience:?}",
+                self.topic(topic)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// False for an external Kafka, which a test cannot pause.
     pub fn is_own(&self) -> bool {
         self.child.is_some()
