@@ -379,3 +379,32 @@ async fn the_slot_lag_grows_while_kafka_is_paused_and_drains_after() {
     }
     cdc.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_within_seconds_of_a_kill_9_and_nothing_is_lost() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = accounts(&pg, 500).await;
+    let config = config(&pg.url("bank"), &broker, "bank", "tables = [\"accounts\"]");
+    let mut active = Cdc::start(&config);
+    active.wait_log("streaming changes", QUIET);
+    let mut standby = Cdc::start(&config);
+    standby.wait_log("waiting as a standby", QUIET);
+    standby.wait_metric("ficus_cdc_standby", 1.0, QUIET).await;
+
+    let writer = pg.client("bank").await;
+    let load = tokio::spawn(async move { write_load(&writer, 4_000, 3).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    active.kill9();
+    let killed = Instant::now();
+    standby.wait_log("this standby takes over", QUIET);
+    standby.wait_log("streaming changes", QUIET);
+    let took_over = killed.elapsed();
+    assert!(took_over < Duration::from_secs(5), "took {took_over:?}:\n{}", standby.logs());
+    load.await.expect("load");
+
+    let expected = table_state(&db, "accounts").await;
+    let records = broker.consume("bank.public.accounts", usize::MAX, Duration::from_secs(10));
+    assert_eq!(fold(&records), expected, "the oracle: the topic ends equal to the table");
+    eprintln!("standby streaming {took_over:?} after the kill -9");
+    standby.terminate();
+}

@@ -74,8 +74,7 @@ fn the_kubernetes_manifests_have_the_expected_kinds() {
         );
     }
     let cdc = load("k8s/cdc.yaml");
-    assert_eq!(cdc[0]["spec"]["replicas"].as_i64(), Some(1), "one reader per slot");
-    assert_eq!(cdc[0]["spec"]["strategy"]["type"].as_str(), Some("Recreate"));
+    assert_eq!(cdc[0]["spec"]["replicas"].as_i64(), Some(2), "an active reader and a standby");
     let proxy = load("k8s/proxy.yaml");
     assert!(proxy[0]["spec"]["replicas"].as_i64() > Some(1));
     let mount = &proxy[0]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0];

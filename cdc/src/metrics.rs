@@ -45,6 +45,8 @@ pub struct Metrics {
     pub slot_safe_wal: IntGauge,
     /// 1 for the slot's `wal_status`.
     pub slot_wal_status: IntGaugeVec,
+    /// 1 while waiting as a standby for another reader of the slot to stop.
+    pub standby: IntGauge,
 }
 
 impl Metrics {
@@ -117,6 +119,10 @@ impl Metrics {
             slot_safe_wal: gauge(
                 "ficus_cdc_slot_safe_wal_bytes",
                 "WAL that can be written before the slot nears max_slot_wal_keep_size (-1: no limit)",
+            ),
+            standby: gauge(
+                "ficus_cdc_standby",
+                "1 while waiting as a standby for the slot's active reader to stop",
             ),
             slot_wal_status: gauge_vec(
                 "ficus_cdc_slot_wal_status",

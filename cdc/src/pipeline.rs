@@ -33,6 +33,8 @@ use crate::wire::{ReplicationConnection, StreamMessage, SESSION_SETTINGS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a standby asks for the slot's lead.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// What the process asks of a running pipeline.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -190,6 +192,8 @@ impl<'c> Pipeline<'c> {
         let prefix = &self.config.kafka.topic_prefix;
         let client = self.sql_client().await?;
         catalog::check_wal_level(&client).await?;
+        // One reader per slot; others wait as standbys, before touching anything.
+        let Some(leader) = self.lead(&shutdown).await? else { return Ok(()) };
         let is_outbox =
             |name: &crate::names::TableName| self.outbox.iter().any(|o| &o.name == name);
         // Outbox tables are published with the configured tables...
@@ -261,7 +265,48 @@ impl<'c> Pipeline<'c> {
             }
             (true, _) => {}
         }
-        self.stream(&client, catalog, core, shutdown).await
+        self.stream(leader, &client, catalog, core, shutdown).await
+    }
+
+    /// A replication connection holding the slot's lead: a session advisory lock, taken on
+    /// the connection that will stream, so that it goes with its walsender (at once when the
+    /// process dies, within `wal_sender_timeout` when its host is lost). Without the lock,
+    /// waits as a standby, asking every [`STANDBY_POLL`]; `None` when told to stop first.
+    async fn lead(
+        &self,
+        shutdown: &watch::Receiver<Shutdown>,
+    ) -> Result<Option<ReplicationConnection>, CdcError> {
+        let slot = &self.config.source.slot;
+        let mut repl =
+            ReplicationConnection::connect(&self.config.source.connect_params()?).await?;
+        let sql = format!(
+            "SELECT pg_try_advisory_lock(hashtextextended('ficus cdc slot ' || '{}', 0))",
+            slot.replace('\'', "''")
+        );
+        let mut shutdown = shutdown.clone();
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            let rows = repl.simple_query(&sql).await?;
+            let taken = rows.first().and_then(|row| row.first()).cloned().flatten();
+            if taken.as_deref() == Some("t") {
+                if let Some(since) = waiting_since {
+                    tracing::warn!(slot, waited = ?since.elapsed(), "the active reader is gone: this standby takes over");
+                }
+                self.metrics.standby.set(0);
+                return Ok(Some(repl));
+            }
+            if waiting_since.is_none() {
+                tracing::info!(slot, "another ficus cdc reads this slot: waiting as a standby, to take over when it stops");
+                waiting_since = Some(Instant::now());
+            }
+            self.metrics.standby.set(1);
+            // Connected and ready: a standby is healthy.
+            self.metrics.healthy.store(true, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(STANDBY_POLL) => {}
+                _ = shutdown.changed() => return Ok(None),
+            }
+        }
     }
 
     /// Runs the snapshot, unless a stop comes first: then it stops at once, and the false it
@@ -487,16 +532,16 @@ impl<'c> Pipeline<'c> {
         self.metrics.events.with_label_values(&[&label, op.code()]).inc();
     }
 
-    /// Streams the slot until shutdown.
+    /// Streams the slot on `repl` until shutdown.
     async fn stream(
         &mut self,
+        mut repl: ReplicationConnection,
         client: &Client,
         catalog: &mut Catalog,
         mut core: Core,
         mut shutdown: watch::Receiver<Shutdown>,
     ) -> Result<(), CdcError> {
         let source = &self.config.source;
-        let mut repl = ReplicationConnection::connect(&source.connect_params()?).await?;
         let flushed: Option<String> = client
             .query_opt(
                 "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
