@@ -410,3 +410,49 @@ async fn outbox_rows_and_messages_arrive_routed_in_commit_order() {
     assert_eq!(broker.consume("shop.public.orders", 1, QUIET).len(), 1);
     cdc.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_metadata_brackets_each_transaction() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let db = pg.database("shop").await;
+    db.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);")
+        .await
+        .expect("schema");
+    let extra = "tables = [\"public.a\", \"public.b\"]\ntransaction_metadata = true";
+    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "shop", extra));
+    cdc.wait_log("streaming changes", QUIET);
+    db.batch_execute("BEGIN; INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (1); COMMIT;")
+        .await
+        .expect("transaction");
+
+    broker.wait_topic("shop.transaction", QUIET);
+    let bracket = broker.consume("shop.transaction", 2, QUIET);
+    let statuses: Vec<_> =
+        bracket.iter().map(|r| r.value.as_ref().map(|v| v["status"].clone())).collect();
+    assert_eq!(statuses, [Some(json!("BEGIN")), Some(json!("END"))]);
+    let end = bracket[1].value.as_ref().expect("end");
+    let id = end["id"].as_str().expect("id");
+    assert_eq!(bracket[1].key, Some(json!({"id": id})));
+    assert_eq!(end["event_count"], 3);
+    assert_eq!(
+        end["data_collections"],
+        json!([{"data_collection": "public.a", "event_count": 2},
+               {"data_collection": "public.b", "event_count": 1}])
+    );
+    let a = broker.consume("shop.public.a", 2, QUIET);
+    let blocks: Vec<_> =
+        a.iter().map(|r| r.value.as_ref().map(|v| v["transaction"].clone())).collect();
+    assert_eq!(
+        blocks,
+        [
+            Some(json!({"id": id, "total_order": 1, "data_collection_order": 1})),
+            Some(json!({"id": id, "total_order": 2, "data_collection_order": 2})),
+        ]
+    );
+    let b = broker.consume("shop.public.b", 1, QUIET);
+    assert_eq!(
+        b[0].value.as_ref().map(|v| v["transaction"].clone()),
+        Some(json!({"id": id, "total_order": 3, "data_collection_order": 1}))
+    );
+    cdc.terminate();
+}

@@ -70,6 +70,10 @@ pub struct SourceConfig {
     /// `micros` (always) or `adaptive` (milliseconds for `time(0..3)`, `timestamp(0..3)`).
     #[serde(default)]
     pub time_precision: TimePrecision,
+    /// Debezium's `transaction` block in events, and BEGIN/END events on
+    /// `<prefix>.transaction` (Debezium's `provide.transaction.metadata`).
+    #[serde(default)]
+    pub transaction_metadata: bool,
 }
 
 /// Whether to copy existing rows before streaming changes.
@@ -356,6 +360,7 @@ mod tests {
             snapshot: SnapshotMode::Initial,
             heartbeat: Duration::from_secs(1),
             time_precision: Default::default(),
+            transaction_metadata: false,
         }
     }
 

@@ -68,6 +68,8 @@ pub struct Source<'a> {
     /// `"true"`, `"last"` or `"false"`.
     pub snapshot: &'static str,
     pub tx_id: Option<u32>,
+    /// The event's place in its transaction, with `source.transaction_metadata`.
+    pub transaction: Option<TransactionBlock>,
     /// The LSN of this change.
     pub lsn: Lsn,
     /// The LSN of the last commit before it, for `sequence`.
@@ -82,6 +84,75 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     /// Kafka headers: Debezium's `__debezium.oldkey` / `__debezium.newkey` on key changes.
     pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Debezium's `transaction` block: which transaction an event belongs to, and its place in
+/// it, overall and among its table's events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionBlock {
+    /// `<xid>:<commit LSN>`.
+    pub id: String,
+    pub total_order: u64,
+    pub data_collection_order: u64,
+}
+
+fn write_transaction(out: &mut String, block: Option<&TransactionBlock>) {
+    match block {
+        None => out.push_str("null"),
+        Some(block) => {
+            out.push_str("{\"id\":");
+            write_str(out, &block.id);
+            let _ = write!(
+                out,
+                ",\"total_order\":{},\"data_collection_order\":{}}}",
+                block.total_order, block.data_collection_order
+            );
+        }
+    }
+}
+
+/// The BEGIN (without counts) or END event of a transaction on `<prefix>.transaction`, as
+/// Debezium's `provide.transaction.metadata` writes them.
+pub fn transaction_event(
+    prefix: &str,
+    id: &str,
+    ts_ms: i64,
+    counts: Option<&std::collections::BTreeMap<String, u64>>,
+) -> Record {
+    let mut key = String::from("{\"id\":");
+    write_str(&mut key, id);
+    key.push('}');
+    let mut value = String::with_capacity(128);
+    value.push_str("{\"status\":");
+    value.push_str(if counts.is_some() { "\"END\"" } else { "\"BEGIN\"" });
+    value.push_str(",\"id\":");
+    write_str(&mut value, id);
+    match counts {
+        None => value.push_str(",\"event_count\":null,\"data_collections\":null"),
+        Some(counts) => {
+            let _ = write!(
+                value,
+                ",\"event_count\":{},\"data_collections\":[",
+                counts.values().sum::<u64>()
+            );
+            for (n, (table, count)) in counts.iter().enumerate() {
+                if n > 0 {
+                    value.push(',');
+                }
+                value.push_str("{\"data_collection\":");
+                write_str(&mut value, table);
+                let _ = write!(value, ",\"event_count\":{count}}}");
+            }
+            value.push(']');
+        }
+    }
+    let _ = write!(value, ",\"ts_ms\":{ts_ms}}}");
+    Record {
+        topic: format!("{prefix}.transaction"),
+        key: Some(key.into_bytes()),
+        value: Some(value.into_bytes()),
+        headers: Vec::new(),
+    }
 }
 
 /// The header of the delete half of a key change: the key the row moved to.
@@ -116,7 +187,9 @@ pub fn change(
     write_row(&mut value, table, after, old);
     value.push_str(",\"source\":");
     write_source(&mut value, table, source);
-    let _ = write!(value, ",\"op\":\"{}\",\"ts_ms\":{now_ms},\"transaction\":null}}", op.code());
+    let _ = write!(value, ",\"op\":\"{}\",\"ts_ms\":{now_ms},\"transaction\":", op.code());
+    write_transaction(&mut value, source.transaction.as_ref());
+    value.push('}');
     let mut records = vec![Record {
         topic: table.topic.clone(),
         key: key.clone(),
@@ -136,7 +209,9 @@ pub fn truncate(table: &Table, source: &Source<'_>, now_ms: i64) -> Record {
     let mut value = String::with_capacity(256);
     value.push_str("{\"before\":null,\"after\":null,\"source\":");
     write_source(&mut value, table, source);
-    let _ = write!(value, ",\"op\":\"t\",\"ts_ms\":{now_ms},\"transaction\":null}}");
+    let _ = write!(value, ",\"op\":\"t\",\"ts_ms\":{now_ms},\"transaction\":");
+    write_transaction(&mut value, source.transaction.as_ref());
+    value.push('}');
     Record {
         topic: table.topic.clone(),
         key: None,
@@ -316,6 +391,7 @@ mod tests {
             ts_ms: 1_700_000_000_000,
             snapshot: "false",
             tx_id: Some(556),
+            transaction: None,
             lsn: Lsn(24_023_128),
             last_commit_lsn: Some(Lsn(24_023_119)),
         }

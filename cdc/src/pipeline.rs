@@ -219,7 +219,14 @@ impl<'c> Pipeline<'c> {
         self.sink.ensure_topics(&topic_names).await?;
         catalog.refresh(&client).await?;
         let include = configured.map(|tables| tables.into_iter().collect());
-        let core = Core::new(prefix, &self.database, topics, include, self.outbox.to_vec());
+        let core = Core::new(
+            prefix,
+            &self.database,
+            topics,
+            include,
+            self.outbox.to_vec(),
+            source.transaction_metadata,
+        );
 
         let slot = catalog::slot_state(&client, &source.slot).await?;
         match &slot {
@@ -482,6 +489,7 @@ impl<'c> Pipeline<'c> {
             ts_ms,
             snapshot,
             tx_id: None,
+            transaction: None,
             lsn,
             last_commit_lsn: None,
         };
@@ -644,18 +652,28 @@ impl<'c> Pipeline<'c> {
                 core.learned(table);
             }
             Action::Send { records, counted } => {
-                // Outbox events go to a topic per aggregate type, met as they come.
-                for record in &records {
-                    if !self.sink.knows(&record.topic) {
-                        self.sink.ensure_topics(std::slice::from_ref(&record.topic)).await?;
-                    }
-                }
+                self.ensure_topics_of(&records).await?;
                 for (table, op) in &counted {
                     self.metrics.events.with_label_values(&[table, op.code()]).inc();
                 }
                 self.pending.extend(records.into_iter().map(Pending::Record));
             }
-            Action::Commit(commit) => self.pending.push_back(Pending::Commit(commit)),
+            Action::Commit { records, commit } => {
+                self.ensure_topics_of(&records).await?;
+                self.pending.extend(records.into_iter().map(Pending::Record));
+                self.pending.push_back(Pending::Commit(commit));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the topics of `records` not known yet: outbox events go to a topic per
+    /// aggregate type, transaction events to `<prefix>.transaction`, met as they come.
+    async fn ensure_topics_of(&mut self, records: &[Record]) -> Result<(), CdcError> {
+        for record in records {
+            if !self.sink.knows(&record.topic) {
+                self.sink.ensure_topics(std::slice::from_ref(&record.topic)).await?;
+            }
         }
         Ok(())
     }

@@ -4,11 +4,13 @@
 //! catalog lookup, sending records, confirming a commit once acknowledged) and hands back the
 //! results. [`Positions`] owns what may be confirmed to PostgreSQL, and when.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::error::CdcError;
-use crate::event::{self, Op, Record, Source, Table, NEW_KEY_HEADER, OLD_KEY_HEADER};
+use crate::event::{
+    self, Op, Record, Source, Table, TransactionBlock, NEW_KEY_HEADER, OLD_KEY_HEADER,
+};
 use crate::lsn::Lsn;
 use crate::names::{TableName, Topics};
 use crate::outbox::{self, OutboxTable, Resolved};
@@ -28,17 +30,31 @@ pub enum Action {
     /// Send `records`, in order (making sure their topics exist first); `counted` are the
     /// changes they stand for, by table label (`schema.table`).
     Send { records: Vec<Record>, counted: Vec<(String, Op)> },
-    /// A transaction ended: its end may be confirmed once Kafka has acknowledged every
-    /// record sent before it.
-    Commit(Commit),
+    /// A transaction ended: send `records` (its END event, with transaction metadata), then
+    /// its end may be confirmed once Kafka has acknowledged every record sent before it.
+    Commit { records: Vec<Record>, commit: Commit },
 }
 
 /// The transaction being streamed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Txn {
     xid: u32,
     /// Commit time, microseconds since the Unix epoch.
     commit_time_us: i64,
+    /// Debezium's transaction id: `<xid>:<commit LSN>`.
+    id: String,
+    /// With transaction metadata: whether its BEGIN event went out, its events so far, and
+    /// per table.
+    begun: bool,
+    total: u64,
+    counts: BTreeMap<String, u64>,
+}
+
+impl Txn {
+    fn new(xid: u32, final_lsn: Lsn, commit_time_us: i64) -> Txn {
+        let id = format!("{xid}:{}", final_lsn.0);
+        Txn { xid, commit_time_us, id, begun: false, total: 0, counts: BTreeMap::new() }
+    }
 }
 
 /// The state of the stream between messages.
@@ -55,6 +71,8 @@ pub struct Core {
     /// The configured outbox tables, and those met, by relation id.
     outbox: Vec<OutboxTable>,
     outboxes: HashMap<u32, Resolved>,
+    /// Debezium's `transaction` blocks and BEGIN/END events on `<prefix>.transaction`.
+    transaction_metadata: bool,
 }
 
 /// The metrics label of a table.
@@ -71,6 +89,7 @@ impl Core {
         topics: Topics,
         include: Option<HashSet<TableName>>,
         outbox: Vec<OutboxTable>,
+        transaction_metadata: bool,
     ) -> Core {
         Core {
             prefix: prefix.to_string(),
@@ -82,6 +101,7 @@ impl Core {
             last_commit: None,
             outbox,
             outboxes: HashMap::new(),
+            transaction_metadata,
         }
     }
 
@@ -102,29 +122,38 @@ impl Core {
         lsn: Lsn,
         now_ms: i64,
     ) -> Result<Action, CdcError> {
-        let (xid, commit_ms) =
-            self.txn.map_or((None, now_ms), |t| (Some(t.xid), t.commit_time_us / 1000));
-        let source = Source {
-            version: VERSION,
-            name: &self.prefix,
-            db: &self.database,
-            ts_ms: commit_ms,
-            snapshot: "false",
-            tx_id: xid,
-            lsn,
-            last_commit_lsn: self.last_commit,
+        let change = |core: &mut Core,
+                      table: &Arc<Table>,
+                      op: Op,
+                      before: Option<&[Datum]>,
+                      after: Option<&[Datum]>,
+                      old: Option<&[Datum]>| {
+            let (begin, place) = core.place(&label(table));
+            let source = core.source(lsn, now_ms, place);
+            let mut records = Vec::from_iter(begin);
+            records.extend(event::change(table, op, before, after, old, &source, now_ms));
+            records
         };
         let (table, op, records) = match message {
-            Message::Begin { xid, commit_time, .. } => {
+            Message::Begin { xid, final_lsn, commit_time } => {
                 let commit_time_us = commit_time + PG_EPOCH_OFFSET_MICROS;
-                self.txn = Some(Txn { xid, commit_time_us });
+                self.txn = Some(Txn::new(xid, final_lsn, commit_time_us));
                 return Ok(Action::None);
             }
             Message::Commit { commit_lsn, end_lsn, commit_time, .. } => {
                 self.last_commit = Some(commit_lsn);
-                self.txn = None;
+                let txn = self.txn.take();
+                let end = txn.filter(|t| t.begun).map(|t| {
+                    event::transaction_event(
+                        &self.prefix,
+                        &t.id,
+                        t.commit_time_us / 1000,
+                        Some(&t.counts),
+                    )
+                });
                 let commit_time_us = commit_time + PG_EPOCH_OFFSET_MICROS;
-                return Ok(Action::Commit(Commit { lsn: end_lsn, commit_time_us }));
+                let commit = Commit { lsn: end_lsn, commit_time_us };
+                return Ok(Action::Commit { records: Vec::from_iter(end), commit });
             }
             Message::Relation(relation) => return self.relation(relation),
             Message::Insert { relation, new } => {
@@ -135,25 +164,29 @@ impl Core {
                     return Ok(Action::Send { records, counted: vec![(label, Op::Create)] });
                 }
                 let Some(table) = self.table(relation)? else { return Ok(Action::None) };
-                let records =
-                    event::change(&table, Op::Create, None, Some(&new), None, &source, now_ms);
+                let records = change(self, &table, Op::Create, None, Some(&new[..]), None);
                 (table, Op::Create, records)
             }
             Message::Update { relation, old, new } => {
                 let Some(table) = self.table(relation)? else { return Ok(Action::None) };
-                return Ok(update(table, old, &new, &source, now_ms));
+                return Ok(self.update(table, old, &new, lsn, now_ms));
             }
             Message::Delete { relation, old: (_, old) } => {
                 let Some(table) = self.table(relation)? else { return Ok(Action::None) };
-                let records =
-                    event::change(&table, Op::Delete, Some(&old), None, None, &source, now_ms);
+                let records = change(self, &table, Op::Delete, Some(&old[..]), None, None);
                 (table, Op::Delete, records)
             }
             Message::Truncate { relations, .. } => {
                 let (mut records, mut counted) = (Vec::new(), Vec::new());
                 for id in relations {
                     if let Some(table) = self.table(id)? {
-                        records.push(event::truncate(&table, &source, now_ms));
+                        let (begin, place) = self.place(&label(&table));
+                        records.extend(begin);
+                        records.push(event::truncate(
+                            &table,
+                            &self.source(lsn, now_ms, place),
+                            now_ms,
+                        ));
                         counted.push((label(&table), Op::Truncate));
                     }
                 }
@@ -168,6 +201,97 @@ impl Core {
             }
         };
         Ok(Action::Send { records, counted: vec![(label(&table), op)] })
+    }
+
+    /// The `source` block of an event at `lsn`.
+    fn source(&self, lsn: Lsn, now_ms: i64, transaction: Option<TransactionBlock>) -> Source<'_> {
+        let (xid, commit_ms) =
+            self.txn.as_ref().map_or((None, now_ms), |t| (Some(t.xid), t.commit_time_us / 1000));
+        Source {
+            version: VERSION,
+            name: &self.prefix,
+            db: &self.database,
+            ts_ms: commit_ms,
+            snapshot: "false",
+            tx_id: xid,
+            transaction,
+            lsn,
+            last_commit_lsn: self.last_commit,
+        }
+    }
+
+    /// With transaction metadata, the next event of `table`'s place in its transaction, and
+    /// the transaction's BEGIN event when this is its first.
+    fn place(&mut self, table: &str) -> (Option<Record>, Option<TransactionBlock>) {
+        let Some(txn) = self.txn.as_mut().filter(|_| self.transaction_metadata) else {
+            return (None, None);
+        };
+        let begin = (!txn.begun).then(|| {
+            txn.begun = true;
+            event::transaction_event(&self.prefix, &txn.id, txn.commit_time_us / 1000, None)
+        });
+        let in_table = txn.counts.entry(table.to_string()).or_default();
+        *in_table += 1;
+        let data_collection_order = *in_table;
+        txn.total += 1;
+        let block =
+            TransactionBlock { id: txn.id.clone(), total_order: txn.total, data_collection_order };
+        (begin, Some(block))
+    }
+
+    /// The records of an update. One that changes the key becomes, as in Debezium, a delete
+    /// of the old key (with its tombstone, and the new key in a `__debezium.newkey` header)
+    /// and a create of the new one (with `__debezium.oldkey`). Under REPLICA IDENTITY FULL
+    /// the old row fills in the unchanged TOASTed values PostgreSQL did not send again.
+    fn update(
+        &mut self,
+        table: Arc<Table>,
+        old: Option<(OldKind, Vec<Datum>)>,
+        new: &[Datum],
+        lsn: Lsn,
+        now_ms: i64,
+    ) -> Action {
+        let label = label(&table);
+        let old_row = old.as_ref().map(|(_, row)| row.as_slice());
+        let full_old =
+            old.as_ref().filter(|(kind, _)| *kind == OldKind::Full).map(|(_, row)| row.as_slice());
+        // Most updates carry no old row (default identity, key unchanged): no keys to compare.
+        let moved =
+            old_row.and_then(|row| event::key_json(&table, row, None)).and_then(|old_key| {
+                let new_key = event::key_json(&table, new, old_row);
+                (new_key.as_ref() != Some(&old_key)).then_some((old_key, new_key))
+            });
+        let (begin, place) = self.place(&label);
+        let mut records = Vec::from_iter(begin);
+        let source = self.source(lsn, now_ms, place);
+        let Some((old_key, new_key)) = moved else {
+            records.extend(event::change(
+                &table,
+                Op::Update,
+                full_old,
+                Some(new),
+                full_old,
+                &source,
+                now_ms,
+            ));
+            return Action::Send { records, counted: vec![(label, Op::Update)] };
+        };
+        let mut deleted = event::change(&table, Op::Delete, old_row, None, None, &source, now_ms);
+        if let Some(new_key) = &new_key {
+            for record in &mut deleted {
+                record.headers.push((NEW_KEY_HEADER, new_key.clone()));
+            }
+        }
+        records.extend(deleted);
+        let (_, place) = self.place(&label);
+        let source = self.source(lsn, now_ms, place);
+        let mut created =
+            event::change(&table, Op::Create, None, Some(new), full_old, &source, now_ms);
+        for record in &mut created {
+            record.headers.push((OLD_KEY_HEADER, old_key.clone()));
+        }
+        records.extend(created);
+        Action::Send { records, counted: vec![(label.clone(), Op::Delete), (label, Op::Create)] }
     }
 
     /// What a change of relation `id` is for: `Ok(None)` for a table not streamed.
@@ -201,45 +325,6 @@ impl Core {
         let topic = self.topics.claim(&self.prefix, &name)?;
         Ok(Action::Learn { relation, topic })
     }
-}
-
-/// The records of an update. One that changes the key becomes, as in Debezium, a delete of
-/// the old key (with its tombstone, and the new key in a `__debezium.newkey` header) and a
-/// create of the new one (with `__debezium.oldkey`). Under REPLICA IDENTITY FULL the old row
-/// fills in the unchanged TOASTed values PostgreSQL did not send again.
-fn update(
-    table: Arc<Table>,
-    old: Option<(OldKind, Vec<Datum>)>,
-    new: &[Datum],
-    source: &Source<'_>,
-    now_ms: i64,
-) -> Action {
-    let old_row = old.as_ref().map(|(_, row)| row.as_slice());
-    let full_old =
-        old.as_ref().filter(|(kind, _)| *kind == OldKind::Full).map(|(_, row)| row.as_slice());
-    // Most updates carry no old row (default identity, key unchanged): no keys to compare.
-    let moved = old_row.and_then(|row| event::key_json(&table, row, None)).and_then(|old_key| {
-        let new_key = event::key_json(&table, new, old_row);
-        (new_key.as_ref() != Some(&old_key)).then_some((old_key, new_key))
-    });
-    let Some((old_key, new_key)) = moved else {
-        let records =
-            event::change(&table, Op::Update, full_old, Some(new), full_old, source, now_ms);
-        return Action::Send { records, counted: vec![(label(&table), Op::Update)] };
-    };
-    let mut records = event::change(&table, Op::Delete, old_row, None, None, source, now_ms);
-    if let Some(new_key) = &new_key {
-        for record in &mut records {
-            record.headers.push((NEW_KEY_HEADER, new_key.clone()));
-        }
-    }
-    let mut created = event::change(&table, Op::Create, None, Some(new), full_old, source, now_ms);
-    for record in &mut created {
-        record.headers.push((OLD_KEY_HEADER, old_key.clone()));
-    }
-    records.extend(created);
-    let table = label(&table);
-    Action::Send { records, counted: vec![(table.clone(), Op::Delete), (table, Op::Create)] }
 }
 
 /// The stream's positions. The confirmed one moves only here, and only forward: to the end
@@ -342,7 +427,7 @@ mod tests {
     fn core(include: Option<&[&str]>) -> Core {
         let include =
             include.map(|names| names.iter().map(|n| TableName::new("public", *n)).collect());
-        Core::new("shop", "shop", Topics::default(), include, Vec::new())
+        Core::new("shop", "shop", Topics::default(), include, Vec::new(), false)
     }
 
     /// Feeds message `index`, learning tables as the pipeline would.
@@ -397,7 +482,8 @@ mod tests {
         assert!(matches!(feed(&mut core, 5), Action::Learn { .. }));
         assert_eq!(values(&feed(&mut core, 6))[0]["op"], "t");
         assert!(matches!(feed(&mut core, 7), Action::None), "logical messages are not streamed");
-        let Action::Commit(commit) = feed(&mut core, 8) else { panic!("commit") };
+        let Action::Commit { commit, records } = feed(&mut core, 8) else { panic!("commit") };
+        assert!(records.is_empty(), "no END event without transaction metadata");
         assert_eq!(commit.lsn, Lsn(0x15A_4790));
         assert!(!core.in_transaction());
     }
@@ -432,7 +518,7 @@ mod tests {
         let Some(Some(table)) = core.known.get(&16396).cloned() else { panic!("learnt") };
         let text = |s: &str| Datum::Text(Bytes::copy_from_slice(s.as_bytes()));
         let old = Some((OldKind::Key, vec![text("1"), Datum::Null, Datum::Null]));
-        let action = update(table, old, &[text("2"), text("x"), Datum::Null], &source(), 7);
+        let action = core.update(table, old, &[text("2"), text("x"), Datum::Null], Lsn(5), 7);
         let Action::Send { records, counted } = &action else { panic!() };
         let ops: Vec<Op> = counted.iter().map(|(_, op)| *op).collect();
         assert_eq!(ops, [Op::Delete, Op::Create]);
@@ -442,17 +528,50 @@ mod tests {
         assert_eq!(records[2].headers, [(OLD_KEY_HEADER, br#"{"id":1}"#.to_vec())]);
     }
 
-    fn source() -> Source<'static> {
-        Source {
-            version: "0",
-            name: "shop",
-            db: "shop",
-            ts_ms: 0,
-            snapshot: "false",
-            tx_id: None,
-            lsn: Lsn(1),
-            last_commit_lsn: None,
+    #[test]
+    fn transaction_metadata_numbers_events_between_begin_and_end() {
+        let mut core = core(None);
+        core.transaction_metadata = true;
+        let mut records = Vec::new();
+        for index in 0..9 {
+            match feed(&mut core, index) {
+                Action::Send { records: sent, .. } | Action::Commit { records: sent, .. } => {
+                    records.extend(sent)
+                }
+                _ => {}
+            }
         }
+        let value = |record: &Record| -> Value {
+            serde_json::from_slice(record.value.as_deref().expect("value")).expect("json")
+        };
+        let id = "737:22693408";
+        assert_eq!(records[0].topic, "shop.transaction");
+        assert_eq!(
+            value(&records[0]),
+            json!({"status": "BEGIN", "id": id, "event_count": null, "data_collections": null,
+                   "ts_ms": (0x0003_0427_b970_6ad6 + PG_EPOCH_OFFSET_MICROS) / 1000})
+        );
+        // Insert, update, delete (and its tombstone), truncate.
+        let blocks: Vec<Value> = records[1..6]
+            .iter()
+            .filter(|r| r.value.is_some())
+            .map(|r| value(r)["transaction"].clone())
+            .collect();
+        assert_eq!(blocks.len(), 4);
+        for (n, block) in blocks.iter().enumerate() {
+            let order = n as u64 + 1;
+            assert_eq!(
+                block,
+                &json!({"id": id, "total_order": order, "data_collection_order": order})
+            );
+        }
+        let end = value(records.last().expect("end"));
+        assert_eq!(end["status"], "END");
+        assert_eq!(end["event_count"], 4);
+        assert_eq!(
+            end["data_collections"],
+            json!([{"data_collection": "public.cap", "event_count": 4}])
+        );
     }
 
     #[test]

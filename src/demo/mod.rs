@@ -118,6 +118,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
             snapshot: SnapshotMode::Initial,
             heartbeat: Duration::from_secs(1),
             time_precision: Default::default(),
+            transaction_metadata: false,
         },
         kafka: KafkaConfig {
             brokers: brokers.clone(),
