@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use ficus_cdc::config::SECTIONS;
 use ficus_cdc::{CdcConfig, Metrics, Shutdown};
 
 #[derive(Args)]
@@ -16,9 +17,6 @@ pub struct CdcArgs {
     #[arg(long)]
     stdout: bool,
 }
-
-/// The sections of a cdc configuration.
-const SECTIONS: [&str; 6] = ["source", "kafka", "metrics", "columns", "masking", "outbox"];
 
 /// Reads the configuration: the file, then `FICUS_SECTION__KEY` environment variables.
 pub fn load_config(path: Option<&std::path::Path>) -> Result<CdcConfig> {
@@ -52,8 +50,9 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<CdcConfig> {
     // Only the cdc sections: other FICUS_ variables (the proxy's, the log format) are not ours.
     let mut table = raw.try_deserialize::<serde_json::Map<String, serde_json::Value>>()?;
     table.retain(|key, _| SECTIONS.contains(&key.as_str()));
-    serde_json::from_value(serde_json::Value::Object(table))
-        .with_context(|| format!("invalid cdc configuration {source}"))
+    CdcConfig::from_sections(&table).map_err(|problems| {
+        anyhow::anyhow!("invalid cdc configuration {source}:\n  {}", problems.join("\n  "))
+    })
 }
 
 pub fn run(args: &CdcArgs) -> Result<i32> {

@@ -121,7 +121,92 @@ pub struct MaskingConfig {
     pub salt_file: Option<PathBuf>,
 }
 
+/// The sections of a cdc configuration.
+pub const SECTIONS: [&str; 6] = ["source", "kafka", "metrics", "columns", "masking", "outbox"];
+
 impl CdcConfig {
+    /// The configuration from its sections (the file's, merged with the environment's),
+    /// compiled section by section so that every problem is reported at once, each with its
+    /// key: unknown, missing or malformed keys first, then what the values mean.
+    pub fn from_sections(
+        sections: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<CdcConfig, Vec<String>> {
+        let mut errors = Vec::new();
+        fn section<T: serde::de::DeserializeOwned>(
+            name: &str,
+            value: Option<&serde_json::Value>,
+            errors: &mut Vec<String>,
+        ) -> Option<T> {
+            let value = value.cloned().unwrap_or(serde_json::Value::Null);
+            let value = match value {
+                // An absent optional section is its default; an absent required one is named.
+                serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+                other => other,
+            };
+            match serde_path_to_error::deserialize(value) {
+                Ok(parsed) => Some(parsed),
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let at = match path.as_str() {
+                        "." => name.to_string(),
+                        index if index.starts_with('[') => format!("{name}{index}"),
+                        key => format!("{name}.{key}"),
+                    };
+                    errors.push(format!("{at}: {}", e.into_inner()));
+                    None
+                }
+            }
+        }
+        let source = section::<SourceConfig>("source", sections.get("source"), &mut errors);
+        let kafka = section::<KafkaConfig>("kafka", sections.get("kafka"), &mut errors);
+        let metrics = section::<MetricsConfig>("metrics", sections.get("metrics"), &mut errors);
+        let columns = section("columns", sections.get("columns"), &mut errors);
+        let masking = section::<MaskingConfig>("masking", sections.get("masking"), &mut errors);
+        let outbox = match sections.get("outbox") {
+            None => Some(Vec::new()),
+            some => section::<Vec<OutboxConfig>>("outbox", some, &mut errors),
+        };
+        let (Some(source), Some(kafka), Some(metrics), Some(columns), Some(masking), Some(outbox)) =
+            (source, kafka, metrics, columns, masking, outbox)
+        else {
+            return Err(errors);
+        };
+        let config = CdcConfig {
+            source,
+            kafka,
+            metrics,
+            columns,
+            masking,
+            outbox,
+            output: Output::default(),
+        };
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Every problem with the values, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut add = |result: Result<(), CdcError>| {
+            if let Err(e) = result {
+                let text = match e {
+                    CdcError::Config(text) => text,
+                    other => other.to_string(),
+                };
+                problems.extend(text.split("; ").map(str::to_string));
+            }
+        };
+        add(self.source.validate());
+        add(self.kafka.validate());
+        add(self.masking().map(drop));
+        add(self.outbox_tables().map(drop));
+        problems
+    }
+
     /// The `[[outbox]]` tables compiled, every error named with its key.
     pub fn outbox_tables(&self) -> Result<Vec<OutboxTable>, CdcError> {
         outbox::compile(&self.outbox).map_err(|errors| CdcError::Config(errors.join("; ")))
@@ -246,11 +331,23 @@ impl SourceConfig {
 
     /// Rejects settings that cannot work.
     pub fn validate(&self) -> Result<(), CdcError> {
+        let mut errors = Vec::new();
         if self.heartbeat.is_zero() {
-            return Err(CdcError::Config("source.heartbeat must be above zero".into()));
+            errors.push("source.heartbeat must be above zero".to_string());
         }
-        self.table_names()?;
-        self.split_url().map(drop)
+        for result in [self.table_names().map(drop), self.split_url().map(drop)] {
+            if let Err(e) = result {
+                errors.push(match e {
+                    CdcError::Config(text) => text,
+                    other => other.to_string(),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(CdcError::Config(errors.join("; ")))
+        }
     }
 
     /// The configured tables, parsed; every malformed or repeated name is reported.
@@ -277,13 +374,18 @@ impl SourceConfig {
 impl KafkaConfig {
     /// Rejects settings that cannot work.
     pub fn validate(&self) -> Result<(), CdcError> {
+        let mut errors = Vec::new();
         if self.max_in_flight == 0 {
-            return Err(CdcError::Config("kafka.max_in_flight must be at least 1".into()));
+            errors.push("kafka.max_in_flight must be at least 1");
         }
         if self.topic_prefix.is_empty() {
-            return Err(CdcError::Config("kafka.topic_prefix must not be empty".into()));
+            errors.push("kafka.topic_prefix must not be empty");
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(CdcError::Config(errors.join("; ")))
+        }
     }
 
     /// librdkafka properties: ficus's safe defaults, then the user's overrides.
@@ -362,6 +464,52 @@ mod tests {
             time_precision: Default::default(),
             transaction_metadata: false,
         }
+    }
+
+    fn sections(value: serde_json::Value) -> Result<CdcConfig, Vec<String>> {
+        CdcConfig::from_sections(value.as_object().expect("object"))
+    }
+
+    #[test]
+    fn every_section_is_checked_and_every_problem_named() {
+        let errors = sections(serde_json::json!({
+            "source": {"url": "postgres://u@h/db", "tables": ["a", 5]},
+            "kafka": {"topic_prefix": "", "max_in_flight": 0},
+            "columns": {"a.b.c": {}},
+            "outbox": [{"table": "public.outbox", "typo": 1}],
+        }))
+        .expect_err("invalid");
+        assert!(
+            errors.iter().any(|e| e.starts_with("source.tables[1]: invalid type")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.starts_with("outbox[0]") && e.contains("typo")),
+            "{errors:?}"
+        );
+        // The values of sections that parsed are checked too, once all parse.
+        let errors = sections(serde_json::json!({
+            "source": {"url": "postgres://u@h/db", "heartbeat": "0s", "tables": ["a", "a"]},
+            "kafka": {"topic_prefix": "", "max_in_flight": 0},
+            "columns": {"a.b.c": {}},
+            "outbox": [{"table": "x.y.z"}],
+        }))
+        .expect_err("invalid");
+        for expected in [
+            "source.heartbeat must be above zero",
+            "source.tables[1]: public.a is listed twice",
+            "kafka.max_in_flight must be at least 1",
+            "kafka.topic_prefix must not be empty",
+            "columns.\"a.b.c\"",
+            "outbox[0].table",
+        ] {
+            assert!(errors.iter().any(|e| e.starts_with(expected)), "{expected}: {errors:?}");
+        }
+        let missing = sections(serde_json::json!({})).expect_err("no source");
+        assert!(
+            missing.iter().any(|e| e.starts_with("source: missing field `url`")),
+            "{missing:?}"
+        );
     }
 
     #[test]

@@ -54,8 +54,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<Shutdown>,
 ) -> Result<(), CdcError> {
-    config.source.validate()?;
-    config.kafka.validate()?;
+    let problems = config.problems();
+    if !problems.is_empty() {
+        return Err(CdcError::Config(problems.join("; ")));
+    }
     if config.output == crate::config::Output::Kafka && config.kafka.brokers.is_empty() {
         return Err(CdcError::Config("kafka.brokers is required (or run with --stdout)".into()));
     }
