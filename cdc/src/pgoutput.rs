@@ -293,14 +293,16 @@ impl Reader<'_> {
     }
 }
 
+/// Messages captured from a real server, for the tests of the decoder and of the stream.
 #[cfg(test)]
-mod tests {
+pub mod captured {
     use super::*;
 
     /// One transaction captured from PostgreSQL 15 with `pg_logical_slot_peek_binary_changes`
-    /// (table `cap(id int primary key, name text, big text)`, REPLICA IDENTITY FULL): insert,
-    /// update, delete, truncate and a transactional logical message.
-    const CAPTURED: [&str; 9] = [
+    /// (table `cap(id int primary key, name text, big text)`, REPLICA IDENTITY FULL): begin,
+    /// relation, insert, update, delete, relation, truncate, a transactional logical message,
+    /// commit.
+    pub const CAPTURED: [&str; 9] = [
         "4200000000015a462000030427b9706ad6000002e1",
         "520000400c7075626c696300636170006600030169640000000017ffffffff016e616d650000000019ffffffff016269670000000019ffffffff",
         "490000400c4e00037400000001317400000001616e",
@@ -312,7 +314,7 @@ mod tests {
         "430000000000015a462000000000015a479000030427b9706ad6",
     ];
 
-    fn hex(s: &str) -> Bytes {
+    pub fn hex(s: &str) -> Bytes {
         (0..s.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
@@ -320,12 +322,23 @@ mod tests {
             .into()
     }
 
+    /// Captured message `index`, decoded.
+    pub fn message(index: usize) -> Message {
+        decode(&hex(CAPTURED[index])).expect("decodes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::captured::{hex, CAPTURED};
+    use super::*;
+
     fn text(s: &str) -> Datum {
         Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
     }
 
     fn captured() -> Vec<Message> {
-        CAPTURED.iter().map(|m| decode(&hex(m)).expect("decodes")).collect()
+        (0..CAPTURED.len()).map(super::captured::message).collect()
     }
 
     #[test]

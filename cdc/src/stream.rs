@@ -390,31 +390,11 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::pgoutput::{decode, Column};
+    use crate::pgoutput::Column;
     use crate::value::ValueType;
 
-    /// One transaction captured from PostgreSQL 15 (`pg_logical_slot_peek_binary_changes`,
-    /// table `cap(id int primary key, name text, big text)`, REPLICA IDENTITY FULL): begin,
-    /// relation, insert, update, delete, relation, truncate, a logical message, commit.
-    const CAPTURED: [&str; 9] = [
-        "4200000000015a462000030427b9706ad6000002e1",
-        "520000400c7075626c696300636170006600030169640000000017ffffffff016e616d650000000019ffffffff016269670000000019ffffffff",
-        "490000400c4e00037400000001317400000001616e",
-        "550000400c4f00037400000001317400000001616e4e00037400000001317400000001626e",
-        "440000400c4f00037400000001317400000001626e",
-        "520000400c7075626c696300636170006600030169640000000017ffffffff016e616d650000000019ffffffff016269670000000019ffffffff",
-        "5400000001000000400c",
-        "4d0100000000015a46206669637573000000000568656c6c6f",
-        "430000000000015a462000000000015a479000030427b9706ad6",
-    ];
-
     fn captured(index: usize) -> Message {
-        let hex = CAPTURED[index];
-        let bytes: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-            .collect();
-        decode(&Bytes::from(bytes)).expect("decodes")
+        crate::pgoutput::captured::message(index)
     }
 
     /// The catalog's view of `relation`: keyed by `id`, as the pipeline would learn it.
