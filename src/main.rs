@@ -117,12 +117,23 @@ fn main() {
     drop(log_writer);
     let code = match result {
         Ok(code) => code,
+        // The reader of our output went away (`ficus routes check ... | head`): stop quietly,
+        // with the status a shell gives a program SIGPIPE ended.
+        Err(e) if broken_pipe(&e) => 141,
         Err(e) => {
             eprintln!("error: {e:#}");
             1
         }
     };
     std::process::exit(code);
+}
+
+fn broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(command: Command) -> Result<i32> {
@@ -133,7 +144,7 @@ fn run(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Cdc(args) => cdc_cmd::run(&args),
-        Command::Routes(RoutesCommand::Check { files }) => Ok(routes_cmd::check(&files)),
+        Command::Routes(RoutesCommand::Check { files }) => routes_cmd::check(&files),
         Command::Routes(RoutesCommand::Explain(args)) => routes_cmd::explain(&args),
         Command::Ramp(args) => ramp_cmd::run(&args),
         Command::Demo(args) => demo::run(&args),

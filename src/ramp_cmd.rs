@@ -1,6 +1,7 @@
 //! `ficus ramp`: the status of a running proxy's ramps, and the operator's commands (pause,
 //! resume, rollback, advance), through its admin API.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -56,7 +57,7 @@ async fn run_async(args: &RampArgs) -> Result<i32> {
                 .error_for_status()?
                 .json()
                 .await?;
-            return Ok(print_status(&routes, route.as_deref()));
+            return Ok(print_status(&routes, route.as_deref())?);
         }
         RampCommand::Pause { route } => (route, "pause"),
         RampCommand::Resume { route } => (route, "resume"),
@@ -88,17 +89,19 @@ async fn run_async(args: &RampArgs) -> Result<i32> {
         let why = answer["error"].as_str().map_or(body.trim(), |e| e);
         bail!("{route}: {status}: {why}");
     }
-    println!(
+    writeln!(
+        std::io::stdout().lock(),
         "{route}: {} at {}%: {}",
         answer["status"].as_str().unwrap_or("?"),
         answer["percent"],
         answer["reason"].as_str().unwrap_or("")
-    );
+    )?;
     Ok(0)
 }
 
 /// Prints the ramps of `GET /routes`; exit code 1 when the wanted route has none.
-fn print_status(routes: &Value, wanted: Option<&str>) -> i32 {
+fn print_status(routes: &Value, wanted: Option<&str>) -> std::io::Result<i32> {
+    let mut out = std::io::stdout().lock();
     let mut shown = 0;
     for route in routes["routes"].as_array().into_iter().flatten() {
         let name = route["name"].as_str().unwrap_or("?");
@@ -106,16 +109,16 @@ fn print_status(routes: &Value, wanted: Option<&str>) -> i32 {
             continue;
         }
         shown += 1;
-        print!("{}", describe(name, route));
+        write!(out, "{}", describe(name, route))?;
     }
     if shown == 0 {
         match wanted {
             Some(route) => eprintln!("no route \"{route}\" with a ramp"),
             None => eprintln!("no route has a ramp"),
         }
-        return 1;
+        return Ok(1);
     }
-    0
+    Ok(0)
 }
 
 /// One ramp in a few readable lines.

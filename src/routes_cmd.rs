@@ -1,5 +1,6 @@
 //! `ficus routes check` and `ficus routes explain`.
 
+use std::io::Write;
 use std::net::IpAddr;
 use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
@@ -26,51 +27,56 @@ pub struct ExplainArgs {
 
 /// Prints a summary per route of each valid file and every error of each invalid one.
 /// Returns the exit code: 0 when all files are valid, 1 otherwise.
-pub fn check(files: &[PathBuf]) -> i32 {
+pub fn check(files: &[PathBuf]) -> Result<i32> {
+    let mut out = std::io::stdout().lock();
     let mut code = 0;
     for file in files {
         match RouteTable::load(file) {
-            Ok(table) => print_summary(file, &table),
+            Ok(table) => print_summary(&mut out, file, &table)?,
             Err(e) => {
                 code = 1;
                 for message in e.messages() {
-                    println!("{message}");
+                    writeln!(out, "{message}")?;
                 }
             }
         }
     }
-    code
+    Ok(code)
 }
 
-fn print_summary(file: &Path, table: &RouteTable) {
-    println!(
+fn print_summary(out: &mut impl Write, file: &Path, table: &RouteTable) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{}: ok: {} routes, {} backends, default backend {}, version {}",
         file.display(),
         table.routes.len(),
         table.backends.len(),
         table.backends[table.default_backend].name,
         table.version
-    );
+    )?;
     // Not an error: the file may be checked on a machine that is not where it will run.
     for backend in &table.backends {
         if (backend.host.as_str(), backend.port).to_socket_addrs().is_err() {
-            println!(
+            writeln!(
+                out,
                 "  warning: backends.{}: host {} does not resolve here; the proxy refuses a table whose hosts do not resolve",
                 backend.name, backend.host
-            );
+            )?;
         }
     }
     for route in &table.routes {
         let unsafe_methods =
             route.shadow.iter().flat_map(|s| s.unsafe_methods()).collect::<Vec<_>>();
         if !unsafe_methods.is_empty() {
-            println!(
+            writeln!(
+                out,
                 "  warning: routes \"{}\": shadow.methods has {}: each such request reaches both backends (the copy carries X-Ficus-Shadow: 1); make sure the shadowed side skips its side effects",
                 route.name,
                 unsafe_methods.join(", ")
-            );
+            )?;
         }
-        println!(
+        writeln!(
+            out,
             "  {}: {} -> {:.2}% to {}, rest on {} (sticky {}){}",
             route.name,
             route.matcher.describe(),
@@ -83,16 +89,18 @@ fn print_summary(file: &Path, table: &RouteTable) {
                 f64::from(shadow.threshold) / 100.0,
                 shadow.methods.join(",")
             ))
-        );
+        )?;
     }
+    Ok(())
 }
 
 pub fn explain(args: &ExplainArgs) -> Result<i32> {
+    let mut out = std::io::stdout().lock();
     let table = match RouteTable::load(&args.file) {
         Ok(table) => table,
         Err(e) => {
             for message in e.messages() {
-                println!("{message}");
+                writeln!(out, "{message}")?;
             }
             return Ok(1);
         }
@@ -105,13 +113,13 @@ pub fn explain(args: &ExplainArgs) -> Result<i32> {
     let path = match table.request_path(raw_path) {
         Ok(normal) => normal,
         Err(e) => {
-            println!("request: {} {}", args.method.to_ascii_uppercase(), args.path);
-            println!("refused: 400 ({e})");
+            writeln!(out, "request: {} {}", args.method.to_ascii_uppercase(), args.path)?;
+            writeln!(out, "refused: 400 ({e})")?;
             return Ok(1);
         }
     };
     if path != raw_path {
-        println!("path:    {raw_path} normalised to {path}");
+        writeln!(out, "path:    {raw_path} normalised to {path}")?;
     }
     let target = query.map_or_else(|| path.to_string(), |query| format!("{path}?{query}"));
     let mut request = SimpleRequest::new(&args.method, &target);
@@ -122,6 +130,6 @@ pub fn explain(args: &ExplainArgs) -> Result<i32> {
             .with_context(|| format!("header \"{header}\" is not 'Name: value'"))?;
         request = request.with_header(name.trim(), value.trim());
     }
-    print!("{}", ficus_routes::explain(&table, &request));
+    write!(out, "{}", ficus_routes::explain(&table, &request))?;
     Ok(0)
 }

@@ -262,3 +262,25 @@ fn ramps_are_validated_with_every_error() {
     let text = stdout(&run(&["routes", "check", neither.to_str().expect("path")]));
     assert!(text.contains("percent: missing: give `percent` or `[routes.ramp]`"), "{text}");
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().expect("dir");
+    let routes: String = (0..2000)
+        .map(|i| format!("[[routes]]\nname = \"r{i}\"\nmatch = {{ path_prefix = \"/p{i}\" }}\nto = \"orders\"\npercent = 1\n"))
+        .collect();
+    let file = write(dir.path(), "routes.toml", &format!("{BACKENDS}{routes}"));
+    // As `ficus routes check routes.toml | head -1` once head has exited.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let output = ficus()
+        .args(["routes", "check"])
+        .arg(&file)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run ficus");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
+}
