@@ -284,3 +284,29 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.code(), Some(141), "{stderr}");
 }
+
+#[test]
+fn a_host_that_does_not_resolve_is_a_warning_for_check_and_refused_by_the_proxy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = BACKENDS.replace("http://127.0.0.1:9001", "http://orders.invalid:9001")
+        + "[[routes]]\nname = \"orders\"\nmatch = {}\nto = \"orders\"\npercent = 5\n";
+    let file = write(dir.path(), "routes.toml", &routes);
+    let path = file.to_str().expect("path");
+    // Checked elsewhere than where it runs, the file is valid: a warning, not an error.
+    let output = run(&["routes", "check", path]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("warning: backends.orders: host orders.invalid does not resolve here"),
+        "{text}"
+    );
+    // Where it runs, the proxy cannot send to it: refused at start, naming the backend.
+    let (listen, admin) = (common::free_addr().to_string(), common::free_addr().to_string());
+    let output = run(&["proxy", "--routes", path, "--listen", &listen, "--admin", &admin]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("backends.orders") && stderr.contains("cannot resolve orders.invalid:9001"),
+        "{stderr}"
+    );
+}
