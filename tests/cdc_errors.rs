@@ -68,6 +68,19 @@ async fn a_second_reader_of_a_slot_waits_as_a_standby_and_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_slot_says_to_drop_it_and_snapshot_again() {
+    let (pg, broker, db) = slot_limited_to_1mb().await;
+    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "x", "tables = [\"t\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    cdc.terminate();
+    write_wal_until_the_slot_is_lost(&db).await;
+    cdc.spawn();
+    assert!(!cdc.wait_exit().success());
+    assert_says_the_slot_is_lost(&cdc.logs());
+}
+
+/// A cluster whose slot may hold back at most 1 MB of WAL, with tables `t` (streamed) and
+/// `noise` (to write WAL with) in database `shop`.
+async fn slot_limited_to_1mb() -> (PgCluster, Broker, tokio_postgres::Client) {
     let (pg, broker) = (
         PgCluster::start_with(&[("max_slot_wal_keep_size", "'1MB'"), ("wal_keep_size", "0")]),
         Broker::start(),
@@ -76,25 +89,28 @@ async fn a_lost_slot_says_to_drop_it_and_snapshot_again() {
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE noise (payload text)")
         .await
         .expect("setup");
-    let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "x", "tables = [\"t\"]"));
-    cdc.wait_log("streaming changes", QUIET);
-    cdc.terminate();
+    (pg, broker, db)
+}
+
+/// Writes and checkpoints WAL until PostgreSQL invalidates slot `ficus`.
+async fn write_wal_until_the_slot_is_lost(db: &tokio_postgres::Client) {
     for _ in 0..10 {
+        db.batch_execute("INSERT INTO noise SELECT repeat('x', 1000) FROM generate_series(1, 20000); SELECT pg_switch_wal(); CHECKPOINT;")
+            .await
+            .expect("make WAL");
         let status: Option<String> = db
             .query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'ficus'", &[])
             .await
             .expect("slot")
             .get(0);
         if status.as_deref() == Some("lost") {
-            break;
+            return;
         }
-        db.batch_execute("INSERT INTO noise SELECT repeat('x', 1000) FROM generate_series(1, 20000); SELECT pg_switch_wal(); CHECKPOINT;")
-            .await
-            .expect("make WAL");
     }
-    cdc.spawn();
-    assert!(!cdc.wait_exit().success());
-    let logs = cdc.logs();
+    panic!("the slot was not invalidated");
+}
+
+fn assert_says_the_slot_is_lost(logs: &str) {
     assert!(
         logs.contains("replication slot \"ficus\" is lost")
             && logs.contains("pg_drop_replication_slot('ficus')"),
@@ -104,48 +120,21 @@ async fn a_lost_slot_says_to_drop_it_and_snapshot_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_lost_while_running_stops_ficus_with_the_same_advice() {
-    let (pg, broker) = (
-        PgCluster::start_with(&[("max_slot_wal_keep_size", "'1MB'"), ("wal_keep_size", "0")]),
-        Broker::start(),
-    );
+    let (pg, broker, db) = slot_limited_to_1mb().await;
     if !broker.is_own() {
         eprintln!("skipped: an external Kafka (KAFKA_BROKERS) cannot be paused by the test");
         return;
     }
-    let db = pg.database("shop").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE noise (payload text)")
-        .await
-        .expect("setup");
     let mut cdc = Cdc::start(&config(&pg.url("shop"), &broker, "x", "tables = [\"t\"]"));
     cdc.wait_log("streaming changes", QUIET);
     // A record Kafka cannot take holds the slot back while WAL piles up past its limit.
     broker.pause();
     db.batch_execute("INSERT INTO t VALUES (1)").await.expect("insert");
     cdc.wait_metric("ficus_cdc_in_flight_records", 1.0, QUIET).await;
-    let mut lost = false;
-    for _ in 0..10 {
-        db.batch_execute("INSERT INTO noise SELECT repeat('x', 1000) FROM generate_series(1, 20000); SELECT pg_switch_wal(); CHECKPOINT;")
-            .await
-            .expect("make WAL");
-        let status: Option<String> = db
-            .query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'ficus'", &[])
-            .await
-            .expect("slot")
-            .get(0);
-        if status.as_deref() == Some("lost") {
-            lost = true;
-            break;
-        }
-    }
-    assert!(lost, "the slot was not invalidated");
+    write_wal_until_the_slot_is_lost(&db).await;
     broker.resume();
     assert!(!cdc.wait_exit().success(), "ficus went on with a lost slot");
-    let logs = cdc.logs();
-    assert!(
-        logs.contains("replication slot \"ficus\" is lost")
-            && logs.contains("pg_drop_replication_slot('ficus')"),
-        "{logs}"
-    );
+    assert_says_the_slot_is_lost(&cdc.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
