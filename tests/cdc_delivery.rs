@@ -6,29 +6,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::broker::{Broker, Consumed};
+use common::broker::{fold, Broker};
 use common::cdc::{config, Cdc};
 use common::pg::PgCluster;
 use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_secs(20);
-
-/// The state a consumer ends up with: the last value per key, deletes removing the key.
-fn fold(records: &[Consumed]) -> BTreeMap<i64, Value> {
-    let mut state = BTreeMap::new();
-    for record in records {
-        let Some(key) = record.key.as_ref().and_then(|k| k["id"].as_i64()) else { continue };
-        match record.value.as_ref().map(|v| v["after"].clone()) {
-            Some(Value::Null) | None => {
-                state.remove(&key);
-            }
-            Some(after) => {
-                state.insert(key, after);
-            }
-        }
-    }
-    state
-}
 
 async fn table_state(db: &tokio_postgres::Client, table: &str) -> BTreeMap<i64, Value> {
     db.query(&format!("SELECT id, balance FROM {table} ORDER BY id"), &[])

@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 
 use crate::error::CdcError;
 use crate::event::Table;
+use crate::incremental;
 use crate::names::{quote_ident, TableName};
 use crate::pgoutput::{Column, Relation};
 use crate::value::{oid, ValueType};
@@ -41,10 +42,15 @@ pub struct PublishedTable {
 /// is extended only when ficus created it; anyone else's is left alone and the SQL to run
 /// is returned in the error. Tables it publishes beyond the configured ones are filtered
 /// out of the stream by the caller.
+///
+/// With `announce` (a slot streams already), tables added to the publication get an
+/// incremental snapshot: its request is written into the WAL in the same transaction, so
+/// that the stream cannot carry the table without the request.
 pub async fn prepare_publication(
     client: &Client,
     publication: &str,
     configured: Option<&[TableName]>,
+    announce: bool,
 ) -> Result<Vec<PublishedTable>, CdcError> {
     let mut partitioned = Vec::new();
     for table in configured.unwrap_or_default() {
@@ -131,6 +137,14 @@ pub async fn prepare_publication(
             });
         }
         tracing::warn!(publication, tables = %names, "adding configured tables to the publication");
+        let missing: Vec<TableName> = missing.into_iter().cloned().collect();
+        // One simple query with several statements is one transaction.
+        let sql = if announce {
+            tracing::info!(tables = %names, "their existing rows will be sent by an incremental snapshot while streaming goes on");
+            format!("{sql}; {}", incremental::request_sql(&missing))
+        } else {
+            sql
+        };
         client.batch_execute(&sql).await.map_err(privilege_or_sql)?;
     }
     published_tables(client, publication, Some(configured)).await
@@ -138,7 +152,7 @@ pub async fn prepare_publication(
 
 /// The publication's tables, with their column lists and row filters; only `only`'s when
 /// given, in its order.
-async fn published_tables(
+pub async fn published_tables(
     client: &Client,
     publication: &str,
     only: Option<&[TableName]>,

@@ -74,6 +74,11 @@ pub struct SourceConfig {
     /// `<prefix>.transaction` (Debezium's `provide.transaction.metadata`).
     #[serde(default)]
     pub transaction_metadata: bool,
+    /// Rows per chunk of an incremental snapshot (a table added later, or `ficus cdc
+    /// snapshot`): larger chunks read faster, smaller ones hold less memory and pause the
+    /// stream for less time.
+    #[serde(default = "default_chunk_rows")]
+    pub snapshot_chunk_rows: usize,
 }
 
 /// Whether to copy existing rows before streaming changes.
@@ -249,6 +254,13 @@ fn default_heartbeat() -> Duration {
     Duration::from_secs(10)
 }
 
+fn default_chunk_rows() -> usize {
+    8192
+}
+
+/// The most rows a chunk may hold: its rows wait in memory for their high watermark.
+const MAX_CHUNK_ROWS: usize = 1_000_000;
+
 fn default_partitions() -> i32 {
     -1
 }
@@ -334,6 +346,12 @@ impl SourceConfig {
         let mut errors = Vec::new();
         if self.heartbeat.is_zero() {
             errors.push("source.heartbeat must be above zero".to_string());
+        }
+        if !(1..=MAX_CHUNK_ROWS).contains(&self.snapshot_chunk_rows) {
+            errors.push(format!(
+                "source.snapshot_chunk_rows must be between 1 and {MAX_CHUNK_ROWS}, not {}",
+                self.snapshot_chunk_rows
+            ));
         }
         for result in [self.table_names().map(drop), self.split_url().map(drop)] {
             if let Err(e) = result {
@@ -463,6 +481,7 @@ mod tests {
             heartbeat: Duration::from_secs(1),
             time_precision: Default::default(),
             transaction_metadata: false,
+            snapshot_chunk_rows: default_chunk_rows(),
         }
     }
 

@@ -3,17 +3,20 @@
 //! acknowledged everything before it.
 //!
 //! Pure parts: [`pgoutput`] (decoding), [`stream`] (what each message means, and what may
-//! be confirmed when), [`copy`] (snapshot rows), [`value`] (type mapping), [`event`]
+//! be confirmed when), [`incremental`] (incremental snapshots' chunks and watermarks),
+//! [`copy`] (snapshot rows), [`value`] (type mapping), [`event`]
 //! (encoding), [`wire::split_frame`] (framing). I/O at the edges: [`wire`] (replication
 //! protocol), [`catalog`] (SQL), [`sink`] (Kafka), driven by [`pipeline`].
 
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod chunk;
 pub mod config;
 pub mod copy;
 pub mod error;
 pub mod event;
+pub mod incremental;
 pub mod lsn;
 pub mod mask;
 pub mod metrics;

@@ -47,6 +47,13 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     /// 1 while waiting as a standby for another reader of the slot to stop.
     pub standby: IntGauge,
+    /// Tables whose incremental snapshot is running or waiting.
+    pub incremental_tables: IntGauge,
+    /// Rows an incremental snapshot has sent, by table (rows the stream changed while their
+    /// chunk was read are left to the stream and not counted).
+    pub incremental_rows: IntCounterVec,
+    /// Chunks read again because a transaction's commit was not yet visible to them.
+    pub incremental_rereads: IntCounter,
 }
 
 impl Metrics {
@@ -72,6 +79,12 @@ impl Metrics {
             IntCounter::new("ficus_cdc_restarts_total", "Reconnections after a retryable error")
                 .expect("valid metric");
         registry.register(Box::new(restarts.clone())).expect("registered once");
+        let incremental_rereads = IntCounter::new(
+            "ficus_cdc_incremental_snapshot_rereads_total",
+            "Incremental snapshot chunks read again: a commit was not yet visible to them",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(incremental_rereads.clone())).expect("registered once");
         let commit_to_ack = Histogram::with_opts(
             HistogramOpts::new(
                 "ficus_cdc_commit_to_ack_seconds",
@@ -129,6 +142,16 @@ impl Metrics {
                 "1 for the replication slot's wal_status (reserved, extended, unreserved, lost)",
                 &["status"],
             ),
+            incremental_tables: gauge(
+                "ficus_cdc_incremental_snapshot_tables",
+                "Tables whose incremental snapshot is running or waiting",
+            ),
+            incremental_rows: counter_vec(
+                "ficus_cdc_incremental_snapshot_rows_total",
+                "Rows sent by incremental snapshots, by table",
+                &["table"],
+            ),
+            incremental_rereads,
             registry,
         })
     }

@@ -10,22 +10,25 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
 use crate::catalog::{self, Catalog, PublishedTable};
+use crate::chunk::{self, ChunkQuery};
 use crate::config::{CdcConfig, SnapshotMode};
 use crate::copy::CopyRows;
 use crate::error::{bytes_summary, CdcError, DecodeFailures};
 use crate::event::{self, Op, Record, Source, Table};
+use crate::incremental::{ChunkRead, Reconciled};
 use crate::lsn::Lsn;
 use crate::mask::Masking;
 use crate::metrics::Metrics;
-use crate::names::{quote_ident, Topics};
+use crate::names::{quote_ident, TableName, Topics};
 use crate::outbox::OutboxTable;
 use crate::pgoutput::{self, Datum};
-use crate::sink::{Commit, InFlight, SendError, Sink};
+use crate::sink::{Commit, InFlight, Marker, SendError, Sink};
 use crate::slot;
 use crate::stream::{Action, Core, Positions};
 use crate::value::ValueType;
@@ -103,11 +106,46 @@ struct Pipeline<'c> {
     /// Records (and commit markers) waiting for room in the producer.
     pending: VecDeque<Pending>,
     database: String,
+    /// When incremental snapshot progress was last logged.
+    progress_logged: Instant,
 }
 
 enum Pending {
     Record(Record),
     Commit(Commit),
+    /// After an incremental snapshot's last rows: the position its request held.
+    Release(Lsn),
+}
+
+/// The I/O side of incremental snapshots: the connection that reads chunks, the current
+/// table's query, and the step under way. One step at a time, so at most one chunk waits in
+/// memory for its high watermark.
+#[derive(Default)]
+struct Chunks {
+    client: Option<Arc<Client>>,
+    query: Option<Arc<ChunkQuery>>,
+    step: Option<Step>,
+}
+
+enum Step {
+    /// Writing the low watermark and reading the rows.
+    Reading(BoxFuture<'static, Result<ChunkRead, CdcError>>),
+    /// Writing the high watermark, once the core has the rows.
+    Marking(BoxFuture<'static, Result<(), CdcError>>),
+}
+
+impl Chunks {
+    /// Completes the step under way: the rows read, or `None` once a high watermark is
+    /// written. Pending forever without a step, so it can sit in a `select!`.
+    async fn step_done(&mut self) -> Result<Option<ChunkRead>, CdcError> {
+        let done = match &mut self.step {
+            Some(Step::Reading(read)) => read.await.map(Some),
+            Some(Step::Marking(mark)) => mark.await.map(|()| None),
+            None => std::future::pending().await,
+        };
+        self.step = None;
+        done
+    }
 }
 
 /// A snapshot on Kafka whose temporary slot still lives on its replication connection.
@@ -145,44 +183,12 @@ impl<'c> Pipeline<'c> {
             in_flight: InFlight::default(),
             pending: VecDeque::new(),
             database,
+            progress_logged: Instant::now(),
         })
     }
 
     async fn sql_client(&self) -> Result<Client, CdcError> {
-        let params = self.config.source.connect_params()?;
-        let pg_config = self.config.source.pg_config()?;
-        let connect_error = |e: tokio_postgres::Error| {
-            let message = e.to_string();
-            if e.as_db_error().is_some() {
-                CdcError::Sql(e)
-            } else if message.contains("TLS") {
-                // A certificate the settings reject does not fix itself: no retry.
-                let detail = std::error::Error::source(&e).map_or(message, |s| s.to_string());
-                CdcError::Tls { addr: format!("{}:{}", params.host, params.port), message: detail }
-            } else {
-                CdcError::Connect {
-                    addr: format!("{}:{}", params.host, params.port),
-                    source: std::io::Error::other(e.to_string()),
-                }
-            }
-        };
-        let client = match &params.tls {
-            Some(tls) => {
-                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                let (client, connection) = pg_config.connect(tls).await.map_err(connect_error)?;
-                tokio::spawn(log_end(connection));
-                client
-            }
-            None => {
-                let (client, connection) = pg_config.connect(NoTls).await.map_err(connect_error)?;
-                tokio::spawn(log_end(connection));
-                client
-            }
-        };
-        let settings: String =
-            SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = '{v}';")).collect();
-        client.batch_execute(&settings).await?;
-        Ok(client)
+        sql_client(self.config).await
     }
 
     async fn run_once(
@@ -196,40 +202,6 @@ impl<'c> Pipeline<'c> {
         catalog::check_wal_level(&client).await?;
         // One reader per slot; others wait as standbys, before touching anything.
         let Some(leader) = self.lead(&shutdown).await? else { return Ok(()) };
-        let is_outbox =
-            |name: &crate::names::TableName| self.outbox.iter().any(|o| &o.name == name);
-        // Outbox tables are published with the configured tables...
-        let configured = source.table_names()?.map(|mut names| {
-            for outbox in self.outbox {
-                if !names.contains(&outbox.name) {
-                    names.push(outbox.name.clone());
-                }
-            }
-            names
-        });
-        let mut tables =
-            catalog::prepare_publication(&client, &source.publication, configured.as_deref())
-                .await?;
-        catalog::check_replica_identities(&client, &tables).await?;
-        // ...but their rows are events from the stream, not rows to copy to a topic of theirs.
-        tables.retain(|table| !is_outbox(&table.name));
-        let mut topics = Topics::default();
-        let mut topic_names = Vec::with_capacity(tables.len());
-        for table in &tables {
-            topic_names.push(topics.claim(prefix, &table.name)?);
-        }
-        self.sink.ensure_topics(&topic_names).await?;
-        catalog.refresh(&client).await?;
-        let include = configured.map(|tables| tables.into_iter().collect());
-        let core = Core::new(
-            prefix,
-            &self.database,
-            topics,
-            include,
-            self.outbox.to_vec(),
-            source.transaction_metadata,
-        );
-
         let slot = catalog::slot_state(&client, &source.slot).await?;
         match &slot {
             Some(state) if matches!(state.wal_status.as_deref(), Some("lost")) => {
@@ -249,6 +221,47 @@ impl<'c> Pipeline<'c> {
             }
             _ => {}
         }
+        // Tables added to a slot that streams already get their rows by an incremental
+        // snapshot; a new slot's initial snapshot reads every table.
+        let announce = slot.is_some() && source.snapshot == SnapshotMode::Initial;
+        let is_outbox =
+            |name: &crate::names::TableName| self.outbox.iter().any(|o| &o.name == name);
+        // Outbox tables are published with the configured tables...
+        let configured = source.table_names()?.map(|mut names| {
+            for outbox in self.outbox {
+                if !names.contains(&outbox.name) {
+                    names.push(outbox.name.clone());
+                }
+            }
+            names
+        });
+        let mut tables = catalog::prepare_publication(
+            &client,
+            &source.publication,
+            configured.as_deref(),
+            announce,
+        )
+        .await?;
+        catalog::check_replica_identities(&client, &tables).await?;
+        // ...but their rows are events from the stream, not rows to copy to a topic of theirs.
+        tables.retain(|table| !is_outbox(&table.name));
+        let mut topics = Topics::default();
+        let mut topic_names = Vec::with_capacity(tables.len());
+        for table in &tables {
+            topic_names.push(topics.claim(prefix, &table.name)?);
+        }
+        self.sink.ensure_topics(&topic_names).await?;
+        catalog.refresh(&client).await?;
+        let include = configured.map(|tables| tables.into_iter().collect());
+        let core = Core::new(
+            prefix,
+            &self.database,
+            topics,
+            include,
+            self.outbox.to_vec(),
+            source.transaction_metadata,
+            &format!("{}-{}", std::process::id(), now_us()),
+        );
         match (slot.is_some(), source.snapshot) {
             (_, SnapshotMode::InitialOnly) => {
                 if !self.snapshot_unless_stopped(&tables, false, catalog, &shutdown).await? {
@@ -572,6 +585,7 @@ impl<'c> Pipeline<'c> {
         let mut heartbeat = tokio::time::interval(source.heartbeat);
         let mut status = tokio::time::interval(Duration::from_secs(1).min(source.heartbeat));
         let mut retry = tokio::time::interval(Duration::from_millis(50));
+        let mut chunks = Chunks::default();
         // After a pause (back-pressure), tick once, not once per missed period.
         for timer in [&mut heartbeat, &mut status, &mut retry] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -594,11 +608,26 @@ impl<'c> Pipeline<'c> {
                     return Ok(());
                 }
                 done = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if let Some(commit) = done? {
-                        positions.acknowledged(commit.lsn);
-                        self.metrics.observe_commit_acked(commit.commit_time_us, now_us());
+                    match done? {
+                        Some(Marker::Commit(commit)) => {
+                            positions.acknowledged(commit.lsn);
+                            self.metrics.observe_commit_acked(commit.commit_time_us, now_us());
+                        }
+                        Some(Marker::Release(lsn)) => {
+                            positions.release(lsn);
+                            tracing::info!("incremental snapshot on Kafka");
+                        }
+                        None => {}
                     }
                     self.send_pending()?;
+                }
+                read = chunks.step_done(), if chunks.step.is_some() => {
+                    if let Some(read) = read? {
+                        let id = read.id.clone();
+                        core.backfill().chunk_read(read);
+                        let client = chunks.client.clone().ok_or_else(|| CdcError::Protocol("no chunk connection".into()))?;
+                        chunks.step = Some(Step::Marking(Box::pin(chunk::high(client, id))));
+                    }
                 }
                 _ = retry.tick(), if !self.pending.is_empty() => self.send_pending()?,
                 lost = &mut slot_lost.0 => {
@@ -611,7 +640,7 @@ impl<'c> Pipeline<'c> {
                             CdcError::Decode { lsn: start, source, bytes: bytes_summary(&data) }
                         })?;
                         let action = core.on_message(message, start, now_ms())?;
-                        self.act(client, catalog, &mut core, action).await?;
+                        self.act(client, catalog, &mut core, &mut positions, action).await?;
                         self.send_pending()?;
                     }
                     StreamMessage::Keepalive { wal_end, reply } => {
@@ -632,9 +661,92 @@ impl<'c> Pipeline<'c> {
                     tx.status_update(received, confirmed, idle).await?;
                 }
             }
+            if chunks.step.is_none() {
+                self.next_chunk(client, catalog, &mut core, &mut chunks, &mut positions).await?;
+            }
             self.metrics.confirmed_lsn.set(positions.confirmed().0 as i64);
             self.metrics.received_lsn.set(positions.last_received().0 as i64);
         }
+    }
+
+    /// Starts reading the next chunk of an incremental snapshot, if one is due, looking up
+    /// a table first when its snapshot starts. A table that cannot be read in key order is
+    /// skipped, and its request's hold released.
+    async fn next_chunk(
+        &mut self,
+        client: &Client,
+        catalog: &mut Catalog,
+        core: &mut Core,
+        chunks: &mut Chunks,
+        positions: &mut Positions,
+    ) -> Result<(), CdcError> {
+        while let Some(name) = core.backfill().needs_table() {
+            match self.chunk_query(client, catalog, &name).await? {
+                Ok((table, query)) => {
+                    core.backfill().table_found(table);
+                    chunks.query = Some(Arc::new(query));
+                }
+                Err(problem) => {
+                    tracing::error!(table = %name, problem, "incremental snapshot skipped");
+                    if let Some(lsn) = core.backfill().abandon() {
+                        positions.release(lsn);
+                    }
+                }
+            }
+        }
+        self.metrics.incremental_tables.set(core.backfill().tables() as i64);
+        let Some(plan) = core.backfill().next_chunk() else { return Ok(()) };
+        let query = chunks
+            .query
+            .clone()
+            .ok_or_else(|| CdcError::Protocol("a chunk without a query".into()))?;
+        let reader = match &chunks.client {
+            Some(reader) => reader.clone(),
+            None => Arc::new(self.sql_client().await?),
+        };
+        chunks.client = Some(reader.clone());
+        chunks.step = Some(Step::Reading(Box::pin(chunk::read(reader, query, plan))));
+        Ok(())
+    }
+
+    /// The catalog view and chunk query of a table to snapshot incrementally, or why it
+    /// cannot be.
+    async fn chunk_query(
+        &mut self,
+        client: &Client,
+        catalog: &mut Catalog,
+        name: &TableName,
+    ) -> Result<Result<(Arc<Table>, ChunkQuery), String>, CdcError> {
+        let source = &self.config.source;
+        let published = catalog::published_tables(client, &source.publication, None).await?;
+        let Some(published) = published.into_iter().find(|t| &t.name == name) else {
+            return Ok(Err(format!(
+                "publication \"{}\" does not stream it (was it dropped?)",
+                source.publication
+            )));
+        };
+        let topic = published.name.topic(&self.config.kafka.topic_prefix);
+        let table =
+            Arc::new(self.configured(catalog.table_schema(client, &published, topic).await?)?);
+        let Some(query) =
+            ChunkQuery::prepare(client, &table, &published, source.snapshot_chunk_rows).await?
+        else {
+            return Ok(Err("it has neither a primary key nor a replica identity index to read it by in key order".into()));
+        };
+        let estimate: f32 = client
+            .query_one("SELECT reltuples FROM pg_class WHERE oid = $1", &[&table.relation.id])
+            .await?
+            .get(0);
+        let label = format!("{}.{}", name.schema, name.name);
+        self.metrics.snapshot_estimate.with_label_values(&[&label]).set(row_estimate(estimate));
+        self.metrics.snapshot_rows.with_label_values(&[&label]).set(0);
+        tracing::info!(
+            table = label,
+            estimate = row_estimate(estimate),
+            chunk_rows = source.snapshot_chunk_rows,
+            "incremental snapshot started"
+        );
+        Ok(Ok((table, query)))
     }
 
     /// Does what the core asked for after a message.
@@ -643,6 +755,7 @@ impl<'c> Pipeline<'c> {
         client: &Client,
         catalog: &mut Catalog,
         core: &mut Core,
+        positions: &mut Positions,
         action: Action,
     ) -> Result<(), CdcError> {
         match action {
@@ -665,6 +778,44 @@ impl<'c> Pipeline<'c> {
                 self.pending.extend(records.into_iter().map(Pending::Record));
                 self.pending.push_back(Pending::Commit(commit));
             }
+            Action::Hold { lsn, tables } => {
+                for table in &tables {
+                    positions.hold(lsn);
+                    tracing::info!(%table, %lsn, "incremental snapshot requested");
+                }
+            }
+            Action::Backfill(reconciled) => self.backfilled(reconciled).await?,
+        }
+        Ok(())
+    }
+
+    /// Sends the rows of an incremental snapshot's chunk, and after the last one the
+    /// release of its request's hold.
+    async fn backfilled(&mut self, chunk: Reconciled) -> Result<(), CdcError> {
+        let label = &chunk.label;
+        if chunk.reread {
+            self.metrics.incremental_rereads.inc();
+            tracing::debug!(
+                table = label,
+                "a chunk missed a commit streamed before it: reading it again"
+            );
+            return Ok(());
+        }
+        self.ensure_topics_of(&chunk.records).await?;
+        self.metrics.events.with_label_values(&[label, Op::Read.code()]).inc_by(chunk.sent);
+        self.metrics.incremental_rows.with_label_values(&[label]).inc_by(chunk.sent);
+        self.metrics.snapshot_rows.with_label_values(&[label]).set(chunk.read as i64);
+        self.pending.extend(chunk.records.into_iter().map(Pending::Record));
+        if let Some(lsn) = chunk.done {
+            self.pending.push_back(Pending::Release(lsn));
+            tracing::info!(
+                table = label,
+                read = chunk.read,
+                "incremental snapshot read to the end"
+            );
+        } else if self.progress_logged.elapsed() >= Duration::from_secs(5) {
+            self.progress_logged = Instant::now();
+            tracing::info!(table = label, read = chunk.read, "incremental snapshot progress");
         }
         Ok(())
     }
@@ -685,7 +836,8 @@ impl<'c> Pipeline<'c> {
         let deadline = tokio::time::Instant::now() + limit;
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
-                Ok(Ok(Some(commit))) => positions.acknowledged(commit.lsn),
+                Ok(Ok(Some(Marker::Commit(commit)))) => positions.acknowledged(commit.lsn),
+                Ok(Ok(Some(Marker::Release(lsn)))) => positions.release(lsn),
                 Ok(Ok(None)) => {}
                 Ok(Err(_)) | Err(_) => return,
             }
@@ -698,8 +850,9 @@ impl<'c> Pipeline<'c> {
             match item {
                 Pending::Commit(commit) => {
                     self.sink.flush()?;
-                    self.in_flight.push_commit(*commit);
+                    self.in_flight.push_marker(Marker::Commit(*commit));
                 }
+                Pending::Release(lsn) => self.in_flight.push_marker(Marker::Release(*lsn)),
                 Pending::Record(record) => {
                     if self.in_flight.records() >= self.config.kafka.max_in_flight {
                         return Ok(());
@@ -715,6 +868,85 @@ impl<'c> Pipeline<'c> {
         }
         Ok(())
     }
+}
+
+/// A SQL connection to the source, with ficus's session settings.
+async fn sql_client(config: &CdcConfig) -> Result<Client, CdcError> {
+    let params = config.source.connect_params()?;
+    let pg_config = config.source.pg_config()?;
+    let connect_error = |e: tokio_postgres::Error| {
+        let message = e.to_string();
+        if e.as_db_error().is_some() {
+            CdcError::Sql(e)
+        } else if message.contains("TLS") {
+            // A certificate the settings reject does not fix itself: no retry.
+            let detail = std::error::Error::source(&e).map_or(message, |s| s.to_string());
+            CdcError::Tls { addr: format!("{}:{}", params.host, params.port), message: detail }
+        } else {
+            CdcError::Connect {
+                addr: format!("{}:{}", params.host, params.port),
+                source: std::io::Error::other(e.to_string()),
+            }
+        }
+    };
+    let client = match &params.tls {
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+            let (client, connection) = pg_config.connect(tls).await.map_err(connect_error)?;
+            tokio::spawn(log_end(connection));
+            client
+        }
+        None => {
+            let (client, connection) = pg_config.connect(NoTls).await.map_err(connect_error)?;
+            tokio::spawn(log_end(connection));
+            client
+        }
+    };
+    let settings: String =
+        SESSION_SETTINGS.iter().map(|(k, v)| format!("SET {k} = '{v}';")).collect();
+    client.batch_execute(&settings).await?;
+    Ok(client)
+}
+
+/// Asks the `ficus cdc` streaming `config`'s slot to snapshot `tables` again, incrementally,
+/// while it streams: the request is a message in the WAL, so it reaches the reader on
+/// whichever host it runs, and survives its restarts. Returns the request's position and
+/// whether a reader streams the slot now.
+pub async fn request_snapshot(
+    config: &CdcConfig,
+    tables: &[TableName],
+) -> Result<(Lsn, bool), CdcError> {
+    let source = &config.source;
+    let client = sql_client(config).await?;
+    let Some(slot) = catalog::slot_state(&client, &source.slot).await? else {
+        return Err(CdcError::Config(format!(
+            "replication slot \"{}\" does not exist: no ficus cdc has streamed it yet, and the first one's initial snapshot reads every table",
+            source.slot
+        )));
+    };
+    let configured = source.table_names()?;
+    let published = catalog::published_tables(&client, &source.publication, None).await?;
+    let mut problems = Vec::new();
+    for table in tables {
+        if configured.as_ref().is_some_and(|names| !names.contains(table)) {
+            problems.push(format!("{table} is not in source.tables"));
+        } else if !published.iter().any(|p| &p.name == table) {
+            problems
+                .push(format!("publication \"{}\" does not stream {table}", source.publication));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CdcError::Config(problems.join("; ")));
+    }
+    let content = crate::incremental::request_content(tables);
+    let lsn: String = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::text)::text",
+            &[&crate::incremental::REQUEST_PREFIX, &content],
+        )
+        .await?
+        .get(0);
+    Ok((lsn.parse().map_err(CdcError::Protocol)?, slot.active_pid.is_some()))
 }
 
 /// A task aborted when its handle is dropped.

@@ -21,9 +21,17 @@ use crate::error::CdcError;
 use crate::event::Record;
 use crate::lsn::Lsn;
 
-/// The acknowledgement of a record (`Ok(None)`) or a commit marker (`Ok(Some(commit))`).
-/// `Sync` so that the pipeline's futures can move between threads.
-pub type Delivery = Pin<Box<dyn Future<Output = Result<Option<Commit>, CdcError>> + Send + Sync>>;
+/// The acknowledgement of a record (`Ok(None)`) or a marker (`Ok(Some(marker))`). `Sync` so
+/// that the pipeline's futures can move between threads.
+pub type Delivery = Pin<Box<dyn Future<Output = Result<Option<Marker>, CdcError>> + Send + Sync>>;
+
+/// What travels behind records, and completes once they are all acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    Commit(Commit),
+    /// An incremental snapshot's last chunk: the position its request held may be released.
+    Release(Lsn),
+}
 
 /// The end of a source transaction, as it travels behind the transaction's records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,9 +301,10 @@ impl InFlight {
         self.queue.push_back(delivery);
     }
 
-    /// Marks the end of a transaction: its LSN may be confirmed once it completes.
-    pub fn push_commit(&mut self, commit: Commit) {
-        self.queue.push_back(Box::pin(async move { Ok(Some(commit)) }));
+    /// Marks a point in the records (a transaction's end, whose LSN may be confirmed once it
+    /// completes; a snapshot's last row).
+    pub fn push_marker(&mut self, marker: Marker) {
+        self.queue.push_back(Box::pin(async move { Ok(Some(marker)) }));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -307,15 +316,15 @@ impl InFlight {
         self.records
     }
 
-    /// The next completion, in order: `Some(commit)` for a commit marker, `None` for a
-    /// record. Pending forever when empty, so it can sit in a `select!`.
-    pub async fn next(&mut self) -> Result<Option<Commit>, CdcError> {
+    /// The next completion, in order: `Some(marker)` for a marker, `None` for a record.
+    /// Pending forever when empty, so it can sit in a `select!`.
+    pub async fn next(&mut self) -> Result<Option<Marker>, CdcError> {
         match self.queue.next().await {
-            Some(Ok(commit)) => {
-                if commit.is_none() {
+            Some(Ok(marker)) => {
+                if marker.is_none() {
                     self.records -= 1;
                 }
-                Ok(commit)
+                Ok(marker)
             }
             Some(Err(e)) => Err(e),
             None => std::future::pending().await,

@@ -11,6 +11,7 @@ use crate::error::CdcError;
 use crate::event::{
     self, Op, Record, Source, Table, TransactionBlock, NEW_KEY_HEADER, OLD_KEY_HEADER,
 };
+use crate::incremental::{self, Backfill, Reconciled};
 use crate::lsn::Lsn;
 use crate::names::{TableName, Topics};
 use crate::outbox::{self, OutboxTable, Resolved};
@@ -33,6 +34,11 @@ pub enum Action {
     /// A transaction ended: send `records` (its END event, with transaction metadata), then
     /// its end may be confirmed once Kafka has acknowledged every record sent before it.
     Commit { records: Vec<Record>, commit: Commit },
+    /// An incremental snapshot of `tables` was requested at `lsn`: hold the confirmed
+    /// position behind it, once per table, until each table's last chunk is acknowledged.
+    Hold { lsn: Lsn, tables: Vec<TableName> },
+    /// A chunk of an incremental snapshot reached its high watermark: send its records.
+    Backfill(Reconciled),
 }
 
 /// The transaction being streamed.
@@ -73,6 +79,8 @@ pub struct Core {
     outboxes: HashMap<u32, Resolved>,
     /// Debezium's `transaction` blocks and BEGIN/END events on `<prefix>.transaction`.
     transaction_metadata: bool,
+    /// Incremental snapshots: the tables to read while streaming, and their chunks.
+    backfill: Backfill,
 }
 
 /// The metrics label of a table.
@@ -82,7 +90,8 @@ fn label(table: &Table) -> String {
 
 impl Core {
     /// `topics` holds the topics already claimed (the published tables'), so that a new
-    /// relation whose topic would collide with one of them is refused.
+    /// relation whose topic would collide with one of them is refused. `run` is unique to
+    /// this run of the pipeline: it names the watermarks of its incremental snapshots.
     pub fn new(
         prefix: &str,
         database: &str,
@@ -90,6 +99,7 @@ impl Core {
         include: Option<HashSet<TableName>>,
         outbox: Vec<OutboxTable>,
         transaction_metadata: bool,
+        run: &str,
     ) -> Core {
         Core {
             prefix: prefix.to_string(),
@@ -102,7 +112,13 @@ impl Core {
             outbox,
             outboxes: HashMap::new(),
             transaction_metadata,
+            backfill: Backfill::new(run),
         }
+    }
+
+    /// The incremental snapshots, for the pipeline to look tables up and read chunks.
+    pub fn backfill(&mut self) -> &mut Backfill {
+        &mut self.backfill
     }
 
     /// Whether a transaction is open: its end has not been seen.
@@ -143,6 +159,9 @@ impl Core {
             Message::Commit { commit_lsn, end_lsn, commit_time, .. } => {
                 self.last_commit = Some(commit_lsn);
                 let txn = self.txn.take();
+                if let Some(txn) = &txn {
+                    self.backfill.committed(txn.xid);
+                }
                 let end = txn.filter(|t| t.begun).map(|t| {
                     event::transaction_event(
                         &self.prefix,
@@ -164,15 +183,22 @@ impl Core {
                     return Ok(Action::Send { records, counted: vec![(label, Op::Create)] });
                 }
                 let Some(table) = self.table(relation)? else { return Ok(Action::None) };
+                self.touched(&table, &new, None);
                 let records = change(self, &table, Op::Create, None, Some(&new[..]), None);
                 (table, Op::Create, records)
             }
             Message::Update { relation, old, new } => {
                 let Some(table) = self.table(relation)? else { return Ok(Action::None) };
+                let old_row = old.as_ref().map(|(_, row)| row.as_slice());
+                self.touched(&table, &new, old_row);
+                if let Some(old_row) = old_row {
+                    self.touched(&table, old_row, None);
+                }
                 return Ok(self.update(table, old, &new, lsn, now_ms));
             }
             Message::Delete { relation, old: (_, old) } => {
                 let Some(table) = self.table(relation)? else { return Ok(Action::None) };
+                self.touched(&table, &old, None);
                 let records = change(self, &table, Op::Delete, Some(&old[..]), None, None);
                 (table, Op::Delete, records)
             }
@@ -180,6 +206,7 @@ impl Core {
                 let (mut records, mut counted) = (Vec::new(), Vec::new());
                 for id in relations {
                     if let Some(table) = self.table(id)? {
+                        self.backfill.changed(id, None);
                         let (begin, place) = self.place(&label(&table));
                         records.extend(begin);
                         records.push(event::truncate(
@@ -196,11 +223,58 @@ impl Core {
                 let records = vec![outbox::route_message(&self.prefix, &content)];
                 return Ok(Action::Send { records, counted: vec![(prefix, Op::Create)] });
             }
+            Message::LogicalMessage { prefix, content, .. }
+                if prefix == incremental::REQUEST_PREFIX =>
+            {
+                return Ok(self.snapshot_request(&content, lsn));
+            }
+            Message::LogicalMessage { prefix, content, .. }
+                if prefix == incremental::WATERMARK_PREFIX =>
+            {
+                let reconciled = self
+                    .backfill
+                    .watermark(&content, lsn, &self.prefix, &self.database, now_ms)
+                    .map_err(CdcError::Protocol)?;
+                return Ok(reconciled.map_or(Action::None, Action::Backfill));
+            }
             Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => {
                 return Ok(Action::None)
             }
         };
         Ok(Action::Send { records, counted: vec![(label(&table), op)] })
+    }
+
+    /// Tells the incremental snapshot of `table`, if one is between watermarks, which row
+    /// the stream changed.
+    fn touched(&mut self, table: &Table, row: &[Datum], fallback: Option<&[Datum]>) {
+        if self.backfill.watches(table.relation.id) {
+            if let Some(key) = event::key_json(table, row, fallback) {
+                self.backfill.changed(table.relation.id, Some(key));
+            }
+        }
+    }
+
+    /// A request for incremental snapshots: the tables this pipeline streams are queued; a
+    /// garbled request or a table it does not stream is logged and skipped.
+    fn snapshot_request(&mut self, content: &[u8], lsn: Lsn) -> Action {
+        let tables = match incremental::parse_request(content) {
+            Ok(tables) => tables,
+            Err(problem) => {
+                tracing::warn!(%lsn, problem, "ignoring a garbled incremental snapshot request");
+                return Action::None;
+            }
+        };
+        let (streamed, skipped): (Vec<TableName>, Vec<TableName>) = tables
+            .into_iter()
+            .partition(|t| self.include.as_ref().is_none_or(|include| include.contains(t)));
+        for table in skipped {
+            tracing::warn!(%table, "an incremental snapshot was requested for a table not in source.tables: skipped");
+        }
+        let tables = self.backfill.request(streamed, lsn);
+        if tables.is_empty() {
+            return Action::None;
+        }
+        Action::Hold { lsn, tables }
     }
 
     /// The `source` block of an event at `lsn`.
@@ -330,12 +404,15 @@ impl Core {
 /// The stream's positions. The confirmed one moves only here, and only forward: to the end
 /// of a transaction Kafka has wholly acknowledged, or to the server's position when nothing
 /// is open or unacknowledged.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Positions {
     received: Lsn,
     confirmed: Lsn,
     /// The confirmed position last sent in a status update.
     reported: Lsn,
+    /// Positions the confirmed one must not pass (incremental snapshot requests, one per
+    /// table, so that a restart reads them again). Few: a small list.
+    holds: Vec<Lsn>,
 }
 
 impl Positions {
@@ -352,7 +429,7 @@ impl Positions {
 
     /// Kafka acknowledged every record up to the end of the transaction ending at `commit`.
     pub fn acknowledged(&mut self, commit: Lsn) {
-        self.confirmed = self.confirmed.max(commit);
+        self.advance(commit);
     }
 
     /// The server is at `wal_end`; `idle` when no transaction is open and nothing sent is
@@ -360,8 +437,26 @@ impl Positions {
     pub fn keepalive(&mut self, wal_end: Lsn, idle: bool) {
         self.received(wal_end);
         if idle {
-            self.confirmed = self.confirmed.max(wal_end);
+            self.advance(wal_end);
         }
+    }
+
+    /// Keeps the confirmed position at or before `lsn` until [`Positions::release`]: the
+    /// transaction holding `lsn` ends after it, so a restart streams it again.
+    pub fn hold(&mut self, lsn: Lsn) {
+        self.holds.push(lsn);
+    }
+
+    /// Ends one [`Positions::hold`] of `lsn`.
+    pub fn release(&mut self, lsn: Lsn) {
+        if let Some(index) = self.holds.iter().position(|&held| held == lsn) {
+            self.holds.swap_remove(index);
+        }
+    }
+
+    fn advance(&mut self, to: Lsn) {
+        let limit = self.holds.iter().copied().min().unwrap_or(to);
+        self.confirmed = self.confirmed.max(to.min(limit));
     }
 
     pub fn confirmed(&self) -> Lsn {
@@ -407,7 +502,7 @@ mod tests {
     fn core(include: Option<&[&str]>) -> Core {
         let include =
             include.map(|names| names.iter().map(|n| TableName::new("public", *n)).collect());
-        Core::new("shop", "shop", Topics::default(), include, Vec::new(), false)
+        Core::new("shop", "shop", Topics::default(), include, Vec::new(), false, "run")
     }
 
     /// Feeds message `index`, learning tables as the pipeline would.
@@ -572,5 +667,45 @@ mod tests {
         assert_eq!(positions.confirmed(), Lsn(80));
         positions.keepalive(Lsn(95), true);
         assert_eq!(positions.report(), (Lsn(95), Lsn(95)));
+    }
+
+    #[test]
+    fn a_held_position_is_not_passed_until_every_hold_is_released() {
+        let mut positions = Positions::new(Lsn(50));
+        positions.hold(Lsn(60));
+        positions.hold(Lsn(60));
+        positions.acknowledged(Lsn(55));
+        assert_eq!(positions.confirmed(), Lsn(55));
+        positions.acknowledged(Lsn(80));
+        positions.keepalive(Lsn(90), true);
+        assert_eq!(positions.confirmed(), Lsn(60), "held at the request");
+        positions.release(Lsn(60));
+        positions.acknowledged(Lsn(85));
+        assert_eq!(positions.confirmed(), Lsn(60), "one table of the request still runs");
+        positions.release(Lsn(60));
+        positions.acknowledged(Lsn(85));
+        assert_eq!(positions.confirmed(), Lsn(85));
+    }
+
+    #[test]
+    fn a_snapshot_request_in_the_stream_holds_its_position_for_the_streamed_tables() {
+        let mut core = core(Some(&["big"]));
+        let content = incremental::request_content(&[
+            TableName::new("public", "big"),
+            TableName::new("public", "other"),
+        ]);
+        let message = Message::LogicalMessage {
+            transactional: true,
+            lsn: Lsn(70),
+            prefix: incremental::REQUEST_PREFIX.into(),
+            content: Bytes::from(content.into_bytes()),
+        };
+        let Action::Hold { lsn, tables } =
+            core.on_message(message.clone(), Lsn(70), 0).expect("ok")
+        else {
+            panic!("a hold")
+        };
+        assert_eq!((lsn, tables), (Lsn(70), vec![TableName::new("public", "big")]));
+        assert!(matches!(core.on_message(message, Lsn(71), 0), Ok(Action::None)), "already queued");
     }
 }

@@ -119,6 +119,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
             heartbeat: Duration::from_secs(1),
             time_precision: Default::default(),
             transaction_metadata: false,
+            snapshot_chunk_rows: 8192,
         },
         kafka: KafkaConfig {
             brokers: brokers.clone(),

@@ -184,6 +184,24 @@ impl Broker {
     }
 }
 
+/// The state a consumer ends up with, by the `id` of each key: the last `after` per key,
+/// deletes and tombstones removing the key.
+pub fn fold(records: &[Consumed]) -> std::collections::BTreeMap<i64, serde_json::Value> {
+    let mut state = std::collections::BTreeMap::new();
+    for record in records {
+        let Some(key) = record.key.as_ref().and_then(|k| k["id"].as_i64()) else { continue };
+        match record.value.as_ref().map(|v| v["after"].clone()) {
+            Some(serde_json::Value::Null) | None => {
+                state.remove(&key);
+            }
+            Some(after) => {
+                state.insert(key, after);
+            }
+        }
+    }
+    state
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
