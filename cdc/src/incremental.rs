@@ -163,6 +163,9 @@ struct Superseded {
     truncated: bool,
 }
 
+/// Commits remembered between snapshots.
+const RECENT_COMMITS: usize = 4096;
+
 /// The incremental snapshots of one pipeline run.
 pub struct Backfill {
     /// Unique per run: watermarks of an earlier run, met again after a restart, are not ours.
@@ -171,7 +174,8 @@ pub struct Backfill {
     current: Option<Current>,
     window: Option<Window>,
     chunks: u64,
-    /// Commits streamed since the snapshots began, by transaction id: their order.
+    /// Commits streamed (while snapshots run, since the oldest transaction their chunks saw
+    /// running; else the last [`RECENT_COMMITS`]), by transaction id: their order.
     commits: u64,
     committed: HashMap<u32, u64>,
 }
@@ -260,9 +264,13 @@ impl Backfill {
 
     /// A transaction `xid` committed in the stream.
     pub fn committed(&mut self, xid: u32) {
-        if self.is_active() {
-            self.commits += 1;
-            self.committed.insert(xid, self.commits);
+        self.commits += 1;
+        self.committed.insert(xid, self.commits);
+        // Between snapshots, only the recent past is kept: enough for the first chunk of the
+        // next one to find a commit streamed just before its request.
+        if !self.is_active() && self.committed.len() >= 2 * RECENT_COMMITS {
+            let oldest = self.commits - RECENT_COMMITS as u64;
+            self.committed.retain(|_, order| *order > oldest);
         }
     }
 
@@ -387,9 +395,6 @@ impl Backfill {
         let done = if read.complete {
             let request = current.request;
             self.current = None;
-            if !self.is_active() {
-                self.committed.clear();
-            }
             Some(request)
         } else {
             None
@@ -523,8 +528,18 @@ mod tests {
 
     #[test]
     fn a_commit_streamed_before_the_low_watermark_but_unseen_by_the_chunk_rereads_it() {
-        let (mut backfill, plan) = started();
+        let mut backfill = Backfill::new("run");
+        for xid in 1..=2 * RECENT_COMMITS as u32 {
+            backfill.committed(1000 + xid);
+        }
+        assert!(backfill.committed.len() <= 2 * RECENT_COMMITS, "bounded between snapshots");
+        // Streamed before the snapshot was even requested.
         backfill.committed(700);
+        let name = TableName::new("public", "big");
+        backfill.request(vec![name], Lsn(10));
+        backfill.needs_table();
+        backfill.table_found(table());
+        let plan = backfill.next_chunk().expect("a chunk");
         backfill
             .watermark(watermark_content(false, &plan.id).as_bytes(), Lsn(20), "shop", "db", 5)
             .expect("low");
