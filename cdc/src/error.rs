@@ -116,25 +116,62 @@ impl DecodeFailures {
     }
 }
 
+/// What the pipeline does after an error. Every retry resumes from the slot's confirmed
+/// position, so nothing is lost by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Resume at once: the next try normally succeeds (a garbled read, a serialization
+    /// conflict). A message that never decodes is stopped by [`DecodeFailures`].
+    Resume,
+    /// Resume after a pause that grows while the error repeats: something away comes back
+    /// on its own (the database, the network, Kafka, a previous reader still stopping).
+    BackOff,
+    /// Stop: retrying cannot help; the message says what to do.
+    Stop,
+}
+
 impl CdcError {
-    /// Whether reconnecting and resuming from the slot's confirmed position may succeed.
-    pub fn is_retryable(&self) -> bool {
+    /// How the pipeline recovers from this error.
+    pub fn recovery(&self) -> Recovery {
         match self {
+            CdcError::Decode { .. } => Recovery::Resume,
+            CdcError::Server(e) if e.code == "40001" => Recovery::Resume,
             CdcError::Connect { .. }
             | CdcError::Io(_)
             | CdcError::Protocol(_)
-            | CdcError::Kafka(_) => true,
-            CdcError::SlotInUse { .. } => true,
-            CdcError::Sql(e) => e.is_closed() || e.code().is_none(),
-            CdcError::Server(e) => {
-                // Connection-class errors, shutdowns and conflicts can pass.
-                e.code.starts_with("08")
-                    || e.code.starts_with("57")
-                    || e.code == "55006"
-                    || e.code == "40001"
+            | CdcError::Kafka(_)
+            | CdcError::SlotInUse { .. } => Recovery::BackOff,
+            CdcError::Sql(e) if e.is_closed() || e.code().is_none() => Recovery::BackOff,
+            // Connection-class errors, shutdowns, a slot briefly in use.
+            CdcError::Server(e)
+                if e.code.starts_with("08") || e.code.starts_with("57") || e.code == "55006" =>
+            {
+                Recovery::BackOff
             }
-            CdcError::Decode { .. } => true,
-            _ => false,
+            _ => Recovery::Stop,
+        }
+    }
+
+    /// Whether reconnecting and resuming from the slot's confirmed position may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.recovery() != Recovery::Stop
+    }
+
+    /// What an operator can check while ficus retries (errors that stop say it themselves).
+    pub fn hint(&self) -> &'static str {
+        match self {
+            CdcError::Connect { .. } => "is PostgreSQL up and reachable from this host?",
+            CdcError::Io(_) | CdcError::Sql(_) | CdcError::Server(_) => {
+                "the connection to PostgreSQL was lost (restart, failover, network)"
+            }
+            CdcError::Kafka(_) => {
+                "are the brokers of kafka.brokers up and reachable? Nothing is confirmed meanwhile"
+            }
+            CdcError::SlotInUse { .. } => {
+                "a previous ficus cdc may still be stopping; if another program holds the slot, stop it"
+            }
+            CdcError::Decode { .. } => "a garbled read; the same message failing again stops ficus",
+            _ => "",
         }
     }
 
@@ -178,5 +215,39 @@ mod tests {
         );
         // Other errors pass through untouched.
         assert!(matches!(failures.check(CdcError::Kafka("down".into())), CdcError::Kafka(_)));
+    }
+
+    #[test]
+    fn each_kind_of_error_has_its_recovery_and_a_hint_when_retried() {
+        let server = |code: &str| {
+            CdcError::Server(ServerError {
+                severity: "FATAL".into(),
+                code: code.into(),
+                message: "m".into(),
+                detail: None,
+                hint: None,
+            })
+        };
+        let connect =
+            CdcError::Connect { addr: "h:5432".into(), source: std::io::Error::other("refused") };
+        let cases = [
+            (decode_error(1), Recovery::Resume),
+            (server("40001"), Recovery::Resume),
+            (connect, Recovery::BackOff),
+            (CdcError::Kafka("all brokers down".into()), Recovery::BackOff),
+            (CdcError::SlotInUse { slot: "s".into(), pid: "7".into() }, Recovery::BackOff),
+            (server("57P01"), Recovery::BackOff),
+            (server("08006"), Recovery::BackOff),
+            (server("42501"), Recovery::Stop),
+            (CdcError::WalLevel("replica".into()), Recovery::Stop),
+            (CdcError::SlotLost { slot: "s".into(), status: "lost".into() }, Recovery::Stop),
+            (CdcError::Config("x".into()), Recovery::Stop),
+        ];
+        for (error, recovery) in cases {
+            assert_eq!(error.recovery(), recovery, "{error}");
+            if recovery != Recovery::Stop {
+                assert!(!error.hint().is_empty(), "a retried error says what to check: {error}");
+            }
+        }
     }
 }

@@ -19,7 +19,7 @@ use crate::catalog::{self, Catalog, PublishedTable};
 use crate::chunk::{self, ChunkQuery};
 use crate::config::{CdcConfig, SnapshotMode};
 use crate::copy::CopyRows;
-use crate::error::{bytes_summary, CdcError, DecodeFailures};
+use crate::error::{bytes_summary, CdcError, DecodeFailures, Recovery};
 use crate::event::{self, Op, Record, Source, Table};
 use crate::incremental::{ChunkRead, Reconciled};
 use crate::lsn::Lsn;
@@ -35,6 +35,8 @@ use crate::value::ValueType;
 use crate::wire::{ReplicationConnection, StreamMessage, SESSION_SETTINGS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The pause before resuming after an error: the first of a back-off, or a resume at once.
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often a standby asks for the slot's lead.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
@@ -66,7 +68,7 @@ pub async fn run(
     }
     let masking = config.masking()?;
     let outbox = config.outbox_tables()?;
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = MIN_BACKOFF;
     let mut catalog = Catalog::default();
     let mut decode_failures = DecodeFailures::default();
     loop {
@@ -80,15 +82,22 @@ pub async fn run(
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() && *shutdown.borrow() == Shutdown::Run => {
                 if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(250);
+                    backoff = MIN_BACKOFF;
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "cdc pipeline failed; resuming from the slot");
+                let pause = match e.recovery() {
+                    Recovery::Resume => MIN_BACKOFF,
+                    _ => {
+                        let pause = backoff;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        pause
+                    }
+                };
+                tracing::warn!(error = %e, hint = e.hint(), retry_in = ?pause, "cdc pipeline failed; resuming from the slot");
                 metrics.restarts.inc();
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.changed() => return Ok(()),
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(e) => return Err(e),
         }
