@@ -19,12 +19,6 @@ use tokio::task::JoinHandle;
 const QUIET: Duration = Duration::from_secs(10);
 const ROWS: i32 = 200_000;
 
-/// Rewrites `cdc`'s configuration with `config` (keeping its metrics address).
-fn rewrite(cdc: &Cdc, config: &str) {
-    std::fs::write(&cdc.config, format!("{config}\n[metrics]\nlisten = \"{}\"\n", cdc.metrics))
-        .expect("rewrite config");
-}
-
 /// Runs `statements(n)` as one transaction every `pause` until `stop`; returns how many ran.
 fn writer(
     client: tokio_postgres::Client,
@@ -111,7 +105,7 @@ async fn a_table_added_to_a_running_pipeline_is_snapshotted_while_every_table_st
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The table joins the configuration of the running pipeline.
-    rewrite(&cdc, &config(&url, &broker, "inc", "tables = [\"orders\", \"big\"]"));
+    cdc.write_config(&config(&url, &broker, "inc", "tables = [\"orders\", \"big\"]"));
     let started = Instant::now();
     cdc.hangup();
     cdc.wait_log("incremental snapshot on Kafka", Duration::from_secs(240));

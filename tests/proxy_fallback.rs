@@ -6,30 +6,10 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{backend_for, client, metric, Proxy, TestBackend, PATIENCE};
+use common::{backend_for, client, metric, Proxy, RouteFile, TestBackend, PATIENCE};
 
 fn routes(monolith: &TestBackend, orders: &TestBackend, health: &str) -> String {
-    format!(
-        r#"
-[backends.monolith]
-url = "{}"
-[backends.orders]
-url = "{}"
-{health}
-
-[defaults]
-backend = "monolith"
-sticky = "header:x-user-id"
-
-[[routes]]
-name = "orders"
-match = {{ path_prefix = "/api/orders" }}
-to = "orders"
-percent = 100
-"#,
-        monolith.url(),
-        orders.url()
-    )
+    RouteFile::split(&monolith.url(), &orders.url()).orders_backend(health).percent(100.0).build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,26 +109,10 @@ fn unresponsive_listener() -> (std::net::SocketAddr, Vec<std::net::TcpStream>, s
 async fn a_to_backend_that_times_out_on_connect_falls_back_to_from() {
     let monolith = TestBackend::start("monolith").await;
     let (hung, _fillers, _socket) = unresponsive_listener();
-    let text = format!(
-        r#"
-[backends.monolith]
-url = "{}"
-[backends.orders]
-url = "http://{hung}"
-connect_timeout = "200ms"
-
-[defaults]
-backend = "monolith"
-sticky = "header:x-user-id"
-
-[[routes]]
-name = "orders"
-match = {{ path_prefix = "/api/orders" }}
-to = "orders"
-percent = 100
-"#,
-        monolith.url()
-    );
+    let text = RouteFile::split(&monolith.url(), &format!("http://{hung}"))
+        .orders_backend("connect_timeout = \"200ms\"")
+        .percent(100.0)
+        .build();
     let proxy = Proxy::start(&text).await;
     let client = client();
     for i in 0..3 {

@@ -10,30 +10,14 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{client, start_ws_echo, Proxy, TestBackend};
+use common::{client, start_ws_echo, Proxy, RouteFile, TestBackend};
 
 fn routes(monolith: &TestBackend, orders_url: &str, extra: &str) -> String {
-    format!(
-        r#"
-[backends.monolith]
-url = "{}"
-[backends.orders]
-url = "{orders_url}"
-{extra}
-
-[defaults]
-backend = "monolith"
-sticky = "header:x-user-id"
-
-[[routes]]
-name = "orders"
-match = {{ path_prefix = "/api/orders" }}
-to = "orders"
-percent = 100
-rewrite = {{ strip_prefix = "/api" }}
-"#,
-        monolith.url()
-    )
+    RouteFile::split(&monolith.url(), orders_url)
+        .orders_backend(extra)
+        .percent(100.0)
+        .route("rewrite = { strip_prefix = \"/api\" }")
+        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

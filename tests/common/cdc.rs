@@ -29,30 +29,33 @@ pub fn config(url: &str, broker: &Broker, prefix: &str, extra_source: &str) -> S
 impl Cdc {
     /// Starts `ficus cdc` with `config` (metrics are added on a free port).
     pub fn start(config: &str) -> Cdc {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let metrics = free_addr().to_string();
-        let config_path = dir.path().join("cdc.toml");
-        std::fs::write(&config_path, format!("{config}\n[metrics]\nlisten = \"{metrics}\"\n"))
-            .expect("write config");
-        let log = dir.path().join("cdc.log");
-        let mut cdc = Cdc { dir, config: config_path, metrics, log, child: None, stdout: None };
-        cdc.spawn();
-        cdc
+        Cdc::launch(config, false)
     }
 
     /// Starts `ficus cdc --stdout` with `config`, standard output into a file.
     pub fn start_stdout(config: &str) -> Cdc {
+        Cdc::launch(config, true)
+    }
+
+    fn launch(config: &str, stdout: bool) -> Cdc {
         let dir = tempfile::tempdir().expect("temp dir");
         let metrics = free_addr().to_string();
         let config_path = dir.path().join("cdc.toml");
-        std::fs::write(&config_path, format!("{config}\n[metrics]\nlisten = \"{metrics}\"\n"))
-            .expect("write config");
         let log = dir.path().join("cdc.log");
-        let stdout = dir.path().join("events.jsonl");
-        let mut cdc =
-            Cdc { dir, config: config_path, metrics, log, child: None, stdout: Some(stdout) };
+        let stdout = stdout.then(|| dir.path().join("events.jsonl"));
+        let mut cdc = Cdc { dir, config: config_path, metrics, log, child: None, stdout };
+        cdc.write_config(config);
         cdc.spawn();
         cdc
+    }
+
+    /// Replaces the configuration (keeping the metrics address), for a reload or restart.
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(
+            &self.config,
+            format!("{config}\n[metrics]\nlisten = \"{}\"\n", self.metrics),
+        )
+        .expect("write config");
     }
 
     /// Starts the process again with the same configuration.

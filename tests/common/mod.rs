@@ -337,12 +337,58 @@ pub fn split_routes(monolith: &TestBackend, orders: &TestBackend, percent: f64) 
 /// [`split_routes`] between backends at any two URLs. The route's sections (`[routes.shadow]`)
 /// can be appended.
 pub fn split_routes_between(monolith: &str, orders: &str, percent: f64) -> String {
-    format!(
-        r#"
+    RouteFile::split(monolith, orders).percent(percent).build()
+}
+
+/// A test's route file, composed instead of copied: the monolith, the orders service and
+/// the `orders` route between them (`/api/orders`, sticky on `x-user-id`), with lines added
+/// where a test needs them.
+pub struct RouteFile {
+    monolith: String,
+    orders: String,
+    orders_extra: String,
+    percent: f64,
+    route_extra: String,
+}
+
+impl RouteFile {
+    /// The split between `monolith` and `orders` (URLs), at 0%.
+    pub fn split(monolith: &str, orders: &str) -> RouteFile {
+        RouteFile {
+            monolith: monolith.into(),
+            orders: orders.into(),
+            orders_extra: String::new(),
+            percent: 0.0,
+            route_extra: String::new(),
+        }
+    }
+
+    pub fn percent(mut self, percent: f64) -> RouteFile {
+        self.percent = percent;
+        self
+    }
+
+    /// Lines (or sections, like `[backends.orders.health]`) after the orders backend's URL.
+    pub fn orders_backend(mut self, lines: &str) -> RouteFile {
+        self.orders_extra = lines.into();
+        self
+    }
+
+    /// Lines of the route, after its percent.
+    pub fn route(mut self, lines: &str) -> RouteFile {
+        self.route_extra = lines.into();
+        self
+    }
+
+    pub fn build(&self) -> String {
+        let RouteFile { monolith, orders, orders_extra, percent, route_extra } = self;
+        format!(
+            r#"
 [backends.monolith]
 url = "{monolith}"
 [backends.orders]
 url = "{orders}"
+{orders_extra}
 
 [defaults]
 backend = "monolith"
@@ -354,8 +400,10 @@ name = "orders"
 match = {{ path_prefix = "/api/orders" }}
 to = "orders"
 percent = {percent}
+{route_extra}
 "#
-    )
+        )
+    }
 }
 
 /// A keep-alive client with a short timeout.
