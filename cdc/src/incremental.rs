@@ -144,6 +144,8 @@ struct Current {
     table: Option<Arc<Table>>,
     after: Option<Vec<Datum>>,
     read: u64,
+    /// Chunks that failed to read in a row.
+    failures: u32,
 }
 
 /// A chunk between its watermarks.
@@ -222,7 +224,8 @@ impl Backfill {
     pub fn needs_table(&mut self) -> Option<TableName> {
         if self.current.is_none() {
             let Queued { name, request } = self.queue.pop_front()?;
-            self.current = Some(Current { name, request, table: None, after: None, read: 0 });
+            self.current =
+                Some(Current { name, request, table: None, after: None, read: 0, failures: 0 });
         }
         self.current.as_ref().filter(|c| c.table.is_none()).map(|c| c.name.clone())
     }
@@ -232,6 +235,42 @@ impl Backfill {
         if let Some(current) = &mut self.current {
             current.table = Some(table);
         }
+    }
+
+    /// The stream describes `table` anew: when its columns are not those the current chunks
+    /// are read with (an `ALTER TABLE`), the chunk under way is dropped and the table looked
+    /// up again, to go on from the same row with the new columns.
+    pub fn relation_changed(&mut self, table: &Table) {
+        let Some(current) = self.current.as_mut() else { return };
+        let Some(reading) = current.table.as_ref().filter(|t| t.relation.id == table.relation.id)
+        else {
+            return;
+        };
+        let shape = |t: &Table| -> Vec<(String, u32, i32)> {
+            t.relation
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
+                .collect()
+        };
+        if shape(reading) != shape(table) {
+            current.table = None;
+            self.window = None;
+        }
+    }
+
+    /// A chunk failed to read (the table altered, renamed or dropped meanwhile): the table
+    /// is looked up again and the chunk read again, up to `attempts` times in a row; then
+    /// the table is given up, returning the position its request held.
+    pub fn chunk_failed(&mut self, attempts: u32) -> Option<Lsn> {
+        let current = self.current.as_mut()?;
+        current.failures += 1;
+        if current.failures >= attempts {
+            return self.abandon();
+        }
+        current.table = None;
+        self.window = None;
+        None
     }
 
     /// Gives up the current table (it is gone, or cannot be read in key order): returns the
@@ -388,6 +427,7 @@ impl Backfill {
             sent += 1;
         }
         current.read += read.rows.len() as u64;
+        current.failures = 0;
         if let Some(last) = read.rows.last() {
             current.after = Some(table.key.iter().map(|&i| last[i].clone()).collect());
         }
@@ -568,6 +608,46 @@ mod tests {
             complete: true,
         });
         assert_eq!(ids(&high(&mut backfill, &again.id).records), [1]);
+    }
+
+    #[test]
+    fn an_altered_table_or_a_failed_read_is_looked_up_again_and_goes_on_from_its_row() {
+        let (mut backfill, plan) = started();
+        backfill.chunk_read(ChunkRead {
+            id: plan.id.clone(),
+            rows: rows(&[1, 2]),
+            visibility: Visibility::default(),
+            complete: false,
+        });
+        backfill
+            .watermark(watermark_content(false, &plan.id).as_bytes(), Lsn(20), "p", "d", 0)
+            .expect("low");
+        high(&mut backfill, &plan.id);
+        // The same columns described again (a new session): nothing changes.
+        backfill.relation_changed(&table());
+        let next = backfill.next_chunk().expect("next");
+        backfill.relation_changed(&table());
+        assert!(backfill.next_chunk().is_none(), "still reading {}", next.id);
+        // A column added: the chunk under way is dropped, the table looked up again.
+        let mut altered = (*table()).clone();
+        altered.relation.columns.push(Column {
+            is_key: false,
+            name: "w".into(),
+            type_oid: 25,
+            type_modifier: -1,
+        });
+        backfill.relation_changed(&altered);
+        assert_eq!(backfill.needs_table(), Some(TableName::new("public", "big")));
+        backfill.table_found(Arc::new(altered));
+        let again = backfill.next_chunk().expect("again");
+        assert_eq!(again.after, Some(vec![text("2")]), "from the same row");
+        assert_eq!(again.table.relation.columns.len(), 3);
+        // Reads that keep failing give the table up, releasing its request.
+        assert_eq!(backfill.chunk_failed(3), None);
+        assert!(backfill.needs_table().is_some());
+        backfill.table_found(table());
+        assert_eq!(backfill.chunk_failed(2), Some(Lsn(10)));
+        assert!(!backfill.is_active());
     }
 
     #[test]

@@ -38,6 +38,9 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The pause before resuming after an error: the first of a back-off, or a resume at once.
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Reads of an incremental snapshot's chunk that may fail in a row before its table is
+/// given up.
+const CHUNK_ATTEMPTS: u32 = 3;
 /// How often a standby asks for the slot's lead.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 
@@ -631,7 +634,19 @@ impl<'c> Pipeline<'c> {
                     self.send_pending()?;
                 }
                 read = chunks.step_done(), if chunks.step.is_some() => {
-                    if let Some(read) = read? {
+                    let read = match read {
+                        // The table altered, renamed or dropped since: look it up again.
+                        Err(CdcError::Sql(e)) if e.as_db_error().is_some() => {
+                            tracing::warn!(error = %e, "an incremental snapshot chunk failed to read");
+                            if let Some(lsn) = core.backfill().chunk_failed(CHUNK_ATTEMPTS) {
+                                tracing::error!(error = %e, attempts = CHUNK_ATTEMPTS, "incremental snapshot given up: its chunks keep failing to read");
+                                positions.release(lsn);
+                            }
+                            None
+                        }
+                        other => other?,
+                    };
+                    if let Some(read) = read {
                         let id = read.id.clone();
                         core.backfill().chunk_read(read);
                         let client = chunks.client.clone().ok_or_else(|| CdcError::Protocol("no chunk connection".into()))?;

@@ -128,6 +128,7 @@ impl Core {
 
     /// Takes in the table a [`Action::Learn`] asked for.
     pub fn learned(&mut self, table: Arc<Table>) {
+        self.backfill.relation_changed(&table);
         self.known.insert(table.relation.id, Some(table));
     }
 

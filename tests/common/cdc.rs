@@ -148,9 +148,16 @@ impl Cdc {
         }
     }
 
-    /// Waits until `series` reaches at least `value`; returns the metrics text then.
+    /// Waits until `series` reaches at least `value` (while the process starts, too);
+    /// returns the metrics text then.
     pub async fn wait_metric(&self, series: &str, value: f64, patience: Duration) -> String {
-        super::wait_metric(|| self.metrics_text(), series, value, patience).await
+        let fetch = || async {
+            match reqwest::get(format!("http://{}/metrics", self.metrics)).await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            }
+        };
+        super::wait_metric(fetch, series, value, patience).await
     }
 
     pub async fn metrics_text(&self) -> String {
