@@ -209,6 +209,36 @@ async fn a_broker_paused_for_10_seconds_under_load_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_table_met_while_kafka_is_paused_keeps_the_replication_connection() {
+    // The server ends a replication connection silent for wal_sender_timeout; creating the
+    // new table's topic waits for the paused broker far longer than that.
+    let (pg, broker) = (PgCluster::start_with(&[("wal_sender_timeout", "3s")]), Broker::start());
+    if !broker.is_own() {
+        eprintln!("skipped: an external Kafka (KAFKA_BROKERS) cannot be paused by the test");
+        return;
+    }
+    let db = pg.database("shop").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.expect("setup");
+    // No `tables`: every table streams, including one created later.
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "late", ""));
+    cdc.wait_log("streaming changes", QUIET);
+    broker.pause();
+    db.batch_execute("CREATE TABLE later (id int PRIMARY KEY); INSERT INTO later VALUES (1)")
+        .await
+        .expect("new table");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    broker.resume();
+    broker.wait_topic("late.public.later", QUIET);
+    let records = broker.consume("late.public.later", 1, QUIET);
+    assert_eq!(records.len(), 1, "the new table's row arrives");
+    assert!(
+        !cdc.logs().contains("resuming from the slot"),
+        "the connection stayed up while the topic was created:\n{}",
+        cdc.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_slot_still_advances_while_other_tables_write() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
     let db = accounts(&pg, 10).await;

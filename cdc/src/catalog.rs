@@ -15,6 +15,14 @@ use crate::value::{oid, ValueType};
 /// The comment ficus puts on the publications it creates: only those it changes itself.
 const OWNED_MARKER: &str = "created by ficus cdc";
 
+/// The server's version, as `server_version_num` (150004 for 15.4).
+pub async fn server_version(client: &Client) -> Result<i32, CdcError> {
+    Ok(client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0))
+}
+
+/// The first version that streams logical messages, which incremental snapshots need.
+pub const MESSAGES_VERSION: i32 = 140_000;
+
 /// Fails with instructions when the server cannot do logical replication.
 pub async fn check_wal_level(client: &Client) -> Result<(), CdcError> {
     let row = client.query_one("SHOW wal_level", &[]).await?;
@@ -43,14 +51,14 @@ pub struct PublishedTable {
 /// is returned in the error. Tables it publishes beyond the configured ones are filtered
 /// out of the stream by the caller.
 ///
-/// With `announce` (a slot streams already), tables added to the publication get an
+/// With `announce` (the slot, when it streams already), tables added to the publication get an
 /// incremental snapshot: its request is written into the WAL in the same transaction, so
 /// that the stream cannot carry the table without the request.
 pub async fn prepare_publication(
     client: &Client,
     publication: &str,
     configured: Option<&[TableName]>,
-    announce: bool,
+    announce: Option<&str>,
 ) -> Result<Vec<PublishedTable>, CdcError> {
     let mut partitioned = Vec::new();
     for table in configured.unwrap_or_default() {
@@ -139,11 +147,12 @@ pub async fn prepare_publication(
         tracing::warn!(publication, tables = %names, "adding configured tables to the publication");
         let missing: Vec<TableName> = missing.into_iter().cloned().collect();
         // One simple query with several statements is one transaction.
-        let sql = if announce {
-            tracing::info!(tables = %names, "their existing rows will be sent by an incremental snapshot while streaming goes on");
-            format!("{sql}; {}", incremental::request_sql(&missing))
-        } else {
-            sql
+        let sql = match announce {
+            Some(slot) => {
+                tracing::info!(tables = %names, "their existing rows will be sent by an incremental snapshot while streaming goes on");
+                format!("{sql}; {}", incremental::request_sql(slot, &missing))
+            }
+            None => sql,
         };
         client.batch_execute(&sql).await.map_err(privilege_or_sql)?;
     }
@@ -157,8 +166,7 @@ pub async fn published_tables(
     publication: &str,
     only: Option<&[TableName]>,
 ) -> Result<Vec<PublishedTable>, CdcError> {
-    let version: i32 =
-        client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    let version = server_version(client).await?;
     let details =
         if version >= 150_000 { "attnames, rowfilter" } else { "NULL::name[], NULL::text" };
     let rows = client
@@ -328,7 +336,21 @@ impl Catalog {
             .await?;
         let oid: u32 = row.get(0);
         let identity: String = row.get(1);
-        let primary_key = self.primary_key(client, oid).await?.unwrap_or_default();
+        // The columns the stream's Relation message would flag as the replica identity.
+        let flagged: Vec<String> = match identity.as_str() {
+            "i" => client
+                .query(
+                    "SELECT a.attname::text FROM pg_index i \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                     WHERE i.indrelid = $1 AND i.indisreplident",
+                    &[&oid],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+            _ => self.primary_key(client, oid).await?.unwrap_or_default(),
+        };
         let rows = client
             .query(
                 "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_attribute a \
@@ -342,7 +364,7 @@ impl Catalog {
             .map(|r| {
                 let name: String = r.get(0);
                 Column {
-                    is_key: primary_key.contains(&name),
+                    is_key: identity == "f" || flagged.contains(&name),
                     name,
                     type_oid: r.get(1),
                     type_modifier: r.get(2),

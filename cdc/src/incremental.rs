@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::event::{self, Op, Record, Source, Table};
 use crate::lsn::Lsn;
-use crate::names::TableName;
+use crate::names::{quote_literal, TableName};
 use crate::pgoutput::Datum;
 
 /// The prefix of the logical message that asks for tables to be snapshotted.
@@ -29,17 +29,20 @@ pub const REQUEST_PREFIX: &str = "ficus.snapshot";
 /// The prefix of the low and high watermarks around each chunk.
 pub const WATERMARK_PREFIX: &str = "ficus.watermark";
 
-/// The content of a request for `tables`: `{"tables":[{"schema":"public","name":"t"}]}`.
-pub fn request_content(tables: &[TableName]) -> String {
+/// The content of a request to the pipeline reading `slot` for `tables`:
+/// `{"slot":"ficus","tables":[{"schema":"public","name":"t"}]}`. Every slot of the database
+/// sees it; only the one it names acts on it.
+pub fn request_content(slot: &str, tables: &[TableName]) -> String {
     let names: Vec<_> =
         tables.iter().map(|t| serde_json::json!({ "schema": t.schema, "name": t.name })).collect();
-    serde_json::json!({ "tables": names }).to_string()
+    serde_json::json!({ "slot": slot, "tables": names }).to_string()
 }
 
-/// The tables a request names; an error says what is wrong with it.
-pub fn parse_request(content: &[u8]) -> Result<Vec<TableName>, String> {
+/// The slot a request is for and the tables it names; an error says what is wrong with it.
+pub fn parse_request(content: &[u8]) -> Result<(String, Vec<TableName>), String> {
     #[derive(serde::Deserialize)]
     struct Request {
+        slot: String,
         tables: Vec<Name>,
     }
     #[derive(serde::Deserialize)]
@@ -48,15 +51,20 @@ pub fn parse_request(content: &[u8]) -> Result<Vec<TableName>, String> {
         name: String,
     }
     let request: Request = serde_json::from_slice(content).map_err(|e| {
-        format!("expected {{\"tables\": [{{\"schema\": ..., \"name\": ...}}]}}: {e}")
+        format!("expected {{\"slot\": ..., \"tables\": [{{\"schema\": ..., \"name\": ...}}]}}: {e}")
     })?;
-    Ok(request.tables.into_iter().map(|t| TableName::new(t.schema, t.name)).collect())
+    let tables = request.tables.into_iter().map(|t| TableName::new(t.schema, t.name)).collect();
+    Ok((request.slot, tables))
 }
 
-/// The SQL that writes a request for `tables` into the WAL, in the caller's transaction.
-pub fn request_sql(tables: &[TableName]) -> String {
-    let content = request_content(tables).replace('\'', "''");
-    format!("SELECT pg_logical_emit_message(true, '{REQUEST_PREFIX}', '{content}')")
+/// The SQL that writes a request to `slot`'s pipeline for `tables` into the WAL, in the
+/// caller's transaction.
+pub fn request_sql(slot: &str, tables: &[TableName]) -> String {
+    format!(
+        "SELECT pg_logical_emit_message(true, {}, {})",
+        quote_literal(REQUEST_PREFIX),
+        quote_literal(&request_content(slot, tables))
+    )
 }
 
 /// The content of a watermark: `low <chunk id>` or `high <chunk id>`.
@@ -69,7 +77,21 @@ pub fn watermark_content(high: bool, id: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Visibility {
     pub xmin: u32,
+    /// Transactions from this one on had not started.
+    pub xmax: u32,
     pub running: Vec<u32>,
+}
+
+impl Visibility {
+    /// Whether `xid` was not yet visible to the snapshot: running, or not started.
+    pub fn invisible(&self, xid: u32) -> bool {
+        self.running.contains(&xid) || !precedes(xid, self.xmax)
+    }
+}
+
+/// Whether transaction id `a` is older than `b`, in PostgreSQL's circular order.
+fn precedes(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
 }
 
 impl std::str::FromStr for Visibility {
@@ -78,7 +100,7 @@ impl std::str::FromStr for Visibility {
     fn from_str(text: &str) -> Result<Visibility, String> {
         let bad = || format!("not a snapshot (xmin:xmax:xip,...): {text:?}");
         let mut parts = text.split(':');
-        let (Some(xmin), Some(_xmax), Some(running), None) =
+        let (Some(xmin), Some(xmax), Some(running), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(bad());
@@ -87,8 +109,24 @@ impl std::str::FromStr for Visibility {
         let xid = |part: &str| part.parse::<u64>().map(|x| x as u32).map_err(|_| bad());
         let running: Result<Vec<u32>, String> =
             running.split(',').filter(|p| !p.is_empty()).map(xid).collect();
-        Ok(Visibility { xmin: xid(xmin)?, running: running? })
+        Ok(Visibility { xmin: xid(xmin)?, xmax: xid(xmax)?, running: running? })
     }
+}
+
+/// How a table's chunks are read (made by [`crate::chunk::query`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkQuery {
+    /// The table's relation id.
+    pub relation: u32,
+    /// `SELECT <columns> FROM [ONLY] <table>`.
+    pub select: String,
+    /// The publication's row filter.
+    pub row_filter: Option<String>,
+    /// The key columns (qualified, quoted) and their types, in order.
+    pub keys: Vec<(String, String)>,
+    pub limit: usize,
+    /// The table's columns when it was looked up: a chunk that finds others is not read.
+    pub fingerprint: String,
 }
 
 /// What to read next: the rows of `table` after `after` (its key columns' text values; from
@@ -97,6 +135,7 @@ impl std::str::FromStr for Visibility {
 pub struct ChunkPlan {
     pub id: String,
     pub table: Arc<Table>,
+    pub query: Arc<ChunkQuery>,
     pub after: Option<Vec<Datum>>,
 }
 
@@ -140,8 +179,8 @@ struct Queued {
 struct Current {
     name: TableName,
     request: Lsn,
-    /// Its catalog view, once the pipeline has looked it up.
-    table: Option<Arc<Table>>,
+    /// Its catalog view and chunk query, once the pipeline has looked it up.
+    table: Option<(Arc<Table>, Arc<ChunkQuery>)>,
     after: Option<Vec<Datum>>,
     read: u64,
     /// Chunks that failed to read in a row.
@@ -172,6 +211,8 @@ const RECENT_COMMITS: usize = 4096;
 pub struct Backfill {
     /// Unique per run: watermarks of an earlier run, met again after a restart, are not ours.
     run: String,
+    /// The slot this pipeline reads: requests name the slot they are for.
+    slot: String,
     queue: VecDeque<Queued>,
     current: Option<Current>,
     window: Option<Window>,
@@ -183,9 +224,10 @@ pub struct Backfill {
 }
 
 impl Backfill {
-    pub fn new(run: impl Into<String>) -> Backfill {
+    pub fn new(run: impl Into<String>, slot: impl Into<String>) -> Backfill {
         Backfill {
             run: run.into(),
+            slot: slot.into(),
             queue: VecDeque::new(),
             current: None,
             window: None,
@@ -193,6 +235,11 @@ impl Backfill {
             commits: 0,
             committed: HashMap::new(),
         }
+    }
+
+    /// The slot whose requests this backfill takes.
+    pub fn slot(&self) -> &str {
+        &self.slot
     }
 
     /// Tables whose snapshot is running or waiting.
@@ -205,13 +252,12 @@ impl Backfill {
         self.current.is_some() || !self.queue.is_empty()
     }
 
-    /// A request at `lsn` for `tables`: those not already waiting or running are queued, and
-    /// returned (the caller holds `lsn` once for each).
+    /// A request at `lsn` for `tables`: those not already waiting are queued (one being read
+    /// is read again after), and returned (the caller holds `lsn` once for each).
     pub fn request(&mut self, tables: Vec<TableName>, lsn: Lsn) -> Vec<TableName> {
         let mut queued = Vec::new();
         for name in tables {
-            let waiting = self.queue.iter().any(|q| q.name == name)
-                || self.current.as_ref().is_some_and(|c| c.name == name);
+            let waiting = self.queue.iter().any(|q| q.name == name);
             if !waiting && !queued.contains(&name) {
                 queued.push(name.clone());
                 self.queue.push_back(Queued { name, request: lsn });
@@ -220,32 +266,38 @@ impl Backfill {
         queued
     }
 
-    /// The table whose catalog view is needed before its first chunk, if any.
-    pub fn needs_table(&mut self) -> Option<TableName> {
+    /// The table whose catalog view is needed before its next chunk, if any, and whether
+    /// its snapshot starts (rather than goes on after an `ALTER TABLE` or a failed read).
+    pub fn needs_table(&mut self) -> Option<(TableName, bool)> {
         if self.current.is_none() {
             let Queued { name, request } = self.queue.pop_front()?;
             self.current =
                 Some(Current { name, request, table: None, after: None, read: 0, failures: 0 });
         }
-        self.current.as_ref().filter(|c| c.table.is_none()).map(|c| c.name.clone())
+        let current = self.current.as_ref().filter(|c| c.table.is_none())?;
+        Some((current.name.clone(), current.after.is_none() && current.read == 0))
     }
 
-    /// The catalog view of the table [`Backfill::needs_table`] named.
-    pub fn table_found(&mut self, table: Arc<Table>) {
+    /// The catalog view and chunk query of the table [`Backfill::needs_table`] named.
+    pub fn table_found(&mut self, table: Arc<Table>, query: Arc<ChunkQuery>) {
         if let Some(current) = &mut self.current {
-            current.table = Some(table);
+            current.table = Some((table, query));
         }
     }
 
-    /// The stream describes `table` anew: when its columns are not those the current chunks
-    /// are read with (an `ALTER TABLE`), the chunk under way is dropped and the table looked
-    /// up again, to go on from the same row with the new columns.
+    /// The table being read changed (its columns, its name): the chunk under way is dropped
+    /// and the table looked up again, to go on from the same row.
+    pub fn look_up_again(&mut self) {
+        if let Some(current) = &mut self.current {
+            current.table = None;
+            self.window = None;
+        }
+    }
+
+    /// The stream describes `table` anew: when its columns are not those the chunks are read
+    /// with (an `ALTER TABLE`), the table is looked up again.
     pub fn relation_changed(&mut self, table: &Table) {
-        let Some(current) = self.current.as_mut() else { return };
-        let Some(reading) = current.table.as_ref().filter(|t| t.relation.id == table.relation.id)
-        else {
-            return;
-        };
+        let Some(reading) = self.reading() else { return };
         let shape = |t: &Table| -> Vec<(String, u32, i32)> {
             t.relation
                 .columns
@@ -253,23 +305,21 @@ impl Backfill {
                 .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
                 .collect()
         };
-        if shape(reading) != shape(table) {
-            current.table = None;
-            self.window = None;
+        if reading.relation.id == table.relation.id && shape(reading) != shape(table) {
+            self.look_up_again();
         }
     }
 
-    /// A chunk failed to read (the table altered, renamed or dropped meanwhile): the table
-    /// is looked up again and the chunk read again, up to `attempts` times in a row; then
-    /// the table is given up, returning the position its request held.
+    /// A chunk failed to read (the table renamed or dropped meanwhile): the table is looked
+    /// up again and the chunk read again, up to `attempts` times in a row; then the table is
+    /// given up, returning the position its request held.
     pub fn chunk_failed(&mut self, attempts: u32) -> Option<Lsn> {
         let current = self.current.as_mut()?;
         current.failures += 1;
         if current.failures >= attempts {
             return self.abandon();
         }
-        current.table = None;
-        self.window = None;
+        self.look_up_again();
         None
     }
 
@@ -280,23 +330,31 @@ impl Backfill {
         self.current.take().map(|c| c.request)
     }
 
+    /// The table whose chunks are being read.
+    fn reading(&self) -> Option<&Arc<Table>> {
+        self.current.as_ref().and_then(|c| c.table.as_ref()).map(|(table, _)| table)
+    }
+
     /// The next chunk to read, when none is being read or reconciled.
     pub fn next_chunk(&mut self) -> Option<ChunkPlan> {
         if self.window.is_some() {
             return None;
         }
         let current = self.current.as_ref()?;
-        let table = current.table.clone()?;
+        let (table, query) = current.table.clone()?;
         self.chunks += 1;
         let id = format!("{}:{}", self.run, self.chunks);
         self.window =
             Some(Window { id: id.clone(), low: None, stream: Superseded::default(), read: None });
-        Some(ChunkPlan { id, table, after: current.after.clone() })
+        Some(ChunkPlan { id, table, query, after: current.after.clone() })
     }
 
     /// The rows of the chunk being read; its high watermark is written after this.
     pub fn chunk_read(&mut self, read: ChunkRead) {
         if let Some(window) = self.window.as_mut().filter(|w| w.id == read.id) {
+            // Only transactions the chunk's snapshot did not see can matter to it, or to
+            // the chunks after it (their snapshots see at least as much).
+            self.committed.retain(|&xid, _| read.visibility.invisible(xid));
             window.read = Some(read);
         }
     }
@@ -304,10 +362,14 @@ impl Backfill {
     /// A transaction `xid` committed in the stream.
     pub fn committed(&mut self, xid: u32) {
         self.commits += 1;
+        let seen = self.window.as_ref().and_then(|w| w.read.as_ref());
+        if seen.is_some_and(|read| !read.visibility.invisible(xid)) {
+            return;
+        }
         self.committed.insert(xid, self.commits);
-        // Between snapshots, only the recent past is kept: enough for the first chunk of the
-        // next one to find a commit streamed just before its request.
-        if !self.is_active() && self.committed.len() >= 2 * RECENT_COMMITS {
+        // Until a chunk's snapshot says which matter, only the recent past is kept: enough
+        // for a chunk to find a commit streamed just before it.
+        if seen.is_none() && self.committed.len() >= 2 * RECENT_COMMITS {
             let oldest = self.commits - RECENT_COMMITS as u64;
             self.committed.retain(|_, order| *order > oldest);
         }
@@ -316,11 +378,10 @@ impl Backfill {
     /// A change of the table with relation id `relation`, to the row keyed `key` (`None`:
     /// every row, a truncate).
     pub fn changed(&mut self, relation: u32, key: Option<Vec<u8>>) {
-        let Some(current) = &self.current else { return };
-        if current.table.as_ref().is_none_or(|t| t.relation.id != relation) {
+        if !self.watches(relation) {
             return;
         }
-        let Some(window) = self.window.as_mut().filter(|w| w.low.is_some()) else { return };
+        let Some(window) = self.window.as_mut() else { return };
         match key {
             Some(key) => {
                 window.stream.touched.insert(key);
@@ -332,16 +393,12 @@ impl Backfill {
     /// Whether changes of `relation` matter to a chunk between its watermarks.
     pub fn watches(&self, relation: u32) -> bool {
         self.window.as_ref().is_some_and(|w| w.low.is_some())
-            && self
-                .current
-                .as_ref()
-                .and_then(|c| c.table.as_ref())
-                .is_some_and(|t| t.relation.id == relation)
+            && self.reading().is_some_and(|t| t.relation.id == relation)
     }
 
     /// A watermark in the stream at `lsn`: the high one of the chunk read gives its records
     /// (events of `prefix`'s server `database`, made at `now_ms`). Watermarks of other runs
-    /// are ignored; a high watermark for a chunk whose rows were never handed over is an
+    /// (or garbled ones) are ignored; a high watermark for a chunk whose rows were never handed over is an
     /// error.
     pub fn watermark(
         &mut self,
@@ -352,9 +409,8 @@ impl Backfill {
         now_ms: i64,
     ) -> Result<Option<Reconciled>, String> {
         let text = String::from_utf8_lossy(content);
-        let Some((kind, id)) = text.split_once(' ') else {
-            return Err(format!("a watermark reads \"low <id>\" or \"high <id>\", not {text:?}"));
-        };
+        // Another run's, another tool's, or garbled: not a chunk of ours.
+        let Some((kind, id)) = text.split_once(' ') else { return Ok(None) };
         let Some(window) = self.window.as_mut().filter(|w| w.id == id) else { return Ok(None) };
         match kind {
             "low" => {
@@ -368,7 +424,7 @@ impl Backfill {
                 };
                 self.reconcile(low, read, window.stream, lsn, (prefix, database, now_ms)).map(Some)
             }
-            other => Err(format!("unknown watermark kind {other:?}")),
+            _ => Ok(None),
         }
     }
 
@@ -384,7 +440,7 @@ impl Backfill {
     ) -> Result<Reconciled, String> {
         let (prefix, database, now_ms) = server;
         let current = self.current.as_mut().ok_or("a chunk without a table")?;
-        let table = current.table.clone().ok_or("a chunk without a table")?;
+        let (table, _) = current.table.clone().ok_or("a chunk without a table")?;
         let label = format!("{}.{}", table.relation.namespace, table.relation.name);
         let committed = &self.committed;
         let reread = read
@@ -480,6 +536,17 @@ mod tests {
         })
     }
 
+    fn query() -> Arc<ChunkQuery> {
+        Arc::new(ChunkQuery {
+            relation: 42,
+            select: String::new(),
+            row_filter: None,
+            keys: Vec::new(),
+            limit: 2,
+            fingerprint: String::new(),
+        })
+    }
+
     fn rows(ids: &[i32]) -> Vec<Vec<Datum>> {
         ids.iter().map(|id| vec![text(&id.to_string()), text("1")]).collect()
     }
@@ -490,15 +557,15 @@ mod tests {
 
     /// A backfill of `big` whose first chunk is being read.
     fn started() -> (Backfill, ChunkPlan) {
-        let mut backfill = Backfill::new("run");
+        let mut backfill = Backfill::new("run", "slot");
         let name = TableName::new("public", "big");
         assert_eq!(
             backfill.request(vec![name.clone(), name.clone()], Lsn(10)),
             std::slice::from_ref(&name)
         );
-        assert_eq!(backfill.needs_table(), Some(name));
+        assert_eq!(backfill.needs_table(), Some((name, true)));
         assert!(backfill.next_chunk().is_none(), "not before the table is known");
-        backfill.table_found(table());
+        backfill.table_found(table(), query());
         assert_eq!(backfill.needs_table(), None);
         let plan = backfill.next_chunk().expect("a chunk");
         assert!(backfill.next_chunk().is_none(), "one chunk at a time");
@@ -568,7 +635,7 @@ mod tests {
 
     #[test]
     fn a_commit_streamed_before_the_low_watermark_but_unseen_by_the_chunk_rereads_it() {
-        let mut backfill = Backfill::new("run");
+        let mut backfill = Backfill::new("run", "slot");
         for xid in 1..=2 * RECENT_COMMITS as u32 {
             backfill.committed(1000 + xid);
         }
@@ -578,7 +645,7 @@ mod tests {
         let name = TableName::new("public", "big");
         backfill.request(vec![name], Lsn(10));
         backfill.needs_table();
-        backfill.table_found(table());
+        backfill.table_found(table(), query());
         let plan = backfill.next_chunk().expect("a chunk");
         backfill
             .watermark(watermark_content(false, &plan.id).as_bytes(), Lsn(20), "shop", "db", 5)
@@ -637,29 +704,28 @@ mod tests {
             type_modifier: -1,
         });
         backfill.relation_changed(&altered);
-        assert_eq!(backfill.needs_table(), Some(TableName::new("public", "big")));
-        backfill.table_found(Arc::new(altered));
+        assert_eq!(backfill.needs_table(), Some((TableName::new("public", "big"), false)));
+        backfill.table_found(Arc::new(altered), query());
         let again = backfill.next_chunk().expect("again");
         assert_eq!(again.after, Some(vec![text("2")]), "from the same row");
         assert_eq!(again.table.relation.columns.len(), 3);
         // Reads that keep failing give the table up, releasing its request.
         assert_eq!(backfill.chunk_failed(3), None);
         assert!(backfill.needs_table().is_some());
-        backfill.table_found(table());
+        backfill.table_found(table(), query());
         assert_eq!(backfill.chunk_failed(2), Some(Lsn(10)));
         assert!(!backfill.is_active());
     }
 
     #[test]
-    fn watermarks_of_another_run_are_ignored_and_a_garbled_one_named() {
+    fn watermarks_of_another_run_or_garbled_are_ignored() {
         let (mut backfill, plan) = started();
-        let other = watermark_content(true, "earlier:1");
-        assert!(backfill
-            .watermark(other.as_bytes(), Lsn(1), "p", "d", 0)
-            .expect("ignored")
-            .is_none());
-        let error = backfill.watermark(b"middle", Lsn(1), "p", "d", 0).expect_err("garbled");
-        assert!(error.contains("low <id>"), "{error}");
+        for other in
+            [watermark_content(true, "earlier:1"), "middle".into(), format!("mid {}", plan.id)]
+        {
+            let outcome = backfill.watermark(other.as_bytes(), Lsn(1), "p", "d", 0);
+            assert!(matches!(outcome, Ok(None)), "{other}");
+        }
         // A high watermark before the rows were handed over cannot be reconciled.
         backfill
             .watermark(watermark_content(false, &plan.id).as_bytes(), Lsn(1), "p", "d", 0)
@@ -673,14 +739,34 @@ mod tests {
     #[test]
     fn requests_and_snapshots_round_trip() {
         let tables = vec![TableName::new("public", "big"), TableName::new("odd.schema", "it's")];
-        let content = request_content(&tables);
-        assert_eq!(parse_request(content.as_bytes()).expect("valid"), tables);
-        assert!(request_sql(&tables).contains("it''s"));
+        let content = request_content("slot", &tables);
+        assert_eq!(
+            parse_request(content.as_bytes()).expect("valid"),
+            ("slot".into(), tables.clone())
+        );
+        assert!(request_sql("slot", &tables).contains("it''s"));
         assert!(parse_request(b"{\"tables\": 3}").expect_err("bad").contains("\"schema\""));
         let visibility: Visibility =
             "4294967396:4294967400:4294967397,4294967398".parse().expect("valid");
-        assert_eq!(visibility, Visibility { xmin: 100, running: vec![101, 102] });
+        assert_eq!(visibility, Visibility { xmin: 100, xmax: 104, running: vec![101, 102] });
+        assert!(
+            visibility.invisible(101) && visibility.invisible(104) && visibility.invisible(7000)
+        );
+        assert!(!visibility.invisible(103) && !visibility.invisible(99));
         assert_eq!("5:5:".parse::<Visibility>().expect("none running").running, Vec::<u32>::new());
         assert!("5:5".parse::<Visibility>().is_err());
+    }
+
+    #[test]
+    fn a_table_requested_while_it_is_read_is_read_again_after() {
+        let (mut backfill, _plan) = started();
+        let name = TableName::new("public", "big");
+        assert_eq!(backfill.request(vec![name.clone()], Lsn(50)), std::slice::from_ref(&name));
+        assert_eq!(
+            backfill.request(vec![name.clone()], Lsn(60)),
+            Vec::<TableName>::new(),
+            "already waiting"
+        );
+        assert_eq!(backfill.tables(), 2);
     }
 }

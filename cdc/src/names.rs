@@ -90,6 +90,18 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Quotes a value as an SQL string literal, as PostgreSQL's `quote_literal` does: right
+/// under either setting of `standard_conforming_strings`, since one holding a backslash is
+/// written as an escape string (`E'a\\b'`).
+pub fn quote_literal(value: &str) -> String {
+    let quoted = value.replace('\'', "''");
+    if value.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
+}
+
 impl fmt::Display for TableName {
     /// `schema.table`, each part quoted when it would not read back as written.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -171,6 +183,13 @@ mod tests {
             assert_eq!(TableName::parse(&name.to_string()), Ok(name));
         }
         assert_eq!(TableName::new("a.b", "c\"d").sql(), "\"a.b\".\"c\"\"d\"");
+    }
+
+    #[test]
+    fn literals_are_quoted_as_postgres_does() {
+        assert_eq!(quote_literal("plain"), "'plain'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b'c"), "E'a\\\\b''c'");
     }
 
     #[test]

@@ -16,12 +16,13 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
 use crate::catalog::{self, Catalog, PublishedTable};
-use crate::chunk::{self, ChunkQuery};
+use crate::chunk;
 use crate::config::{CdcConfig, SnapshotMode};
 use crate::copy::CopyRows;
 use crate::error::{bytes_summary, CdcError, DecodeFailures, Recovery};
 use crate::event::{self, Op, Record, Source, Table};
-use crate::incremental::{ChunkRead, Reconciled};
+use crate::incremental::ChunkQuery;
+use crate::incremental::{Backfill, ChunkRead, Reconciled};
 use crate::lsn::Lsn;
 use crate::mask::Masking;
 use crate::metrics::Metrics;
@@ -32,7 +33,7 @@ use crate::sink::{Commit, InFlight, Marker, SendError, Sink};
 use crate::slot;
 use crate::stream::{Action, Core, Positions};
 use crate::value::ValueType;
-use crate::wire::{ReplicationConnection, StreamMessage, SESSION_SETTINGS};
+use crate::wire::{ReplicationConnection, Sender, StreamMessage, SESSION_SETTINGS};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The pause before resuming after an error: the first of a back-off, or a resume at once.
@@ -125,34 +126,44 @@ struct Pipeline<'c> {
 enum Pending {
     Record(Record),
     Commit(Commit),
-    /// After an incremental snapshot's last rows: the position its request held.
-    Release(Lsn),
+    /// After an incremental snapshot's last rows: the position its request held, and the
+    /// table.
+    Release(Lsn, String),
 }
 
-/// The I/O side of incremental snapshots: the connection that reads chunks, the current
-/// table's query, and the step under way. One step at a time, so at most one chunk waits in
-/// memory for its high watermark.
+/// The I/O side of incremental snapshots: the connection that reads chunks and the step
+/// under way. One step at a time, so at most one chunk waits in memory for its high
+/// watermark.
 #[derive(Default)]
 struct Chunks {
     client: Option<Arc<Client>>,
-    query: Option<Arc<ChunkQuery>>,
     step: Option<Step>,
 }
 
 enum Step {
-    /// Writing the low watermark and reading the rows.
-    Reading(BoxFuture<'static, Result<ChunkRead, CdcError>>),
+    /// Writing the low watermark and reading the rows (`None`: the table was altered).
+    Reading(BoxFuture<'static, Result<Option<ChunkRead>, CdcError>>),
     /// Writing the high watermark, once the core has the rows.
     Marking(BoxFuture<'static, Result<(), CdcError>>),
 }
 
+/// A step done.
+enum StepDone {
+    Read(ChunkRead),
+    /// The table's columns changed since it was looked up.
+    Altered,
+    Marked,
+}
+
 impl Chunks {
-    /// Completes the step under way: the rows read, or `None` once a high watermark is
-    /// written. Pending forever without a step, so it can sit in a `select!`.
-    async fn step_done(&mut self) -> Result<Option<ChunkRead>, CdcError> {
+    /// Completes the step under way. Pending forever without a step, so it can sit in a
+    /// `select!`.
+    async fn step_done(&mut self) -> Result<StepDone, CdcError> {
         let done = match &mut self.step {
-            Some(Step::Reading(read)) => read.await.map(Some),
-            Some(Step::Marking(mark)) => mark.await.map(|()| None),
+            Some(Step::Reading(read)) => {
+                read.await.map(|read| read.map_or(StepDone::Altered, StepDone::Read))
+            }
+            Some(Step::Marking(mark)) => mark.await.map(|()| StepDone::Marked),
             None => std::future::pending().await,
         };
         self.step = None;
@@ -235,7 +246,14 @@ impl<'c> Pipeline<'c> {
         }
         // Tables added to a slot that streams already get their rows by an incremental
         // snapshot; a new slot's initial snapshot reads every table.
-        let announce = slot.is_some() && source.snapshot == SnapshotMode::Initial;
+        let announce = if slot.is_none() || source.snapshot != SnapshotMode::Initial {
+            None
+        } else if catalog::server_version(&client).await? < catalog::MESSAGES_VERSION {
+            tracing::info!("PostgreSQL before 14 does not stream logical messages: a table added to source.tables streams from then on, without an incremental snapshot of its rows");
+            None
+        } else {
+            Some(source.slot.as_str())
+        };
         let is_outbox =
             |name: &crate::names::TableName| self.outbox.iter().any(|o| &o.name == name);
         // Outbox tables are published with the configured tables...
@@ -272,7 +290,7 @@ impl<'c> Pipeline<'c> {
             include,
             self.outbox.to_vec(),
             source.transaction_metadata,
-            &format!("{}-{}", std::process::id(), now_us()),
+            Backfill::new(format!("{}-{}", std::process::id(), now_us()), &source.slot),
         );
         match (slot.is_some(), source.snapshot) {
             (_, SnapshotMode::InitialOnly) => {
@@ -625,34 +643,43 @@ impl<'c> Pipeline<'c> {
                             positions.acknowledged(commit.lsn);
                             self.metrics.observe_commit_acked(commit.commit_time_us, now_us());
                         }
-                        Some(Marker::Release(lsn)) => {
+                        Some(Marker::Release(lsn, table)) => {
                             positions.release(lsn);
-                            tracing::info!("incremental snapshot on Kafka");
+                            tracing::info!(table, "incremental snapshot on Kafka");
                         }
                         None => {}
                     }
                     self.send_pending()?;
                 }
-                read = chunks.step_done(), if chunks.step.is_some() => {
-                    let read = match read {
-                        // The table altered, renamed or dropped since: look it up again.
-                        Err(CdcError::Sql(e)) if e.as_db_error().is_some() => {
-                            tracing::warn!(error = %e, "an incremental snapshot chunk failed to read");
-                            if let Some(lsn) = core.backfill().chunk_failed(CHUNK_ATTEMPTS) {
-                                tracing::error!(error = %e, attempts = CHUNK_ATTEMPTS, "incremental snapshot given up: its chunks keep failing to read");
-                                positions.release(lsn);
-                            }
-                            None
-                        }
-                        other => other?,
-                    };
-                    if let Some(read) = read {
+                done = chunks.step_done(), if chunks.step.is_some() => match done {
+                    Ok(StepDone::Read(read)) => {
                         let id = read.id.clone();
                         core.backfill().chunk_read(read);
                         let client = chunks.client.clone().ok_or_else(|| CdcError::Protocol("no chunk connection".into()))?;
                         chunks.step = Some(Step::Marking(Box::pin(chunk::high(client, id))));
                     }
-                }
+                    Ok(StepDone::Marked) => {}
+                    Ok(StepDone::Altered) => {
+                        tracing::info!("the table of the incremental snapshot was altered: looking it up again");
+                        core.backfill().look_up_again();
+                    }
+                    // The table renamed or dropped since, or no longer readable: look it up
+                    // again, a few times.
+                    Err(CdcError::Sql(e)) if e.as_db_error().is_some() => {
+                        tracing::warn!(error = %e, "an incremental snapshot chunk failed to read");
+                        if let Some(lsn) = core.backfill().chunk_failed(CHUNK_ATTEMPTS) {
+                            tracing::error!(error = %e, attempts = CHUNK_ATTEMPTS, "incremental snapshot given up: its chunks keep failing to read");
+                            positions.release(lsn);
+                        }
+                    }
+                    // The chunk connection lost: the next chunk takes a new one.
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(error = %e, "the incremental snapshot's connection failed; reading the chunk again on a new one");
+                        chunks.client = None;
+                        core.backfill().look_up_again();
+                    }
+                    Err(e) => return Err(e),
+                },
                 _ = retry.tick(), if !self.pending.is_empty() => self.send_pending()?,
                 lost = &mut slot_lost.0 => {
                     return Err(lost.unwrap_or_else(|e| CdcError::Protocol(format!("slot watch failed: {e}"))));
@@ -663,8 +690,18 @@ impl<'c> Pipeline<'c> {
                         let message = pgoutput::decode(&data).map_err(|source| {
                             CdcError::Decode { lsn: start, source, bytes: bytes_summary(&data) }
                         })?;
-                        let action = core.on_message(message, start, now_ms())?;
-                        self.act(client, catalog, &mut core, &mut positions, action).await?;
+                        let action = match core.on_message(message, start, now_ms())? {
+                            Action::Hold { lsn, tables } => {
+                                for table in &tables {
+                                    positions.hold(lsn);
+                                    tracing::info!(%table, %lsn, "incremental snapshot requested");
+                                }
+                                Action::None
+                            }
+                            action => action,
+                        };
+                        let acting = self.act(client, catalog, &mut core, action);
+                        alive_while(acting, &mut tx, &mut positions).await?;
                         self.send_pending()?;
                     }
                     StreamMessage::Keepalive { wal_end, reply } => {
@@ -704,12 +741,9 @@ impl<'c> Pipeline<'c> {
         chunks: &mut Chunks,
         positions: &mut Positions,
     ) -> Result<(), CdcError> {
-        while let Some(name) = core.backfill().needs_table() {
-            match self.chunk_query(client, catalog, &name).await? {
-                Ok((table, query)) => {
-                    core.backfill().table_found(table);
-                    chunks.query = Some(Arc::new(query));
-                }
+        while let Some((name, starts)) = core.backfill().needs_table() {
+            match self.chunk_query(client, catalog, &name, starts).await? {
+                Ok((table, query)) => core.backfill().table_found(table, Arc::new(query)),
                 Err(problem) => {
                     tracing::error!(table = %name, problem, "incremental snapshot skipped");
                     if let Some(lsn) = core.backfill().abandon() {
@@ -720,26 +754,23 @@ impl<'c> Pipeline<'c> {
         }
         self.metrics.incremental_tables.set(core.backfill().tables() as i64);
         let Some(plan) = core.backfill().next_chunk() else { return Ok(()) };
-        let query = chunks
-            .query
-            .clone()
-            .ok_or_else(|| CdcError::Protocol("a chunk without a query".into()))?;
         let reader = match &chunks.client {
             Some(reader) => reader.clone(),
             None => Arc::new(self.sql_client().await?),
         };
         chunks.client = Some(reader.clone());
-        chunks.step = Some(Step::Reading(Box::pin(chunk::read(reader, query, plan))));
+        chunks.step = Some(Step::Reading(Box::pin(chunk::read(reader, plan))));
         Ok(())
     }
 
-    /// The catalog view and chunk query of a table to snapshot incrementally, or why it
-    /// cannot be.
+    /// The catalog view and chunk query of a table to snapshot incrementally (whose snapshot
+    /// `starts`, or goes on after a change), or why it cannot be.
     async fn chunk_query(
         &mut self,
         client: &Client,
         catalog: &mut Catalog,
         name: &TableName,
+        starts: bool,
     ) -> Result<Result<(Arc<Table>, ChunkQuery), String>, CdcError> {
         let source = &self.config.source;
         let published = catalog::published_tables(client, &source.publication, None).await?;
@@ -753,33 +784,35 @@ impl<'c> Pipeline<'c> {
         let table =
             Arc::new(self.configured(catalog.table_schema(client, &published, topic).await?)?);
         let Some(query) =
-            ChunkQuery::prepare(client, &table, &published, source.snapshot_chunk_rows).await?
+            chunk::query(client, &table, &published, source.snapshot_chunk_rows).await?
         else {
             return Ok(Err("it has neither a primary key nor a replica identity index to read it by in key order".into()));
         };
-        let estimate: f32 = client
-            .query_one("SELECT reltuples FROM pg_class WHERE oid = $1", &[&table.relation.id])
-            .await?
-            .get(0);
-        let label = format!("{}.{}", name.schema, name.name);
-        self.metrics.snapshot_estimate.with_label_values(&[&label]).set(row_estimate(estimate));
-        self.metrics.snapshot_rows.with_label_values(&[&label]).set(0);
-        tracing::info!(
-            table = label,
-            estimate = row_estimate(estimate),
-            chunk_rows = source.snapshot_chunk_rows,
-            "incremental snapshot started"
-        );
+        if starts {
+            let estimate: f32 = client
+                .query_one("SELECT reltuples FROM pg_class WHERE oid = $1", &[&table.relation.id])
+                .await?
+                .get(0);
+            let label = format!("{}.{}", name.schema, name.name);
+            self.metrics.snapshot_estimate.with_label_values(&[&label]).set(row_estimate(estimate));
+            self.metrics.snapshot_rows.with_label_values(&[&label]).set(0);
+            tracing::info!(
+                table = label,
+                estimate = row_estimate(estimate),
+                chunk_rows = source.snapshot_chunk_rows,
+                "incremental snapshot started"
+            );
+        }
         Ok(Ok((table, query)))
     }
 
-    /// Does what the core asked for after a message.
+    /// Does what the core asked for after a message (but a hold, which is the stream loop's:
+    /// it owns the positions).
     async fn act(
         &mut self,
         client: &Client,
         catalog: &mut Catalog,
         core: &mut Core,
-        positions: &mut Positions,
         action: Action,
     ) -> Result<(), CdcError> {
         match action {
@@ -802,12 +835,7 @@ impl<'c> Pipeline<'c> {
                 self.pending.extend(records.into_iter().map(Pending::Record));
                 self.pending.push_back(Pending::Commit(commit));
             }
-            Action::Hold { lsn, tables } => {
-                for table in &tables {
-                    positions.hold(lsn);
-                    tracing::info!(%table, %lsn, "incremental snapshot requested");
-                }
-            }
+            Action::Hold { .. } => {}
             Action::Backfill(reconciled) => self.backfilled(reconciled).await?,
         }
         Ok(())
@@ -831,7 +859,7 @@ impl<'c> Pipeline<'c> {
         self.metrics.snapshot_rows.with_label_values(&[label]).set(chunk.read as i64);
         self.pending.extend(chunk.records.into_iter().map(Pending::Record));
         if let Some(lsn) = chunk.done {
-            self.pending.push_back(Pending::Release(lsn));
+            self.pending.push_back(Pending::Release(lsn, label.clone()));
             tracing::info!(
                 table = label,
                 read = chunk.read,
@@ -861,7 +889,7 @@ impl<'c> Pipeline<'c> {
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
                 Ok(Ok(Some(Marker::Commit(commit)))) => positions.acknowledged(commit.lsn),
-                Ok(Ok(Some(Marker::Release(lsn)))) => positions.release(lsn),
+                Ok(Ok(Some(Marker::Release(lsn, _)))) => positions.release(lsn),
                 Ok(Ok(None)) => {}
                 Ok(Err(_)) | Err(_) => return,
             }
@@ -876,7 +904,10 @@ impl<'c> Pipeline<'c> {
                     self.sink.flush()?;
                     self.in_flight.push_marker(Marker::Commit(*commit));
                 }
-                Pending::Release(lsn) => self.in_flight.push_marker(Marker::Release(*lsn)),
+                Pending::Release(lsn, table) => {
+                    self.sink.flush()?;
+                    self.in_flight.push_marker(Marker::Release(*lsn, table.clone()));
+                }
                 Pending::Record(record) => {
                     if self.in_flight.records() >= self.config.kafka.max_in_flight {
                         return Ok(());
@@ -948,6 +979,11 @@ pub async fn request_snapshot(
             source.slot
         )));
     };
+    if catalog::server_version(&client).await? < catalog::MESSAGES_VERSION {
+        return Err(CdcError::Config(
+            "incremental snapshots need PostgreSQL 14 or later (earlier versions do not stream logical messages)".into(),
+        ));
+    }
     let configured = source.table_names()?;
     let published = catalog::published_tables(&client, &source.publication, None).await?;
     let mut problems = Vec::new();
@@ -962,7 +998,7 @@ pub async fn request_snapshot(
     if !problems.is_empty() {
         return Err(CdcError::Config(problems.join("; ")));
     }
-    let content = crate::incremental::request_content(tables);
+    let content = crate::incremental::request_content(&source.slot, tables);
     let lsn: String = client
         .query_one(
             "SELECT pg_logical_emit_message(true, $1::text, $2::text)::text",
@@ -971,6 +1007,28 @@ pub async fn request_snapshot(
         .await?
         .get(0);
     Ok((lsn.parse().map_err(CdcError::Protocol)?, slot.active_pid.is_some()))
+}
+
+/// Awaits `work` (a catalog lookup, topics to create) while telling the server every second
+/// that this reader is alive: a Kafka slow to answer must not let the server's
+/// `wal_sender_timeout` end the replication connection meanwhile.
+async fn alive_while<T>(
+    work: impl std::future::Future<Output = Result<T, CdcError>>,
+    tx: &mut Sender,
+    positions: &mut Positions,
+) -> Result<T, CdcError> {
+    tokio::pin!(work);
+    let start = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut alive = tokio::time::interval_at(start, Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = alive.tick() => {
+                let (received, confirmed) = positions.report();
+                tx.status_update(received, confirmed, false).await?;
+            }
+        }
+    }
 }
 
 /// A task aborted when its handle is dropped.

@@ -26,11 +26,12 @@ use crate::lsn::Lsn;
 pub type Delivery = Pin<Box<dyn Future<Output = Result<Option<Marker>, CdcError>> + Send + Sync>>;
 
 /// What travels behind records, and completes once they are all acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Marker {
     Commit(Commit),
-    /// An incremental snapshot's last chunk: the position its request held may be released.
-    Release(Lsn),
+    /// An incremental snapshot's last chunk, of the table named: the position its request
+    /// held may be released.
+    Release(Lsn, String),
 }
 
 /// The end of a source transaction, as it travels behind the transaction's records.

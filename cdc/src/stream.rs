@@ -90,8 +90,8 @@ fn label(table: &Table) -> String {
 
 impl Core {
     /// `topics` holds the topics already claimed (the published tables'), so that a new
-    /// relation whose topic would collide with one of them is refused. `run` is unique to
-    /// this run of the pipeline: it names the watermarks of its incremental snapshots.
+    /// relation whose topic would collide with one of them is refused. `backfill` takes the
+    /// incremental snapshots requested of this pipeline's slot.
     pub fn new(
         prefix: &str,
         database: &str,
@@ -99,7 +99,7 @@ impl Core {
         include: Option<HashSet<TableName>>,
         outbox: Vec<OutboxTable>,
         transaction_metadata: bool,
-        run: &str,
+        backfill: Backfill,
     ) -> Core {
         Core {
             prefix: prefix.to_string(),
@@ -112,7 +112,7 @@ impl Core {
             outbox,
             outboxes: HashMap::new(),
             transaction_metadata,
-            backfill: Backfill::new(run),
+            backfill,
         }
     }
 
@@ -259,17 +259,21 @@ impl Core {
     /// garbled request or a table it does not stream is logged and skipped.
     fn snapshot_request(&mut self, content: &[u8], lsn: Lsn) -> Action {
         let tables = match incremental::parse_request(content) {
-            Ok(tables) => tables,
+            Ok((slot, tables)) if slot == self.backfill.slot() => tables,
+            Ok(_) => return Action::None, // another pipeline's
             Err(problem) => {
                 tracing::warn!(%lsn, problem, "ignoring a garbled incremental snapshot request");
                 return Action::None;
             }
         };
-        let (streamed, skipped): (Vec<TableName>, Vec<TableName>) = tables
-            .into_iter()
-            .partition(|t| self.include.as_ref().is_none_or(|include| include.contains(t)));
+        // Outbox tables' rows are events, never rows of a topic of their own.
+        let (streamed, skipped): (Vec<TableName>, Vec<TableName>) =
+            tables.into_iter().partition(|t| {
+                self.include.as_ref().is_none_or(|include| include.contains(t))
+                    && !self.outbox.iter().any(|o| &o.name == t)
+            });
         for table in skipped {
-            tracing::warn!(%table, "an incremental snapshot was requested for a table not in source.tables: skipped");
+            tracing::warn!(%table, "an incremental snapshot was requested for a table not streamed (not in source.tables, or an outbox table): skipped");
         }
         let tables = self.backfill.request(streamed, lsn);
         if tables.is_empty() {
@@ -503,7 +507,15 @@ mod tests {
     fn core(include: Option<&[&str]>) -> Core {
         let include =
             include.map(|names| names.iter().map(|n| TableName::new("public", *n)).collect());
-        Core::new("shop", "shop", Topics::default(), include, Vec::new(), false, "run")
+        Core::new(
+            "shop",
+            "shop",
+            Topics::default(),
+            include,
+            Vec::new(),
+            false,
+            Backfill::new("run", "slot"),
+        )
     }
 
     /// Feeds message `index`, learning tables as the pipeline would.
@@ -691,10 +703,10 @@ mod tests {
     #[test]
     fn a_snapshot_request_in_the_stream_holds_its_position_for_the_streamed_tables() {
         let mut core = core(Some(&["big"]));
-        let content = incremental::request_content(&[
-            TableName::new("public", "big"),
-            TableName::new("public", "other"),
-        ]);
+        let content = incremental::request_content(
+            "slot",
+            &[TableName::new("public", "big"), TableName::new("public", "other")],
+        );
         let message = Message::LogicalMessage {
             transactional: true,
             lsn: Lsn(70),
@@ -708,5 +720,13 @@ mod tests {
         };
         assert_eq!((lsn, tables), (Lsn(70), vec![TableName::new("public", "big")]));
         assert!(matches!(core.on_message(message, Lsn(71), 0), Ok(Action::None)), "already queued");
+        let elsewhere = incremental::request_content("other", &[TableName::new("public", "big")]);
+        let message = Message::LogicalMessage {
+            transactional: true,
+            lsn: Lsn(80),
+            prefix: incremental::REQUEST_PREFIX.into(),
+            content: Bytes::from(elsewhere.into_bytes()),
+        };
+        assert!(matches!(core.on_message(message, Lsn(80), 0), Ok(Action::None)), "another slot's");
     }
 }
