@@ -51,14 +51,15 @@ pub struct PublishedTable {
 /// is returned in the error. Tables it publishes beyond the configured ones are filtered
 /// out of the stream by the caller.
 ///
-/// With `announce` (the slot, when it streams already), tables added to the publication get an
+/// With `announce` (the slot, when it streams already, and tables never snapshotted: outbox
+/// tables), tables added to the publication get an
 /// incremental snapshot: its request is written into the WAL in the same transaction, so
 /// that the stream cannot carry the table without the request.
 pub async fn prepare_publication(
     client: &Client,
     publication: &str,
     configured: Option<&[TableName]>,
-    announce: Option<&str>,
+    announce: Option<(&str, &[TableName])>,
 ) -> Result<Vec<PublishedTable>, CdcError> {
     let mut partitioned = Vec::new();
     for table in configured.unwrap_or_default() {
@@ -148,9 +149,15 @@ pub async fn prepare_publication(
         let missing: Vec<TableName> = missing.into_iter().cloned().collect();
         // One simple query with several statements is one transaction.
         let sql = match announce {
-            Some(slot) => {
-                tracing::info!(tables = %names, "their existing rows will be sent by an incremental snapshot while streaming goes on");
-                format!("{sql}; {}", incremental::request_sql(slot, &missing))
+            Some((slot, except)) => {
+                let snapshot: Vec<TableName> =
+                    missing.into_iter().filter(|t| !except.contains(t)).collect();
+                if snapshot.is_empty() {
+                    sql
+                } else {
+                    tracing::info!(tables = %names, "their existing rows will be sent by an incremental snapshot while streaming goes on");
+                    format!("{sql}; {}", incremental::request_sql(slot, &snapshot))
+                }
             }
             None => sql,
         };
@@ -342,7 +349,8 @@ impl Catalog {
                 .query(
                     "SELECT a.attname::text FROM pg_index i \
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                     WHERE i.indrelid = $1 AND i.indisreplident",
+                     WHERE i.indrelid = $1 AND i.indisreplident \
+                     ORDER BY array_position(i.indkey::int2[], a.attnum)",
                     &[&oid],
                 )
                 .await?

@@ -49,6 +49,7 @@ pub async fn query(
         client.query_one(COLUMNS_FINGERPRINT, &[&table.relation.id]).await?.get(0);
     Ok(Some(ChunkQuery {
         relation: table.relation.id,
+        table: published.name.sql(),
         select: format!("SELECT {} FROM {only}{}", columns.join(", "), published.name.sql()),
         row_filter: published.row_filter.clone(),
         keys,
@@ -101,7 +102,14 @@ pub async fn read(
     plan: ChunkPlan,
 ) -> Result<Option<ChunkRead>, CdcError> {
     watermark(&client, false, &plan.id).await?;
-    client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    // The lock before the snapshot: a table rewrite (ALTER COLUMN TYPE) committed after the
+    // snapshot would otherwise show the chunk an empty table.
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; LOCK TABLE {} IN ACCESS SHARE MODE",
+            plan.query.table
+        ))
+        .await?;
     let read = async {
         // The snapshot is taken by the transaction's first statement: this one.
         let snapshot: String =
@@ -163,6 +171,7 @@ mod tests {
     fn chunks_page_by_key_with_the_bounds_quoted() {
         let query = ChunkQuery {
             relation: 1,
+            table: "\"s\".\"t\"".into(),
             select: "SELECT \"a\", \"b\" FROM \"s\".\"t\"".into(),
             row_filter: Some("b > 0".into()),
             keys: vec![

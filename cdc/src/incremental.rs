@@ -118,6 +118,8 @@ impl std::str::FromStr for Visibility {
 pub struct ChunkQuery {
     /// The table's relation id.
     pub relation: u32,
+    /// The table, quoted.
+    pub table: String,
     /// `SELECT <columns> FROM [ONLY] <table>`.
     pub select: String,
     /// The publication's row filter.
@@ -185,6 +187,8 @@ struct Current {
     read: u64,
     /// Chunks that failed to read in a row.
     failures: u32,
+    /// The names of the key columns it is paged by.
+    key: Option<Vec<String>>,
 }
 
 /// A chunk between its watermarks.
@@ -197,11 +201,24 @@ struct Window {
     read: Option<ChunkRead>,
 }
 
-/// What the stream changed between a chunk's watermarks: the keys of rows, or every row.
+/// What the stream changed between a chunk's watermarks: the keys of rows, every row (a
+/// truncate), or a row whose key it did not carry (the chunk must be read again).
 #[derive(Default)]
 struct Superseded {
     touched: HashSet<Vec<u8>>,
     truncated: bool,
+    unknown: bool,
+}
+
+/// Which rows a change of the table being read touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Touched {
+    /// The row with this key (as `event::key_json` gives it).
+    Row(Vec<u8>),
+    /// Every row: a truncate.
+    All,
+    /// A row whose key the change did not carry.
+    Unknown,
 }
 
 /// Commits remembered between snapshots.
@@ -271,8 +288,15 @@ impl Backfill {
     pub fn needs_table(&mut self) -> Option<(TableName, bool)> {
         if self.current.is_none() {
             let Queued { name, request } = self.queue.pop_front()?;
-            self.current =
-                Some(Current { name, request, table: None, after: None, read: 0, failures: 0 });
+            self.current = Some(Current {
+                name,
+                request,
+                table: None,
+                after: None,
+                read: 0,
+                failures: 0,
+                key: None,
+            });
         }
         let current = self.current.as_ref().filter(|c| c.table.is_none())?;
         Some((current.name.clone(), current.after.is_none() && current.read == 0))
@@ -280,9 +304,16 @@ impl Backfill {
 
     /// The catalog view and chunk query of the table [`Backfill::needs_table`] named.
     pub fn table_found(&mut self, table: Arc<Table>, query: Arc<ChunkQuery>) {
-        if let Some(current) = &mut self.current {
-            current.table = Some((table, query));
+        let Some(current) = &mut self.current else { return };
+        // Rows are paged by key: another key starts the table again.
+        let key: Vec<String> =
+            table.key.iter().map(|&k| table.relation.columns[k].name.clone()).collect();
+        if current.key.as_ref().is_some_and(|was| *was != key) {
+            tracing::warn!(table = %current.name, "the table's key changed during its incremental snapshot: it starts again");
+            (current.after, current.read) = (None, 0);
         }
+        current.key = Some(key);
+        current.table = Some((table, query));
     }
 
     /// The table being read changed (its columns, its name): the chunk under way is dropped
@@ -335,6 +366,11 @@ impl Backfill {
         self.current.as_ref().and_then(|c| c.table.as_ref()).map(|(table, _)| table)
     }
 
+    /// Whether a chunk is due: a table is known and no chunk is being read or reconciled.
+    pub fn chunk_due(&self) -> bool {
+        self.window.is_none() && self.reading().is_some()
+    }
+
     /// The next chunk to read, when none is being read or reconciled.
     pub fn next_chunk(&mut self) -> Option<ChunkPlan> {
         if self.window.is_some() {
@@ -367,26 +403,26 @@ impl Backfill {
             return;
         }
         self.committed.insert(xid, self.commits);
-        // Until a chunk's snapshot says which matter, only the recent past is kept: enough
-        // for a chunk to find a commit streamed just before it.
-        if seen.is_none() && self.committed.len() >= 2 * RECENT_COMMITS {
+        // Between chunks, only the recent past is kept: enough for the next chunk to find a
+        // commit streamed just before it. While one is read, everything: it is short.
+        if self.window.is_none() && self.committed.len() >= 2 * RECENT_COMMITS {
             let oldest = self.commits - RECENT_COMMITS as u64;
             self.committed.retain(|_, order| *order > oldest);
         }
     }
 
-    /// A change of the table with relation id `relation`, to the row keyed `key` (`None`:
-    /// every row, a truncate).
-    pub fn changed(&mut self, relation: u32, key: Option<Vec<u8>>) {
+    /// A change of the table with relation id `relation`, to the row keyed `key`.
+    pub fn changed(&mut self, relation: u32, key: Touched) {
         if !self.watches(relation) {
             return;
         }
         let Some(window) = self.window.as_mut() else { return };
         match key {
-            Some(key) => {
+            Touched::Row(key) => {
                 window.stream.touched.insert(key);
             }
-            None => window.stream.truncated = true,
+            Touched::All => window.stream.truncated = true,
+            Touched::Unknown => window.stream.unknown = true,
         }
     }
 
@@ -443,11 +479,12 @@ impl Backfill {
         let (table, _) = current.table.clone().ok_or("a chunk without a table")?;
         let label = format!("{}.{}", table.relation.namespace, table.relation.name);
         let committed = &self.committed;
-        let reread = read
-            .visibility
-            .running
-            .iter()
-            .any(|xid| committed.get(xid).is_some_and(|&order| order <= low));
+        let reread = stream.unknown
+            || read
+                .visibility
+                .running
+                .iter()
+                .any(|xid| committed.get(xid).is_some_and(|&order| order <= low));
         // Transactions older than the oldest the snapshot saw running are never asked about.
         let xmin = read.visibility.xmin;
         self.committed.retain(|&xid, _| xid.wrapping_sub(xmin) < u32::MAX / 2);
@@ -539,6 +576,7 @@ mod tests {
     fn query() -> Arc<ChunkQuery> {
         Arc::new(ChunkQuery {
             relation: 42,
+            table: String::new(),
             select: String::new(),
             row_filter: None,
             keys: Vec::new(),
@@ -551,8 +589,8 @@ mod tests {
         ids.iter().map(|id| vec![text(&id.to_string()), text("1")]).collect()
     }
 
-    fn key(id: i32) -> Option<Vec<u8>> {
-        Some(format!("{{\"id\":{id}}}").into_bytes())
+    fn key(id: i32) -> Vec<u8> {
+        format!("{{\"id\":{id}}}").into_bytes()
     }
 
     /// A backfill of `big` whose first chunk is being read.
@@ -597,13 +635,13 @@ mod tests {
         let (mut backfill, plan) = started();
         assert!(plan.after.is_none());
         // Before the low watermark: the chunk's snapshot already holds this change.
-        backfill.changed(42, key(1));
+        backfill.changed(42, Touched::Row(key(1)));
         backfill
             .watermark(watermark_content(false, &plan.id).as_bytes(), Lsn(20), "shop", "db", 5)
             .expect("low");
         assert!(backfill.watches(42) && !backfill.watches(7));
-        backfill.changed(42, key(2));
-        backfill.changed(7, key(3)); // another table
+        backfill.changed(42, Touched::Row(key(2)));
+        backfill.changed(7, Touched::Row(key(3))); // another table
         backfill.chunk_read(ChunkRead {
             id: plan.id.clone(),
             rows: rows(&[1, 2, 3]),
@@ -620,7 +658,7 @@ mod tests {
         backfill
             .watermark(watermark_content(false, &next.id).as_bytes(), Lsn(30), "shop", "db", 5)
             .expect("low");
-        backfill.changed(42, None); // a truncate
+        backfill.changed(42, Touched::All); // a truncate
         backfill.chunk_read(ChunkRead {
             id: next.id.clone(),
             rows: rows(&[4]),
@@ -755,6 +793,40 @@ mod tests {
         assert!(!visibility.invisible(103) && !visibility.invisible(99));
         assert_eq!("5:5:".parse::<Visibility>().expect("none running").running, Vec::<u32>::new());
         assert!("5:5".parse::<Visibility>().is_err());
+    }
+
+    #[test]
+    fn a_change_without_its_key_rereads_the_chunk_and_a_new_key_starts_the_table_again() {
+        let (mut backfill, plan) = started();
+        backfill
+            .watermark(watermark_content(false, &plan.id).as_bytes(), Lsn(20), "p", "d", 0)
+            .expect("low");
+        backfill.changed(42, Touched::Unknown);
+        backfill.chunk_read(ChunkRead {
+            id: plan.id.clone(),
+            rows: rows(&[1, 2]),
+            visibility: Visibility::default(),
+            complete: false,
+        });
+        assert!(high(&mut backfill, &plan.id).reread);
+        let again = backfill.next_chunk().expect("again");
+        backfill
+            .watermark(watermark_content(false, &again.id).as_bytes(), Lsn(30), "p", "d", 0)
+            .expect("low");
+        backfill.chunk_read(ChunkRead {
+            id: again.id.clone(),
+            rows: rows(&[1, 2]),
+            visibility: Visibility::default(),
+            complete: false,
+        });
+        assert_eq!(high(&mut backfill, &again.id).read, 2);
+        // The table now keyed by another column: paged from its start again.
+        let mut rekeyed = (*table()).clone();
+        rekeyed.key = vec![1];
+        backfill.look_up_again();
+        backfill.needs_table();
+        backfill.table_found(Arc::new(rekeyed), query());
+        assert!(backfill.next_chunk().expect("next").after.is_none());
     }
 
     #[test]

@@ -138,6 +138,9 @@ enum Pending {
 struct Chunks {
     client: Option<Arc<Client>>,
     step: Option<Step>,
+    /// After a connection failure: not before then, and the pause after the next one.
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
 }
 
 enum Step {
@@ -156,6 +159,15 @@ enum StepDone {
 }
 
 impl Chunks {
+    /// The chunks' connection failed (or could not be made): a new one is tried after a
+    /// pause that grows while it fails.
+    fn failed(&mut self, error: &CdcError) {
+        self.client = None;
+        self.backoff = (self.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+        self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
+        tracing::warn!(%error, retry_in = ?self.backoff, "the incremental snapshot's connection failed; the chunk is read again on a new one");
+    }
+
     /// Completes the step under way. Pending forever without a step, so it can sit in a
     /// `select!`.
     async fn step_done(&mut self) -> Result<StepDone, CdcError> {
@@ -254,6 +266,8 @@ impl<'c> Pipeline<'c> {
         } else {
             Some(source.slot.as_str())
         };
+        let outbox_names: Vec<TableName> = self.outbox.iter().map(|o| o.name.clone()).collect();
+        let announce = announce.map(|slot| (slot, outbox_names.as_slice()));
         let is_outbox =
             |name: &crate::names::TableName| self.outbox.iter().any(|o| &o.name == name);
         // Outbox tables are published with the configured tables...
@@ -653,6 +667,7 @@ impl<'c> Pipeline<'c> {
                 }
                 done = chunks.step_done(), if chunks.step.is_some() => match done {
                     Ok(StepDone::Read(read)) => {
+                        (chunks.retry_at, chunks.backoff) = (None, Duration::ZERO);
                         let id = read.id.clone();
                         core.backfill().chunk_read(read);
                         let client = chunks.client.clone().ok_or_else(|| CdcError::Protocol("no chunk connection".into()))?;
@@ -674,8 +689,7 @@ impl<'c> Pipeline<'c> {
                     }
                     // The chunk connection lost: the next chunk takes a new one.
                     Err(e) if e.is_retryable() => {
-                        tracing::warn!(error = %e, "the incremental snapshot's connection failed; reading the chunk again on a new one");
-                        chunks.client = None;
+                        chunks.failed(&e);
                         core.backfill().look_up_again();
                     }
                     Err(e) => return Err(e),
@@ -741,8 +755,16 @@ impl<'c> Pipeline<'c> {
         chunks: &mut Chunks,
         positions: &mut Positions,
     ) -> Result<(), CdcError> {
+        if chunks.retry_at.is_some_and(|at| tokio::time::Instant::now() < at) {
+            return Ok(());
+        }
         while let Some((name, starts)) = core.backfill().needs_table() {
-            match self.chunk_query(client, catalog, &name, starts).await? {
+            // One snapshot for every catalog read, so that an ALTER TABLE between them
+            // cannot pair one table's columns with another's fingerprint.
+            client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+            let found = self.chunk_query(client, catalog, &name, starts).await;
+            client.batch_execute(if found.is_ok() { "COMMIT" } else { "ROLLBACK" }).await?;
+            match found? {
                 Ok((table, query)) => core.backfill().table_found(table, Arc::new(query)),
                 Err(problem) => {
                     tracing::error!(table = %name, problem, "incremental snapshot skipped");
@@ -753,12 +775,21 @@ impl<'c> Pipeline<'c> {
             }
         }
         self.metrics.incremental_tables.set(core.backfill().tables() as i64);
-        let Some(plan) = core.backfill().next_chunk() else { return Ok(()) };
+        if !core.backfill().chunk_due() {
+            return Ok(());
+        }
         let reader = match &chunks.client {
             Some(reader) => reader.clone(),
-            None => Arc::new(self.sql_client().await?),
+            None => match self.sql_client().await {
+                Ok(reader) => Arc::new(reader),
+                Err(e) => {
+                    chunks.failed(&e);
+                    return Ok(());
+                }
+            },
         };
         chunks.client = Some(reader.clone());
+        let Some(plan) = core.backfill().next_chunk() else { return Ok(()) };
         chunks.step = Some(Step::Reading(Box::pin(chunk::read(reader, plan))));
         Ok(())
     }

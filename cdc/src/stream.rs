@@ -11,7 +11,7 @@ use crate::error::CdcError;
 use crate::event::{
     self, Op, Record, Source, Table, TransactionBlock, NEW_KEY_HEADER, OLD_KEY_HEADER,
 };
-use crate::incremental::{self, Backfill, Reconciled};
+use crate::incremental::{self, Backfill, Reconciled, Touched};
 use crate::lsn::Lsn;
 use crate::names::{TableName, Topics};
 use crate::outbox::{self, OutboxTable, Resolved};
@@ -207,7 +207,7 @@ impl Core {
                 let (mut records, mut counted) = (Vec::new(), Vec::new());
                 for id in relations {
                     if let Some(table) = self.table(id)? {
-                        self.backfill.changed(id, None);
+                        self.backfill.changed(id, Touched::All);
                         let (begin, place) = self.place(&label(&table));
                         records.extend(begin);
                         records.push(event::truncate(
@@ -249,9 +249,9 @@ impl Core {
     /// the stream changed.
     fn touched(&mut self, table: &Table, row: &[Datum], fallback: Option<&[Datum]>) {
         if self.backfill.watches(table.relation.id) {
-            if let Some(key) = event::key_json(table, row, fallback) {
-                self.backfill.changed(table.relation.id, Some(key));
-            }
+            let touched =
+                event::key_json(table, row, fallback).map_or(Touched::Unknown, Touched::Row);
+            self.backfill.changed(table.relation.id, touched);
         }
     }
 
