@@ -12,6 +12,7 @@ mod demo;
 mod pg_cluster;
 mod ramp_cmd;
 mod routes_cmd;
+mod sink_cmd;
 
 use std::io::{BufWriter, IsTerminal};
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ enum Command {
     Proxy(ProxyArgs),
     /// Stream PostgreSQL changes to Kafka as Debezium JSON events.
     Cdc(cdc_cmd::CdcArgs),
+    /// Keep a service's own PostgreSQL tables in step with the change topics, exactly once.
+    Sink(sink_cmd::SinkArgs),
     /// Check or explain a route file.
     #[command(subcommand)]
     Routes(RoutesCommand),
@@ -144,6 +147,7 @@ fn run(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Cdc(args) => cdc_cmd::run(&args),
+        Command::Sink(args) => sink_cmd::run(&args),
         Command::Routes(RoutesCommand::Check { files }) => routes_cmd::check(&files),
         Command::Routes(RoutesCommand::Explain(args)) => routes_cmd::explain(&args),
         Command::Ramp(args) => ramp_cmd::run(&args),

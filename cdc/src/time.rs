@@ -68,6 +68,56 @@ pub fn timestamptz_iso(text: &str) -> Option<String> {
     Some(iso_utc(local - i128::from(offset_micros(offset)?)))
 }
 
+/// Days since 1970-01-01 back as PostgreSQL's ISO date (`0044-03-15 BC`, `infinity`), the
+/// text a `date` column takes in: the inverse of [`date_days`].
+pub fn date_text(days: i64) -> String {
+    match days {
+        DATE_INFINITY => "infinity".into(),
+        DATE_NEG_INFINITY => "-infinity".into(),
+        days => {
+            let (date, bc) = civil_text(days);
+            format!("{date}{bc}")
+        }
+    }
+}
+
+/// Microseconds since midnight back as `HH:MM:SS.ffffff`: the inverse of [`time_micros`].
+pub fn time_text(micros: i64) -> String {
+    clock_text(micros)
+}
+
+/// Microseconds since 1970-01-01 back as PostgreSQL's ISO timestamp
+/// (`2022-01-01 08:00:00.5`, `0044-03-15 00:00:00 BC`): the inverse of
+/// [`timestamp_micros`].
+pub fn timestamp_text(micros: i128) -> String {
+    if micros == i128::from(TIMESTAMP_INFINITY) {
+        return "infinity".into();
+    }
+    if micros == i128::from(TIMESTAMP_NEG_INFINITY) {
+        return "-infinity".into();
+    }
+    let days = micros.div_euclid(MICROS_PER_DAY) as i64;
+    let (date, bc) = civil_text(days);
+    format!("{date} {}{bc}", clock_text(micros.rem_euclid(MICROS_PER_DAY) as i64))
+}
+
+/// `YYYY-MM-DD` of a day since 1970, and ` BC` when its year is before 1.
+fn civil_text(days: i64) -> (String, &'static str) {
+    let (year, month, day) = civil_from_days(days);
+    let (year, bc) = if year <= 0 { (1 - year, " BC") } else { (year, "") };
+    (format!("{year:04}-{month:02}-{day:02}"), bc)
+}
+
+/// `HH:MM:SS[.ffffff]` of microseconds since midnight (`24:00:00` for a whole day).
+fn clock_text(micros: i64) -> String {
+    let seconds = micros / MICROS_PER_SECOND;
+    let fraction = match micros % MICROS_PER_SECOND {
+        0 => String::new(),
+        f => format!(".{f:06}"),
+    };
+    format!("{:02}:{:02}:{:02}{fraction}", seconds / 3600, seconds / 60 % 60, seconds % 60)
+}
+
 /// ` BC` ends the text of dates before year 1.
 fn strip_bc(text: &str) -> (&str, bool) {
     match text.strip_suffix(" BC") {
@@ -186,6 +236,37 @@ fn iso_utc(micros: i128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_and_times_read_back_as_their_text() {
+        for text in [
+            "1970-01-01",
+            "2022-01-01",
+            "0044-03-15 BC",
+            "4714-11-24 BC",
+            "5874897-12-31",
+            "infinity",
+            "-infinity",
+        ] {
+            let days = date_days(text).expect(text);
+            assert_eq!(date_text(days), text);
+        }
+        for text in ["00:00:00", "08:30:05.123456", "24:00:00", "23:59:59.5"] {
+            let micros = time_micros(text).expect(text);
+            assert_eq!(time_micros(&time_text(micros)), Some(micros), "{text}");
+        }
+        for text in [
+            "2022-01-01 08:00:00",
+            "1969-12-31 23:59:59.999999",
+            "0044-03-15 12:00:00 BC",
+            "294276-12-31 23:59:59.999999",
+            "infinity",
+            "-infinity",
+        ] {
+            let micros = timestamp_micros(text).expect(text);
+            assert_eq!(timestamp_text(micros), text);
+        }
+    }
 
     #[test]
     fn dates_count_days_across_the_whole_range() {

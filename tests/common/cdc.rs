@@ -15,6 +15,8 @@ pub struct Cdc {
     child: Option<Child>,
     /// With `--stdout`: the file standard output goes to.
     pub stdout: Option<PathBuf>,
+    /// The subcommand: `cdc`, or `sink` (the same handling of a configured process).
+    command: &'static str,
 }
 
 /// A cdc.toml for `url` and `broker`; `extra_source` lines go into `[source]`.
@@ -29,21 +31,26 @@ pub fn config(url: &str, broker: &Broker, prefix: &str, extra_source: &str) -> S
 impl Cdc {
     /// Starts `ficus cdc` with `config` (metrics are added on a free port).
     pub fn start(config: &str) -> Cdc {
-        Cdc::launch(config, false)
+        Cdc::launch("cdc", config, false)
     }
 
     /// Starts `ficus cdc --stdout` with `config`, standard output into a file.
     pub fn start_stdout(config: &str) -> Cdc {
-        Cdc::launch(config, true)
+        Cdc::launch("cdc", config, true)
     }
 
-    fn launch(config: &str, stdout: bool) -> Cdc {
+    /// Starts `ficus sink` with `config`.
+    pub fn start_sink(config: &str) -> Cdc {
+        Cdc::launch("sink", config, false)
+    }
+
+    fn launch(command: &'static str, config: &str, stdout: bool) -> Cdc {
         let dir = tempfile::tempdir().expect("temp dir");
         let metrics = free_addr().to_string();
         let config_path = dir.path().join("cdc.toml");
         let log = dir.path().join("cdc.log");
         let stdout = stdout.then(|| dir.path().join("events.jsonl"));
-        let mut cdc = Cdc { dir, config: config_path, metrics, log, child: None, stdout };
+        let mut cdc = Cdc { dir, config: config_path, metrics, log, child: None, stdout, command };
         cdc.write_config(config);
         cdc.spawn();
         cdc
@@ -66,17 +73,17 @@ impl Cdc {
             Some(path) => std::fs::File::create(path).expect("stdout file").into(),
             None => Stdio::null(),
         };
-        let mut args = vec!["cdc", "--config", self.config.to_str().expect("path")];
+        let mut args = vec![self.command, "--config", self.config.to_str().expect("path")];
         if self.stdout.is_some() {
             args.push("--stdout");
         }
         let child = ficus()
             .args(&args)
-            .env("RUST_LOG", "info,ficus_cdc=debug")
+            .env("RUST_LOG", "info,ficus_cdc=debug,ficus_sink=debug")
             .stdout(out)
             .stderr(log)
             .spawn()
-            .expect("spawn ficus cdc");
+            .expect("spawn ficus");
         self.child = Some(child);
     }
 

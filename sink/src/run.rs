@@ -1,0 +1,464 @@
+//! The sink's I/O: reads the topics from the offsets kept in the target database, applies
+//! each batch in one transaction that also stores the offsets after it, so that a crash at
+//! any moment neither loses nor repeats an event's effect.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ficus_cdc::names::TableName;
+use futures_util::StreamExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, DefaultConsumerContext, MessageStream, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{OnError, SinkConfig};
+use crate::plan::{self, Column, Event, Mode, Step, Target};
+use crate::value::Kind;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why the sink stopped or restarts.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("invalid sink configuration: {0}")]
+    Config(String),
+    #[error("target PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error("{topic} partition {partition} offset {offset}: {problem}. Nothing from it on is applied; fix the event's target or set postgres.on_error = \"skip\"")]
+    Event { topic: String, partition: i32, offset: i64, problem: String },
+    #[error("applying {topic} partition {partition} offsets {first}..={last} failed: {source}")]
+    Apply { topic: String, partition: i32, first: i64, last: i64, source: tokio_postgres::Error },
+}
+
+impl SinkError {
+    /// Whether starting again from the stored offsets may succeed.
+    fn is_retryable(&self) -> bool {
+        match self {
+            SinkError::Postgres(e) | SinkError::Apply { source: e, .. } => {
+                e.is_closed() || e.code().is_none()
+            }
+            SinkError::Kafka(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true, retrying what may pass (the database or Kafka away)
+/// from the stored offsets.
+pub async fn run(config: SinkConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), SinkError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        match run_once(&config, shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && !*shutdown.borrow() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(250);
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "sink failed; resuming from the stored offsets");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_once(
+    config: &SinkConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SinkError> {
+    let (mut client, connection) = tokio_postgres::connect(&config.postgres.url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "target connection ended");
+        }
+    });
+    let offsets_table =
+        TableName::parse(&config.postgres.offsets_table).map_err(SinkError::Config)?.sql();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {offsets_table} (sink text NOT NULL, topic text NOT NULL, \
+             \"partition\" int NOT NULL, next_offset bigint NOT NULL, PRIMARY KEY (sink, topic, \"partition\"))"
+        ))
+        .await?;
+    let mut targets = Vec::with_capacity(config.postgres.tables.len());
+    for table in &config.postgres.tables {
+        targets.push(target(&client, table).await?);
+    }
+    // Each topic once; a topic may feed several tables (its rows, and an audit of them).
+    let mut topics: Vec<&str> = config.postgres.tables.iter().map(|t| t.topic.as_str()).collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let stored = stored_offsets(&client, &offsets_table, &config.kafka.name).await?;
+    let consumer = consumer(config, &topics, &stored)?;
+    tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
+    let mut warned = std::collections::BTreeSet::new();
+    let mut positions: BTreeMap<(String, i32), Position> = stored
+        .iter()
+        .map(|(key, &next)| (key.clone(), Position { next, verified: false, step: 1000 }))
+        .collect();
+    // One stream for the whole run: waiting on its next message may be given up without
+    // losing one (a `recv` given up may have taken a message already).
+    let mut messages = consumer.stream();
+    loop {
+        let batch = tokio::select! {
+            batch = collect(&mut messages, config.postgres.batch, config.postgres.linger) => batch?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let mut batch = batch;
+        let mut sought = std::collections::BTreeSet::new();
+        batch.retain(|m| admit(&consumer, &mut positions, &mut sought, m));
+        if batch.is_empty() {
+            continue;
+        }
+        let events: Vec<Event<'_>> = batch
+            .iter()
+            .flat_map(|m| {
+                let tables = config.postgres.tables.iter().enumerate();
+                tables.filter(|(_, t)| t.topic == m.topic()).map(|(target, _)| Event {
+                    target,
+                    topic: m.topic(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key(),
+                    value: m.payload(),
+                })
+            })
+            .collect();
+        let skip = config.postgres.on_error == OnError::Skip;
+        let (plan, skipped) = plan::plan(&targets, &events, skip);
+        for (at, problem) in &skipped {
+            let e = &events[*at];
+            tracing::warn!(
+                topic = e.topic,
+                partition = e.partition,
+                offset = e.offset,
+                problem,
+                "event skipped (on_error = \"skip\")"
+            );
+        }
+        for (target, column) in &plan.unknown_columns {
+            if warned.insert((*target, column.clone())) {
+                tracing::warn!(
+                    table = targets[*target].sql,
+                    column,
+                    "events carry a column the target table lacks: it is not applied"
+                );
+            }
+        }
+        // Applied up to the first event that could not be planned, then stop there.
+        let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
+        apply(&mut client, &targets, &plan.steps, applied, &offsets_table, &config.kafka.name)
+            .await?;
+        if let Some((at, problem)) = plan.failed {
+            let e = &events[at];
+            return Err(SinkError::Event {
+                topic: e.topic.to_string(),
+                partition: e.partition,
+                offset: e.offset,
+                problem,
+            });
+        }
+    }
+}
+
+/// Where a partition is read from: the offset after the last applied event.
+struct Position {
+    next: i64,
+    /// Whether reading is known to have resumed at or before `next`. A broker may answer a
+    /// fetch from the middle of a record batch with the batch after it (Tansu does), which
+    /// would skip events; so the first event must not be past `next`.
+    verified: bool,
+    /// How far back to seek when it is.
+    step: i64,
+}
+
+/// Whether to apply `message`: not one applied already, and not one read past a gap that
+/// seeking from the stored offset left (then the partition is read again from further
+/// back: the rest of the batch from it, in `sought`, is dropped too).
+fn admit(
+    consumer: &StreamConsumer,
+    positions: &mut BTreeMap<(String, i32), Position>,
+    sought: &mut std::collections::BTreeSet<(String, i32)>,
+    message: &OwnedMessage,
+) -> bool {
+    let key = (message.topic().to_string(), message.partition());
+    if sought.contains(&key) {
+        return false;
+    }
+    let Some(position) = positions.get_mut(&key) else {
+        // Read from its beginning: nothing before it.
+        positions.insert(key, Position { next: message.offset() + 1, verified: true, step: 0 });
+        return true;
+    };
+    let offset = message.offset();
+    if !position.verified {
+        if offset > position.next && position.step > 0 {
+            let from = position.next - position.step;
+            let seek = if from <= 0 { Offset::Beginning } else { Offset::Offset(from) };
+            tracing::debug!(
+                topic = key.0,
+                partition = key.1,
+                expected = position.next,
+                got = offset,
+                ?seek,
+                "the broker skipped events: reading the partition again from further back"
+            );
+            let result = tokio::task::block_in_place(|| {
+                consumer.seek(&key.0, key.1, seek, Duration::from_secs(10))
+            });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "cannot seek back; reading on");
+            } else {
+                position.step = if from <= 0 { 0 } else { position.step * 2 };
+                sought.insert(key);
+                return false;
+            }
+        }
+        position.verified = true;
+    }
+    if offset < position.next {
+        return false;
+    }
+    position.next = offset + 1;
+    true
+}
+
+/// The catalog's view of a configured target table.
+async fn target(client: &Client, table: &crate::config::TableConfig) -> Result<Target, SinkError> {
+    let name = table.table_name().map_err(SinkError::Config)?;
+    let sql = name.sql();
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), b.oid, \
+             CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE 0::oid END \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
+            &[&sql],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Err(SinkError::Config(format!(
+            "target table {name} (for topic {}) does not exist",
+            table.topic
+        )));
+    }
+    let columns: Vec<Column> = rows
+        .iter()
+        .map(|r| {
+            let element: u32 = r.get(3);
+            Column {
+                name: r.get(0),
+                type_sql: r.get(1),
+                kind: Kind::of(r.get(2), (element != 0).then_some(element)),
+            }
+        })
+        .collect();
+    let key_names: Vec<String> = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary \
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&sql],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if key_names.is_empty() && table.mode == Mode::Upsert {
+        return Err(SinkError::Config(format!(
+            "target table {name} has no primary key: upserts need one (or mode = \"append\")"
+        )));
+    }
+    let key = key_names.iter().filter_map(|k| columns.iter().position(|c| &c.name == k)).collect();
+    Ok(Target {
+        sql,
+        columns,
+        key,
+        renames: table.columns.clone().into_iter().collect(),
+        mode: table.mode,
+    })
+}
+
+/// The offsets after the last applied event, by topic and partition.
+async fn stored_offsets(
+    client: &Client,
+    table: &str,
+    sink: &str,
+) -> Result<BTreeMap<(String, i32), i64>, SinkError> {
+    let rows = client
+        .query(
+            &format!("SELECT topic, \"partition\", next_offset FROM {table} WHERE sink = $1"),
+            &[&sink],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect())
+}
+
+/// A consumer of every partition of `topics`, each from its stored offset (or the start).
+fn consumer(
+    config: &SinkConfig,
+    topics: &[&str],
+    stored: &BTreeMap<(String, i32), i64>,
+) -> Result<StreamConsumer, SinkError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.name)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    for (key, value) in &config.kafka.consumer {
+        let value = match value {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        client.set(key, value);
+    }
+    let consumer: StreamConsumer =
+        client.create().map_err(|e| SinkError::Config(format!("kafka consumer: {e}")))?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = tokio::task::block_in_place(|| {
+            consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
+        })
+        .map_err(|e| SinkError::Kafka(format!("metadata of {topic}: {e}")))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(SinkError::Kafka(format!("topic {topic} does not exist (yet)")));
+        }
+        for partition in 0..partitions as i32 {
+            let offset = stored
+                .get(&(topic.to_string(), partition))
+                .map_or(Offset::Beginning, |&next| Offset::Offset(next));
+            assignment
+                .add_partition_offset(topic, partition, offset)
+                .map_err(|e| SinkError::Kafka(e.to_string()))?;
+        }
+    }
+    consumer.assign(&assignment).map_err(|e| SinkError::Kafka(format!("assign: {e}")))?;
+    Ok(consumer)
+}
+
+/// The next batch: waits up to a second for a first event, then up to `linger` for more,
+/// `max` at most.
+async fn collect(
+    messages: &mut MessageStream<'_, DefaultConsumerContext>,
+    max: usize,
+    linger: Duration,
+) -> Result<Vec<OwnedMessage>, SinkError> {
+    let mut batch = Vec::new();
+    let mut wait = tokio::time::Instant::now() + Duration::from_secs(1);
+    while batch.len() < max {
+        let Ok(message) = tokio::time::timeout_at(wait, messages.next()).await else { break };
+        let message = message.ok_or_else(|| SinkError::Kafka("the consumer stopped".into()))?;
+        batch.push(message.map_err(|e| SinkError::Kafka(e.to_string()))?.detach());
+        if batch.len() == 1 {
+            wait = tokio::time::Instant::now() + linger;
+        }
+    }
+    Ok(batch)
+}
+
+/// Applies `steps`, and stores the offsets after `events`, in one transaction.
+async fn apply(
+    client: &mut Client,
+    targets: &[Target],
+    steps: &[Step],
+    events: &[Event<'_>],
+    offsets_table: &str,
+    sink: &str,
+) -> Result<(), SinkError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let failed = |source: tokio_postgres::Error| {
+        let (first, last) = (&events[0], &events[events.len() - 1]);
+        SinkError::Apply {
+            topic: first.topic.to_string(),
+            partition: first.partition,
+            first: first.offset,
+            last: last.offset,
+            source,
+        }
+    };
+    let tx = client.transaction().await?;
+    for step in steps {
+        match step {
+            Step::Upsert { target, columns, rows } => {
+                let sql = targets[*target].upsert_sql(columns).map_err(SinkError::Config)?;
+                let arrays: Vec<Vec<Option<String>>> = (0..columns.len())
+                    .map(|c| rows.iter().map(|r| r[c].clone()).collect())
+                    .collect();
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                tx.execute(&sql, &params).await.map_err(failed)?;
+            }
+            Step::Delete { target, keys } => {
+                let width = targets[*target].key.len();
+                let arrays: Vec<Vec<Option<String>>> =
+                    (0..width).map(|c| keys.iter().map(|k| k[c].clone()).collect()).collect();
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                tx.execute(&targets[*target].delete_sql(), &params).await.map_err(failed)?;
+            }
+            Step::Truncate { target } => {
+                tx.batch_execute(&targets[*target].truncate_sql()).await.map_err(failed)?;
+            }
+            Step::Append { target, rows } => {
+                let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
+                let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
+                let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
+                let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
+                let values: Vec<Option<&str>> = rows.iter().map(|r| r.value.as_deref()).collect();
+                tx.execute(
+                    &targets[*target].append_sql(),
+                    &[&topics, &partitions, &offsets, &keys, &values],
+                )
+                .await
+                .map_err(failed)?;
+            }
+        }
+    }
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for event in events {
+        next.insert((event.topic, event.partition), event.offset + 1);
+    }
+    let topics: Vec<&str> = next.keys().map(|(t, _)| *t).collect();
+    let partitions: Vec<i32> = next.keys().map(|(_, p)| *p).collect();
+    let offsets: Vec<i64> = next.values().copied().collect();
+    tx.execute(
+        &format!(
+            "INSERT INTO {offsets_table} (sink, topic, \"partition\", next_offset) \
+             SELECT $1, * FROM unnest($2::text[], $3::int4[], $4::int8[]) \
+             ON CONFLICT (sink, topic, \"partition\") DO UPDATE SET next_offset = EXCLUDED.next_offset"
+        ),
+        &[&sink, &topics, &partitions, &offsets],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::debug!(
+        first = events[0].offset,
+        last = events[events.len() - 1].offset,
+        events = events.len(),
+        ?next,
+        "batch applied"
+    );
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! `ficus sink`: loads the sink configuration and keeps the target tables in step with the
+//! topics until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ficus_sink::SinkConfig;
+
+#[derive(Args)]
+pub struct SinkArgs {
+    /// The sink configuration file (TOML, YAML or JSON); FICUS_SINK_* variables override it
+    /// (`FICUS_SINK_POSTGRES__URL`).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// Reads the configuration: the file, then `FICUS_SINK_SECTION__KEY` environment variables.
+pub fn load_config(path: &std::path::Path) -> Result<SinkConfig> {
+    let raw = config::Config::builder()
+        .add_source(config::File::from(path).required(true))
+        .add_source(
+            config::Environment::with_prefix("FICUS_SINK")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .ignore_empty(true),
+        )
+        .build()
+        .with_context(|| format!("cannot read sink configuration {}", path.display()))?
+        .try_deserialize::<serde_json::Value>()?;
+    SinkConfig::from_value(raw).map_err(|problems| {
+        anyhow::anyhow!(
+            "invalid sink configuration {}:\n  {}",
+            path.display(),
+            problems.join("\n  ")
+        )
+    })
+}
+
+pub fn run(args: &SinkArgs) -> Result<i32> {
+    let config = load_config(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            tracing::info!("stopping: the batch under way is applied or rolled back");
+            let _ = stop.send(true);
+        });
+        ficus_sink::run(config, shutdown).await.context("ficus sink stopped")?;
+        Ok(0)
+    })
+}
