@@ -64,3 +64,17 @@ pub fn run(args: &SinkArgs) -> Result<i32> {
         Ok(0)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_sink_config_loads() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/sink.toml");
+        let config = load_config(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert_eq!(config.kafka.name, "orders-view");
+        assert_eq!(config.postgres.tables.len(), 1);
+    }
+}
