@@ -126,6 +126,14 @@ pub struct MaskingConfig {
     pub salt_file: Option<PathBuf>,
 }
 
+/// A librdkafka property as configured (`"lz4"`, `5`, `true`) as the text librdkafka takes.
+pub fn property(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// The sections of a cdc configuration.
 pub const SECTIONS: [&str; 6] = ["source", "kafka", "metrics", "columns", "masking", "outbox"];
 
@@ -421,11 +429,7 @@ impl KafkaConfig {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         for (key, value) in &self.producer {
-            let value = match value {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            props.insert(key.clone(), value);
+            props.insert(key.clone(), property(value));
         }
         props.into_iter().collect()
     }

@@ -14,8 +14,6 @@ use crate::plan::Mode;
 pub struct SinkConfig {
     pub kafka: KafkaConfig,
     pub postgres: PostgresConfig,
-    #[serde(default)]
-    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,13 +72,6 @@ pub enum OnError {
     #[default]
     Stop,
     Skip,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    #[serde(default)]
-    pub listen: Option<String>,
 }
 
 fn default_name() -> String {

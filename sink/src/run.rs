@@ -321,11 +321,7 @@ fn consumer(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     for (key, value) in &config.kafka.consumer {
-        let value = match value {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        client.set(key, value);
+        client.set(key, ficus_cdc::config::property(value));
     }
     let consumer: StreamConsumer =
         client.create().map_err(|e| SinkError::Config(format!("kafka consumer: {e}")))?;
