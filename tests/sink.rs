@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::broker::Broker;
 use common::cdc::{config, Cdc};
 use common::pg::PgCluster;
+use tokio_postgres::Client;
 
 const QUIET: Duration = Duration::from_secs(20);
 
@@ -47,15 +48,19 @@ fn workload(n: i32) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_target_ends_equal_to_the_source_and_each_offset_is_applied_once_across_kill_9() {
-    let (pg, broker) = (PgCluster::start(), Broker::start());
+/// The source (`shop`) and target (`view`) databases with their tables, the first rows, and
+/// `ficus cdc` streaming them; the target on `target_pg`.
+async fn setup(
+    pg: &PgCluster,
+    target_pg: &PgCluster,
+    broker: &Broker,
+) -> (Client, Client, Cdc, String) {
     let source = pg.database("shop").await;
     source
         .batch_execute(&format!("CREATE TABLE orders ({})", COLUMNS.replace("{total}", "total")))
         .await
         .expect("source");
-    let target = pg.database("view").await;
+    let target = target_pg.database("view").await;
     target
         .batch_execute(&format!(
             "CREATE SCHEMA view; CREATE TABLE view.orders ({}, kept text DEFAULT 'mine');
@@ -67,29 +72,28 @@ async fn the_target_ends_equal_to_the_source_and_each_offset_is_applied_once_acr
     for n in 0..100 {
         source.batch_execute(&workload(n)).await.expect("initial rows");
     }
-    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "sk", "tables = [\"orders\"]"));
+    let cdc = Cdc::start(&config(&pg.url("shop"), broker, "sk", "tables = [\"orders\"]"));
     cdc.wait_log("streaming changes", QUIET);
     let topic = format!("{}.public.orders", broker.topic("sk"));
-    let mut sink = Cdc::start_sink(&sink_config(&broker, &pg.url("view"), &topic));
+    (source, target, cdc, topic)
+}
 
-    // Changes keep coming while the sink is killed three times.
-    let writer = pg.client("shop").await;
-    let load = tokio::spawn(async move {
-        for n in 100..1600 {
+/// Runs the workload's transactions `from..to` on the source, in the background.
+fn load(writer: Client, from: i32, to: i32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for n in from..to {
             writer.batch_execute(&workload(n)).await.expect("workload");
         }
-    });
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        sink.kill9();
-        sink.spawn();
-    }
-    load.await.expect("load");
+    })
+}
 
-    let expected = rows(&source, "orders", "total").await;
+/// Waits until the target equals the source, then checks the column the events do not
+/// carry and that the audit holds each of the topic's offsets exactly once.
+async fn assert_caught_up(source: &Client, target: &Client, broker: &Broker, sink: &Cdc) {
+    let expected = rows(source, "orders", "total").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let now = rows(&target, "view.orders", "amount").await;
+        let now = rows(target, "view.orders", "amount").await;
         if now == expected {
             break;
         }
@@ -153,4 +157,37 @@ async fn the_target_ends_equal_to_the_source_and_each_offset_is_applied_once_acr
         .expect("offsets")
         .get(0);
     assert_eq!(stored as usize, events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_ends_equal_to_the_source_and_each_offset_is_applied_once_across_kill_9() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let (source, target, _cdc, topic) = setup(&pg, &pg, &broker).await;
+    let mut sink = Cdc::start_sink(&sink_config(&broker, &pg.url("view"), &topic));
+    // Changes keep coming while the sink is killed three times.
+    let load = load(pg.client("shop").await, 100, 1600);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        sink.kill9();
+        sink.spawn();
+    }
+    load.await.expect("load");
+    assert_caught_up(&source, &target, &broker, &sink).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_restarted_mid_stream_is_waited_for_and_nothing_is_lost_or_doubled() {
+    let (pg, target_pg, broker) = (PgCluster::start(), PgCluster::start(), Broker::start());
+    let (source, _, _cdc, topic) = setup(&pg, &target_pg, &broker).await;
+    let sink = Cdc::start_sink(&sink_config(&broker, &target_pg.url("view"), &topic));
+    let load = load(pg.client("shop").await, 100, 1600);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // As a crash would: in-flight transactions are lost with the server.
+    target_pg.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    target_pg.start_again();
+    load.await.expect("load");
+    sink.wait_log("resuming from the stored offsets", QUIET);
+    let target = target_pg.client("view").await;
+    assert_caught_up(&source, &target, &broker, &sink).await;
 }
