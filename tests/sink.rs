@@ -191,3 +191,53 @@ async fn a_target_restarted_mid_stream_is_waited_for_and_nothing_is_lost_or_doub
     let target = target_pg.client("view").await;
     assert_caught_up(&source, &target, &broker, &sink).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_target_refuses_stops_the_sink_naming_it_or_is_skipped() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let source = pg.database("shop").await;
+    source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, qty text);
+             INSERT INTO items VALUES (1, '5'), (2, 'many'), (3, '7');",
+        )
+        .await
+        .expect("source");
+    let target = pg.database("view").await;
+    target.batch_execute("CREATE TABLE items (id int PRIMARY KEY, qty int)").await.expect("target");
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "bad", "tables = [\"items\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    let topic = format!("{}.public.items", broker.topic("bad"));
+    let sink_config = |on_error: &str| {
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n[postgres]\nurl = \"{}\"\non_error = \"{on_error}\"\n\
+             [[postgres.tables]]\ntopic = \"{topic}\"\n",
+            broker.addr,
+            pg.url("view")
+        )
+    };
+    let ids = || async {
+        let rows = target.query("SELECT id FROM items ORDER BY id", &[]).await.expect("ids");
+        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+    };
+
+    let mut sink = Cdc::start_sink(&sink_config("stop"));
+    assert!(!sink.wait_exit().success(), "the sink stops");
+    let log = sink.logs();
+    assert!(
+        log.contains(&format!(
+            "{topic} partition 0 offset 1: column qty: invalid input syntax for type integer"
+        )),
+        "{log}"
+    );
+    assert_eq!(ids().await, [1], "what came before it is applied, nothing after");
+
+    sink.write_config(&sink_config("skip"));
+    sink.spawn();
+    sink.wait_log("event skipped", QUIET);
+    let deadline = Instant::now() + QUIET;
+    while ids().await != [1, 3] {
+        assert!(Instant::now() < deadline, "{:?}\n{}", ids().await, sink.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -148,6 +148,9 @@ fn step(
         Some(Change::Truncate) => Step::Truncate { target: index },
         Some(Change::Upsert(row)) => {
             let (columns, values) = target.row(&row, index, unknown)?;
+            if let Some(&k) = target.key.iter().find(|k| !columns.contains(k)) {
+                return Err(target.missing_key(k));
+            }
             Step::Upsert { target: index, columns, rows: vec![values] }
         }
         Some(Change::Delete(key)) => {
@@ -239,12 +242,9 @@ impl Target {
         format!("the event does not carry key column {} of {}", self.columns[column].name, self.sql)
     }
 
-    /// `INSERT ... ON CONFLICT (key) DO UPDATE` of `columns`, their values given as one text
-    /// array per column.
-    pub fn upsert_sql(&self, columns: &[usize]) -> Result<String, String> {
-        if let Some(&k) = self.key.iter().find(|k| !columns.contains(k)) {
-            return Err(self.missing_key(k));
-        }
+    /// `INSERT ... ON CONFLICT (key) DO UPDATE` of `columns` (which hold the key: the plan
+    /// checks), their values given as one text array per column.
+    pub fn upsert_sql(&self, columns: &[usize]) -> String {
         let names: Vec<String> = columns.iter().map(|&c| quote(&self.columns[c].name)).collect();
         let update: Vec<String> = columns
             .iter()
@@ -257,14 +257,14 @@ impl Target {
         } else {
             format!("DO UPDATE SET {}", update.join(", "))
         };
-        Ok(format!(
+        format!(
             "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
             self.sql,
             names.join(", "),
             self.casts(columns),
             unnest(columns.len()),
             key.join(", ")
-        ))
+        )
     }
 
     /// `DELETE` by primary key, the keys given as one text array per key column.
@@ -437,11 +437,16 @@ mod tests {
     fn statements_cast_text_arrays_to_the_columns_types() {
         let target = target();
         assert_eq!(
-            target.upsert_sql(&[0, 1]).expect("has the key"),
+            target.upsert_sql(&[0, 1]),
             "INSERT INTO \"v\".\"orders\" (\"id\", \"amount\") SELECT u.c0::integer, u.c1::numeric \
              FROM unnest($1::text[], $2::text[]) AS u(c0, c1) ON CONFLICT (\"id\") DO UPDATE SET \"amount\" = EXCLUDED.\"amount\""
         );
-        assert!(target.upsert_sql(&[1]).expect_err("no key").contains("key column id"));
+        let keyless = vec![(
+            bytes(json!({"id": 1})),
+            Some(bytes(json!({"op": "c", "after": {"total": "1"}}))),
+        )];
+        let (plan, _) = plan(std::slice::from_ref(&target), &events(&keyless), false);
+        assert!(plan.failed.expect("failed").1.contains("key column id"));
         assert_eq!(
             target.delete_sql(),
             "DELETE FROM \"v\".\"orders\" t USING unnest($1::text[]) AS u(c0) WHERE t.\"id\" = u.c0::integer"

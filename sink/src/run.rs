@@ -20,6 +20,8 @@ use crate::plan::{self, Column, Event, Mode, Step, Target};
 use crate::value::Kind;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How far before its stored offset a partition is read again at start.
+const LOOK_BACK: i64 = 1000;
 
 /// Why the sink stopped or restarts.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +107,7 @@ async fn run_once(
     let mut warned = std::collections::BTreeSet::new();
     let mut positions: BTreeMap<(String, i32), Position> = stored
         .iter()
-        .map(|(key, &next)| (key.clone(), Position { next, verified: false, step: 1000 }))
+        .map(|(key, &next)| (key.clone(), Position { next, verified: false, step: 2 * LOOK_BACK }))
         .collect();
     // One stream for the whole run: waiting on its next message may be given up without
     // losing one (a `recv` given up may have taken a message already).
@@ -158,8 +160,13 @@ async fn run_once(
         }
         // Applied up to the first event that could not be planned, then stop there.
         let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
-        apply(&mut client, &targets, &plan.steps, applied, &offsets_table, &config.kafka.name)
-            .await?;
+        let sink = &config.kafka.name;
+        match apply(&mut client, &targets, &plan.steps, applied, &offsets_table, sink).await {
+            Err(SinkError::Apply { source, .. }) if refused(&source) => {
+                settle(&mut client, &targets, applied, skip, &offsets_table, sink).await?;
+            }
+            other => other?,
+        }
         if let Some((at, problem)) = plan.failed {
             let e = &events[at];
             return Err(SinkError::Event {
@@ -340,9 +347,13 @@ fn consumer(
             return Err(SinkError::Kafka(format!("topic {topic} does not exist (yet)")));
         }
         for partition in 0..partitions as i32 {
-            let offset = stored
-                .get(&(topic.to_string(), partition))
-                .map_or(Offset::Beginning, |&next| Offset::Offset(next));
+            // From a little before the stored offset: a broker may answer a fetch from the
+            // middle of a record batch with nothing until the next batch (Tansu does). The
+            // events before it are recognised and passed over (`admit`).
+            let offset = match stored.get(&(topic.to_string(), partition)) {
+                Some(&next) if next > LOOK_BACK => Offset::Offset(next - LOOK_BACK),
+                _ => Offset::Beginning,
+            };
             assignment
                 .add_partition_offset(topic, partition, offset)
                 .map_err(|e| SinkError::Kafka(e.to_string()))?;
@@ -395,43 +406,7 @@ async fn apply(
         }
     };
     let tx = client.transaction().await?;
-    for step in steps {
-        match step {
-            Step::Upsert { target, columns, rows } => {
-                let sql = targets[*target].upsert_sql(columns).map_err(SinkError::Config)?;
-                let arrays: Vec<Vec<Option<String>>> = (0..columns.len())
-                    .map(|c| rows.iter().map(|r| r[c].clone()).collect())
-                    .collect();
-                let params: Vec<&(dyn ToSql + Sync)> =
-                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-                tx.execute(&sql, &params).await.map_err(failed)?;
-            }
-            Step::Delete { target, keys } => {
-                let width = targets[*target].key.len();
-                let arrays: Vec<Vec<Option<String>>> =
-                    (0..width).map(|c| keys.iter().map(|k| k[c].clone()).collect()).collect();
-                let params: Vec<&(dyn ToSql + Sync)> =
-                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-                tx.execute(&targets[*target].delete_sql(), &params).await.map_err(failed)?;
-            }
-            Step::Truncate { target } => {
-                tx.batch_execute(&targets[*target].truncate_sql()).await.map_err(failed)?;
-            }
-            Step::Append { target, rows } => {
-                let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
-                let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
-                let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
-                let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
-                let values: Vec<Option<&str>> = rows.iter().map(|r| r.value.as_deref()).collect();
-                tx.execute(
-                    &targets[*target].append_sql(),
-                    &[&topics, &partitions, &offsets, &keys, &values],
-                )
-                .await
-                .map_err(failed)?;
-            }
-        }
-    }
+    execute(&tx, targets, steps).await.map_err(failed)?;
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for event in events {
         next.insert((event.topic, event.partition), event.offset + 1);
@@ -456,5 +431,143 @@ async fn apply(
         ?next,
         "batch applied"
     );
+    Ok(())
+}
+
+/// Whether the database refused a value (a data exception, a violated constraint), rather
+/// than failed.
+fn refused(error: &tokio_postgres::Error) -> bool {
+    error.code().is_some_and(|code| matches!(&code.code()[..2], "22" | "23"))
+}
+
+/// Applies a batch the database refused as a whole: finds the event it refuses, applies the
+/// events before it and stops there naming it, or with `skip` leaves it out and goes on.
+async fn settle(
+    client: &mut Client,
+    targets: &[Target],
+    events: &[Event<'_>],
+    skip: bool,
+    offsets_table: &str,
+    sink: &str,
+) -> Result<(), SinkError> {
+    let mut remaining = events;
+    while !remaining.is_empty() {
+        let Some((at, problem)) = refused_event(client, targets, remaining).await? else {
+            // Each applies alone: together they fail, and that error is the answer.
+            let (plan, _) = plan::plan(targets, remaining, true);
+            return apply(client, targets, &plan.steps, remaining, offsets_table, sink).await;
+        };
+        let (before, _) = plan::plan(targets, &remaining[..at], true);
+        let event = &remaining[at];
+        if !skip {
+            apply(client, targets, &before.steps, &remaining[..at], offsets_table, sink).await?;
+            return Err(SinkError::Event {
+                topic: event.topic.to_string(),
+                partition: event.partition,
+                offset: event.offset,
+                problem,
+            });
+        }
+        tracing::warn!(
+            topic = event.topic,
+            partition = event.partition,
+            offset = event.offset,
+            problem,
+            "event skipped (on_error = \"skip\")"
+        );
+        // Its offset is stored with those before it: it is not read again.
+        apply(client, targets, &before.steps, &remaining[..=at], offsets_table, sink).await?;
+        remaining = &remaining[at + 1..];
+    }
+    Ok(())
+}
+
+/// The first of `events` the database refuses on its own, and why (with the column when it
+/// can be named); each is tried in a transaction rolled back.
+async fn refused_event(
+    client: &mut Client,
+    targets: &[Target],
+    events: &[Event<'_>],
+) -> Result<Option<(usize, String)>, SinkError> {
+    for (at, event) in events.iter().enumerate() {
+        let (plan, _) = plan::plan(targets, std::slice::from_ref(event), true);
+        let tx = client.transaction().await?;
+        let result = execute(&tx, targets, &plan.steps).await;
+        tx.rollback().await?;
+        let Err(error) = result else { continue };
+        let Some(db) = error.as_db_error() else { return Err(error.into()) };
+        let column = match db.column() {
+            Some(column) => Some(column.to_string()),
+            None => refused_column(client, targets, &plan.steps).await?,
+        };
+        let problem = match column {
+            Some(column) => format!("column {column}: {}", db.message()),
+            None => db.message().to_string(),
+        };
+        return Ok(Some((at, problem)));
+    }
+    Ok(None)
+}
+
+/// The column whose value does not convert to its type, in a one-event plan.
+async fn refused_column(
+    client: &Client,
+    targets: &[Target],
+    steps: &[Step],
+) -> Result<Option<String>, SinkError> {
+    let Some(Step::Upsert { target, columns, rows }) = steps.first() else { return Ok(None) };
+    let (Some(row), target) = (rows.first(), &targets[*target]) else { return Ok(None) };
+    for (&column, value) in columns.iter().zip(row) {
+        let column = &target.columns[column];
+        let cast = format!("SELECT $1::text::{}", column.type_sql);
+        if client.query_one(&cast, &[value]).await.is_err() {
+            return Ok(Some(column.name.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// Executes `steps` in `tx`.
+async fn execute(
+    tx: &tokio_postgres::Transaction<'_>,
+    targets: &[Target],
+    steps: &[Step],
+) -> Result<(), tokio_postgres::Error> {
+    for step in steps {
+        match step {
+            Step::Upsert { target, columns, rows } => {
+                let sql = targets[*target].upsert_sql(columns);
+                let arrays: Vec<Vec<Option<String>>> = (0..columns.len())
+                    .map(|c| rows.iter().map(|r| r[c].clone()).collect())
+                    .collect();
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                tx.execute(&sql, &params).await?;
+            }
+            Step::Delete { target, keys } => {
+                let width = targets[*target].key.len();
+                let arrays: Vec<Vec<Option<String>>> =
+                    (0..width).map(|c| keys.iter().map(|k| k[c].clone()).collect()).collect();
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                tx.execute(&targets[*target].delete_sql(), &params).await?;
+            }
+            Step::Truncate { target } => {
+                tx.batch_execute(&targets[*target].truncate_sql()).await?;
+            }
+            Step::Append { target, rows } => {
+                let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
+                let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
+                let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
+                let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
+                let values: Vec<Option<&str>> = rows.iter().map(|r| r.value.as_deref()).collect();
+                tx.execute(
+                    &targets[*target].append_sql(),
+                    &[&topics, &partitions, &offsets, &keys, &values],
+                )
+                .await?;
+            }
+        }
+    }
     Ok(())
 }
