@@ -60,7 +60,15 @@ pub fn run(args: &SinkArgs) -> Result<i32> {
             tracing::info!("stopping: the batch under way is applied or rolled back");
             let _ = stop.send(true);
         });
-        ficus_sink::run(config, shutdown).await.context("ficus sink stopped")?;
+        let metrics = ficus_sink::Metrics::new();
+        if let Some(listen) = &config.metrics.listen {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on metrics.listen {listen}"))?;
+            tracing::info!(listen, "metrics on /metrics, health on /healthz");
+            tokio::spawn(ficus_cdc::metrics::serve(listener, metrics.clone()));
+        }
+        ficus_sink::run(config, metrics, shutdown).await.context("ficus sink stopped")?;
         Ok(0)
     })
 }

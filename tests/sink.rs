@@ -190,6 +190,24 @@ async fn a_target_restarted_mid_stream_is_waited_for_and_nothing_is_lost_or_doub
     sink.wait_log("resuming from the stored offsets", QUIET);
     let target = target_pg.client("view").await;
     assert_caught_up(&source, &target, &broker, &sink).await;
+
+    // What an operator sees: events by table and kind, the lag, and health.
+    let text = sink
+        .wait_metric("ficus_sink_events_total{kind=\"upsert\",table=\"view.orders\"}", 1.0, QUIET)
+        .await;
+    assert!(
+        common::metric(&text, "ficus_sink_events_total{kind=\"append\",table=\"view.audit\"}")
+            > 0.0,
+        "{text}"
+    );
+    let caught_up = format!("ficus_sink_lag_events{{partition=\"0\",topic=\"{topic}\"}} 0");
+    let deadline = Instant::now() + QUIET;
+    while !sink.metrics_text().await.contains(&caught_up) {
+        assert!(Instant::now() < deadline, "no {caught_up} in:\n{}", sink.metrics_text().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health = reqwest::get(format!("http://{}/healthz", sink.metrics)).await.expect("healthz");
+    assert_eq!(health.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,9 +190,27 @@ const COMMIT_TO_ACK_BUCKETS: [f64; 24] = [
     0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// What `/metrics` and `/healthz` show: the metrics of `ficus cdc`, or of `ficus sink`.
+pub trait Exported: Send + Sync + 'static {
+    /// The Prometheus text.
+    fn render(&self) -> Vec<u8>;
+    /// Whether connected and working.
+    fn healthy(&self) -> bool;
+}
+
+impl Exported for Metrics {
+    fn render(&self) -> Vec<u8> {
+        Metrics::render(self)
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
 /// Serves `/metrics` and `/healthz` (200 while connected, 503 otherwise) until the task is
 /// dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve<M: Exported>(listener: TcpListener, metrics: Arc<M>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let metrics = metrics.clone();
@@ -202,9 +220,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 async move {
                     let (status, body) = match req.uri().path() {
                         "/metrics" => (StatusCode::OK, metrics.render()),
-                        "/healthz" if metrics.healthy.load(Ordering::Relaxed) => {
-                            (StatusCode::OK, b"ok\n".to_vec())
-                        }
+                        "/healthz" if metrics.healthy() => (StatusCode::OK, b"ok\n".to_vec()),
                         "/healthz" => {
                             (StatusCode::SERVICE_UNAVAILABLE, b"not connected\n".to_vec())
                         }

@@ -14,6 +14,9 @@ use crate::plan::Mode;
 pub struct SinkConfig {
     pub kafka: KafkaConfig,
     pub postgres: PostgresConfig,
+    /// `listen`: Prometheus `/metrics` and `/healthz`.
+    #[serde(default)]
+    pub metrics: ficus_cdc::config::MetricsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -10,9 +10,11 @@
 
 pub mod change;
 pub mod config;
+pub mod metrics;
 pub mod plan;
 pub mod run;
 pub mod value;
 
 pub use config::SinkConfig;
+pub use metrics::Metrics;
 pub use run::{run, SinkError};

@@ -34,6 +34,8 @@ pub enum Mode {
 pub struct Target {
     /// The table in SQL, quoted.
     pub sql: String,
+    /// The table for people and metrics: `schema.table`.
+    pub label: String,
     pub columns: Vec<Column>,
     /// The primary key's columns (indexes into `columns`).
     pub key: Vec<usize>,
@@ -334,6 +336,7 @@ mod tests {
         };
         Target {
             sql: "\"v\".\"orders\"".into(),
+            label: "v.orders".into(),
             columns: vec![
                 column("id", "integer", Kind::Plain),
                 column("amount", "numeric", Kind::Plain),

@@ -3,6 +3,8 @@
 //! any moment neither loses nor repeats an event's effect.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ficus_cdc::names::TableName;
@@ -16,10 +18,13 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{OnError, SinkConfig};
+use crate::metrics::Metrics;
 use crate::plan::{self, Column, Event, Mode, Step, Target};
 use crate::value::Kind;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often the partitions' high watermarks are asked for, busy or idle.
+const LAG_EVERY: Duration = Duration::from_secs(2);
 /// How far before its stored offset a partition is read again at start.
 const LOOK_BACK: i64 = 1000;
 
@@ -53,11 +58,17 @@ impl SinkError {
 
 /// Runs until `shutdown` turns true, retrying what may pass (the database or Kafka away)
 /// from the stored offsets.
-pub async fn run(config: SinkConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), SinkError> {
+pub async fn run(
+    config: SinkConfig,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SinkError> {
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = Instant::now();
-        match run_once(&config, shutdown.clone()).await {
+        let result = run_once(&config, &metrics, shutdown.clone()).await;
+        metrics.healthy.store(false, Ordering::Relaxed);
+        match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() && !*shutdown.borrow() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -77,6 +88,7 @@ pub async fn run(config: SinkConfig, mut shutdown: watch::Receiver<bool>) -> Res
 
 async fn run_once(
     config: &SinkConfig,
+    metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
     let (mut client, connection) = tokio_postgres::connect(&config.postgres.url, NoTls).await?;
@@ -104,7 +116,9 @@ async fn run_once(
     let stored = stored_offsets(&client, &offsets_table, &config.kafka.name).await?;
     let consumer = consumer(config, &topics, &stored)?;
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
+    metrics.healthy.store(true, Ordering::Relaxed);
     let mut warned = std::collections::BTreeSet::new();
+    let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
     let mut positions: BTreeMap<(String, i32), Position> = stored
         .iter()
         .map(|(key, &next)| (key.clone(), Position { next, verified: false, step: 2 * LOOK_BACK }))
@@ -120,6 +134,10 @@ async fn run_once(
         let mut batch = batch;
         let mut sought = std::collections::BTreeSet::new();
         batch.retain(|m| admit(&consumer, &mut positions, &mut sought, m));
+        if lag_read.elapsed() >= LAG_EVERY {
+            lag_read = Instant::now();
+            lag(&consumer, &positions, metrics);
+        }
         if batch.is_empty() {
             continue;
         }
@@ -148,6 +166,7 @@ async fn run_once(
                 problem,
                 "event skipped (on_error = \"skip\")"
             );
+            metrics.events.with_label_values(&[&targets[e.target].label, "skipped"]).inc();
         }
         for (target, column) in &plan.unknown_columns {
             if warned.insert((*target, column.clone())) {
@@ -161,12 +180,16 @@ async fn run_once(
         // Applied up to the first event that could not be planned, then stop there.
         let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
         let sink = &config.kafka.name;
+        let started = Instant::now();
         match apply(&mut client, &targets, &plan.steps, applied, &offsets_table, sink).await {
             Err(SinkError::Apply { source, .. }) if refused(&source) => {
-                settle(&mut client, &targets, applied, skip, &offsets_table, sink).await?;
+                settle(&mut client, &targets, applied, skip, &offsets_table, sink, metrics).await?;
             }
-            other => other?,
+            Err(e) => return Err(e),
+            Ok(()) => count(metrics, &targets, &plan.steps),
         }
+        metrics.apply.observe(started.elapsed().as_secs_f64());
+        metrics.batch.observe(applied.len() as f64);
         if let Some((at, problem)) = plan.failed {
             let e = &events[at];
             return Err(SinkError::Event {
@@ -183,8 +206,8 @@ async fn run_once(
 struct Position {
     next: i64,
     /// Whether reading is known to have resumed at or before `next`. A broker may answer a
-    /// fetch from the middle of a record batch with the batch after it (Tansu does), which
-    /// would skip events; so the first event must not be past `next`.
+    /// fetch from the middle of a record batch with a later batch (Tansu does), which would
+    /// skip events; so the first event must not be past `next`.
     verified: bool,
     /// How far back to seek when it is.
     step: i64,
@@ -292,6 +315,7 @@ async fn target(client: &Client, table: &crate::config::TableConfig) -> Result<T
     }
     let key = key_names.iter().filter_map(|k| columns.iter().position(|c| &c.name == k)).collect();
     Ok(Target {
+        label: name.to_string(),
         sql,
         columns,
         key,
@@ -434,6 +458,38 @@ async fn apply(
     Ok(())
 }
 
+/// Publishes how far each partition read is behind its high watermark (asked of the
+/// broker; a partition that does not answer in time keeps its last figure).
+fn lag(
+    consumer: &StreamConsumer,
+    positions: &BTreeMap<(String, i32), Position>,
+    metrics: &Metrics,
+) {
+    for (key, position) in positions {
+        let asked = tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(&key.0, key.1, Duration::from_secs(1))
+        });
+        if let Ok((_, high)) = asked {
+            let partition = key.1.to_string();
+            let behind = (high - position.next).max(0);
+            metrics.lag.with_label_values(&[&key.0, &partition]).set(behind);
+        }
+    }
+}
+
+/// Counts the events `steps` applied, by table and kind.
+fn count(metrics: &Metrics, targets: &[Target], steps: &[Step]) {
+    for step in steps {
+        let (target, kind, events) = match step {
+            Step::Upsert { target, rows, .. } => (target, "upsert", rows.len()),
+            Step::Delete { target, keys } => (target, "delete", keys.len()),
+            Step::Truncate { target } => (target, "truncate", 1),
+            Step::Append { target, rows } => (target, "append", rows.len()),
+        };
+        metrics.events.with_label_values(&[&targets[*target].label, kind]).inc_by(events as u64);
+    }
+}
+
 /// Whether the database refused a value (a data exception, a violated constraint), rather
 /// than failed.
 fn refused(error: &tokio_postgres::Error) -> bool {
@@ -449,6 +505,7 @@ async fn settle(
     skip: bool,
     offsets_table: &str,
     sink: &str,
+    metrics: &Metrics,
 ) -> Result<(), SinkError> {
     let mut remaining = events;
     while !remaining.is_empty() {
@@ -475,6 +532,7 @@ async fn settle(
             problem,
             "event skipped (on_error = \"skip\")"
         );
+        metrics.events.with_label_values(&[&targets[event.target].label, "skipped"]).inc();
         // Its offset is stored with those before it: it is not read again.
         apply(client, targets, &before.steps, &remaining[..=at], offsets_table, sink).await?;
         remaining = &remaining[at + 1..];

@@ -58,12 +58,11 @@ impl Cdc {
 
     /// Replaces the configuration (keeping the metrics address), for a reload or restart.
     pub fn write_config(&self, config: &str) {
-        // `ficus sink` has no metrics yet.
-        let metrics = match self.command {
-            "cdc" => format!("\n[metrics]\nlisten = \"{}\"\n", self.metrics),
-            _ => String::new(),
-        };
-        std::fs::write(&self.config, format!("{config}{metrics}")).expect("write config");
+        std::fs::write(
+            &self.config,
+            format!("{config}\n[metrics]\nlisten = \"{}\"\n", self.metrics),
+        )
+        .expect("write config");
     }
 
     /// Starts the process again with the same configuration.

@@ -1,0 +1,79 @@
+//! The sink's Prometheus metrics: events applied by table and kind, batch sizes, the time
+//! to apply a batch, and how far each partition is behind; served with `/healthz` by
+//! `ficus_cdc::metrics::serve`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Events applied, by target table and kind (upsert, delete, truncate, append, skipped).
+    pub events: IntCounterVec,
+    /// Events per applied batch.
+    pub batch: Histogram,
+    /// Seconds to apply a batch and store its offsets.
+    pub apply: Histogram,
+    /// Events of a partition not taken yet: its high watermark less the next offset.
+    pub lag: IntGaugeVec,
+    /// True while connected to the target and reading the topics.
+    pub healthy: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        // Static, distinct names: creation and registration cannot fail.
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("registered once");
+            metric
+        };
+        let events = IntCounterVec::new(
+            Opts::new("ficus_sink_events_total", "Events applied, by target table and kind"),
+            &["table", "kind"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(events.clone())).expect("registered once");
+        let lag = IntGaugeVec::new(
+            Opts::new("ficus_sink_lag_events", "Events of a partition not taken yet"),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(lag.clone())).expect("registered once");
+        Arc::new(Metrics {
+            events,
+            batch: histogram(
+                "ficus_sink_batch_events",
+                "Events per applied batch",
+                prometheus::exponential_buckets(1.0, 4.0, 8).expect("valid buckets"),
+            ),
+            apply: histogram(
+                "ficus_sink_apply_seconds",
+                "Time to apply a batch and store its offsets",
+                prometheus::exponential_buckets(0.001, 2.5, 12).expect("valid buckets"),
+            ),
+            lag,
+            healthy: AtomicBool::new(false),
+            registry,
+        })
+    }
+}
+
+impl ficus_cdc::metrics::Exported for Metrics {
+    fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
