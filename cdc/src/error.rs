@@ -130,24 +130,34 @@ pub enum Recovery {
     Stop,
 }
 
+/// How to recover from an error PostgreSQL reported with SQLSTATE `code`: the classes of a
+/// server going away or not yet there (08 connection, 57 shutdown or starting up, 53 out of
+/// resources such as connections), a slot briefly in use (55006) pass with time; a
+/// serialization conflict (40001) at once; anything else is a fact to report.
+pub fn sqlstate_recovery(code: &str) -> Recovery {
+    match code {
+        "40001" => Recovery::Resume,
+        "55006" => Recovery::BackOff,
+        _ if ["08", "57", "53"].iter().any(|class| code.starts_with(class)) => Recovery::BackOff,
+        _ => Recovery::Stop,
+    }
+}
+
 impl CdcError {
     /// How the pipeline recovers from this error.
     pub fn recovery(&self) -> Recovery {
         match self {
             CdcError::Decode { .. } => Recovery::Resume,
-            CdcError::Server(e) if e.code == "40001" => Recovery::Resume,
             CdcError::Connect { .. }
             | CdcError::Io(_)
             | CdcError::Protocol(_)
             | CdcError::Kafka(_)
             | CdcError::SlotInUse { .. } => Recovery::BackOff,
-            CdcError::Sql(e) if e.is_closed() || e.code().is_none() => Recovery::BackOff,
-            // Connection-class errors, shutdowns, a slot briefly in use.
-            CdcError::Server(e)
-                if e.code.starts_with("08") || e.code.starts_with("57") || e.code == "55006" =>
-            {
-                Recovery::BackOff
-            }
+            CdcError::Sql(e) => match e.code() {
+                Some(code) => sqlstate_recovery(code.code()),
+                None => Recovery::BackOff,
+            },
+            CdcError::Server(e) => sqlstate_recovery(&e.code),
             _ => Recovery::Stop,
         }
     }
@@ -238,6 +248,9 @@ mod tests {
             (CdcError::SlotInUse { slot: "s".into(), pid: "7".into() }, Recovery::BackOff),
             (server("57P01"), Recovery::BackOff),
             (server("08006"), Recovery::BackOff),
+            // Starting up, not yet accepting connections: a restart in progress.
+            (server("57P03"), Recovery::BackOff),
+            (server("53300"), Recovery::BackOff),
             (server("42501"), Recovery::Stop),
             (CdcError::WalLevel("replica".into()), Recovery::Stop),
             (CdcError::SlotLost { slot: "s".into(), status: "lost".into() }, Recovery::Stop),

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ficus_cdc::error::{sqlstate_recovery, Recovery};
 use ficus_cdc::names::TableName;
 use futures_util::StreamExt;
 use rdkafka::config::ClientConfig;
@@ -47,9 +48,11 @@ impl SinkError {
     /// Whether starting again from the stored offsets may succeed.
     fn is_retryable(&self) -> bool {
         match self {
-            SinkError::Postgres(e) | SinkError::Apply { source: e, .. } => {
-                e.is_closed() || e.code().is_none()
-            }
+            SinkError::Postgres(e) | SinkError::Apply { source: e, .. } => match e.code() {
+                // The target restarting, out of connections, ...: it passes with time.
+                Some(code) => sqlstate_recovery(code.code()) != Recovery::Stop,
+                None => true,
+            },
             SinkError::Kafka(_) => true,
             _ => false,
         }
