@@ -161,15 +161,7 @@ async fn run_once(
         let skip = config.postgres.on_error == OnError::Skip;
         let (plan, skipped) = plan::plan(&targets, &events, skip);
         for (at, problem) in &skipped {
-            let e = &events[*at];
-            tracing::warn!(
-                topic = e.topic,
-                partition = e.partition,
-                offset = e.offset,
-                problem,
-                "event skipped (on_error = \"skip\")"
-            );
-            metrics.events.with_label_values(&[&targets[e.target].label, "skipped"]).inc();
+            skipped_event(metrics, &targets, &events[*at], problem);
         }
         for (target, column) in &plan.unknown_columns {
             if warned.insert((*target, column.clone())) {
@@ -480,6 +472,18 @@ fn lag(
     }
 }
 
+/// Logs and counts an event left out under `on_error = "skip"`.
+fn skipped_event(metrics: &Metrics, targets: &[Target], event: &Event<'_>, problem: &str) {
+    tracing::warn!(
+        topic = event.topic,
+        partition = event.partition,
+        offset = event.offset,
+        problem,
+        "event skipped (on_error = \"skip\")"
+    );
+    metrics.events.with_label_values(&[&targets[event.target].label, "skipped"]).inc();
+}
+
 /// Counts the events `steps` applied, by table and kind.
 fn count(metrics: &Metrics, targets: &[Target], steps: &[Step]) {
     for step in steps {
@@ -528,14 +532,7 @@ async fn settle(
                 problem,
             });
         }
-        tracing::warn!(
-            topic = event.topic,
-            partition = event.partition,
-            offset = event.offset,
-            problem,
-            "event skipped (on_error = \"skip\")"
-        );
-        metrics.events.with_label_values(&[&targets[event.target].label, "skipped"]).inc();
+        skipped_event(metrics, targets, event, &problem);
         // Its offset is stored with those before it: it is not read again.
         apply(client, targets, &before.steps, &remaining[..=at], offsets_table, sink).await?;
         remaining = &remaining[at + 1..];
