@@ -259,3 +259,144 @@ async fn an_event_the_target_refuses_stops_the_sink_naming_it_or_is_skipped() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A request the webhook endpoint received, and its answer.
+struct Hooked {
+    key: String,
+    body: Vec<u8>,
+    status: u16,
+    /// Whether the Standard Webhooks signature verifies with the shared secret.
+    signed: bool,
+}
+
+/// Verifies `webhook-signature` as a receiver would: HMAC-SHA256 of `id.timestamp.body`.
+fn verifies(secret: &[u8], seen: &common::Seen) -> bool {
+    use base64::Engine;
+    use hmac::{Hmac, KeyInit, Mac};
+    let header = |name: &str| seen.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret).expect("key");
+    mac.update(format!("{}.{}.", header("webhook-id"), header("webhook-timestamp")).as_bytes());
+    mac.update(&seen.body);
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    header("webhook-signature") == format!("v1,{expected}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_failing_with_503_for_10s_gets_every_event_in_order_and_signed() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let source = pg.database("shop").await;
+    source
+        .batch_execute("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+        .await
+        .expect("table");
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "hook", "tables = [\"orders\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    let topic = format!("{}.public.orders", broker.topic("hook"));
+
+    // The endpoint: 503 for its first 10 s, then `answer`; every request recorded.
+    let secret = b"a shared secret of the orders team".to_vec();
+    let failing_until = Instant::now() + Duration::from_secs(10);
+    let answer = Arc::new(AtomicU16::new(200));
+    let hooked = Arc::new(Mutex::new(Vec::<Hooked>::new()));
+    let endpoint = {
+        let (answer, hooked, secret) = (answer.clone(), hooked.clone(), secret.clone());
+        common::AppBackend::start(move |seen| {
+            let status =
+                if Instant::now() < failing_until { 503 } else { answer.load(Ordering::SeqCst) };
+            let key = seen.headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+            hooked.lock().expect("log").push(Hooked {
+                key: key.unwrap_or("").to_string(),
+                body: seen.body.to_vec(),
+                status,
+                signed: verifies(&secret, seen),
+            });
+            (status, "text/plain", if status == 200 { "ok" } else { "not now" }.to_string())
+        })
+        .await
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("hook.secret");
+    std::fs::write(&secret_file, &secret).expect("secret");
+    let hook_config = |on_4xx: &str| {
+        format!(
+            "[kafka]\nbrokers = \"{}\"\nname = \"orders-hook\"\ntopics = [\"{topic}\"]\n\
+             [webhook]\nurl = \"{}/events\"\nbatch = 20\ntimeout = \"2s\"\nsecret_file = \"{}\"\non_4xx = \"{on_4xx}\"\n",
+            broker.addr,
+            endpoint.url(),
+            secret_file.display()
+        )
+    };
+    let mut sink = Cdc::start_sink(&hook_config("stop"));
+    for n in 0..300 {
+        source.execute("INSERT INTO orders VALUES ($1, 'n')", &[&n]).await.expect("insert");
+        if n % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let (events, _) = broker.count("hook.public.orders", 300, QUIET);
+    assert_eq!(events, 300);
+
+    // Every event arrives once the endpoint recovers; taken requests deduplicated by their
+    // key hold each offset once, in order.
+    let offsets_taken = |hooked: &[Hooked]| {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut offsets = Vec::new();
+        for request in hooked.iter().filter(|r| r.status == 200) {
+            if keys.insert(request.key.clone()) {
+                let body: serde_json::Value = serde_json::from_slice(&request.body).expect("json");
+                let batch = body.as_array().expect("an array of events");
+                offsets.extend(batch.iter().map(|e| e["offset"].as_i64().expect("offset")));
+            }
+        }
+        offsets
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while offsets_taken(&hooked.lock().expect("log")).len() < events {
+        assert!(Instant::now() < deadline, "not all delivered:\n{}", sink.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    {
+        let hooked = hooked.lock().expect("log");
+        assert_eq!(offsets_taken(&hooked), (0..events as i64).collect::<Vec<_>>());
+        assert!(hooked.iter().any(|r| r.status == 503), "the endpoint failed first");
+        assert!(hooked.iter().all(|r| r.signed), "every request's signature verifies");
+        // A request sent again is the same request: same key, same events.
+        for failed in hooked.iter().filter(|r| r.status == 503) {
+            let taken = hooked.iter().find(|r| r.status == 200 && r.key == failed.key);
+            let taken = taken.unwrap_or_else(|| panic!("{} never taken", failed.key));
+            assert_eq!(taken.body, failed.body, "{} changed between tries", failed.key);
+        }
+        let first: serde_json::Value = serde_json::from_slice(&hooked[0].body).expect("json");
+        assert_eq!(first[0]["topic"], topic.as_str());
+        assert_eq!(first[0]["value"]["op"], "c", "the event itself, as JSON");
+    }
+    let delivered =
+        format!("ficus_sink_webhook_events_total{{outcome=\"delivered\",topic=\"{topic}\"}}");
+    let text = sink.wait_metric(&delivered, events as f64, QUIET).await;
+    assert!(common::metric(&text, "ficus_sink_webhook_requests_total{answer=\"5xx\"}") > 0.0);
+
+    // A refusal stops the partition, saying why, and the sink reports itself unhealthy.
+    answer.store(422, Ordering::SeqCst);
+    source.execute("INSERT INTO orders VALUES (1000, 'refused')", &[]).await.expect("insert");
+    sink.wait_log("The partition is stopped", QUIET);
+    let log = sink.logs();
+    assert!(log.contains(&format!("{topic} partition 0 offset 300: the webhook")), "{log}");
+    assert!(log.contains("answered 422"), "{log}");
+    sink.wait_metric("ficus_sink_stopped_partitions", 1.0, QUIET).await;
+    let health = reqwest::get(format!("http://{}/healthz", sink.metrics)).await.expect("healthz");
+    assert_eq!(health.status(), 503);
+
+    // With on_4xx = "skip" it is counted and passed over; nothing before it is sent again.
+    sink.terminate();
+    sink.write_config(&hook_config("skip"));
+    sink.spawn();
+    let skipped =
+        format!("ficus_sink_webhook_events_total{{outcome=\"skipped\",topic=\"{topic}\"}}");
+    sink.wait_metric(&skipped, 1.0, QUIET).await;
+    let hooked = hooked.lock().expect("log");
+    let refused: Vec<&Hooked> = hooked.iter().filter(|r| r.status == 422).collect();
+    assert!(refused.iter().all(|r| r.key == format!("{topic}/0/300")), "only the new event");
+}

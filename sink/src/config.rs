@@ -13,7 +13,12 @@ use crate::plan::Mode;
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     pub kafka: KafkaConfig,
-    pub postgres: PostgresConfig,
+    /// Target tables kept exactly once.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+    /// An HTTP endpoint the events are posted to, at least once, in order per partition.
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
     /// `listen`: Prometheus `/metrics` and `/healthz`.
     #[serde(default)]
     pub metrics: ficus_cdc::config::MetricsConfig,
@@ -27,6 +32,9 @@ pub struct KafkaConfig {
     /// consumer group id (no offsets are committed to Kafka).
     #[serde(default = "default_name")]
     pub name: String,
+    /// The topics the webhook delivers; default: the topics of `postgres.tables`.
+    #[serde(default)]
+    pub topics: Vec<String>,
     /// Any librdkafka consumer property, passed through.
     #[serde(default)]
     pub consumer: BTreeMap<String, serde_json::Value>,
@@ -69,6 +77,30 @@ pub struct TableConfig {
     pub mode: Mode,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where each batch of events is POSTed, as a JSON array.
+    pub url: String,
+    /// Events per request, at most, all of one partition and in order.
+    #[serde(default = "default_hook_batch")]
+    pub batch: usize,
+    /// How long a request may take before it is retried.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a request waits for more events once it has one.
+    #[serde(default = "default_linger", with = "humantime_serde")]
+    pub linger: Duration,
+    /// A file holding the signing secret (`whsec_` and base64, or any text); without one,
+    /// requests are not signed.
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// `stop` (default): a 4xx answer stops the partition, saying why; `skip`: the request's
+    /// events are counted and passed over.
+    #[serde(default)]
+    pub on_4xx: OnError,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
@@ -89,6 +121,14 @@ fn default_linger() -> Duration {
     Duration::from_millis(20)
 }
 
+fn default_hook_batch() -> usize {
+    100
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
 fn default_offsets_table() -> String {
     "public.ficus_sink_offsets".into()
 }
@@ -102,33 +142,69 @@ impl SinkConfig {
         if config.kafka.brokers.is_empty() {
             problems.push("kafka.brokers is required".to_string());
         }
-        if config.postgres.tables.is_empty() {
-            problems
-                .push("postgres.tables: at least one [[postgres.tables]] is needed".to_string());
+        if config.postgres.is_none() && config.webhook.is_none() {
+            problems.push("nothing to deliver to: add [postgres], [webhook] or both".to_string());
         }
-        if config.postgres.batch == 0 {
-            problems.push("postgres.batch must be at least 1".to_string());
+        if let Some(postgres) = &config.postgres {
+            postgres.check(&mut problems);
         }
-        if let Err(e) = TableName::parse(&config.postgres.offsets_table) {
-            problems.push(format!("postgres.offsets_table: {e}"));
-        }
-        for (n, table) in config.postgres.tables.iter().enumerate() {
-            if let Err(e) = table.table_name() {
-                problems.push(format!("postgres.tables[{n}].table: {e}"));
+        if let Some(webhook) = &config.webhook {
+            if let Err(e) = reqwest::Url::parse(&webhook.url) {
+                problems.push(format!("webhook.url {}: {e}", webhook.url));
             }
-            let same =
-                |t: &TableConfig| t.topic == table.topic && t.table_name() == table.table_name();
-            if config.postgres.tables[..n].iter().any(same) {
-                problems.push(format!(
-                    "postgres.tables[{n}]: topic {} into the same table is listed twice",
-                    table.topic
-                ));
+            if webhook.batch == 0 {
+                problems.push("webhook.batch must be at least 1".to_string());
+            }
+            if config.webhook_topics().is_empty() {
+                problems.push("kafka.topics: name the topics the webhook delivers".to_string());
             }
         }
         if problems.is_empty() {
             Ok(config)
         } else {
             Err(problems)
+        }
+    }
+}
+
+impl SinkConfig {
+    /// The topics the webhook delivers: `kafka.topics`, or else those of the target tables.
+    pub fn webhook_topics(&self) -> Vec<String> {
+        if !self.kafka.topics.is_empty() {
+            return self.kafka.topics.clone();
+        }
+        let tables = self.postgres.iter().flat_map(|p| &p.tables);
+        let mut topics: Vec<String> = tables.map(|t| t.topic.clone()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        topics
+    }
+}
+
+impl PostgresConfig {
+    fn check(&self, problems: &mut Vec<String>) {
+        if self.tables.is_empty() {
+            problems
+                .push("postgres.tables: at least one [[postgres.tables]] is needed".to_string());
+        }
+        if self.batch == 0 {
+            problems.push("postgres.batch must be at least 1".to_string());
+        }
+        if let Err(e) = TableName::parse(&self.offsets_table) {
+            problems.push(format!("postgres.offsets_table: {e}"));
+        }
+        for (n, table) in self.tables.iter().enumerate() {
+            if let Err(e) = table.table_name() {
+                problems.push(format!("postgres.tables[{n}].table: {e}"));
+            }
+            let same =
+                |t: &TableConfig| t.topic == table.topic && t.table_name() == table.table_name();
+            if self.tables[..n].iter().any(same) {
+                problems.push(format!(
+                    "postgres.tables[{n}]: topic {} into the same table is listed twice",
+                    table.topic
+                ));
+            }
         }
     }
 }
@@ -168,9 +244,11 @@ mod tests {
             ]},
         }))
         .expect("valid");
-        assert_eq!(config.postgres.tables[0].table_name(), Ok(TableName::new("public", "orders")));
-        assert_eq!(config.postgres.tables[1].table_name(), Ok(TableName::new("view", "clients")));
-        assert_eq!(config.postgres.batch, 5000);
+        let postgres = config.postgres.as_ref().expect("postgres");
+        assert_eq!(postgres.tables[0].table_name(), Ok(TableName::new("public", "orders")));
+        assert_eq!(postgres.tables[1].table_name(), Ok(TableName::new("view", "clients")));
+        assert_eq!(postgres.batch, 5000);
+        assert_eq!(config.webhook_topics(), ["shop.public.customers", "shop.public.orders"]);
     }
 
     #[test]
@@ -188,6 +266,25 @@ mod tests {
                 "postgres.tables[0].table: topic orders is not <prefix>.<schema>.<table>: name the table",
                 "postgres.tables[2]: topic o into the same table is listed twice",
             ]
+        );
+        let hook = |webhook: serde_json::Value| {
+            SinkConfig::from_value(json!({"kafka": {"brokers": "b"}, "webhook": webhook}))
+        };
+        assert_eq!(
+            hook(json!({"url": "not a url", "batch": 0})).expect_err("invalid"),
+            [
+                "webhook.url not a url: relative URL without a base",
+                "webhook.batch must be at least 1",
+                "kafka.topics: name the topics the webhook delivers",
+            ]
+        );
+        let config = hook(json!({"url": "https://hooks.example.com/orders", "timeout": "2s"}))
+            .map(|_| ())
+            .expect_err("no topics");
+        assert_eq!(config, ["kafka.topics: name the topics the webhook delivers"]);
+        assert_eq!(
+            SinkConfig::from_value(json!({"kafka": {"brokers": "b"}})).expect_err("nothing"),
+            ["nothing to deliver to: add [postgres], [webhook] or both"]
         );
         let unknown = SinkConfig::from_value(
             json!({"kafka": {"brokers": "b", "oops": 1}, "postgres": {"url": "u", "tables": []}}),

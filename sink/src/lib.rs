@@ -3,17 +3,24 @@
 //! them, exactly once: each batch is applied in one transaction that also stores the Kafka
 //! offsets after it, and a start reads on from the stored offsets.
 //!
+//! It also delivers the events to an HTTP endpoint (a webhook), at least once and in order
+//! per partition, with its offsets committed to the Kafka consumer group.
+//!
 //! Pure parts: [`change`] (events as row changes), [`value`] (JSON values back to column
-//! text), [`plan`] (a batch as statements). I/O: [`run`].
+//! text), [`plan`] (a batch as statements), [`webhook`] (requests and answers). I/O: [`run`]
+//! (the tables), [`deliver`] (the webhook), [`source`] (reading the topics).
 
 #![forbid(unsafe_code)]
 
 pub mod change;
 pub mod config;
+pub mod deliver;
 pub mod metrics;
 pub mod plan;
 pub mod run;
+pub mod source;
 pub mod value;
+pub mod webhook;
 
 pub use config::SinkConfig;
 pub use metrics::Metrics;

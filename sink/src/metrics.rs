@@ -1,12 +1,14 @@
 //! The sink's Prometheus metrics: events applied by table and kind, batch sizes, the time
-//! to apply a batch, and how far each partition is behind; served with `/healthz` by
+//! to apply a batch, how far each partition is behind, webhook requests and events, and
+//! stopped partitions; served with `/healthz` by
 //! `ficus_cdc::metrics::serve`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -21,6 +23,15 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     /// True while connected to the target and reading the topics.
     pub healthy: AtomicBool,
+    /// Webhook events, by topic and outcome (delivered, skipped).
+    pub hook_events: IntCounterVec,
+    /// Webhook requests, by answer (2xx, 4xx, 5xx, ... or timeout, error).
+    pub hook_requests: IntCounterVec,
+    /// Seconds a webhook request took, answered or not.
+    pub hook_seconds: Histogram,
+    /// Partitions stopped by an event that cannot be delivered; while any is, the sink is
+    /// not healthy.
+    pub stopped: IntGauge,
 }
 
 impl Metrics {
@@ -39,6 +50,17 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(events.clone())).expect("registered once");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("registered once");
+            metric
+        };
+        let stopped = IntGauge::new(
+            "ficus_sink_stopped_partitions",
+            "Partitions stopped by an event that cannot be delivered",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(stopped.clone())).expect("registered once");
         let lag = IntGaugeVec::new(
             Opts::new("ficus_sink_lag_events", "Events of a partition not taken yet"),
             &["topic", "partition"],
@@ -59,6 +81,22 @@ impl Metrics {
             ),
             lag,
             healthy: AtomicBool::new(false),
+            hook_events: counter(
+                "ficus_sink_webhook_events_total",
+                "Webhook events, by topic and outcome",
+                &["topic", "outcome"],
+            ),
+            hook_requests: counter(
+                "ficus_sink_webhook_requests_total",
+                "Webhook requests, by answer",
+                &["answer"],
+            ),
+            hook_seconds: histogram(
+                "ficus_sink_webhook_seconds",
+                "Time a webhook request took",
+                prometheus::exponential_buckets(0.001, 2.5, 12).expect("valid buckets"),
+            ),
+            stopped,
             registry,
         })
     }
@@ -74,6 +112,6 @@ impl ficus_cdc::metrics::Exported for Metrics {
     }
 
     fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && self.stopped.get() == 0
     }
 }

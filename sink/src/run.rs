@@ -9,25 +9,20 @@ use std::time::{Duration, Instant};
 
 use ficus_cdc::error::{sqlstate_recovery, Recovery};
 use ficus_cdc::names::TableName;
-use futures_util::StreamExt;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, DefaultConsumerContext, MessageStream, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::message::Message;
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{OnError, SinkConfig};
+use crate::config::{KafkaConfig, OnError, PostgresConfig, SinkConfig};
 use crate::metrics::Metrics;
 use crate::plan::{self, Column, Event, Mode, Step, Target};
+use crate::source;
 use crate::value::Kind;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often the partitions' high watermarks are asked for, busy or idle.
 const LAG_EVERY: Duration = Duration::from_secs(2);
-/// How far before its stored offset a partition is read again at start.
-const LOOK_BACK: i64 = 1000;
 
 /// Why the sink stopped or restarts.
 #[derive(Debug, thiserror::Error)]
@@ -59,17 +54,46 @@ impl SinkError {
     }
 }
 
-/// Runs until `shutdown` turns true, retrying what may pass (the database or Kafka away)
-/// from the stored offsets.
+/// Runs until `shutdown` turns true: the target tables and the webhook side by side, each
+/// retrying what may pass (the database, the endpoint or Kafka away) from its stored offsets.
 pub async fn run(
     config: SinkConfig,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
+    let tables = async {
+        let Some(postgres) = &config.postgres else { return Ok(()) };
+        retrying("tables", &metrics, shutdown.clone(), || {
+            run_once(&config.kafka, postgres, &metrics, shutdown.clone())
+        })
+        .await
+    };
+    let hooks = async {
+        let Some(hook) = &config.webhook else { return Ok(()) };
+        let topics = config.webhook_topics();
+        retrying("webhook", &metrics, shutdown.clone(), || {
+            crate::deliver::run_once(&config.kafka, &topics, hook, &metrics, shutdown.clone())
+        })
+        .await
+    };
+    tokio::try_join!(tables, hooks).map(|_| ())
+}
+
+/// Runs `attempt` again with back-off while it fails with what may pass.
+async fn retrying<F, Fut>(
+    what: &str,
+    metrics: &Metrics,
+    mut shutdown: watch::Receiver<bool>,
+    mut attempt: F,
+) -> Result<(), SinkError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), SinkError>>,
+{
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = Instant::now();
-        let result = run_once(&config, &metrics, shutdown.clone()).await;
+        let result = attempt().await;
         metrics.healthy.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return Ok(()),
@@ -77,7 +101,7 @@ pub async fn run(
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(250);
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "sink failed; resuming from the stored offsets");
+                tracing::warn!(delivery = what, error = %e, retry_in = ?backoff, "sink failed; resuming from the stored offsets");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -90,56 +114,54 @@ pub async fn run(
 }
 
 async fn run_once(
-    config: &SinkConfig,
+    kafka: &KafkaConfig,
+    postgres: &PostgresConfig,
     metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
-    let (mut client, connection) = tokio_postgres::connect(&config.postgres.url, NoTls).await?;
+    let (mut client, connection) = tokio_postgres::connect(&postgres.url, NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "target connection ended");
         }
     });
-    let offsets_table =
-        TableName::parse(&config.postgres.offsets_table).map_err(SinkError::Config)?.sql();
+    let offsets_table = TableName::parse(&postgres.offsets_table).map_err(SinkError::Config)?.sql();
     client
         .batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {offsets_table} (sink text NOT NULL, topic text NOT NULL, \
              \"partition\" int NOT NULL, next_offset bigint NOT NULL, PRIMARY KEY (sink, topic, \"partition\"))"
         ))
         .await?;
-    let mut targets = Vec::with_capacity(config.postgres.tables.len());
-    for table in &config.postgres.tables {
+    let mut targets = Vec::with_capacity(postgres.tables.len());
+    for table in &postgres.tables {
         targets.push(target(&client, table).await?);
     }
     // Each topic once; a topic may feed several tables (its rows, and an audit of them).
-    let mut topics: Vec<&str> = config.postgres.tables.iter().map(|t| t.topic.as_str()).collect();
+    let mut topics: Vec<String> = postgres.tables.iter().map(|t| t.topic.clone()).collect();
     topics.sort_unstable();
     topics.dedup();
-    let stored = stored_offsets(&client, &offsets_table, &config.kafka.name).await?;
-    let consumer = consumer(config, &topics, &stored)?;
+    let stored = stored_offsets(&client, &offsets_table, &kafka.name).await?;
+    let (consumer, partitions) = source::consumer(kafka, &topics)?;
+    source::assign(&consumer, &partitions, &stored)?;
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
     metrics.healthy.store(true, Ordering::Relaxed);
     let mut warned = std::collections::BTreeSet::new();
     let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
-    let mut positions: BTreeMap<(String, i32), Position> = stored
-        .iter()
-        .map(|(key, &next)| (key.clone(), Position { next, verified: false, step: 2 * LOOK_BACK }))
-        .collect();
+    let mut positions = source::positions(&stored);
     // One stream for the whole run: waiting on its next message may be given up without
     // losing one (a `recv` given up may have taken a message already).
     let mut messages = consumer.stream();
     loop {
         let batch = tokio::select! {
-            batch = collect(&mut messages, config.postgres.batch, config.postgres.linger) => batch?,
+            batch = source::collect(&mut messages, postgres.batch, postgres.linger) => batch?,
             _ = shutdown.changed() => return Ok(()),
         };
         let mut batch = batch;
         let mut sought = std::collections::BTreeSet::new();
-        batch.retain(|m| admit(&consumer, &mut positions, &mut sought, m));
+        batch.retain(|m| source::admit(&consumer, &mut positions, &mut sought, m));
         if lag_read.elapsed() >= LAG_EVERY {
             lag_read = Instant::now();
-            lag(&consumer, &positions, metrics);
+            source::lag(&consumer, &positions, metrics);
         }
         if batch.is_empty() {
             continue;
@@ -147,7 +169,7 @@ async fn run_once(
         let events: Vec<Event<'_>> = batch
             .iter()
             .flat_map(|m| {
-                let tables = config.postgres.tables.iter().enumerate();
+                let tables = postgres.tables.iter().enumerate();
                 tables.filter(|(_, t)| t.topic == m.topic()).map(|(target, _)| Event {
                     target,
                     topic: m.topic(),
@@ -158,7 +180,7 @@ async fn run_once(
                 })
             })
             .collect();
-        let skip = config.postgres.on_error == OnError::Skip;
+        let skip = postgres.on_error == OnError::Skip;
         let (plan, skipped) = plan::plan(&targets, &events, skip);
         for (at, problem) in &skipped {
             skipped_event(metrics, &targets, &events[*at], problem);
@@ -174,7 +196,7 @@ async fn run_once(
         }
         // Applied up to the first event that could not be planned, then stop there.
         let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
-        let sink = &config.kafka.name;
+        let sink = &kafka.name;
         let started = Instant::now();
         match apply(&mut client, &targets, &plan.steps, applied, &offsets_table, sink).await {
             Err(SinkError::Apply { source, .. }) if refused(&source) => {
@@ -195,68 +217,6 @@ async fn run_once(
             });
         }
     }
-}
-
-/// Where a partition is read from: the offset after the last applied event.
-struct Position {
-    next: i64,
-    /// Whether reading is known to have resumed at or before `next`. A broker may answer a
-    /// fetch from the middle of a record batch with a later batch (Tansu does), which would
-    /// skip events; so the first event must not be past `next`.
-    verified: bool,
-    /// How far back to seek when it is.
-    step: i64,
-}
-
-/// Whether to apply `message`: not one applied already, and not one read past a gap that
-/// seeking from the stored offset left (then the partition is read again from further
-/// back: the rest of the batch from it, in `sought`, is dropped too).
-fn admit(
-    consumer: &StreamConsumer,
-    positions: &mut BTreeMap<(String, i32), Position>,
-    sought: &mut std::collections::BTreeSet<(String, i32)>,
-    message: &OwnedMessage,
-) -> bool {
-    let key = (message.topic().to_string(), message.partition());
-    if sought.contains(&key) {
-        return false;
-    }
-    let Some(position) = positions.get_mut(&key) else {
-        // Read from its beginning: nothing before it.
-        positions.insert(key, Position { next: message.offset() + 1, verified: true, step: 0 });
-        return true;
-    };
-    let offset = message.offset();
-    if !position.verified {
-        if offset > position.next && position.step > 0 {
-            let from = position.next - position.step;
-            let seek = if from <= 0 { Offset::Beginning } else { Offset::Offset(from) };
-            tracing::debug!(
-                topic = key.0,
-                partition = key.1,
-                expected = position.next,
-                got = offset,
-                ?seek,
-                "the broker skipped events: reading the partition again from further back"
-            );
-            let result = tokio::task::block_in_place(|| {
-                consumer.seek(&key.0, key.1, seek, Duration::from_secs(10))
-            });
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "cannot seek back; reading on");
-            } else {
-                position.step = if from <= 0 { 0 } else { position.step * 2 };
-                sought.insert(key);
-                return false;
-            }
-        }
-        position.verified = true;
-    }
-    if offset < position.next {
-        return false;
-    }
-    position.next = offset + 1;
-    true
 }
 
 /// The catalog's view of a configured target table.
@@ -334,74 +294,6 @@ async fn stored_offsets(
     Ok(rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect())
 }
 
-/// A consumer of every partition of `topics`, each from its stored offset (or the start).
-fn consumer(
-    config: &SinkConfig,
-    topics: &[&str],
-    stored: &BTreeMap<(String, i32), i64>,
-) -> Result<StreamConsumer, SinkError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.name)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
-    for (key, value) in &config.kafka.consumer {
-        client.set(key, ficus_cdc::config::property(value));
-    }
-    let consumer: StreamConsumer =
-        client.create().map_err(|e| SinkError::Config(format!("kafka consumer: {e}")))?;
-    let mut assignment = TopicPartitionList::new();
-    for topic in topics {
-        let metadata = tokio::task::block_in_place(|| {
-            consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
-        })
-        .map_err(|e| SinkError::Kafka(format!("metadata of {topic}: {e}")))?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .filter(|t| t.error().is_none())
-            .map_or(0, |t| t.partitions().len());
-        if partitions == 0 {
-            return Err(SinkError::Kafka(format!("topic {topic} does not exist (yet)")));
-        }
-        for partition in 0..partitions as i32 {
-            // From a little before the stored offset: a broker may answer a fetch from the
-            // middle of a record batch with nothing until the next batch (Tansu does). The
-            // events before it are recognised and passed over (`admit`).
-            let offset = match stored.get(&(topic.to_string(), partition)) {
-                Some(&next) if next > LOOK_BACK => Offset::Offset(next - LOOK_BACK),
-                _ => Offset::Beginning,
-            };
-            assignment
-                .add_partition_offset(topic, partition, offset)
-                .map_err(|e| SinkError::Kafka(e.to_string()))?;
-        }
-    }
-    consumer.assign(&assignment).map_err(|e| SinkError::Kafka(format!("assign: {e}")))?;
-    Ok(consumer)
-}
-
-/// The next batch: waits up to a second for a first event, then up to `linger` for more,
-/// `max` at most.
-async fn collect(
-    messages: &mut MessageStream<'_, DefaultConsumerContext>,
-    max: usize,
-    linger: Duration,
-) -> Result<Vec<OwnedMessage>, SinkError> {
-    let mut batch = Vec::new();
-    let mut wait = tokio::time::Instant::now() + Duration::from_secs(1);
-    while batch.len() < max {
-        let Ok(message) = tokio::time::timeout_at(wait, messages.next()).await else { break };
-        let message = message.ok_or_else(|| SinkError::Kafka("the consumer stopped".into()))?;
-        batch.push(message.map_err(|e| SinkError::Kafka(e.to_string()))?.detach());
-        if batch.len() == 1 {
-            wait = tokio::time::Instant::now() + linger;
-        }
-    }
-    Ok(batch)
-}
-
 /// Applies `steps`, and stores the offsets after `events`, in one transaction.
 async fn apply(
     client: &mut Client,
@@ -451,25 +343,6 @@ async fn apply(
         "batch applied"
     );
     Ok(())
-}
-
-/// Publishes how far each partition read is behind its high watermark (asked of the
-/// broker; a partition that does not answer in time keeps its last figure).
-fn lag(
-    consumer: &StreamConsumer,
-    positions: &BTreeMap<(String, i32), Position>,
-    metrics: &Metrics,
-) {
-    for (key, position) in positions {
-        let asked = tokio::task::block_in_place(|| {
-            consumer.fetch_watermarks(&key.0, key.1, Duration::from_secs(1))
-        });
-        if let Ok((_, high)) = asked {
-            let partition = key.1.to_string();
-            let behind = (high - position.next).max(0);
-            metrics.lag.with_label_values(&[&key.0, &partition]).set(behind);
-        }
-    }
 }
 
 /// Logs and counts an event left out under `on_error = "skip"`.

@@ -428,7 +428,6 @@ pub async fn backend_for(
     response.headers()["x-backend"].to_str().expect("x-backend").to_string()
 }
 
-/// The value of one series in Prometheus text, or 0 when it is absent.
 /// Polls `fetch` (a metrics page) until `series` reaches at least `value`; returns the text
 /// then.
 pub async fn wait_metric<F: std::future::Future<Output = String>>(
@@ -448,6 +447,7 @@ pub async fn wait_metric<F: std::future::Future<Output = String>>(
     }
 }
 
+/// The value of one series in Prometheus text, or 0 when it is absent.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))

@@ -1,0 +1,264 @@
+//! The webhook delivery's I/O: reads its topics from the consumer group's committed offsets,
+//! POSTs each partition's events in order, sends again with back-off what the endpoint fails
+//! or does not answer in time (never skipping), and commits the offsets after what it took:
+//! at least once. A refusal (4xx) stops its partition only, saying why.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::{KafkaConfig, OnError, WebhookConfig};
+use crate::metrics::Metrics;
+use crate::run::SinkError;
+use crate::source;
+use crate::webhook::{self, HookEvent, Secret, Verdict};
+
+/// The longest wait between two tries of one request (a `Retry-After` may ask for more, up
+/// to `MAX_RETRY_AFTER`).
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// How often the partitions' high watermarks are asked for.
+const LAG_EVERY: Duration = Duration::from_secs(2);
+
+/// Delivers `topics` to the webhook until `shutdown` turns true or Kafka fails.
+pub async fn run_once(
+    kafka: &KafkaConfig,
+    topics: &[String],
+    hook: &WebhookConfig,
+    metrics: &Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SinkError> {
+    let poster = Poster::new(hook, metrics)?;
+    let (consumer, partitions) = source::consumer(kafka, topics)?;
+    let stored = source::committed(&consumer, &partitions)?;
+    source::assign(&consumer, &partitions, &stored)?;
+    tracing::info!(url = hook.url, topics = %topics.join(", "), from = ?stored, "webhook delivery started");
+    metrics.healthy.store(true, Ordering::Relaxed);
+    let mut positions = source::positions(&stored);
+    let mut stopped: BTreeSet<(String, i32)> = BTreeSet::new();
+    let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
+    let mut messages = consumer.stream();
+    loop {
+        let mut batch = tokio::select! {
+            batch = source::collect(&mut messages, hook.batch, hook.linger) => batch?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let mut sought = BTreeSet::new();
+        batch.retain(|m| {
+            let partition = (m.topic().to_string(), m.partition());
+            !stopped.contains(&partition)
+                && source::admit(&consumer, &mut positions, &mut sought, m)
+        });
+        if lag_read.elapsed() >= LAG_EVERY {
+            lag_read = Instant::now();
+            source::lag(&consumer, &positions, metrics);
+        }
+        let mut by_partition: BTreeMap<(&str, i32), Vec<&OwnedMessage>> = BTreeMap::new();
+        for message in &batch {
+            by_partition.entry((message.topic(), message.partition())).or_default().push(message);
+        }
+        // Partitions are independent: each is delivered in order, side by side.
+        let outcomes = futures_util::future::join_all(by_partition.iter().map(
+            |(&(topic, partition), events)| {
+                poster.partition(topic, partition, events, shutdown.clone())
+            },
+        ))
+        .await;
+        let mut commit = TopicPartitionList::new();
+        for (&(topic, partition), outcome) in by_partition.keys().zip(outcomes) {
+            if let Some(next) = outcome.delivered {
+                commit
+                    .add_partition_offset(topic, partition, Offset::Offset(next))
+                    .map_err(|e| SinkError::Kafka(e.to_string()))?;
+            }
+            if let Some(reason) = outcome.stopped {
+                tracing::error!("{reason}");
+                let mut paused = TopicPartitionList::new();
+                paused.add_partition(topic, partition);
+                if let Err(e) = consumer.pause(&paused) {
+                    tracing::warn!(error = %e, topic, partition, "cannot pause the partition; its events are dropped instead");
+                }
+                stopped.insert((topic.to_string(), partition));
+                metrics.stopped.set(stopped.len() as i64);
+            }
+        }
+        if commit.count() > 0 {
+            // What was delivered is committed before the next request: a crash repeats at
+            // most the requests under way.
+            tokio::task::block_in_place(|| consumer.commit(&commit, CommitMode::Sync))
+                .map_err(|e| SinkError::Kafka(format!("commit of the webhook's offsets: {e}")))?;
+        }
+    }
+}
+
+/// What became of a partition's events in one round.
+struct Outcome {
+    /// The offset after the last event taken (or skipped), if any was.
+    delivered: Option<i64>,
+    /// Why the partition stops, if it does.
+    stopped: Option<String>,
+}
+
+/// Sends requests to the endpoint.
+struct Poster<'a> {
+    http: reqwest::Client,
+    hook: &'a WebhookConfig,
+    secret: Option<Secret>,
+    metrics: &'a Metrics,
+}
+
+impl<'a> Poster<'a> {
+    fn new(hook: &'a WebhookConfig, metrics: &'a Metrics) -> Result<Poster<'a>, SinkError> {
+        let secret = match &hook.secret_file {
+            Some(path) => {
+                let problem = |e: String| {
+                    SinkError::Config(format!("webhook.secret_file {}: {e}", path.display()))
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+                Some(Secret::parse(&text).map_err(problem)?)
+            }
+            None => {
+                tracing::warn!("webhook.secret_file is not set: requests are not signed");
+                None
+            }
+        };
+        let http = reqwest::Client::builder()
+            .timeout(hook.timeout)
+            // A redirect is an answer to fix, not to follow with the events.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| SinkError::Config(format!("webhook client: {e}")))?;
+        Ok(Poster { http, hook, secret, metrics })
+    }
+
+    /// Delivers `events` of one partition in order, in requests of `webhook.batch` events,
+    /// each sent until the endpoint takes or refuses it (or the sink stops).
+    async fn partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        events: &[&OwnedMessage],
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Outcome {
+        let mut outcome = Outcome { delivered: None, stopped: None };
+        for chunk in events.chunks(self.hook.batch) {
+            let (first, last) = (chunk[0].offset(), chunk[chunk.len() - 1].offset());
+            let events: Vec<HookEvent<'_>> = chunk
+                .iter()
+                .map(|m| HookEvent {
+                    topic,
+                    partition,
+                    offset: m.offset(),
+                    key: m.key(),
+                    value: m.payload(),
+                })
+                .collect();
+            let body = webhook::body(&events);
+            let id = webhook::idempotency_key(topic, partition, first, last);
+            let mut backoff = Duration::from_millis(250);
+            loop {
+                let wait = match self.post(&id, &body).await {
+                    Ok((status, _, _)) if Verdict::of(status) == Verdict::Delivered => {
+                        self.count(topic, "delivered", chunk.len());
+                        outcome.delivered = Some(last + 1);
+                        break;
+                    }
+                    Ok((status, text, _)) if Verdict::of(status) == Verdict::Refused => {
+                        if self.hook.on_4xx == OnError::Skip {
+                            tracing::warn!(
+                                id,
+                                status,
+                                answer = text,
+                                "webhook refused the events; skipped (on_4xx = \"skip\")"
+                            );
+                            self.count(topic, "skipped", chunk.len());
+                            outcome.delivered = Some(last + 1);
+                            break;
+                        }
+                        outcome.stopped = Some(format!(
+                            "{topic} partition {partition} offset {first}: the webhook {} answered {status} ({text}). \
+                             The partition is stopped: nothing from this event on is delivered; fix the endpoint \
+                             or set webhook.on_4xx = \"skip\", then restart",
+                            self.hook.url
+                        ));
+                        return outcome;
+                    }
+                    Ok((status, text, retry_after)) => {
+                        tracing::warn!(id, status, answer = text, retry_in = ?retry_after.unwrap_or(backoff), "webhook failed; sending again");
+                        retry_after.unwrap_or(backoff)
+                    }
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, retry_in = ?backoff, "webhook not answered; sending again");
+                        backoff
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return outcome,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+        outcome
+    }
+
+    /// One try: the status, the start of the answer's text, and how long a `Retry-After`
+    /// asks to wait.
+    async fn post(
+        &self,
+        id: &str,
+        body: &[u8],
+    ) -> Result<(u16, String, Option<Duration>), reqwest::Error> {
+        let started = Instant::now();
+        let mut request = self
+            .http
+            .post(&self.hook.url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", id)
+            .header("webhook-id", id);
+        if let Some(secret) = &self.secret {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            request = request
+                .header("webhook-timestamp", now.to_string())
+                .header("webhook-signature", secret.sign(id, now, body));
+        }
+        let result = request.body(body.to_vec()).send().await;
+        self.metrics.hook_seconds.observe(started.elapsed().as_secs_f64());
+        let mut response = match result {
+            Ok(response) => response,
+            Err(e) => {
+                let answer = if e.is_timeout() { "timeout" } else { "error" };
+                self.metrics.hook_requests.with_label_values(&[answer]).inc();
+                return Err(e);
+            }
+        };
+        let status = response.status().as_u16();
+        let class = format!("{}xx", status / 100);
+        self.metrics.hook_requests.with_label_values(&[&class]).inc();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|seconds| Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
+        // Enough of the answer to say why; the rest is not read.
+        let mut start = Vec::new();
+        while start.len() < 200 {
+            match response.chunk().await {
+                Ok(Some(chunk)) => start.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        let text: String = String::from_utf8_lossy(&start).chars().take(200).collect();
+        Ok((status, text, retry_after))
+    }
+
+    fn count(&self, topic: &str, outcome: &str, events: usize) {
+        self.metrics.hook_events.with_label_values(&[topic, outcome]).inc_by(events as u64);
+    }
+}

@@ -1,0 +1,206 @@
+//! Reading the topics: a consumer of every partition from given offsets, batches of
+//! messages, and the check that reading resumed where it should (a broker may answer a
+//! fetch from the middle of a record batch with a later batch), for both deliveries.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, DefaultConsumerContext, MessageStream, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+use crate::run::SinkError;
+
+/// How far before its stored offset a partition is read again at start.
+const LOOK_BACK: i64 = 1000;
+
+/// Each partition's position, by topic and partition.
+pub type Positions = BTreeMap<(String, i32), Position>;
+
+/// The positions to check reading against, from the offsets after the last delivered events.
+pub fn positions(stored: &BTreeMap<(String, i32), i64>) -> Positions {
+    stored
+        .iter()
+        .map(|(key, &next)| (key.clone(), Position { next, verified: false, step: 2 * LOOK_BACK }))
+        .collect()
+}
+
+/// A consumer for `topics` (not reading yet), and every partition of them.
+pub fn consumer(
+    kafka: &KafkaConfig,
+    topics: &[String],
+) -> Result<(StreamConsumer, Vec<(String, i32)>), SinkError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", &kafka.name)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    for (key, value) in &kafka.consumer {
+        client.set(key, ficus_cdc::config::property(value));
+    }
+    let consumer: StreamConsumer =
+        client.create().map_err(|e| SinkError::Config(format!("kafka consumer: {e}")))?;
+    let mut partitions = Vec::new();
+    for topic in topics {
+        let metadata = tokio::task::block_in_place(|| {
+            consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
+        })
+        .map_err(|e| SinkError::Kafka(format!("metadata of {topic}: {e}")))?;
+        let count = metadata
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        if count == 0 {
+            return Err(SinkError::Kafka(format!("topic {topic} does not exist (yet)")));
+        }
+        partitions.extend((0..count as i32).map(|p| (topic.clone(), p)));
+    }
+    Ok((consumer, partitions))
+}
+
+/// The offsets the consumer group committed for `partitions` (none: from the start).
+pub fn committed(
+    consumer: &StreamConsumer,
+    partitions: &[(String, i32)],
+) -> Result<BTreeMap<(String, i32), i64>, SinkError> {
+    let mut list = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        list.add_partition(topic, *partition);
+    }
+    let committed =
+        tokio::task::block_in_place(|| consumer.committed_offsets(list, Duration::from_secs(10)))
+            .map_err(|e| SinkError::Kafka(format!("the consumer group's committed offsets: {e}")))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(next) => Some(((e.topic().to_string(), e.partition()), next)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Reads every partition from a little before its stored offset, or from the start.
+pub fn assign(
+    consumer: &StreamConsumer,
+    partitions: &[(String, i32)],
+    stored: &BTreeMap<(String, i32), i64>,
+) -> Result<(), SinkError> {
+    let mut assignment = TopicPartitionList::new();
+    for key in partitions {
+        // From a little before the stored offset: a broker may answer a fetch from the
+        // middle of a record batch with nothing until the next batch (Tansu does). The
+        // events before it are recognised and passed over (`admit`).
+        let offset = match stored.get(key) {
+            Some(&next) if next > LOOK_BACK => Offset::Offset(next - LOOK_BACK),
+            _ => Offset::Beginning,
+        };
+        assignment
+            .add_partition_offset(&key.0, key.1, offset)
+            .map_err(|e| SinkError::Kafka(e.to_string()))?;
+    }
+    consumer.assign(&assignment).map_err(|e| SinkError::Kafka(format!("assign: {e}")))
+}
+
+/// The next batch: waits up to a second for a first event, then up to `linger` for more,
+/// `max` at most.
+pub async fn collect(
+    messages: &mut MessageStream<'_, DefaultConsumerContext>,
+    max: usize,
+    linger: Duration,
+) -> Result<Vec<OwnedMessage>, SinkError> {
+    let mut batch = Vec::new();
+    let mut wait = tokio::time::Instant::now() + Duration::from_secs(1);
+    while batch.len() < max {
+        let Ok(message) = tokio::time::timeout_at(wait, messages.next()).await else { break };
+        let message = message.ok_or_else(|| SinkError::Kafka("the consumer stopped".into()))?;
+        batch.push(message.map_err(|e| SinkError::Kafka(e.to_string()))?.detach());
+        if batch.len() == 1 {
+            wait = tokio::time::Instant::now() + linger;
+        }
+    }
+    Ok(batch)
+}
+
+/// Where a partition is read from: the offset after the last applied event.
+pub struct Position {
+    pub next: i64,
+    /// Whether reading is known to have resumed at or before `next`. A broker may answer a
+    /// fetch from the middle of a record batch with a later batch (Tansu does), which would
+    /// skip events; so the first event must not be past `next`.
+    verified: bool,
+    /// How far back to seek when it is.
+    step: i64,
+}
+
+/// Whether to apply `message`: not one applied already, and not one read past a gap that
+/// seeking from the stored offset left (then the partition is read again from further
+/// back: the rest of the batch from it, in `sought`, is dropped too).
+pub fn admit(
+    consumer: &StreamConsumer,
+    positions: &mut Positions,
+    sought: &mut BTreeSet<(String, i32)>,
+    message: &OwnedMessage,
+) -> bool {
+    let key = (message.topic().to_string(), message.partition());
+    if sought.contains(&key) {
+        return false;
+    }
+    let Some(position) = positions.get_mut(&key) else {
+        // Read from its beginning: nothing before it.
+        positions.insert(key, Position { next: message.offset() + 1, verified: true, step: 0 });
+        return true;
+    };
+    let offset = message.offset();
+    if !position.verified {
+        if offset > position.next && position.step > 0 {
+            let from = position.next - position.step;
+            let seek = if from <= 0 { Offset::Beginning } else { Offset::Offset(from) };
+            tracing::debug!(
+                topic = key.0,
+                partition = key.1,
+                expected = position.next,
+                got = offset,
+                ?seek,
+                "the broker skipped events: reading the partition again from further back"
+            );
+            let result = tokio::task::block_in_place(|| {
+                consumer.seek(&key.0, key.1, seek, Duration::from_secs(10))
+            });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "cannot seek back; reading on");
+            } else {
+                position.step = if from <= 0 { 0 } else { position.step * 2 };
+                sought.insert(key);
+                return false;
+            }
+        }
+        position.verified = true;
+    }
+    if offset < position.next {
+        return false;
+    }
+    position.next = offset + 1;
+    true
+}
+
+/// Publishes how far each partition read is behind its high watermark (asked of the
+/// broker; a partition that does not answer in time keeps its last figure).
+pub fn lag(consumer: &StreamConsumer, positions: &Positions, metrics: &Metrics) {
+    for (key, position) in positions {
+        let asked = tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(&key.0, key.1, Duration::from_secs(1))
+        });
+        if let Ok((_, high)) = asked {
+            let partition = key.1.to_string();
+            let behind = (high - position.next).max(0);
+            metrics.lag.with_label_values(&[&key.0, &partition]).set(behind);
+        }
+    }
+}
