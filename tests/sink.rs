@@ -400,3 +400,77 @@ async fn a_webhook_failing_with_503_for_10s_gets_every_event_in_order_and_signed
     let refused: Vec<&Hooked> = hooked.iter().filter(|r| r.status == 422).collect();
     assert!(refused.iter().all(|r| r.key == format!("{topic}/0/300")), "only the new event");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_of_the_cdc_type_tests_and_a_truncate_arrive_as_the_source_has_them() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    // The columns of `every_kind_of_change_and_every_type_as_documented` and of
+    // `domains_arrays_dates_times_and_money_keep_their_json_types`, in both databases.
+    let schema = "CREATE TYPE mood AS ENUM ('sad', 'happy');
+        CREATE DOMAIN dint AS int CHECK (VALUE > 0); CREATE DOMAIN dint2 AS dint;
+        CREATE DOMAIN dbool AS boolean; CREATE DOMAIN dbytea AS bytea;
+        CREATE DOMAIN ddate AS date; CREATE DOMAIN dtstz AS timestamptz; CREATE DOMAIN dia AS int[];
+        CREATE TABLE t (id int PRIMARY KEY, small smallint, big bigint, flag boolean,
+          price numeric(10,2), ratio double precision, f4 real, name text, code varchar(10),
+          uid uuid, feeling mood, doc jsonb, js json, blob bytea, tags text[], nums int[], day date,
+          at timestamp, at_tz timestamptz, t time, iv interval, di dint, ddi dint2, db dbool,
+          dby dbytea, dd ddate, dtz dtstz, dia dia, dis dint[], ips inet[], moods mood[],
+          d_bc date, d_big date, d_inf date, d_ninf date, ts_bc timestamp, ts_big timestamp,
+          ts_inf timestamp, tz_bc timestamptz, tz_big timestamptz, tz_ninf timestamptz,
+          t_end time, m money, ms money[]);";
+    let values = |id: i32| {
+        format!(
+            "INSERT INTO t VALUES ({id}, 2, 9007199254740993, true, 12.5, 1.5, 0.25, 'héllo \"q\"', 'abc',
+              'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'happy', '{{\"a\": [1, {{\"b\": null}}]}}', '{{\"b\":2}}',
+              '\\x0001ff', '{{x,\"y z\",NULL}}', '{{1,2,NULL}}', '2022-01-01', '2022-01-01 10:00:00.5',
+              '2022-01-01 10:00:00.123456+02', '01:02:03.5', '1 year 2 mons 3 days 04:05:06.7',
+              42, 7, true, '\\x0102', '2022-01-01', '2022-01-01 10:00:00+02', '{{1,2}}', '{{3,4}}',
+              '{{10.0.0.1,::1}}', '{{sad,happy}}', '0044-03-15 BC', '10000-01-01', 'infinity', '-infinity',
+              '0044-03-15 12:00:00 BC', '10000-01-01 00:00:00', 'infinity', '0044-03-15 00:00:00+00 BC',
+              '10000-01-01 00:00:00+00', '-infinity', '24:00:00', (-1234.5)::numeric::money,
+              ARRAY[1.5::numeric::money, NULL]);"
+        )
+    };
+    let source = pg.database("shop").await;
+    let target = pg.database("view").await;
+    source.batch_execute(&format!("{schema}{}", values(1))).await.expect("source");
+    target.batch_execute(schema).await.expect("target");
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "ty", "tables = [\"t\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    source
+        .batch_execute(&format!(
+            "{} INSERT INTO t (id) VALUES (3);
+             UPDATE t SET name = 'changed', nums = NULL, f4 = -0.5, ts_inf = '-infinity' WHERE id = 2;
+             TRUNCATE t;
+             {} {} INSERT INTO t (id) VALUES (6);
+             UPDATE t SET id = 7, day = '1999-12-31' WHERE id = 5;",
+            values(2),
+            values(4),
+            values(5)
+        ))
+        .await
+        .expect("changes");
+    let topic = format!("{}.public.t", broker.topic("ty"));
+    let sink = Cdc::start_sink(&format!(
+        "[kafka]\nbrokers = \"{}\"\n[postgres]\nurl = \"{}\"\n[[postgres.tables]]\ntopic = \"{topic}\"\ntable = \"public.t\"\n",
+        broker.addr,
+        pg.url("view")
+    ));
+    // Each row as PostgreSQL prints it: equal text is an equal value of every column.
+    let rows = |db: &'static str| {
+        let client = if db == "shop" { &source } else { &target };
+        async move {
+            let rows = client.query("SELECT t::text FROM t ORDER BY id", &[]).await.expect("rows");
+            rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+        }
+    };
+    let expected = rows("shop").await;
+    assert_eq!(expected.len(), 3, "rows 4, 6 and 7 after the truncate");
+    let deadline = Instant::now() + QUIET;
+    while rows("view").await != expected {
+        if Instant::now() > deadline {
+            assert_eq!(rows("view").await, expected, "{}", sink.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
