@@ -88,4 +88,14 @@ mod tests {
         assert_eq!(webhook.batch, 100);
         assert_eq!(config.kafka.topics, ["shop.public.orders"]);
     }
+
+    #[test]
+    fn the_deployed_sink_configs_load() {
+        for file in ["deploy/compose/sink.toml", "deploy/k8s/sink.toml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let config = load_config(&path).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+            let postgres = config.postgres.expect("postgres");
+            assert_eq!(postgres.tables[0].columns.get("total").map(String::as_str), Some("amount"));
+        }
+    }
 }

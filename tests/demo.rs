@@ -48,7 +48,9 @@ fn the_demo_tells_the_whole_story_and_cleans_up_on_ctrl_c() {
     assert!(output.contains("[kafka shop.public.orders] op=r"), "{output}");
     assert!(output.contains("[kafka shop.public.orders] op=c"), "{output}");
     assert!(output.contains("-> monolith: order 4"), "{output}");
-    // Reads are split between both backends, and the new service knows order 4 through CDC.
+    // The new service's own database has the new orders through ficus cdc and ficus sink.
+    assert!(output.contains("put them in the orders service's own database"), "{output}");
+    // Reads are split between both backends, and the new service knows order 4.
     assert!(output.contains("-> orders   \"cable\""), "{output}");
     assert!(output.contains("-> monolith \"cable\""), "{output}");
     assert!(demo_dir.join("postgres").exists());

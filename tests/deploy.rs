@@ -18,7 +18,7 @@ fn load(path: &str) -> Vec<Yaml> {
 fn the_compose_file_has_every_service_and_mounts_existing_configs() {
     let docs = load("compose.yaml");
     let services = &docs[0]["services"];
-    for name in ["postgres", "kafka", "shop", "orders", "proxy", "cdc"] {
+    for name in ["postgres", "kafka", "shop", "orders-db", "orders", "proxy", "cdc", "sink"] {
         assert!(!services[name].is_badvalue(), "service {name} missing");
     }
     let postgres = format!("{:?}", services["postgres"]["command"]);
@@ -28,7 +28,7 @@ fn the_compose_file_has_every_service_and_mounts_existing_configs() {
         Some("broker,controller"),
         "KRaft"
     );
-    for name in ["proxy", "cdc"] {
+    for name in ["proxy", "cdc", "sink"] {
         let volume = services[name]["volumes"][0].as_str().expect("volume");
         let host = volume.split(':').next().expect("host path");
         assert!(deploy(host).is_dir(), "{name} mounts {host}, which does not exist");
@@ -37,6 +37,7 @@ fn the_compose_file_has_every_service_and_mounts_existing_configs() {
         deploy("compose/routes.toml").exists()
             && deploy("compose/proxy.toml").exists()
             && deploy("compose/cdc.toml").exists()
+            && deploy("compose/sink.toml").exists()
     );
 }
 
@@ -67,6 +68,7 @@ fn the_kubernetes_manifests_have_the_expected_kinds() {
         ("PodDisruptionBudget", "ficus-proxy"),
         ("NetworkPolicy", "ficus-proxy"),
         ("Deployment", "ficus-cdc"),
+        ("Deployment", "ficus-sink"),
     ] {
         assert!(
             kinds.iter().any(|(k, n)| k == expected.0 && n == expected.1),
@@ -86,8 +88,10 @@ fn the_kubernetes_manifests_have_the_expected_kinds() {
         .expect("routes ConfigMap");
     assert_eq!(routes["options"]["disableNameSuffixHash"].as_bool(), Some(true));
     let secrets = kustomization["secretGenerator"].as_vec().expect("secrets");
-    assert!(secrets.iter().any(|s| s["name"].as_str() == Some("ficus-cdc-database")));
-    for file in ["routes.toml", "cdc.toml"] {
+    for secret in ["ficus-cdc-database", "ficus-sink-database"] {
+        assert!(secrets.iter().any(|s| s["name"].as_str() == Some(secret)), "{secret}");
+    }
+    for file in ["routes.toml", "cdc.toml", "sink.toml"] {
         assert!(deploy(&format!("k8s/{file}")).exists());
     }
 }

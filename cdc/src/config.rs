@@ -277,41 +277,52 @@ fn default_max_in_flight() -> usize {
     100_000
 }
 
+/// A PostgreSQL URL (the setting `key`) without its TLS options, and those options:
+/// libpq's `sslmode` values and `sslrootcert` are handled by ficus, not by tokio-postgres.
+pub fn split_pg_url(key: &str, url: &str) -> Result<(String, TlsSettings), CdcError> {
+    let problem = |e: &dyn std::fmt::Display| CdcError::Config(format!("{key}: {e}"));
+    let mut url = url::Url::parse(url).map_err(|e| problem(&e))?;
+    let mut tls = TlsSettings { mode: SslMode::Prefer, root_cert: None };
+    let mut kept = Vec::new();
+    for (name, value) in url.query_pairs() {
+        match name.as_ref() {
+            "sslmode" => tls.mode = SslMode::parse(&value).map_err(|e| problem(&e))?,
+            "sslrootcert" => tls.root_cert = Some(PathBuf::from(value.as_ref())),
+            _ => kept.push((name.to_string(), value.to_string())),
+        }
+    }
+    url.set_query(None);
+    if !kept.is_empty() {
+        url.query_pairs_mut().extend_pairs(kept);
+    }
+    Ok((url.to_string(), tls))
+}
+
+/// The settings of an SQL connection (tokio-postgres) to `url` (the setting `key`), and its
+/// TLS settings, which [`crate::tls::client_config`] turns into a TLS client.
+pub fn sql_config(key: &str, url: &str) -> Result<(tokio_postgres::Config, TlsSettings), CdcError> {
+    let (url, tls) = split_pg_url(key, url)?;
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|e| CdcError::Config(format!("{key}: {e}")))?;
+    // Notice a connection the network dropped while idle (a NAT, a load balancer).
+    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    config.ssl_mode(match tls.mode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        _ => tokio_postgres::config::SslMode::Require,
+    });
+    Ok((config, tls))
+}
+
 impl SourceConfig {
-    /// `url` without its TLS options, and those options: libpq's `sslmode` values and
-    /// `sslrootcert` are handled by ficus, not by tokio-postgres.
+    /// `url` without its TLS options, and those options.
     pub fn split_url(&self) -> Result<(String, TlsSettings), CdcError> {
-        let mut url =
-            url::Url::parse(&self.url).map_err(|e| CdcError::Config(format!("source.url: {e}")))?;
-        let mut tls = TlsSettings { mode: SslMode::Prefer, root_cert: None };
-        let mut kept = Vec::new();
-        for (key, value) in url.query_pairs() {
-            match key.as_ref() {
-                "sslmode" => tls.mode = SslMode::parse(&value)?,
-                "sslrootcert" => tls.root_cert = Some(PathBuf::from(value.as_ref())),
-                _ => kept.push((key.to_string(), value.to_string())),
-            }
-        }
-        url.set_query(None);
-        if !kept.is_empty() {
-            url.query_pairs_mut().extend_pairs(kept);
-        }
-        Ok((url.to_string(), tls))
+        split_pg_url("source.url", &self.url)
     }
 
     /// The settings of the SQL connection (tokio-postgres); TLS is set up separately.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, CdcError> {
-        let (url, tls) = self.split_url()?;
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| CdcError::Config(format!("source.url: {e}")))?;
-        // Notice a connection the network dropped while idle (a NAT, a load balancer).
-        config.keepalives(true).keepalives_idle(Duration::from_secs(30));
-        config.ssl_mode(match tls.mode {
-            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
-            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-            _ => tokio_postgres::config::SslMode::Require,
-        });
-        Ok(config)
+        Ok(sql_config("source.url", &self.url)?.0)
     }
 
     /// The TLS settings of `url`.

@@ -101,6 +101,32 @@ pub fn timestamp_text(micros: i128) -> String {
     format!("{date} {}{bc}", clock_text(micros.rem_euclid(MICROS_PER_DAY) as i64))
 }
 
+/// An ISO 8601 instant as [`timestamptz_iso`] writes it (`2022-01-01T08:00:00.5Z`, the
+/// signed years `-0043` for 44 BC and `+10000`, the infinity sentinels) back as text a
+/// `timestamptz` column takes in (`0044-03-15 00:00:00+00 BC`, `infinity`); other text is
+/// given as it is, for PostgreSQL to judge.
+pub fn timestamptz_text(iso: &str) -> String {
+    match iso {
+        TIMESTAMPTZ_INFINITY => return "infinity".into(),
+        TIMESTAMPTZ_NEG_INFINITY => return "-infinity".into(),
+        _ => {}
+    }
+    let (negative, unsigned) = match iso.as_bytes().first() {
+        Some(b'-') => (true, &iso[1..]),
+        Some(b'+') => (false, &iso[1..]),
+        _ => (false, iso),
+    };
+    let parsed = unsigned.split_once('-').and_then(|(year, rest)| {
+        let year: i64 = year.parse().ok()?;
+        let rest = rest.strip_suffix('Z')?.replacen('T', " ", 1);
+        Some((if negative { -year } else { year }, rest))
+    });
+    let Some((year, rest)) = parsed else { return iso.to_string() };
+    // ISO's year 0 is 1 BC.
+    let (year, bc) = if year <= 0 { (1 - year, " BC") } else { (year, "") };
+    format!("{year:04}-{rest}+00{bc}")
+}
+
 /// `YYYY-MM-DD` of a day since 1970, and ` BC` when its year is before 1.
 fn civil_text(days: i64) -> (String, &'static str) {
     let (year, month, day) = civil_from_days(days);
@@ -357,6 +383,22 @@ mod tests {
         assert_eq!(timestamptz_iso("infinity").as_deref(), Some(TIMESTAMPTZ_INFINITY));
         assert_eq!(timestamptz_iso("-infinity").as_deref(), Some(TIMESTAMPTZ_NEG_INFINITY));
         assert_eq!(timestamptz_iso("2022-01-01 00:00:00"), None, "no offset");
+    }
+
+    #[test]
+    fn instants_read_back_as_timestamptz_text() {
+        for (text, back) in [
+            ("2022-01-01 10:00:00.5+02", "2022-01-01 08:00:00.500+00"),
+            ("0044-03-15 00:00:00+00 BC", "0044-03-15 00:00:00+00 BC"),
+            ("0001-06-01 00:00:00+00 BC", "0001-06-01 00:00:00+00 BC"),
+            ("10000-01-01 00:00:00+00", "10000-01-01 00:00:00+00"),
+            ("infinity", "infinity"),
+            ("-infinity", "-infinity"),
+        ] {
+            let iso = timestamptz_iso(text).expect("valid");
+            assert_eq!(timestamptz_text(&iso), back, "{text} as {iso}");
+        }
+        assert_eq!(timestamptz_text("not a time"), "not a time");
     }
 
     #[test]

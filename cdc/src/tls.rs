@@ -31,7 +31,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn parse(value: &str) -> Result<SslMode, CdcError> {
+    pub fn parse(value: &str) -> Result<SslMode, String> {
         Ok(match value {
             "disable" => SslMode::Disable,
             // libpq's allow means "plain first": ficus prefers safety and treats it as prefer.
@@ -40,9 +40,9 @@ impl SslMode {
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
             other => {
-                return Err(CdcError::Config(format!(
-                    "source.url: sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
-                )))
+                return Err(format!(
+                    "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+                ))
             }
         })
     }

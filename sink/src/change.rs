@@ -87,7 +87,8 @@ mod tests {
     #[test]
     fn numbers_keep_every_digit() {
         // The float8 nearest 632 / 7 and a bigint past 2^53, as ficus cdc writes them.
-        let value = br#"{"op": "c", "after": {"ratio": 90.28571428571429, "big": 9007199254740993}}"#;
+        let value =
+            br#"{"op": "c", "after": {"ratio": 90.28571428571429, "big": 9007199254740993}}"#;
         let Ok(Some(Change::Upsert(after))) = parse(None, Some(value)) else { panic!("upsert") };
         assert_eq!(after["ratio"].to_string(), "90.28571428571429");
         assert_eq!(after["big"].to_string(), "9007199254740993");

@@ -2,6 +2,7 @@
 //! of upserts and of deletes become one multi-row statement each. Pure: the runner executes
 //! the statements in one transaction with the batch's offsets.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{Map, Value};
@@ -108,6 +109,7 @@ pub fn plan(
     skip_bad: bool,
 ) -> (Plan, Vec<(usize, String)>) {
     let mut plan = Plan::default();
+    let mut rows_by_key = HashMap::new();
     let mut skipped = Vec::new();
     for (index, event) in events.iter().enumerate() {
         let target = &targets[event.target];
@@ -126,7 +128,7 @@ pub fn plan(
                 .and_then(|change| step(event.target, target, change, &mut plan.unknown_columns)),
         };
         match step {
-            Ok(Some(step)) => push(&mut plan.steps, step, target),
+            Ok(Some(step)) => push(&mut plan.steps, &mut rows_by_key, step, target),
             Ok(None) => {}
             Err(problem) if skip_bad => skipped.push((index, problem)),
             Err(problem) => {
@@ -172,31 +174,25 @@ fn step(
 
 /// Adds `step` to the plan, into the last statement when it is of the same kind, table and
 /// columns. Upserts of a key already in the statement replace its row: one statement may
-/// not touch a row twice.
-fn push(steps: &mut Vec<Step>, step: Step, target: &Target) {
+/// not touch a row twice. `rows_by_key` indexes the rows of the last statement by key.
+fn push(
+    steps: &mut Vec<Step>,
+    rows_by_key: &mut HashMap<Vec<Option<String>>, usize>,
+    step: Step,
+    target: &Target,
+) {
     match (steps.last_mut(), step) {
         (
             Some(Step::Upsert { target: t, columns: c, rows }),
             Step::Upsert { target: new_t, columns: new_c, rows: new_rows },
         ) if *t == new_t && *c == new_c => {
             for row in new_rows {
-                let key: Vec<&Option<String>> = target
-                    .key
-                    .iter()
-                    .filter_map(|k| c.iter().position(|x| x == k))
-                    .map(|at| &row[at])
-                    .collect();
-                let same = rows.iter().position(|r| {
-                    target
-                        .key
-                        .iter()
-                        .filter_map(|k| c.iter().position(|x| x == k))
-                        .map(|at| &r[at])
-                        .eq(key.iter().copied())
-                });
-                match same {
-                    Some(at) => rows[at] = row,
-                    None => rows.push(row),
+                match rows_by_key.entry(target.key_of(c, &row)) {
+                    Entry::Occupied(at) => rows[*at.get()] = row,
+                    Entry::Vacant(at) => {
+                        at.insert(rows.len());
+                        rows.push(row);
+                    }
                 }
             }
         }
@@ -208,7 +204,15 @@ fn push(steps: &mut Vec<Step>, step: Step, target: &Target) {
             Some(Step::Append { target: t, rows }),
             Step::Append { target: new_t, rows: new_rows },
         ) if *t == new_t => rows.extend(new_rows),
-        (_, step) => steps.push(step),
+        (_, step) => {
+            rows_by_key.clear();
+            if let Step::Upsert { columns, rows, .. } = &step {
+                for (at, row) in rows.iter().enumerate() {
+                    rows_by_key.insert(target.key_of(columns, row), at);
+                }
+            }
+            steps.push(step);
+        }
     }
 }
 
@@ -238,6 +242,12 @@ impl Target {
         }
         set.sort_by_key(|(at, _)| *at);
         Ok(set.into_iter().unzip())
+    }
+
+    /// The key values of an upsert row setting `columns`.
+    fn key_of(&self, columns: &[usize], row: &[Option<String>]) -> Vec<Option<String>> {
+        let at = |k: &usize| columns.iter().position(|c| c == k);
+        self.key.iter().filter_map(at).map(|at| row[at].clone()).collect()
     }
 
     fn missing_key(&self, column: usize) -> String {

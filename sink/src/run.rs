@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ficus_cdc::error::{sqlstate_recovery, Recovery};
 use ficus_cdc::names::TableName;
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
@@ -119,12 +119,10 @@ async fn run_once(
     metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
-    let (mut client, connection) = tokio_postgres::connect(&postgres.url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "target connection ended");
-        }
-    });
+    let mut client = connect(&postgres.url).await?;
+    if !applier(&client, &kafka.name, &mut shutdown).await? {
+        return Ok(());
+    }
     let offsets_table = TableName::parse(&postgres.offsets_table).map_err(SinkError::Config)?.sql();
     client
         .batch_execute(&format!(
@@ -145,76 +143,165 @@ async fn run_once(
     source::assign(&consumer, &partitions, &stored)?;
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
     metrics.healthy.store(true, Ordering::Relaxed);
-    let mut warned = std::collections::BTreeSet::new();
-    let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
-    let mut positions = source::positions(&stored);
-    // One stream for the whole run: waiting on its next message may be given up without
-    // losing one (a `recv` given up may have taken a message already).
-    let mut messages = consumer.stream();
-    loop {
-        let batch = tokio::select! {
-            batch = source::collect(&mut messages, postgres.batch, postgres.linger) => batch?,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        let mut batch = batch;
-        let mut sought = std::collections::BTreeSet::new();
-        batch.retain(|m| source::admit(&consumer, &mut positions, &mut sought, m));
-        if lag_read.elapsed() >= LAG_EVERY {
-            lag_read = Instant::now();
-            source::lag(&consumer, &positions, metrics);
+    let skip = postgres.on_error == OnError::Skip;
+    // Reading and planning the next batch overlaps with applying this one: one batch waits
+    // between them at most.
+    let (planned, mut to_apply) = tokio::sync::mpsc::channel::<Planned>(1);
+    let read = async {
+        let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
+        let mut positions = source::positions(&stored);
+        // One stream for the whole run: waiting on its next message may be given up
+        // without losing one (a `recv` given up may have taken a message already).
+        let mut messages = consumer.stream();
+        loop {
+            let mut batch = tokio::select! {
+                batch = source::collect(&mut messages, postgres.batch, postgres.linger) => batch?,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let mut sought = std::collections::BTreeSet::new();
+            batch.retain(|m| source::admit(&consumer, &mut positions, &mut sought, m));
+            if lag_read.elapsed() >= LAG_EVERY {
+                lag_read = Instant::now();
+                source::lag(&consumer, &positions, metrics);
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let events = events(postgres, &batch);
+            let (plan, skipped) = plan::plan(&targets, &events, skip);
+            drop(events);
+            if planned.send(Planned { messages: batch, plan, skipped }).await.is_err() {
+                // The applier stopped; its error is the answer.
+                return Ok(());
+            }
         }
-        if batch.is_empty() {
-            continue;
+    };
+    let apply_all = async {
+        let mut warned = std::collections::BTreeSet::new();
+        while let Some(Planned { messages, plan, skipped }) = to_apply.recv().await {
+            let events = events(postgres, &messages);
+            for (at, problem) in &skipped {
+                skipped_event(metrics, &targets, &events[*at], problem);
+            }
+            for (target, column) in &plan.unknown_columns {
+                if warned.insert((*target, column.clone())) {
+                    tracing::warn!(
+                        table = targets[*target].sql,
+                        column,
+                        "events carry a column the target table lacks: it is not applied"
+                    );
+                }
+            }
+            // Applied up to the first event that could not be planned, then stop there.
+            let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
+            let sink = &kafka.name;
+            let started = Instant::now();
+            match apply(&mut client, &targets, &plan.steps, applied, &offsets_table, sink).await {
+                Err(SinkError::Apply { source, .. }) if refused(&source) => {
+                    settle(&mut client, &targets, applied, skip, &offsets_table, sink, metrics)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => count(metrics, &targets, &plan.steps),
+            }
+            metrics.apply.observe(started.elapsed().as_secs_f64());
+            metrics.batch.observe(applied.len() as f64);
+            if let Some((at, problem)) = plan.failed {
+                let e = &events[at];
+                return Err(SinkError::Event {
+                    topic: e.topic.to_string(),
+                    partition: e.partition,
+                    offset: e.offset,
+                    problem,
+                });
+            }
         }
-        let events: Vec<Event<'_>> = batch
-            .iter()
-            .flat_map(|m| {
-                let tables = postgres.tables.iter().enumerate();
-                tables.filter(|(_, t)| t.topic == m.topic()).map(|(target, _)| Event {
-                    target,
-                    topic: m.topic(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key(),
-                    value: m.payload(),
-                })
+        Ok(())
+    };
+    tokio::try_join!(read, apply_all).map(|_| ())
+}
+
+/// A batch read and planned, on its way to be applied.
+struct Planned {
+    messages: Vec<OwnedMessage>,
+    plan: plan::Plan,
+    /// Events left out (`on_error = "skip"`), by index in the batch's events, and why.
+    skipped: Vec<(usize, String)>,
+}
+
+/// The events of `messages`: each message once for every table its topic feeds.
+fn events<'m>(postgres: &PostgresConfig, messages: &'m [OwnedMessage]) -> Vec<Event<'m>> {
+    messages
+        .iter()
+        .flat_map(|m| {
+            let tables = postgres.tables.iter().enumerate();
+            tables.filter(|(_, t)| t.topic == m.topic()).map(|(target, _)| Event {
+                target,
+                topic: m.topic(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key(),
+                value: m.payload(),
             })
-            .collect();
-        let skip = postgres.on_error == OnError::Skip;
-        let (plan, skipped) = plan::plan(&targets, &events, skip);
-        for (at, problem) in &skipped {
-            skipped_event(metrics, &targets, &events[*at], problem);
+        })
+        .collect()
+}
+
+/// A connection to the target, over TLS as `sslmode` in its URL asks (libpq's meanings).
+async fn connect(url: &str) -> Result<Client, SinkError> {
+    let config_error = |e: ficus_cdc::error::CdcError| match e {
+        ficus_cdc::error::CdcError::Config(problem) => SinkError::Config(problem),
+        other => SinkError::Config(other.to_string()),
+    };
+    let (config, tls) = ficus_cdc::config::sql_config("postgres.url", url).map_err(config_error)?;
+    let ended = |result: Result<(), tokio_postgres::Error>| {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "target connection ended");
         }
-        for (target, column) in &plan.unknown_columns {
-            if warned.insert((*target, column.clone())) {
-                tracing::warn!(
-                    table = targets[*target].sql,
-                    column,
-                    "events carry a column the target table lacks: it is not applied"
-                );
+    };
+    Ok(match ficus_cdc::tls::client_config(&tls).map_err(config_error)? {
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            let (client, connection) = config.connect(tls).await?;
+            tokio::spawn(async move { ended(connection.await) });
+            client
+        }
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            tokio::spawn(async move { ended(connection.await) });
+            client
+        }
+    })
+}
+
+/// Waits until this process is the one applying for the sink `name` (a session advisory
+/// lock on the target connection: a second replica stands by, and takes over when the
+/// first one's connection is gone). False when shutdown came first.
+async fn applier(
+    client: &Client,
+    name: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, SinkError> {
+    let key = format!("ficus-sink:{name}");
+    let mut announced = false;
+    loop {
+        let row = client.query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key]).await?;
+        if row.get::<_, bool>(0) {
+            if announced {
+                tracing::info!(sink = name, "the other sink is gone: taking over");
             }
+            return Ok(true);
         }
-        // Applied up to the first event that could not be planned, then stop there.
-        let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
-        let sink = &kafka.name;
-        let started = Instant::now();
-        match apply(&mut client, &targets, &plan.steps, applied, &offsets_table, sink).await {
-            Err(SinkError::Apply { source, .. }) if refused(&source) => {
-                settle(&mut client, &targets, applied, skip, &offsets_table, sink, metrics).await?;
-            }
-            Err(e) => return Err(e),
-            Ok(()) => count(metrics, &targets, &plan.steps),
+        if !announced {
+            tracing::info!(
+                sink = name,
+                "another sink of this name applies to the target: standing by"
+            );
+            announced = true;
         }
-        metrics.apply.observe(started.elapsed().as_secs_f64());
-        metrics.batch.observe(applied.len() as f64);
-        if let Some((at, problem)) = plan.failed {
-            let e = &events[at];
-            return Err(SinkError::Event {
-                topic: e.topic.to_string(),
-                partition: e.partition,
-                offset: e.offset,
-                problem,
-            });
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return Ok(false),
         }
     }
 }

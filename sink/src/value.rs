@@ -20,6 +20,8 @@ pub enum Kind {
     Time,
     /// Microseconds since 1970-01-01.
     Timestamp,
+    /// An ISO 8601 instant (signed years beyond 0001..9999).
+    TimestampTz,
     /// Microseconds.
     Interval,
     /// Base64.
@@ -43,6 +45,7 @@ impl Kind {
             oid::DATE => Kind::Date,
             oid::TIME => Kind::Time,
             oid::TIMESTAMP => Kind::Timestamp,
+            oid::TIMESTAMPTZ => Kind::TimestampTz,
             oid::INTERVAL => Kind::Interval,
             oid::BYTEA => Kind::Bytea,
             JSON | JSONB => Kind::Json,
@@ -80,7 +83,14 @@ fn text(kind: &Kind, value: &Value) -> Result<Option<String>, String> {
         (Kind::Date, Value::Number(_)) => time::date_text(number(value)?),
         (Kind::Time, Value::Number(_)) => time::time_text(number(value)?),
         (Kind::Timestamp, Value::Number(_)) => time::timestamp_text(number(value)?.into()),
-        (Kind::Interval, Value::Number(_)) => format!("{} microseconds", number(value)?),
+        (Kind::TimestampTz, Value::String(iso)) => time::timestamptz_text(iso),
+        // Whole days and the rest: what PostgreSQL keeps of a days-and-time interval. Months
+        // and years arrive as Debezium's 30.4375 and 365.25 days, not as calendar units.
+        (Kind::Interval, Value::Number(_)) => {
+            let micros = number(value)?;
+            const DAY: i64 = 86_400_000_000;
+            format!("{} days {} microseconds", micros / DAY, micros % DAY)
+        }
         (Kind::Bytea, Value::String(base64)) => {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(base64)
@@ -146,7 +156,15 @@ mod tests {
         );
         assert_eq!(
             value(&Kind::Interval, json!(90_000_000)).as_deref(),
-            Some("90000000 microseconds")
+            Some("0 days 90000000 microseconds")
+        );
+        assert_eq!(
+            value(&Kind::Interval, json!(-90_000_000_000_i64)).as_deref(),
+            Some("-1 days -3600000000 microseconds")
+        );
+        assert_eq!(
+            value(&Kind::TimestampTz, json!("-0043-03-15T00:00:00Z")).as_deref(),
+            Some("0044-03-15 00:00:00+00 BC")
         );
         assert_eq!(value(&Kind::Bytea, json!("AP8=")).as_deref(), Some("\\x00ff"));
         assert_eq!(value(&Kind::Json, json!({"a": [1]})).as_deref(), Some(r#"{"a":[1]}"#));

@@ -1,9 +1,8 @@
 //! The demo's two sample services: the legacy "shop" monolith, reading and writing
-//! PostgreSQL, and the new "orders" service, which builds its own copy of the orders from
-//! the CDC events on Kafka.
+//! PostgreSQL, and the new "orders" service, which reads its own database, kept in step
+//! with the shop's orders by `ficus sink` from the CDC events on Kafka.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -120,39 +119,56 @@ impl ServeHttp for Shop {
     }
 }
 
-/// The orders as the new service knows them: the latest `after` of each key.
-pub type OrderView = Arc<RwLock<BTreeMap<i64, Value>>>;
-
-/// The new orders service: reads only, from its own view of the data.
+/// The new orders service: reads only, from its own database, which `ficus sink` keeps in
+/// step with the shop's orders (a read model: the same orders, `total` kept as `amount`).
 pub struct Orders {
-    pub view: OrderView,
+    pub db: Arc<tokio_postgres::Client>,
+}
+
+impl Orders {
+    async fn handle(&self, path: &str) -> Result<(StatusCode, Value), tokio_postgres::Error> {
+        // The shop's answer, from the service's own columns.
+        const ORDER: &str =
+            "json_build_object('id', id, 'customer_id', customer_id, 'item', item, \
+            'quantity', quantity, 'total', amount::text, 'status', status)::text";
+        let order = |text: String| serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
+        Ok(match order_id(path) {
+            Some(id) => {
+                let sql = format!("SELECT {ORDER} FROM orders WHERE id = $1");
+                match self.db.query_opt(&sql, &[&id]).await? {
+                    Some(row) => (
+                        StatusCode::OK,
+                        json!({"served_by": "orders-service", "order": order(row.get(0))}),
+                    ),
+                    None => (
+                        StatusCode::NOT_FOUND,
+                        json!({"served_by": "orders-service", "error": "no such order"}),
+                    ),
+                }
+            }
+            None => {
+                let rows =
+                    self.db.query(&format!("SELECT {ORDER} FROM orders ORDER BY id"), &[]).await?;
+                let orders: Vec<Value> = rows.iter().map(|r| order(r.get(0))).collect();
+                (StatusCode::OK, json!({"served_by": "orders-service", "orders": orders}))
+            }
+        })
+    }
 }
 
 #[async_trait]
 impl ServeHttp for Orders {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
-        let view = self.view.read().map(|v| v.clone()).unwrap_or_default();
         if path == "/healthz" {
             return respond(StatusCode::OK, "orders", &json!({"ok": true}));
         }
-        match order_id(&path) {
-            Some(id) => match view.get(&i64::from(id)) {
-                Some(order) => respond(
-                    StatusCode::OK,
-                    "orders",
-                    &json!({"served_by": "orders-service", "order": order}),
-                ),
-                None => respond(
-                    StatusCode::NOT_FOUND,
-                    "orders",
-                    &json!({"served_by": "orders-service", "error": "no such order"}),
-                ),
-            },
-            None => respond(
-                StatusCode::OK,
+        match self.handle(&path).await {
+            Ok((status, body)) => respond(status, "orders", &body),
+            Err(e) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
                 "orders",
-                &json!({"served_by": "orders-service", "orders": view.values().collect::<Vec<_>>()}),
+                &json!({"error": e.to_string()}),
             ),
         }
     }
@@ -173,31 +189,6 @@ pub fn consumer(brokers: &str, topics: &[&str]) -> anyhow::Result<StreamConsumer
     Ok(consumer)
 }
 
-/// Keeps the orders view up to date from the `orders` topic.
-pub async fn follow_orders(consumer: StreamConsumer, view: OrderView) {
-    loop {
-        let message = match consumer.recv().await {
-            Ok(message) => message,
-            Err(e) => {
-                tracing::warn!(error = %e, "orders service: cannot read Kafka");
-                continue;
-            }
-        };
-        let key: Option<Value> = message.key().and_then(|k| serde_json::from_slice(k).ok());
-        let Some(id) = key.as_ref().and_then(|k| k["id"].as_i64()) else { continue };
-        let after = message
-            .payload()
-            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
-            .map(|v| v["after"].clone());
-        if let Ok(mut view) = view.write() {
-            match after {
-                Some(Value::Null) | None => view.remove(&id),
-                Some(order) => view.insert(id, order),
-            };
-        }
-    }
-}
-
 /// Prints each CDC event as it arrives on Kafka.
 pub async fn print_events(consumer: StreamConsumer) {
     loop {
@@ -213,6 +204,31 @@ pub async fn print_events(consumer: StreamConsumer) {
             None => println!("  [kafka {}] tombstone key={key}", message.topic()),
         }
     }
+}
+
+/// The orders service's own table, kept by `ficus sink` (see [`orders_sink`]).
+pub const ORDERS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS orders (
+  id int PRIMARY KEY,
+  customer_id int NOT NULL,
+  item text NOT NULL,
+  quantity int NOT NULL,
+  amount numeric(10,2) NOT NULL,
+  status text NOT NULL,
+  created_at timestamptz NOT NULL
+);
+";
+
+/// The `ficus sink` configuration of the orders service's table, as a JSON value
+/// (`{brokers}`, `{url}` and `{topic}` filled in).
+pub fn orders_sink(brokers: &str, url: &str, topic: &str) -> Value {
+    json!({
+        "kafka": {"brokers": brokers, "name": "orders-service"},
+        "postgres": {
+            "url": url,
+            "tables": [{"topic": topic, "table": "public.orders", "columns": {"total": "amount"}}],
+        },
+    })
 }
 
 /// The demo shop's schema and a few rows.

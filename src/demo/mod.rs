@@ -1,14 +1,15 @@
 //! `ficus demo`: the whole story on one machine, until Ctrl-C. A throwaway PostgreSQL with a
 //! small shop schema, the legacy shop app and the new orders service, `ficus proxy` in front
-//! of them sending a share of `/api/orders` reads to the new service, and `ficus cdc`
-//! streaming the shop's changes into Kafka, from which the new service builds its data.
+//! of them sending a share of `/api/orders` reads to the new service, `ficus cdc`
+//! streaming the shop's changes into Kafka, and `ficus sink` keeping the new service's own
+//! database in step with them.
 
 mod apps;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -18,7 +19,7 @@ use ficus_proxy::ProxySettings;
 use pingora::services::listening::Service;
 use rdkafka::mocking::MockCluster;
 
-use self::apps::{Orders, Shop, SHOP_SCHEMA};
+use self::apps::{Orders, Shop, ORDERS_SCHEMA, SHOP_SCHEMA};
 use crate::pg_cluster::PgCluster;
 
 #[derive(Args)]
@@ -70,18 +71,24 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
     // Kafka consumers attach to the runtime they are created in.
     let _entered = runtime.enter();
 
-    println!("ficus demo: starting PostgreSQL, Kafka, the shop, the orders service, ficus proxy and ficus cdc...");
+    println!("ficus demo: starting PostgreSQL, Kafka, the shop, the orders service, ficus proxy, ficus cdc and ficus sink...");
     let pg = PgCluster::start(&dir.join("postgres"), free_port()?, &[])?;
-    let db = runtime.block_on(async {
-        let (admin, connection) =
-            tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
+    // The shop's database, and the orders service's own (on the same server, for brevity).
+    let (db, orders_db) = runtime.block_on(async {
+        let connect = |url: String| async move {
+            let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            Ok::<_, tokio_postgres::Error>(db)
+        };
+        let admin = connect(pg.url("postgres")).await?;
+        // One statement each: CREATE DATABASE does not run in a transaction.
         admin.batch_execute("CREATE DATABASE shop").await?;
-        let (db, connection) =
-            tokio_postgres::connect(&pg.url("shop"), tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
+        admin.batch_execute("CREATE DATABASE orders").await?;
+        let db = connect(pg.url("shop")).await?;
         db.batch_execute(SHOP_SCHEMA).await?;
-        Ok::<_, tokio_postgres::Error>(db)
+        let orders_db = connect(pg.url("orders")).await?;
+        orders_db.batch_execute(ORDERS_SCHEMA).await?;
+        Ok::<_, tokio_postgres::Error>((db, orders_db))
     })?;
 
     // The embedded Kafka lives on this thread for as long as the demo runs.
@@ -140,11 +147,16 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
             eprintln!("ficus cdc stopped: {e}");
         }
     });
-    let view = Arc::new(RwLock::new(BTreeMap::new()));
-    runtime.spawn(apps::follow_orders(
-        apps::consumer(&brokers, &["shop.public.orders"])?,
-        view.clone(),
-    ));
+    let sink_config = apps::orders_sink(&brokers, &pg.url("orders"), "shop.public.orders");
+    let sink_config = ficus_sink::SinkConfig::from_value(sink_config)
+        .map_err(|problems| anyhow::anyhow!("the demo's sink: {}", problems.join("; ")))?;
+    let (stop_sink, sink_shutdown) = tokio::sync::watch::channel(false);
+    runtime.spawn(async move {
+        let metrics = ficus_sink::Metrics::new();
+        if let Err(e) = ficus_sink::run(sink_config, metrics, sink_shutdown).await {
+            eprintln!("ficus sink stopped: {e}");
+        }
+    });
     runtime.spawn(apps::print_events(apps::consumer(
         &brokers,
         &["shop.public.customers", "shop.public.orders"],
@@ -173,13 +185,14 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
         let mut shop = Service::new("demo shop".into(), Shop { db });
         shop.add_tcp(&shop_addr);
         server.add_service(shop);
-        let mut orders = Service::new("demo orders".into(), Orders { view });
+        let mut orders = Service::new("demo orders".into(), Orders { db: Arc::new(orders_db) });
         orders.add_tcp(&orders_addr);
         server.add_service(orders);
     })?;
 
     println!("\nficus demo: stopping and cleaning up {}", dir.display());
     let _ = stop_cdc.send(ficus_cdc::Shutdown::Stop);
+    let _ = stop_sink.send(true);
     runtime.shutdown_timeout(Duration::from_secs(5));
     drop(pg);
     drop(mock);
@@ -224,7 +237,8 @@ impl Story {
             let body: serde_json::Value = response.json().await?;
             println!("   POST /api/orders {item:<7} -> {backend}: order {}", body["order"]["id"]);
         }
-        // The new service learns of the orders only through CDC: wait until it has the last one.
+        // The new service learns of the orders only through CDC and the sink: wait until its
+        // database has the last one.
         let written = Instant::now();
         let deadline = written + Duration::from_secs(60);
         loop {
@@ -240,14 +254,14 @@ impl Story {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         println!(
-            "   the orders service received them through Kafka {} ms after the writes",
+            "   ficus cdc, Kafka and ficus sink put them in the orders service's own database {} ms after the writes",
             written.elapsed().as_millis()
         );
 
         println!(
             "\n2. Reads of /api/orders/4 by 10 users; 50% of users go to the new orders service,"
         );
-        println!("   which answers from the data it built from the CDC events:");
+        println!("   which answers from its own database, a read model `ficus sink` keeps:");
         for user in 1..=10 {
             let response = client
                 .get(format!("{base}/api/orders/4"))
@@ -296,19 +310,17 @@ pub struct SampleArgs {
     /// The shop's database (for `shop`).
     #[arg(long, env = "SHOP_DATABASE_URL")]
     database: Option<String>,
-    /// Kafka bootstrap servers (for `orders`, which reads `<topic_prefix>.public.orders`).
-    #[arg(long, env = "KAFKA_BROKERS")]
-    brokers: Option<String>,
-    /// Topic prefix of the CDC events (for `orders`).
-    #[arg(long, default_value = "shop")]
-    topic_prefix: String,
+    /// The orders service's own database (for `orders`; `ficus sink` keeps its `orders`
+    /// table in step with the shop's).
+    #[arg(long, env = "ORDERS_DATABASE_URL")]
+    orders_database: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum SampleApp {
     /// The legacy monolith: orders read from and written to PostgreSQL.
     Shop,
-    /// The new orders service: orders as the CDC events on Kafka tell them.
+    /// The new orders service: orders from its own database, kept by `ficus sink`.
     Orders,
 }
 
@@ -344,12 +356,21 @@ pub fn run_sample(args: &SampleArgs) -> Result<i32> {
             server.add_service(service);
         }
         SampleApp::Orders => {
-            let brokers =
-                args.brokers.as_deref().context("--brokers (or KAFKA_BROKERS) is required")?;
-            let view = Arc::new(RwLock::new(BTreeMap::new()));
-            let topic = format!("{}.public.orders", args.topic_prefix);
-            runtime.spawn(apps::follow_orders(apps::consumer(brokers, &[&topic])?, view.clone()));
-            let mut service = Service::new("sample orders".into(), Orders { view });
+            let url = args
+                .orders_database
+                .as_deref()
+                .context("--orders-database (or ORDERS_DATABASE_URL) is required")?;
+            let db = runtime
+                .block_on(async {
+                    let (db, connection) =
+                        tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+                    tokio::spawn(connection);
+                    // Its table, for `ficus sink` to fill.
+                    db.batch_execute(ORDERS_SCHEMA).await?;
+                    Ok::<_, tokio_postgres::Error>(db)
+                })
+                .with_context(|| format!("cannot use the orders database {url}"))?;
+            let mut service = Service::new("sample orders".into(), Orders { db: Arc::new(db) });
             service.add_tcp(&args.listen);
             server.add_service(service);
         }

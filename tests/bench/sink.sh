@@ -110,7 +110,13 @@ batch = $BATCH
 [[postgres.tables]]
 topic = "bench.public.items"
 TOML
+# CPU seconds (user + system) of processes: where the sink's time goes.
+cpu() { for pid in "$@"; do cat "/proc/$pid/stat" 2>/dev/null; done | awk '{s += $14 + $15} END {print s / 100}'; }
+minus() { awk "BEGIN {print $1 - $2}"; }
+pg_pids() { pgrep -x postgres | tr '\n' ' '; }
+TANSU_PID=${PIDS[0]:-}
 stored() { psql view -c "SELECT coalesce((SELECT next_offset FROM ficus_sink_offsets WHERE sink = 'bench'), 0)" 2>/dev/null || echo 0; }
+pg_before=$(cpu $(pg_pids)); tansu_before=$(cpu $TANSU_PID)
 start=$(date +%s.%N)
 RUST_LOG=warn "$FICUS" sink --config "$WORK/sink.toml" & SINK_PID=$!; PIDS+=($SINK_PID)
 peak=0; inserted=""
@@ -124,6 +130,8 @@ while :; do
   sleep 0.05
 done
 end=$(date +%s.%N)
+SINK_CPU=$(cpu $SINK_PID); PG_CPU=$(minus "$(cpu $(pg_pids))" "$pg_before")
+TANSU_CPU=$(minus "$(cpu $TANSU_PID)" "${tansu_before:-0}")
 kill "$SINK_PID"; wait "$SINK_PID" 2>/dev/null || true
 same=$(psql view -c "SELECT count(*) = $ROWS AND NOT EXISTS (SELECT * FROM items EXCEPT SELECT * FROM items_copy) FROM items")
 if [ "$same" != t ]; then
@@ -134,9 +142,10 @@ if [ "$same" != t ]; then
 fi
 
 mkdir -p tests/bench/results
-python3 - "$ROWS" "$UPDATES" "$BATCH" "$BROKERS" "$COPY_SECONDS" "$start" "$inserted" "$end" "$peak" "$BIN" <<'PY'
+python3 - "$ROWS" "$UPDATES" "$BATCH" "$BROKERS" "$COPY_SECONDS" "$start" "$inserted" "$end" "$peak" "$BIN" \
+  "$SINK_CPU" "$PG_CPU" "${TANSU_CPU:-0}" <<'PY'
 import json, os, subprocess, sys
-rows, updates, batch, brokers, copy_s, start, inserted, end, peak, pgbin = sys.argv[1:11]
+rows, updates, batch, brokers, copy_s, start, inserted, end, peak, pgbin, sink_cpu, pg_cpu, tansu_cpu = sys.argv[1:14]
 rows, updates = int(rows), int(updates)
 insert_s, update_s = float(inserted) - float(start), float(end) - float(inserted)
 def version(cmd):
@@ -152,13 +161,16 @@ meta = {"cores": os.cpu_count(),
                      "postgresql": version(f"{pgbin}/postgres --version"),
                      "tansu": version("${CARGO_HOME:-$HOME/.cargo}/bin/tansu --version") if "KAFKA_BROKERS" not in os.environ else brokers},
         "settings": {"inserts": rows, "updates": updates, "sink_batch": int(batch), "brokers": brokers,
-                     "sink_peak_rss_mib": round(int(peak) / 1024, 1)}}
+                     "sink_peak_rss_mib": round(int(peak) / 1024, 1)},
+        "cpu_seconds_during_the_sink_run": {"ficus-sink": float(sink_cpu), "postgresql": float(pg_cpu),
+                                            "tansu": float(tansu_cpu), "wall": round(float(end) - float(start), 2)}}
 print(f"\ncores {meta['cores']}; rows/s into the target table (the sink: from its start on the full topic)")
 print(f"{'contender':<22}{'rows/s':>10}{'seconds':>9}{'vs COPY':>9}")
 ceiling = results["copy"]["rows_per_s"]
 for name, r in results.items():
     print(f"{name:<22}{r['rows_per_s']:>10}{r['seconds']:>9}{r['rows_per_s'] / ceiling:>9.2f}")
-print(f"sink peak RSS {meta['settings']['sink_peak_rss_mib']} MiB")
+print(f"sink peak RSS {meta['settings']['sink_peak_rss_mib']} MiB; CPU seconds during its run: "
+      + ", ".join(f"{k} {v}" for k, v in meta["cpu_seconds_during_the_sink_run"].items()))
 json.dump({**meta, "results": results}, open("tests/bench/results/sink.json", "w"), indent=2)
 print("wrote tests/bench/results/sink.json")
 PY
