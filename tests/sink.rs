@@ -185,7 +185,7 @@ async fn the_target_ends_equal_to_the_source_and_each_offset_is_applied_once_acr
 async fn a_target_restarted_mid_stream_is_waited_for_and_nothing_is_lost_or_doubled() {
     let (pg, target_pg, broker) = (PgCluster::start(), PgCluster::start(), Broker::start());
     let (source, _, _cdc, topic) = setup(&pg, &target_pg, &broker).await;
-    let sink = Cdc::start_sink(&sink_config(&broker, &target_pg.url("view"), &topic));
+    let mut sink = Cdc::start_sink(&sink_config(&broker, &target_pg.url("view"), &topic));
     let load = load(pg.client("shop").await, 100, 1600);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // As a crash would: in-flight transactions are lost with the server.
@@ -214,6 +214,7 @@ async fn a_target_restarted_mid_stream_is_waited_for_and_nothing_is_lost_or_doub
     }
     let health = reqwest::get(format!("http://{}/healthz", sink.metrics)).await.expect("healthz");
     assert_eq!(health.status(), 200);
+    assert!(sink.terminate().success(), "SIGTERM stops the sink cleanly:\n{}", sink.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,6 +148,8 @@ async fn run_once(
     // between them at most.
     let (planned, mut to_apply) = tokio::sync::mpsc::channel::<Planned>(1);
     let read = async {
+        // Owned here: when reading stops, the applier sees the end once it applied the rest.
+        let planned = planned;
         let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
         let mut positions = source::positions(&stored);
         // One stream for the whole run: waiting on its next message may be given up

@@ -95,12 +95,12 @@ impl Cdc {
         }
     }
 
-    /// Stops the process with SIGTERM and waits for it.
+    /// Stops the process with SIGTERM and waits for it (a while: one that does not stop is
+    /// killed and the test fails).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
         let _ =
-            std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        child.wait().expect("wait")
+            std::process::Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        self.wait_exit()
     }
 
     /// Sends SIGHUP: reload the configuration.
@@ -136,7 +136,7 @@ impl Cdc {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("ficus cdc did not exit:\n{}", self.logs());
+                panic!("ficus {} did not exit:\n{}", self.command, self.logs());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
