@@ -100,6 +100,7 @@ end=$(date +%s.%N)
 COPY_SECONDS=$(python3 -c "print(round($end - $start, 3))")
 
 # The sink on the full topic, timed to the end of the inserts and of the updates.
+METRICS_PORT=$(free_port)
 cat > "$WORK/sink.toml" <<TOML
 [kafka]
 brokers = "$BROKERS"
@@ -109,6 +110,8 @@ url = "postgres://postgres@127.0.0.1:$PG_PORT/view"
 batch = $BATCH
 [[postgres.tables]]
 topic = "bench.public.items"
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
 TOML
 # CPU seconds (user + system) of processes: where the sink's time goes.
 cpu() { for pid in "$@"; do cat "/proc/$pid/stat" 2>/dev/null; done | awk '{s += $14 + $15} END {print s / 100}'; }
@@ -130,6 +133,9 @@ while :; do
   sleep 0.05
 done
 end=$(date +%s.%N)
+APPLY_SECONDS=$(python3 -c "import urllib.request, re
+text = urllib.request.urlopen('http://127.0.0.1:$METRICS_PORT/metrics').read().decode()
+print(re.search(r'^ficus_sink_apply_seconds_sum (\S+)', text, re.M).group(1))")
 SINK_CPU=$(cpu $SINK_PID); PG_CPU=$(minus "$(cpu $(pg_pids))" "$pg_before")
 TANSU_CPU=$(minus "$(cpu $TANSU_PID)" "${tansu_before:-0}")
 kill "$SINK_PID"; wait "$SINK_PID" 2>/dev/null || true
@@ -143,9 +149,9 @@ fi
 
 mkdir -p tests/bench/results
 python3 - "$ROWS" "$UPDATES" "$BATCH" "$BROKERS" "$COPY_SECONDS" "$start" "$inserted" "$end" "$peak" "$BIN" \
-  "$SINK_CPU" "$PG_CPU" "${TANSU_CPU:-0}" <<'PY'
+  "$SINK_CPU" "$PG_CPU" "${TANSU_CPU:-0}" "$APPLY_SECONDS" <<'PY'
 import json, os, subprocess, sys
-rows, updates, batch, brokers, copy_s, start, inserted, end, peak, pgbin, sink_cpu, pg_cpu, tansu_cpu = sys.argv[1:14]
+rows, updates, batch, brokers, copy_s, start, inserted, end, peak, pgbin, sink_cpu, pg_cpu, tansu_cpu, apply_s = sys.argv[1:15]
 rows, updates = int(rows), int(updates)
 insert_s, update_s = float(inserted) - float(start), float(end) - float(inserted)
 def version(cmd):
@@ -163,7 +169,8 @@ meta = {"cores": os.cpu_count(),
         "settings": {"inserts": rows, "updates": updates, "sink_batch": int(batch), "brokers": brokers,
                      "sink_peak_rss_mib": round(int(peak) / 1024, 1)},
         "cpu_seconds_during_the_sink_run": {"ficus-sink": float(sink_cpu), "postgresql": float(pg_cpu),
-                                            "tansu": float(tansu_cpu), "wall": round(float(end) - float(start), 2)}}
+                                            "tansu": float(tansu_cpu), "wall": round(float(end) - float(start), 2),
+                                            "applying_batches": round(float(apply_s), 2)}}
 print(f"\ncores {meta['cores']}; rows/s into the target table (the sink: from its start on the full topic)")
 print(f"{'contender':<22}{'rows/s':>10}{'seconds':>9}{'vs COPY':>9}")
 ceiling = results["copy"]["rows_per_s"]
