@@ -218,36 +218,60 @@ async fn a_target_restarted_mid_stream_is_waited_for_and_nothing_is_lost_or_doub
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_the_target_refuses_stops_the_sink_naming_it_or_is_skipped() {
+async fn an_event_the_target_refuses_stops_its_partition_naming_it_or_is_skipped() {
     let (pg, broker) = (PgCluster::start(), Broker::start());
     let source = pg.database("shop").await;
     source
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY, qty text);
-             INSERT INTO items VALUES (1, '5'), (2, 'many'), (3, '7');",
+             CREATE TABLE others (id int PRIMARY KEY);
+             INSERT INTO items VALUES (1, '5'), (2, 'many'), (3, '7');
+             INSERT INTO others VALUES (1);",
         )
         .await
         .expect("source");
     let target = pg.database("view").await;
-    target.batch_execute("CREATE TABLE items (id int PRIMARY KEY, qty int)").await.expect("target");
-    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "bad", "tables = [\"items\"]"));
+    target
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, qty int); CREATE TABLE others (id int PRIMARY KEY)",
+        )
+        .await
+        .expect("target");
+    let cdc =
+        Cdc::start(&config(&pg.url("shop"), &broker, "bad", "tables = [\"items\", \"others\"]"));
     cdc.wait_log("streaming changes", QUIET);
     let topic = format!("{}.public.items", broker.topic("bad"));
     let sink_config = |on_error: &str| {
         format!(
             "[kafka]\nbrokers = \"{}\"\n[postgres]\nurl = \"{}\"\non_error = \"{on_error}\"\n\
-             [[postgres.tables]]\ntopic = \"{topic}\"\n",
+             [[postgres.tables]]\ntopic = \"{topic}\"\n[[postgres.tables]]\ntopic = \"{}.public.others\"\n",
             broker.addr,
-            pg.url("view")
+            pg.url("view"),
+            broker.topic("bad"),
         )
     };
-    let ids = || async {
-        let rows = target.query("SELECT id FROM items ORDER BY id", &[]).await.expect("ids");
-        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+    let ids = |table: &'static str| {
+        let target = &target;
+        async move {
+            let sql = format!("SELECT id FROM {table} ORDER BY id");
+            let rows = target.query(&sql, &[]).await.expect("ids");
+            rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+        }
+    };
+    let wait_ids = |table: &'static str, expected: Vec<i32>, sink: &Cdc| {
+        let logs = sink.logs();
+        async move {
+            let deadline = Instant::now() + QUIET;
+            while ids(table).await != expected {
+                assert!(Instant::now() < deadline, "{table}: {:?}\n{logs}", ids(table).await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     };
 
+    // Stop: the partition stops at the event, naming it; the other table's partition goes on.
     let mut sink = Cdc::start_sink(&sink_config("stop"));
-    assert!(!sink.wait_exit().success(), "the sink stops");
+    sink.wait_log("The partition is stopped", QUIET);
     let log = sink.logs();
     assert!(
         log.contains(&format!(
@@ -255,16 +279,22 @@ async fn an_event_the_target_refuses_stops_the_sink_naming_it_or_is_skipped() {
         )),
         "{log}"
     );
-    assert_eq!(ids().await, [1], "what came before it is applied, nothing after");
+    sink.wait_metric("ficus_sink_stopped_partitions", 1.0, QUIET).await;
+    let health = reqwest::get(format!("http://{}/healthz", sink.metrics)).await.expect("healthz");
+    assert_eq!(health.status(), 503, "a stopped partition needs an operator");
+    source
+        .batch_execute("INSERT INTO others VALUES (2); INSERT INTO items VALUES (4, '8');")
+        .await
+        .expect("more");
+    wait_ids("others", vec![1, 2], &sink).await;
+    assert_eq!(ids("items").await, [1], "what came before it is applied, nothing after");
+    assert!(sink.terminate().success(), "{}", sink.logs());
 
+    // Skip: it is logged, counted and passed over; the partition reads on.
     sink.write_config(&sink_config("skip"));
     sink.spawn();
     sink.wait_log("event skipped", QUIET);
-    let deadline = Instant::now() + QUIET;
-    while ids().await != [1, 3] {
-        assert!(Instant::now() < deadline, "{:?}\n{}", ids().await, sink.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ids("items", vec![1, 3, 4], &sink).await;
 }
 
 /// A request the webhook endpoint received, and its answer.

@@ -43,57 +43,64 @@ pub async fn run_once(
     let mut stopped: BTreeSet<(String, i32)> = BTreeSet::new();
     let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
     let mut messages = consumer.stream();
-    loop {
-        let mut batch = tokio::select! {
-            batch = source::collect(&mut messages, hook.batch, hook.linger) => batch?,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        let mut sought = BTreeSet::new();
-        batch.retain(|m| {
-            let partition = (m.topic().to_string(), m.partition());
-            !stopped.contains(&partition)
-                && source::admit(&consumer, &mut positions, &mut sought, m)
-        });
-        if lag_read.elapsed() >= LAG_EVERY {
-            lag_read = Instant::now();
-            source::lag(&consumer, &positions, metrics);
-        }
-        let mut by_partition: BTreeMap<(&str, i32), Vec<&OwnedMessage>> = BTreeMap::new();
-        for message in &batch {
-            by_partition.entry((message.topic(), message.partition())).or_default().push(message);
-        }
-        // Partitions are independent: each is delivered in order, side by side.
-        let outcomes = futures_util::future::join_all(by_partition.iter().map(
-            |(&(topic, partition), events)| {
-                poster.partition(topic, partition, events, shutdown.clone())
-            },
-        ))
-        .await;
-        let mut commit = TopicPartitionList::new();
-        for (&(topic, partition), outcome) in by_partition.keys().zip(outcomes) {
-            if let Some(next) = outcome.delivered {
-                commit
-                    .add_partition_offset(topic, partition, Offset::Offset(next))
-                    .map_err(|e| SinkError::Kafka(e.to_string()))?;
+    let delivered: Result<(), SinkError> = async {
+        loop {
+            let mut batch = tokio::select! {
+                batch = source::collect(&mut messages, hook.batch, hook.linger) => batch?,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let mut sought = BTreeSet::new();
+            batch.retain(|m| {
+                let partition = (m.topic().to_string(), m.partition());
+                !stopped.contains(&partition)
+                    && source::admit(&consumer, &mut positions, &mut sought, m)
+            });
+            if lag_read.elapsed() >= LAG_EVERY {
+                lag_read = Instant::now();
+                source::lag(&consumer, &positions, metrics);
             }
-            if let Some(reason) = outcome.stopped {
-                tracing::error!("{reason}");
-                let mut paused = TopicPartitionList::new();
-                paused.add_partition(topic, partition);
-                if let Err(e) = consumer.pause(&paused) {
-                    tracing::warn!(error = %e, topic, partition, "cannot pause the partition; its events are dropped instead");
+            let mut by_partition: BTreeMap<(&str, i32), Vec<&OwnedMessage>> = BTreeMap::new();
+            for message in &batch {
+                by_partition
+                    .entry((message.topic(), message.partition()))
+                    .or_default()
+                    .push(message);
+            }
+            // Partitions are independent: each is delivered in order, side by side.
+            let outcomes = futures_util::future::join_all(by_partition.iter().map(
+                |(&(topic, partition), events)| {
+                    poster.partition(topic, partition, events, shutdown.clone())
+                },
+            ))
+            .await;
+            let mut commit = TopicPartitionList::new();
+            for (&(topic, partition), outcome) in by_partition.keys().zip(outcomes) {
+                if let Some(next) = outcome.delivered {
+                    commit
+                        .add_partition_offset(topic, partition, Offset::Offset(next))
+                        .map_err(|e| SinkError::Kafka(e.to_string()))?;
                 }
-                stopped.insert((topic.to_string(), partition));
-                metrics.stopped.set(stopped.len() as i64);
+                if let Some(reason) = outcome.stopped {
+                    tracing::error!("{reason}");
+                    source::pause(&consumer, topic, partition);
+                    stopped.insert((topic.to_string(), partition));
+                    metrics.stopped.inc();
+                }
             }
-        }
-        if commit.count() > 0 {
-            // What was delivered is committed before the next request: a crash repeats at
-            // most the requests under way.
-            tokio::task::block_in_place(|| consumer.commit(&commit, CommitMode::Sync))
-                .map_err(|e| SinkError::Kafka(format!("commit of the webhook's offsets: {e}")))?;
+            if commit.count() > 0 {
+                // What was delivered is committed before the next request: a crash repeats at
+                // most the requests under way.
+                tokio::task::block_in_place(|| consumer.commit(&commit, CommitMode::Sync))
+                    .map_err(|e| {
+                        SinkError::Kafka(format!("commit of the webhook's offsets: {e}"))
+                    })?;
+            }
         }
     }
+    .await;
+    // A restart reads a stopped partition again.
+    metrics.stopped.sub(stopped.len() as i64);
+    delivered
 }
 
 /// What became of a partition's events in one round.

@@ -2,9 +2,9 @@
 //! each batch in one transaction that also stores the offsets after it, so that a crash at
 //! any moment neither loses nor repeats an event's effect.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ficus_cdc::error::{sqlstate_recovery, Recovery};
@@ -33,7 +33,7 @@ pub enum SinkError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("Kafka: {0}")]
     Kafka(String),
-    #[error("{topic} partition {partition} offset {offset}: {problem}. Nothing from it on is applied; fix the event's target or set postgres.on_error = \"skip\"")]
+    #[error("{topic} partition {partition} offset {offset}: {problem}. The partition is stopped: nothing from this event on is applied (other partitions go on); fix the target or the event and restart, or set postgres.on_error = \"skip\"")]
     Event { topic: String, partition: i32, offset: i64, problem: String },
     #[error("applying {topic} partition {partition} offsets {first}..={last} failed: {source}")]
     Apply { topic: String, partition: i32, first: i64, last: i64, source: tokio_postgres::Error },
@@ -144,6 +144,10 @@ async fn run_once(
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
     metrics.healthy.store(true, Ordering::Relaxed);
     let skip = postgres.on_error == OnError::Skip;
+    // Partitions stopped at an event that cannot be applied: the applier adds them, the
+    // reader pauses them and drops what it still holds of them.
+    let stopped: Mutex<BTreeSet<(String, i32)>> = Mutex::default();
+    let stopped_now = || stopped.lock().map_or_else(|e| e.into_inner().clone(), |s| s.clone());
     // Reading and planning the next batch overlaps with applying this one: one batch waits
     // between them at most.
     let (planned, mut to_apply) = tokio::sync::mpsc::channel::<Planned>(1);
@@ -152,6 +156,7 @@ async fn run_once(
         let planned = planned;
         let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
         let mut positions = source::positions(&stored);
+        let mut paused = BTreeSet::new();
         // One stream for the whole run: waiting on its next message may be given up
         // without losing one (a `recv` given up may have taken a message already).
         let mut messages = consumer.stream();
@@ -160,8 +165,16 @@ async fn run_once(
                 batch = source::collect(&mut messages, postgres.batch, postgres.linger) => batch?,
                 _ = shutdown.changed() => return Ok(()),
             };
-            let mut sought = std::collections::BTreeSet::new();
-            batch.retain(|m| source::admit(&consumer, &mut positions, &mut sought, m));
+            let halted = stopped_now();
+            for (topic, partition) in halted.difference(&paused) {
+                source::pause(&consumer, topic, *partition);
+            }
+            paused.clone_from(&halted);
+            let mut sought = BTreeSet::new();
+            batch.retain(|m| {
+                let halted = halted.iter().any(|(t, p)| t == m.topic() && *p == m.partition());
+                !halted && source::admit(&consumer, &mut positions, &mut sought, m)
+            });
             if lag_read.elapsed() >= LAG_EVERY {
                 lag_read = Instant::now();
                 source::lag(&consumer, &positions, metrics);
@@ -179,9 +192,9 @@ async fn run_once(
         }
     };
     let apply_all = async {
-        let mut warned = std::collections::BTreeSet::new();
-        while let Some(Planned { messages, plan, skipped }) = to_apply.recv().await {
-            let events = events(postgres, &messages);
+        let mut warned = BTreeSet::new();
+        while let Some(Planned { messages, mut plan, skipped }) = to_apply.recv().await {
+            let mut events = events(postgres, &messages);
             for (at, problem) in &skipped {
                 skipped_event(metrics, &targets, &events[*at], problem);
             }
@@ -194,33 +207,68 @@ async fn run_once(
                     );
                 }
             }
-            // Applied up to the first event that could not be planned, then stop there.
-            let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
-            let sink = &kafka.name;
-            let started = Instant::now();
-            match apply(&mut client, &targets, &plan.steps, applied, &offsets_table, sink).await {
-                Err(SinkError::Apply { source, .. }) if refused(&source) => {
-                    settle(&mut client, &targets, applied, skip, &offsets_table, sink, metrics)
-                        .await?;
-                }
-                Err(e) => return Err(e),
-                Ok(()) => count(metrics, &targets, &plan.steps),
+            // Read before its partition stopped: left out.
+            let halted = stopped_now();
+            let halted_event =
+                |e: &Event<'_>| halted.iter().any(|(t, p)| t == e.topic && *p == e.partition);
+            if events.iter().any(halted_event) {
+                events.retain(|e| !halted_event(e));
+                plan = plan::plan(&targets, &events, skip).0;
             }
-            metrics.apply.observe(started.elapsed().as_secs_f64());
-            metrics.batch.observe(applied.len() as f64);
-            if let Some((at, problem)) = plan.failed {
-                let e = &events[at];
-                return Err(SinkError::Event {
-                    topic: e.topic.to_string(),
-                    partition: e.partition,
-                    offset: e.offset,
+            let sink = &kafka.name;
+            loop {
+                // Applied up to the first event that could not be planned.
+                let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
+                let started = Instant::now();
+                let steps = &plan.steps;
+                let refusal = match apply(
+                    &mut client,
+                    &targets,
+                    steps,
+                    applied,
+                    &offsets_table,
+                    sink,
+                )
+                .await
+                {
+                    Err(SinkError::Apply { source, .. }) if refused(&source) => {
+                        settle(&mut client, &targets, applied, skip, &offsets_table, sink, metrics)
+                            .await?
+                    }
+                    Err(e) => return Err(e),
+                    Ok(()) => {
+                        count(metrics, &targets, steps);
+                        None
+                    }
+                };
+                metrics.apply.observe(started.elapsed().as_secs_f64());
+                metrics.batch.observe(applied.len() as f64);
+                let Some((at, problem)) = refusal.or(plan.failed.take()) else { break };
+                // Its partition stops there; the others' events after it are applied.
+                let (topic, partition) = (events[at].topic, events[at].partition);
+                let stop = SinkError::Event {
+                    topic: topic.to_string(),
+                    partition,
+                    offset: events[at].offset,
                     problem,
-                });
+                };
+                tracing::error!("{stop}");
+                if let Ok(mut stopped) = stopped.lock() {
+                    stopped.insert((topic.to_string(), partition));
+                }
+                metrics.stopped.inc();
+                let mut rest = events.split_off(at + 1);
+                rest.retain(|e| !(e.topic == topic && e.partition == partition));
+                events = rest;
+                plan = plan::plan(&targets, &events, skip).0;
             }
         }
         Ok(())
     };
-    tokio::try_join!(read, apply_all).map(|_| ())
+    let result = tokio::try_join!(read, apply_all).map(|_| ());
+    // A restart reads a stopped partition again.
+    metrics.stopped.sub(stopped_now().len() as i64);
+    result
 }
 
 /// A batch read and planned, on its way to be applied.
@@ -466,7 +514,8 @@ fn refused(error: &tokio_postgres::Error) -> bool {
 }
 
 /// Applies a batch the database refused as a whole: finds the event it refuses, applies the
-/// events before it and stops there naming it, or with `skip` leaves it out and goes on.
+/// events before it and returns it (its index and why), or with `skip` leaves it out and
+/// goes on.
 async fn settle(
     client: &mut Client,
     targets: &[Target],
@@ -475,31 +524,28 @@ async fn settle(
     offsets_table: &str,
     sink: &str,
     metrics: &Metrics,
-) -> Result<(), SinkError> {
+) -> Result<Option<(usize, String)>, SinkError> {
     let mut remaining = events;
     while !remaining.is_empty() {
         let Some((at, problem)) = refused_event(client, targets, remaining).await? else {
             // Each applies alone: together they fail, and that error is the answer.
             let (plan, _) = plan::plan(targets, remaining, true);
-            return apply(client, targets, &plan.steps, remaining, offsets_table, sink).await;
+            apply(client, targets, &plan.steps, remaining, offsets_table, sink).await?;
+            return Ok(None);
         };
         let (before, _) = plan::plan(targets, &remaining[..at], true);
         let event = &remaining[at];
         if !skip {
             apply(client, targets, &before.steps, &remaining[..at], offsets_table, sink).await?;
-            return Err(SinkError::Event {
-                topic: event.topic.to_string(),
-                partition: event.partition,
-                offset: event.offset,
-                problem,
-            });
+            // As an index into `events`.
+            return Ok(Some((events.len() - remaining.len() + at, problem)));
         }
         skipped_event(metrics, targets, event, &problem);
         // Its offset is stored with those before it: it is not read again.
         apply(client, targets, &before.steps, &remaining[..=at], offsets_table, sink).await?;
         remaining = &remaining[at + 1..];
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The first of `events` the database refuses on its own, and why (with the column when it

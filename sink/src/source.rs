@@ -112,6 +112,16 @@ pub fn assign(
     consumer.assign(&assignment).map_err(|e| SinkError::Kafka(format!("assign: {e}")))
 }
 
+/// Stops fetching a partition (stopped at an event that cannot be delivered); its events
+/// already fetched are for the caller to drop.
+pub fn pause(consumer: &StreamConsumer, topic: &str, partition: i32) {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    if let Err(e) = consumer.pause(&list) {
+        tracing::warn!(error = %e, topic, partition, "cannot pause a stopped partition; its events are dropped instead");
+    }
+}
+
 /// The next batch: waits up to a second for a first event, then up to `linger` for more,
 /// `max` at most.
 pub async fn collect(
