@@ -514,3 +514,95 @@ async fn every_type_of_the_cdc_type_tests_and_a_truncate_arrive_as_the_source_ha
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_made_from_the_source_catalog_grows_with_the_columns_events_carry() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let source = pg.database("shop").await;
+    source
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE DOMAIN dint AS int CHECK (VALUE > 0);
+             CREATE TABLE orders (id int PRIMARY KEY, total numeric(10,2), feeling mood, moods mood[],
+               qty dint, placed date);
+             INSERT INTO orders VALUES (1, 9.99, 'happy', '{sad,happy}', 3, '2024-02-29'), (2, 5, NULL, NULL, 1, NULL);",
+        )
+        .await
+        .expect("source");
+    // The service's database has nothing yet: not the schema, not the table, not the types.
+    let target = pg.database("view").await;
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "mk", "tables = [\"orders\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    let sink = Cdc::start_sink(&format!(
+        "[kafka]\nbrokers = \"{}\"\n[source]\nurl = \"{}\"\n[postgres]\nurl = \"{}\"\n\
+         [[postgres.tables]]\ntopic = \"{}.public.orders\"\ntable = \"view.orders\"\ncolumns = {{ total = \"amount\" }}\ncreate = true\n",
+        broker.addr,
+        pg.url("shop"),
+        pg.url("view"),
+        broker.topic("mk")
+    ));
+    let rows = |db: &'static str| {
+        let (client, total) = if db == "shop" { (&source, "total") } else { (&target, "amount") };
+        async move {
+            let table = if db == "shop" { "orders" } else { "view.orders" };
+            let sql = format!(
+                "SELECT concat_ws('|', id, {total}, feeling, moods, qty, placed, \
+                 CASE WHEN EXISTS (SELECT FROM information_schema.columns WHERE column_name = 'note' \
+                   AND table_name = 'orders') THEN to_jsonb(o) ->> 'note' END) FROM {table} o ORDER BY id"
+            );
+            match client.query(&sql, &[]).await {
+                Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(),
+                Err(_) => Vec::new(),
+            }
+        }
+    };
+    let caught_up = || async {
+        let expected = rows("shop").await;
+        let deadline = Instant::now() + QUIET;
+        while rows("view").await != expected {
+            assert!(
+                Instant::now() < deadline,
+                "{:?} != {expected:?}\n{}",
+                rows("view").await,
+                sink.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    caught_up().await;
+    assert!(sink.logs().contains("created the target table from the source's catalog"));
+
+    // A column added at the source is added to the target when events first carry it.
+    source
+        .batch_execute(
+            "ALTER TABLE orders ADD COLUMN note varchar(20);
+             INSERT INTO orders VALUES (3, 1.5, 'sad', '{}', 2, '2024-03-01', 'new');
+             UPDATE orders SET note = 'later' WHERE id = 1;",
+        )
+        .await
+        .expect("evolve");
+    caught_up().await;
+    let types: Vec<String> = target
+        .query(
+            "SELECT column_name || ' ' || format_type(atttypid, atttypmod) FROM information_schema.columns c \
+             JOIN pg_attribute a ON a.attrelid = 'view.orders'::regclass AND a.attname = c.column_name \
+             WHERE table_schema = 'view' AND table_name = 'orders' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .expect("types")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "id integer",
+            "amount numeric(10,2)",
+            "feeling text",
+            "moods text[]",
+            "qty integer",
+            "placed date",
+            "note character varying(20)"
+        ]
+    );
+}

@@ -19,6 +19,9 @@ pub struct SinkConfig {
     /// An HTTP endpoint the events are posted to, at least once, in order per partition.
     #[serde(default)]
     pub webhook: Option<WebhookConfig>,
+    /// The source database, read (its catalog only) for tables with `create = true`.
+    #[serde(default)]
+    pub source: Option<SourceRef>,
     /// `listen`: Prometheus `/metrics` and `/healthz`.
     #[serde(default)]
     pub metrics: ficus_cdc::config::MetricsConfig,
@@ -75,6 +78,17 @@ pub struct TableConfig {
     pub columns: BTreeMap<String, String>,
     #[serde(default)]
     pub mode: Mode,
+    /// Create the table from the source's catalog when it does not exist, and add the
+    /// columns events carry that it lacks (needs `[source] url`).
+    #[serde(default)]
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRef {
+    /// `postgres://user:password@host:port/db?sslmode=...`, as `ficus cdc`'s `source.url`.
+    pub url: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +161,12 @@ impl SinkConfig {
         }
         if let Some(postgres) = &config.postgres {
             postgres.check(&mut problems);
+            let creates = postgres.tables.iter().position(|t| t.create);
+            if let (Some(n), None) = (creates, &config.source) {
+                problems.push(format!(
+                    "postgres.tables[{n}].create needs [source] url: the table is made from the source's catalog"
+                ));
+            }
         }
         if let Some(webhook) = &config.webhook {
             if let Err(e) = reqwest::Url::parse(&webhook.url) {
@@ -210,20 +230,23 @@ impl PostgresConfig {
 }
 
 impl TableConfig {
+    /// The source table: the topic's last two parts (`shop.public.orders`: `public.orders`).
+    pub fn source_table(&self) -> Result<TableName, String> {
+        let mut parts = self.topic.rsplitn(3, '.');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(table), Some(schema), Some(_)) => Ok(TableName::new(schema, table)),
+            _ => Err(format!(
+                "topic {} is not <prefix>.<schema>.<table>: name the table",
+                self.topic
+            )),
+        }
+    }
+
     /// The target table.
     pub fn table_name(&self) -> Result<TableName, String> {
         match &self.table {
             Some(table) => TableName::parse(table),
-            None => {
-                let mut parts = self.topic.rsplitn(3, '.');
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some(table), Some(schema), Some(_)) => Ok(TableName::new(schema, table)),
-                    _ => Err(format!(
-                        "topic {} is not <prefix>.<schema>.<table>: name the table",
-                        self.topic
-                    )),
-                }
-            }
+            None => self.source_table(),
         }
     }
 }
@@ -282,6 +305,13 @@ mod tests {
             .map(|_| ())
             .expect_err("no topics");
         assert_eq!(config, ["kafka.topics: name the topics the webhook delivers"]);
+        let create =
+            SinkConfig::from_value(json!({"kafka": {"brokers": "b"}, "postgres": {"url": "u",
+            "tables": [{"topic": "shop.public.orders", "create": true}]}}));
+        assert_eq!(
+            create.expect_err("no source"),
+            ["postgres.tables[0].create needs [source] url: the table is made from the source's catalog"]
+        );
         assert_eq!(
             SinkConfig::from_value(json!({"kafka": {"brokers": "b"}})).expect_err("nothing"),
             ["nothing to deliver to: add [postgres], [webhook] or both"]

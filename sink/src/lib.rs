@@ -18,6 +18,7 @@ pub mod deliver;
 pub mod metrics;
 pub mod plan;
 pub mod run;
+pub mod schema;
 pub mod source;
 pub mod value;
 pub mod webhook;

@@ -14,11 +14,10 @@ use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{KafkaConfig, OnError, PostgresConfig, SinkConfig};
+use crate::config::{KafkaConfig, OnError, PostgresConfig, SinkConfig, TableConfig};
 use crate::metrics::Metrics;
-use crate::plan::{self, Column, Event, Mode, Step, Target};
-use crate::source;
-use crate::value::Kind;
+use crate::plan::{self, Event, Mode, Step, Target};
+use crate::{schema, source};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often the partitions' high watermarks are asked for, busy or idle.
@@ -64,7 +63,8 @@ pub async fn run(
     let tables = async {
         let Some(postgres) = &config.postgres else { return Ok(()) };
         retrying("tables", &metrics, shutdown.clone(), || {
-            run_once(&config.kafka, postgres, &metrics, shutdown.clone())
+            let source = config.source.as_ref().map(|s| s.url.as_str());
+            run_once(&config.kafka, postgres, source, &metrics, shutdown.clone())
         })
         .await
     };
@@ -116,10 +116,11 @@ where
 async fn run_once(
     kafka: &KafkaConfig,
     postgres: &PostgresConfig,
+    source_url: Option<&str>,
     metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
-    let mut client = connect(&postgres.url).await?;
+    let mut client = connect("postgres.url", &postgres.url).await?;
     if !applier(&client, &kafka.name, &mut shutdown).await? {
         return Ok(());
     }
@@ -130,10 +131,20 @@ async fn run_once(
              \"partition\" int NOT NULL, next_offset bigint NOT NULL, PRIMARY KEY (sink, topic, \"partition\"))"
         ))
         .await?;
+    // The source's catalog, for tables created or grown from it.
+    let source = match source_url {
+        Some(url) if postgres.tables.iter().any(|t| t.create) => {
+            Some(connect("source.url", url).await?)
+        }
+        _ => None,
+    };
     let mut targets = Vec::with_capacity(postgres.tables.len());
     for table in &postgres.tables {
-        targets.push(target(&client, table).await?);
+        targets.push(prepared(&client, source.as_ref(), table).await?);
     }
+    // The applier replaces them when it adds a column; the reader plans with the latest.
+    let shared = std::sync::RwLock::new(Arc::new(targets));
+    let latest = || shared.read().map_or_else(|e| e.into_inner().clone(), |t| t.clone());
     // Each topic once; a topic may feed several tables (its rows, and an audit of them).
     let mut topics: Vec<String> = postgres.tables.iter().map(|t| t.topic.clone()).collect();
     topics.sort_unstable();
@@ -182,10 +193,12 @@ async fn run_once(
             if batch.is_empty() {
                 continue;
             }
+            let targets = latest();
             let events = events(postgres, &batch);
             let (plan, skipped) = plan::plan(&targets, &events, skip);
             drop(events);
-            if planned.send(Planned { messages: batch, plan, skipped }).await.is_err() {
+            let batch = Planned { messages: batch, targets, plan, skipped };
+            if planned.send(batch).await.is_err() {
                 // The applier stopped; its error is the answer.
                 return Ok(());
             }
@@ -193,8 +206,23 @@ async fn run_once(
     };
     let apply_all = async {
         let mut warned = BTreeSet::new();
-        while let Some(Planned { messages, mut plan, skipped }) = to_apply.recv().await {
+        while let Some(batch) = to_apply.recv().await {
+            let Planned { messages, mut targets, mut plan, skipped } = batch;
             let mut events = events(postgres, &messages);
+            // Planned before a column was added: planned again.
+            if !Arc::ptr_eq(&targets, &latest()) {
+                targets = latest();
+                plan = plan::plan(&targets, &events, skip).0;
+            }
+            if let Some(grown) =
+                grow(&client, source.as_ref(), postgres, &targets, &plan.unknown_columns).await?
+            {
+                targets = Arc::new(grown);
+                if let Ok(mut shared) = shared.write() {
+                    *shared = targets.clone();
+                }
+                plan = plan::plan(&targets, &events, skip).0;
+            }
             for (at, problem) in &skipped {
                 skipped_event(metrics, &targets, &events[*at], problem);
             }
@@ -274,6 +302,8 @@ async fn run_once(
 /// A batch read and planned, on its way to be applied.
 struct Planned {
     messages: Vec<OwnedMessage>,
+    /// The tables as they were planned for.
+    targets: Arc<Vec<Target>>,
     plan: plan::Plan,
     /// Events left out (`on_error = "skip"`), by index in the batch's events, and why.
     skipped: Vec<(usize, String)>,
@@ -297,13 +327,84 @@ fn events<'m>(postgres: &PostgresConfig, messages: &'m [OwnedMessage]) -> Vec<Ev
         .collect()
 }
 
+/// A configured table as the target has it; created first from the source's catalog when
+/// it does not exist and `create` is set.
+async fn prepared(
+    client: &Client,
+    source: Option<&Client>,
+    table: &TableConfig,
+) -> Result<Target, SinkError> {
+    if let Some(target) = schema::target(client, table).await? {
+        return Ok(target);
+    }
+    let name = table.table_name().map_err(SinkError::Config)?;
+    let missing = || {
+        SinkError::Config(format!(
+            "target table {name} (for topic {}) does not exist; create it, or set create = true",
+            table.topic
+        ))
+    };
+    let (true, Some(source)) = (table.create, source) else { return Err(missing()) };
+    let from = table.source_table().map_err(SinkError::Config)?;
+    let columns = schema::source_columns(source, &from).await?;
+    if columns.is_empty() && table.mode == Mode::Upsert {
+        return Err(SinkError::Config(format!(
+            "cannot create {name}: the source has no table {from} (from topic {})",
+            table.topic
+        )));
+    }
+    client.batch_execute(&schema::create_sql(&name, table.mode, &columns, &table.columns)).await?;
+    tracing::info!(table = %name, from = %from, "created the target table from the source's catalog");
+    schema::target(client, table).await?.ok_or_else(missing)
+}
+
+/// Adds to `create = true` tables the columns events carry that they lack (`unknown`, by
+/// target), typed as the source has them; the tables as they are then, or `None` when none
+/// was added.
+async fn grow(
+    client: &Client,
+    source: Option<&Client>,
+    postgres: &PostgresConfig,
+    targets: &[Target],
+    unknown: &BTreeSet<(usize, String)>,
+) -> Result<Option<Vec<Target>>, SinkError> {
+    let Some(source) = source else { return Ok(None) };
+    let mut grown: Option<Vec<Target>> = None;
+    for (index, name) in unknown {
+        let table = &postgres.tables[*index];
+        if !table.create {
+            continue;
+        }
+        let from = table.source_table().map_err(SinkError::Config)?;
+        let columns = schema::source_columns(source, &from).await?;
+        let renamed =
+            |c: &&schema::SourceColumn| table.columns.get(&c.name).unwrap_or(&c.name) == name;
+        let Some(column) = columns.iter().find(renamed) else {
+            // Gone from the source again; left to the warning.
+            continue;
+        };
+        let target = &targets[*index];
+        client.batch_execute(&schema::add_column_sql(&target.sql, column, &table.columns)).await?;
+        tracing::info!(
+            table = target.label,
+            column = name,
+            type_sql = column.type_sql,
+            "added a column the events carry"
+        );
+        if let Some(now) = schema::target(client, table).await? {
+            grown.get_or_insert_with(|| targets.to_vec())[*index] = now;
+        }
+    }
+    Ok(grown)
+}
+
 /// A connection to the target, over TLS as `sslmode` in its URL asks (libpq's meanings).
-async fn connect(url: &str) -> Result<Client, SinkError> {
+async fn connect(key: &str, url: &str) -> Result<Client, SinkError> {
     let config_error = |e: ficus_cdc::error::CdcError| match e {
         ficus_cdc::error::CdcError::Config(problem) => SinkError::Config(problem),
         other => SinkError::Config(other.to_string()),
     };
-    let (config, tls) = ficus_cdc::config::sql_config("postgres.url", url).map_err(config_error)?;
+    let (config, tls) = ficus_cdc::config::sql_config(key, url).map_err(config_error)?;
     let ended = |result: Result<(), tokio_postgres::Error>| {
         if let Err(e) = result {
             tracing::debug!(error = %e, "target connection ended");
@@ -354,66 +455,6 @@ async fn applier(
             _ = shutdown.changed() => return Ok(false),
         }
     }
-}
-
-/// The catalog's view of a configured target table.
-async fn target(client: &Client, table: &crate::config::TableConfig) -> Result<Target, SinkError> {
-    let name = table.table_name().map_err(SinkError::Config)?;
-    let sql = name.sql();
-    let rows = client
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), b.oid, \
-             CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE 0::oid END \
-             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
-             JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
-             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
-             ORDER BY a.attnum",
-            &[&sql],
-        )
-        .await?;
-    if rows.is_empty() {
-        return Err(SinkError::Config(format!(
-            "target table {name} (for topic {}) does not exist",
-            table.topic
-        )));
-    }
-    let columns: Vec<Column> = rows
-        .iter()
-        .map(|r| {
-            let element: u32 = r.get(3);
-            Column {
-                name: r.get(0),
-                type_sql: r.get(1),
-                kind: Kind::of(r.get(2), (element != 0).then_some(element)),
-            }
-        })
-        .collect();
-    let key_names: Vec<String> = client
-        .query(
-            "SELECT a.attname::text FROM pg_index i \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = to_regclass($1) AND i.indisprimary \
-             ORDER BY array_position(i.indkey::int2[], a.attnum)",
-            &[&sql],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if key_names.is_empty() && table.mode == Mode::Upsert {
-        return Err(SinkError::Config(format!(
-            "target table {name} has no primary key: upserts need one (or mode = \"append\")"
-        )));
-    }
-    let key = key_names.iter().filter_map(|k| columns.iter().position(|c| &c.name == k)).collect();
-    Ok(Target {
-        label: name.to_string(),
-        sql,
-        columns,
-        key,
-        renames: table.columns.clone().into_iter().collect(),
-        mode: table.mode,
-    })
 }
 
 /// The offsets after the last applied event, by topic and partition.
