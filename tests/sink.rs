@@ -233,7 +233,8 @@ async fn an_event_the_target_refuses_stops_its_partition_naming_it_or_is_skipped
     let target = pg.database("view").await;
     target
         .batch_execute(
-            "CREATE TABLE items (id int PRIMARY KEY, qty int); CREATE TABLE others (id int PRIMARY KEY)",
+            "CREATE TABLE items (id int PRIMARY KEY, qty int); CREATE TABLE others (id int PRIMARY KEY);
+             CREATE TABLE items_audit (topic text, \"partition\" int, \"offset\" bigint, key jsonb, value jsonb)",
         )
         .await
         .expect("target");
@@ -244,6 +245,7 @@ async fn an_event_the_target_refuses_stops_its_partition_naming_it_or_is_skipped
     let sink_config = |on_error: &str| {
         format!(
             "[kafka]\nbrokers = \"{}\"\n[postgres]\nurl = \"{}\"\non_error = \"{on_error}\"\n\
+             [[postgres.tables]]\ntopic = \"{topic}\"\ntable = \"public.items_audit\"\nmode = \"append\"\n\
              [[postgres.tables]]\ntopic = \"{topic}\"\n[[postgres.tables]]\ntopic = \"{}.public.others\"\n",
             broker.addr,
             pg.url("view"),
@@ -288,6 +290,13 @@ async fn an_event_the_target_refuses_stops_its_partition_naming_it_or_is_skipped
         .expect("more");
     wait_ids("others", vec![1, 2], &sink).await;
     assert_eq!(ids("items").await, [1], "what came before it is applied, nothing after");
+    // Its message feeds the audit too: neither table has it, or its offset would be stored
+    // with the items table missing it.
+    let audited = || async {
+        let rows = target.query("SELECT \"offset\" FROM items_audit ORDER BY 1", &[]).await;
+        rows.expect("audit").iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
+    };
+    assert_eq!(audited().await, [0]);
     assert!(sink.terminate().success(), "{}", sink.logs());
 
     // Skip: it is logged, counted and passed over; the partition reads on.
@@ -295,6 +304,7 @@ async fn an_event_the_target_refuses_stops_its_partition_naming_it_or_is_skipped
     sink.spawn();
     sink.wait_log("event skipped", QUIET);
     wait_ids("items", vec![1, 3, 4], &sink).await;
+    assert_eq!(audited().await, [0, 1, 2, 3], "the audit takes what the items table skips");
 }
 
 /// A request the webhook endpoint received, and its answer.

@@ -245,10 +245,23 @@ async fn run_once(
             }
             let sink = &kafka.name;
             loop {
-                // Applied up to the first event that could not be planned.
-                let applied = plan.failed.as_ref().map_or(&events[..], |(at, _)| &events[..*at]);
+                // Applied up to the message of the first event that could not be planned:
+                // a message feeding two tables is applied to both or neither, or its offset
+                // would be stored with one table missing it.
+                let upto = match &plan.failed {
+                    Some((at, _)) => message_start(&events, *at),
+                    None => events.len(),
+                };
+                let applied = &events[..upto];
+                let replanned;
+                let steps = match &plan.failed {
+                    Some((at, _)) if *at > upto => {
+                        replanned = plan::plan(&targets, applied, skip).0.steps;
+                        &replanned
+                    }
+                    _ => &plan.steps,
+                };
                 let started = Instant::now();
-                let steps = &plan.steps;
                 let refusal = match apply(
                     &mut client,
                     &targets,
@@ -297,6 +310,17 @@ async fn run_once(
     // A restart reads a stopped partition again.
     metrics.stopped.sub(stopped_now().len() as i64);
     result
+}
+
+/// Where the events of `events[at]`'s message start (a message feeding several tables is
+/// one event per table, side by side).
+fn message_start(events: &[Event<'_>], at: usize) -> usize {
+    let same = |e: &Event<'_>| {
+        e.topic == events[at].topic
+            && e.partition == events[at].partition
+            && e.offset == events[at].offset
+    };
+    events[..at].iter().rposition(|e| !same(e)).map_or(0, |before| before + 1)
 }
 
 /// A batch read and planned, on its way to be applied.
@@ -577,7 +601,10 @@ async fn settle(
         let (before, _) = plan::plan(targets, &remaining[..at], true);
         let event = &remaining[at];
         if !skip {
-            apply(client, targets, &before.steps, &remaining[..at], offsets_table, sink).await?;
+            // Not the events of its message for other tables either.
+            let upto = message_start(remaining, at);
+            let (before, _) = plan::plan(targets, &remaining[..upto], true);
+            apply(client, targets, &before.steps, &remaining[..upto], offsets_table, sink).await?;
             // As an index into `events`.
             return Ok(Some((events.len() - remaining.len() + at, problem)));
         }
