@@ -44,7 +44,13 @@ fn the_demo_tells_the_whole_story_and_cleans_up_on_ctrl_c() {
             output.push_str(&String::from_utf8_lossy(&chunk));
         }
     }
-    // The snapshot and the new orders arrive as CDC events read back from Kafka.
+    // The snapshot and the new orders arrive as CDC events read back from Kafka, printed by
+    // their own consumer, which may print the last ones after the story's end.
+    while !output.contains("[kafka shop.public.orders] op=c") && Instant::now() < deadline {
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+            output.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
     assert!(output.contains("[kafka shop.public.orders] op=r"), "{output}");
     assert!(output.contains("[kafka shop.public.orders] op=c"), "{output}");
     assert!(output.contains("-> monolith: order 4"), "{output}");

@@ -196,8 +196,10 @@ impl<'a> Poster<'a> {
                         return outcome;
                     }
                     Ok((status, text, retry_after)) => {
-                        tracing::warn!(id, status, answer = text, retry_in = ?retry_after.unwrap_or(backoff), "webhook failed; sending again");
-                        retry_after.unwrap_or(backoff)
+                        // Never sooner than the back-off: `Retry-After: 0` is no reason to hammer.
+                        let wait = retry_after.map_or(backoff, |asked| asked.max(backoff));
+                        tracing::warn!(id, status, answer = text, retry_in = ?wait, "webhook failed; sending again");
+                        wait
                     }
                     Err(e) => {
                         tracing::warn!(id, error = %e, retry_in = ?backoff, "webhook not answered; sending again");

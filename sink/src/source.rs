@@ -43,7 +43,10 @@ pub fn consumer(
         // Some Kafka-compatible brokers (Tansu) answer a fetch only once this wait is over,
         // even with data at hand: librdkafka's 500 ms held reading to 28k events/s there.
         // Kafka answers as soon as there is data; the wait only paces fetches when idle.
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        // A start a little before the stored offset that is no longer in the topic starts
+        // at its beginning (then checked by `admit`), not at its end.
+        .set("auto.offset.reset", "earliest");
     for (key, value) in &kafka.consumer {
         client.set(key, ficus_cdc::config::property(value));
     }
@@ -188,12 +191,21 @@ pub fn admit(
                 consumer.seek(&key.0, key.1, seek, Duration::from_secs(10))
             });
             if let Err(e) = result {
-                tracing::warn!(error = %e, "cannot seek back; reading on");
+                // Held, not passed over: the next message of the partition tries again.
+                tracing::warn!(error = %e, topic = key.0, partition = key.1, "cannot seek back; the partition waits");
             } else {
                 position.step = if from <= 0 { 0 } else { position.step * 2 };
-                sought.insert(key);
-                return false;
             }
+            sought.insert(key);
+            return false;
+        }
+        if offset > position.next {
+            tracing::error!(
+                topic = key.0,
+                partition = key.1,
+                "offsets {}..{offset} are no longer in the topic (retention?): they were never applied or delivered",
+                position.next
+            );
         }
         position.verified = true;
     }

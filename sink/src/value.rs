@@ -89,7 +89,10 @@ fn text(kind: &Kind, value: &Value) -> Result<Option<String>, String> {
         (Kind::Interval, Value::Number(_)) => {
             let micros = number(value)?;
             const DAY: i64 = 86_400_000_000;
-            format!("{} days {} microseconds", micros / DAY, micros % DAY)
+            // The clock as text: older servers read `N microseconds` as a 32-bit number.
+            let (days, rest) = (micros / DAY, micros % DAY);
+            let sign = if rest < 0 { "-" } else { "" };
+            format!("{days} days {sign}{}", time::time_text(rest.abs()))
         }
         (Kind::Bytea, Value::String(base64)) => {
             let bytes = base64::engine::general_purpose::STANDARD
@@ -154,13 +157,10 @@ mod tests {
             value(&Kind::Timestamp, json!(1_640_995_200_500_000_i64)).as_deref(),
             Some("2022-01-01 00:00:00.500000")
         );
-        assert_eq!(
-            value(&Kind::Interval, json!(90_000_000)).as_deref(),
-            Some("0 days 90000000 microseconds")
-        );
+        assert_eq!(value(&Kind::Interval, json!(90_000_000)).as_deref(), Some("0 days 00:01:30"));
         assert_eq!(
             value(&Kind::Interval, json!(-90_000_000_000_i64)).as_deref(),
-            Some("-1 days -3600000000 microseconds")
+            Some("-1 days -01:00:00")
         );
         assert_eq!(
             value(&Kind::TimestampTz, json!("-0043-03-15T00:00:00Z")).as_deref(),
