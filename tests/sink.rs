@@ -616,3 +616,61 @@ async fn a_table_made_from_the_source_catalog_grows_with_the_columns_events_carr
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_on_a_topic_regex_delivers_a_table_added_later() {
+    use std::sync::{Arc, Mutex};
+
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let source = pg.database("shop").await;
+    source
+        .batch_execute(
+            "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
+             INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (10);",
+        )
+        .await
+        .expect("source");
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "rx", "tables = [\"a\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    let topics = Arc::new(Mutex::new(Vec::<String>::new()));
+    let endpoint = {
+        let topics = topics.clone();
+        common::AppBackend::start(move |seen| {
+            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
+            for event in body.as_array().into_iter().flatten() {
+                let topic = event["topic"].as_str().unwrap_or_default().to_string();
+                topics.lock().expect("topics").push(topic);
+            }
+            (200, "text/plain", "ok".to_string())
+        })
+        .await
+    };
+    let prefix = broker.topic("rx");
+    let sink = Cdc::start_sink(&format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic_regex = '{prefix}\\.public\\..*'\n[webhook]\nurl = \"{}/\"\n",
+        broker.addr,
+        endpoint.url()
+    ));
+    let delivered = |topic: String| {
+        let topics = topics.clone();
+        move || topics.lock().expect("topics").iter().filter(|t| **t == topic).count()
+    };
+    let (of_a, of_b) =
+        (delivered(format!("{prefix}.public.a")), delivered(format!("{prefix}.public.b")));
+    let deadline = Instant::now() + QUIET;
+    while of_a() < 2 {
+        assert!(Instant::now() < deadline, "{:?}\n{}", topics.lock(), sink.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Table b joins ficus cdc: its topic appears and the sink delivers it too.
+    cdc.write_config(&config(&pg.url("shop"), &broker, "rx", "tables = [\"a\", \"b\"]"));
+    cdc.hangup();
+    source.batch_execute("INSERT INTO b VALUES (11)").await.expect("insert");
+    let deadline = Instant::now() + QUIET;
+    while of_b() < 2 {
+        assert!(Instant::now() < deadline, "{:?}\n{}\n{}", topics.lock(), sink.logs(), cdc.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sink.logs().contains("new topics match kafka.topic_regex"), "{}", sink.logs());
+    assert_eq!(of_a(), 2, "nothing of a delivered twice");
+}

@@ -38,6 +38,10 @@ pub struct KafkaConfig {
     /// The topics the webhook delivers; default: the topics of `postgres.tables`.
     #[serde(default)]
     pub topics: Vec<String>,
+    /// Instead of `topics`: the webhook delivers every topic whose whole name this matches,
+    /// also those created later (`shop\\.public\\..*`).
+    #[serde(default)]
+    pub topic_regex: Option<String>,
     /// Any librdkafka consumer property, passed through.
     #[serde(default)]
     pub consumer: BTreeMap<String, serde_json::Value>,
@@ -175,15 +179,31 @@ impl SinkConfig {
             if webhook.batch == 0 {
                 problems.push("webhook.batch must be at least 1".to_string());
             }
-            if config.webhook_topics().is_empty() {
+            if config.webhook_topics().is_empty() && config.kafka.topic_regex.is_none() {
                 problems.push("kafka.topics: name the topics the webhook delivers".to_string());
             }
+        }
+        if let Err(e) = config.kafka.topic_pattern() {
+            problems.push(e);
+        }
+        if config.kafka.topic_regex.is_some() && !config.kafka.topics.is_empty() {
+            problems.push("kafka: give topics or topic_regex, not both".to_string());
         }
         if problems.is_empty() {
             Ok(config)
         } else {
             Err(problems)
         }
+    }
+}
+
+impl KafkaConfig {
+    /// `topic_regex`, matching whole topic names.
+    pub fn topic_pattern(&self) -> Result<Option<regex::Regex>, String> {
+        let Some(pattern) = &self.topic_regex else { return Ok(None) };
+        regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map(Some)
+            .map_err(|e| format!("kafka.topic_regex {pattern}: {e}"))
     }
 }
 
@@ -305,6 +325,16 @@ mod tests {
             .map(|_| ())
             .expect_err("no topics");
         assert_eq!(config, ["kafka.topics: name the topics the webhook delivers"]);
+        let regex = |pattern: &str| {
+            SinkConfig::from_value(json!({"kafka": {"brokers": "b", "topic_regex": pattern},
+                "webhook": {"url": "http://h/"}}))
+        };
+        let config = regex(r"shop\.public\..*").expect("a regex instead of topics");
+        let pattern = config.kafka.topic_pattern().expect("valid").expect("given");
+        assert!(pattern.is_match("shop.public.orders") && !pattern.is_match("xshop.public.orders"));
+        assert!(
+            regex("(").expect_err("bad")[0].starts_with("kafka.topic_regex (: regex parse error")
+        );
         let create =
             SinkConfig::from_value(json!({"kafka": {"brokers": "b"}, "postgres": {"url": "u",
             "tables": [{"topic": "shop.public.orders", "create": true}]}}));

@@ -24,8 +24,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How often the partitions' high watermarks are asked for.
 const LAG_EVERY: Duration = Duration::from_secs(2);
+/// How often the topics are listed again for `kafka.topic_regex`.
+const LIST_EVERY: Duration = Duration::from_secs(5);
 
-/// Delivers `topics` to the webhook until `shutdown` turns true or Kafka fails.
+/// Delivers `topics` (or those `kafka.topic_regex` matches, as they appear) to the webhook
+/// until `shutdown` turns true or Kafka fails.
 pub async fn run_once(
     kafka: &KafkaConfig,
     topics: &[String],
@@ -34,14 +37,24 @@ pub async fn run_once(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
     let poster = Poster::new(hook, metrics)?;
-    let (consumer, partitions) = source::consumer(kafka, topics)?;
+    let pattern = kafka.topic_pattern().map_err(SinkError::Config)?;
+    let consumer = source::client(kafka)?;
+    let mut topics = match &pattern {
+        Some(pattern) => source::matching(&consumer, pattern)?,
+        None => topics.to_vec(),
+    };
+    if topics.is_empty() {
+        return Err(SinkError::Kafka("no topic matches kafka.topic_regex yet".into()));
+    }
+    let partitions = source::partitions(&consumer, &topics)?;
     let stored = source::committed(&consumer, &partitions)?;
-    source::assign(&consumer, &partitions, &stored)?;
+    source::assign(&consumer, &partitions, &stored, false)?;
     tracing::info!(url = hook.url, topics = %topics.join(", "), from = ?stored, "webhook delivery started");
     metrics.healthy.store(true, Ordering::Relaxed);
     let mut positions = source::positions(&stored);
     let mut stopped: BTreeSet<(String, i32)> = BTreeSet::new();
     let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
+    let mut listed = Instant::now();
     let mut messages = consumer.stream();
     let delivered: Result<(), SinkError> = async {
         loop {
@@ -55,6 +68,20 @@ pub async fn run_once(
                 !stopped.contains(&partition)
                     && source::admit(&consumer, &mut positions, &mut sought, m)
             });
+            if let Some(pattern) = pattern.as_ref().filter(|_| listed.elapsed() >= LIST_EVERY) {
+                listed = Instant::now();
+                // A table added to ficus cdc later is a new topic: read it too.
+                let now = source::matching(&consumer, pattern)?;
+                let new: Vec<String> = now.iter().filter(|t| !topics.contains(t)).cloned().collect();
+                if !new.is_empty() {
+                    let partitions = source::partitions(&consumer, &new)?;
+                    let stored = source::committed(&consumer, &partitions)?;
+                    source::assign(&consumer, &partitions, &stored, true)?;
+                    positions.extend(source::positions(&stored));
+                    tracing::info!(topics = %new.join(", "), "new topics match kafka.topic_regex: delivering them too");
+                    topics = now;
+                }
+            }
             if lag_read.elapsed() >= LAG_EVERY {
                 lag_read = Instant::now();
                 source::lag(&consumer, &positions, metrics);

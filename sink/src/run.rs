@@ -151,7 +151,7 @@ async fn run_once(
     topics.dedup();
     let stored = stored_offsets(&client, &offsets_table, &kafka.name).await?;
     let (consumer, partitions) = source::consumer(kafka, &topics)?;
-    source::assign(&consumer, &partitions, &stored)?;
+    source::assign(&consumer, &partitions, &stored, false)?;
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
     metrics.healthy.store(true, Ordering::Relaxed);
     let skip = postgres.on_error == OnError::Skip;

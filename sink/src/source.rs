@@ -10,6 +10,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, DefaultConsumerContext, MessageStream, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
+use regex::Regex;
 
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
@@ -34,6 +35,13 @@ pub fn consumer(
     kafka: &KafkaConfig,
     topics: &[String],
 ) -> Result<(StreamConsumer, Vec<(String, i32)>), SinkError> {
+    let consumer = client(kafka)?;
+    let partitions = partitions(&consumer, topics)?;
+    Ok((consumer, partitions))
+}
+
+/// A consumer of the configured brokers, not reading yet.
+pub fn client(kafka: &KafkaConfig) -> Result<StreamConsumer, SinkError> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &kafka.brokers)
@@ -50,8 +58,14 @@ pub fn consumer(
     for (key, value) in &kafka.consumer {
         client.set(key, ficus_cdc::config::property(value));
     }
-    let consumer: StreamConsumer =
-        client.create().map_err(|e| SinkError::Config(format!("kafka consumer: {e}")))?;
+    client.create().map_err(|e| SinkError::Config(format!("kafka consumer: {e}")))
+}
+
+/// Every partition of `topics`.
+pub fn partitions(
+    consumer: &StreamConsumer,
+    topics: &[String],
+) -> Result<Vec<(String, i32)>, SinkError> {
     let mut partitions = Vec::new();
     for topic in topics {
         let metadata = tokio::task::block_in_place(|| {
@@ -68,7 +82,22 @@ pub fn consumer(
         }
         partitions.extend((0..count as i32).map(|p| (topic.clone(), p)));
     }
-    Ok((consumer, partitions))
+    Ok(partitions)
+}
+
+/// The topics whose whole name `pattern` matches, sorted (Kafka's own `__` topics left out).
+pub fn matching(consumer: &StreamConsumer, pattern: &Regex) -> Result<Vec<String>, SinkError> {
+    let metadata =
+        tokio::task::block_in_place(|| consumer.fetch_metadata(None, Duration::from_secs(10)))
+            .map_err(|e| SinkError::Kafka(format!("the list of topics: {e}")))?;
+    let mut topics: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|name| !name.starts_with("__") && pattern.is_match(name))
+        .collect();
+    topics.sort_unstable();
+    Ok(topics)
 }
 
 /// The offsets the consumer group committed for `partitions` (none: from the start).
@@ -93,11 +122,13 @@ pub fn committed(
         .collect())
 }
 
-/// Reads every partition from a little before its stored offset, or from the start.
+/// Reads every partition from a little before its stored offset, or from the start; with
+/// `more`, in addition to the partitions read already.
 pub fn assign(
     consumer: &StreamConsumer,
     partitions: &[(String, i32)],
     stored: &BTreeMap<(String, i32), i64>,
+    more: bool,
 ) -> Result<(), SinkError> {
     let mut assignment = TopicPartitionList::new();
     for key in partitions {
@@ -112,7 +143,9 @@ pub fn assign(
             .add_partition_offset(&key.0, key.1, offset)
             .map_err(|e| SinkError::Kafka(e.to_string()))?;
     }
-    consumer.assign(&assignment).map_err(|e| SinkError::Kafka(format!("assign: {e}")))
+    let assigned =
+        if more { consumer.incremental_assign(&assignment) } else { consumer.assign(&assignment) };
+    assigned.map_err(|e| SinkError::Kafka(format!("assign: {e}")))
 }
 
 /// Stops fetching a partition (stopped at an event that cannot be delivered); its events
