@@ -4,7 +4,6 @@
 //! at least once. A refusal (4xx) stops its partition only, saying why.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{CommitMode, Consumer};
@@ -13,7 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::config::{KafkaConfig, OnError, WebhookConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Delivery, Metrics};
 use crate::run::SinkError;
 use crate::source;
 use crate::webhook::{self, HookEvent, Secret, Verdict};
@@ -50,7 +49,7 @@ pub async fn run_once(
     let stored = source::committed(&consumer, &partitions)?;
     source::assign(&consumer, &partitions, &stored, false)?;
     tracing::info!(url = hook.url, topics = %topics.join(", "), from = ?stored, "webhook delivery started");
-    metrics.healthy.store(true, Ordering::Relaxed);
+    metrics.set_up(Delivery::Webhook, true);
     let mut positions = source::positions(&stored);
     let mut stopped: BTreeSet<(String, i32)> = BTreeSet::new();
     let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);

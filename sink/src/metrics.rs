@@ -21,8 +21,9 @@ pub struct Metrics {
     pub apply: Histogram,
     /// Events of a partition not taken yet: its high watermark less the next offset.
     pub lag: IntGaugeVec,
-    /// True while connected to the target and reading the topics.
-    pub healthy: AtomicBool,
+    /// Whether each delivery (tables, webhook) is down: configured and not connected and
+    /// reading. One not configured is never down.
+    down: [AtomicBool; 2],
     /// Webhook events, by topic and outcome (delivered, skipped).
     pub hook_events: IntCounterVec,
     /// Webhook requests, by answer (2xx, 4xx, 5xx, ... or timeout, error).
@@ -80,7 +81,7 @@ impl Metrics {
                 prometheus::exponential_buckets(0.001, 2.5, 12).expect("valid buckets"),
             ),
             lag,
-            healthy: AtomicBool::new(false),
+            down: [AtomicBool::new(false), AtomicBool::new(false)],
             hook_events: counter(
                 "ficus_sink_webhook_events_total",
                 "Webhook events, by topic and outcome",
@@ -102,6 +103,20 @@ impl Metrics {
     }
 }
 
+/// One of the sink's two deliveries, each healthy or not on its own.
+#[derive(Debug, Clone, Copy)]
+pub enum Delivery {
+    Tables = 0,
+    Webhook = 1,
+}
+
+impl Metrics {
+    /// Marks `delivery` as connected and reading, or not.
+    pub fn set_up(&self, delivery: Delivery, up: bool) {
+        self.down[delivery as usize].store(!up, Ordering::Relaxed);
+    }
+}
+
 impl ficus_cdc::metrics::Exported for Metrics {
     fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -112,6 +127,6 @@ impl ficus_cdc::metrics::Exported for Metrics {
     }
 
     fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.stopped.get() == 0
+        self.down.iter().all(|down| !down.load(Ordering::Relaxed)) && self.stopped.get() == 0
     }
 }

@@ -3,7 +3,6 @@
 //! any moment neither loses nor repeats an event's effect.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{KafkaConfig, OnError, PostgresConfig, SinkConfig, TableConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Delivery, Metrics};
 use crate::plan::{self, Event, Mode, Step, Target};
 use crate::{schema, source};
 
@@ -62,7 +61,7 @@ pub async fn run(
 ) -> Result<(), SinkError> {
     let tables = async {
         let Some(postgres) = &config.postgres else { return Ok(()) };
-        retrying("tables", &metrics, shutdown.clone(), || {
+        retrying(Delivery::Tables, &metrics, shutdown.clone(), || {
             let source = config.source.as_ref().map(|s| s.url.as_str());
             run_once(&config.kafka, postgres, source, &metrics, shutdown.clone())
         })
@@ -71,7 +70,7 @@ pub async fn run(
     let hooks = async {
         let Some(hook) = &config.webhook else { return Ok(()) };
         let topics = config.webhook_topics();
-        retrying("webhook", &metrics, shutdown.clone(), || {
+        retrying(Delivery::Webhook, &metrics, shutdown.clone(), || {
             crate::deliver::run_once(&config.kafka, &topics, hook, &metrics, shutdown.clone())
         })
         .await
@@ -81,7 +80,7 @@ pub async fn run(
 
 /// Runs `attempt` again with back-off while it fails with what may pass.
 async fn retrying<F, Fut>(
-    what: &str,
+    delivery: Delivery,
     metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
     mut attempt: F,
@@ -92,16 +91,19 @@ where
 {
     let mut backoff = Duration::from_millis(250);
     loop {
+        metrics.set_up(delivery, false);
         let started = Instant::now();
         let result = attempt().await;
-        metrics.healthy.store(false, Ordering::Relaxed);
+        metrics.set_up(delivery, false);
         match result {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && !*shutdown.borrow() => {
+            // Stopping anyway: what failed on the way out is no reason to fail.
+            Err(e) if e.is_retryable() && *shutdown.borrow() => return Ok(()),
+            Err(e) if e.is_retryable() => {
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(250);
                 }
-                tracing::warn!(delivery = what, error = %e, retry_in = ?backoff, "sink failed; resuming from the stored offsets");
+                tracing::warn!(?delivery, error = %e, retry_in = ?backoff, "sink failed; resuming from the stored offsets");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return Ok(()),
@@ -153,7 +155,7 @@ async fn run_once(
     let (consumer, partitions) = source::consumer(kafka, &topics)?;
     source::assign(&consumer, &partitions, &stored, false)?;
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
-    metrics.healthy.store(true, Ordering::Relaxed);
+    metrics.set_up(Delivery::Tables, true);
     let skip = postgres.on_error == OnError::Skip;
     // Partitions stopped at an event that cannot be applied: the applier adds them, the
     // reader pauses them and drops what it still holds of them.
