@@ -48,7 +48,7 @@ pub async fn run_once(
     let partitions = source::partitions(&consumer, &topics)?;
     let stored = source::committed(&consumer, &partitions)?;
     source::assign(&consumer, &partitions, &stored, false)?;
-    tracing::info!(url = hook.url, topics = %topics.join(", "), from = ?stored, "webhook delivery started");
+    tracing::info!(url = poster.shown_url, topics = %topics.join(", "), from = ?stored, "webhook delivery started");
     metrics.set_up(Delivery::Webhook, true);
     let mut positions = source::positions(&stored);
     let mut stopped: BTreeSet<(String, i32)> = BTreeSet::new();
@@ -140,6 +140,8 @@ struct Outcome {
 /// Sends requests to the endpoint.
 struct Poster<'a> {
     http: reqwest::Client,
+    /// The URL as logs show it: without a password or query, which may hold a token.
+    shown_url: String,
     hook: &'a WebhookConfig,
     secret: Option<Secret>,
     metrics: &'a Metrics,
@@ -166,7 +168,16 @@ impl<'a> Poster<'a> {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SinkError::Config(format!("webhook client: {e}")))?;
-        Ok(Poster { http, hook, secret, metrics })
+        let shown_url = reqwest::Url::parse(&hook.url).map_or_else(
+            |_| "the webhook URL".to_string(),
+            |mut url| {
+                url.set_query(None);
+                // Fails only for URLs that cannot have one.
+                let _ = url.set_password(None);
+                url.to_string()
+            },
+        );
+        Ok(Poster { http, shown_url, hook, secret, metrics })
     }
 
     /// Delivers `events` of one partition in order, in requests of `webhook.batch` events,
@@ -217,7 +228,7 @@ impl<'a> Poster<'a> {
                             "{topic} partition {partition} offset {first}: the webhook {} answered {status} ({text}). \
                              The partition is stopped: nothing from this event on is delivered; fix the endpoint \
                              or set webhook.on_4xx = \"skip\", then restart",
-                            self.hook.url
+                            self.shown_url
                         ));
                         return outcome;
                     }
