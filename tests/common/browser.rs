@@ -56,13 +56,16 @@ impl Browser {
         if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
             command.arg("--no-sandbox");
         }
-        let child = command
+        // Its complaints, kept beside the profile, for a start that fails.
+        let log = profile.path().join("chromium.log");
+        let stderr = std::fs::File::create(&log).expect("chromium log");
+        let mut child = command
             .arg("about:blank")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn chromium (scripts/install-deps installs it)");
-        let endpoint = devtools_endpoint(profile.path()).await;
+        let endpoint = devtools_endpoint(profile.path(), &mut child, &log).await;
         let (socket, _) = tokio_tungstenite::connect_async(endpoint.as_str())
             .await
             .expect("connect to chromium's DevTools");
@@ -256,10 +259,12 @@ pub fn artifacts_dir() -> PathBuf {
     })
 }
 
-/// The browser's DevTools address, which Chromium writes to its profile once it listens.
-async fn devtools_endpoint(profile: &Path) -> String {
+/// The browser's DevTools address, which Chromium writes to its profile once it listens;
+/// a browser that exits or does not listen in time fails the test with what it said.
+async fn devtools_endpoint(profile: &Path, child: &mut Child, log: &Path) -> String {
     let file = profile.join("DevToolsActivePort");
     let deadline = Instant::now() + PATIENCE;
+    let said = || std::fs::read_to_string(log).unwrap_or_default();
     loop {
         if let Ok(text) = std::fs::read_to_string(&file) {
             let mut lines = text.lines();
@@ -267,7 +272,10 @@ async fn devtools_endpoint(profile: &Path) -> String {
                 return format!("ws://127.0.0.1:{port}{path}");
             }
         }
-        assert!(Instant::now() < deadline, "chromium wrote no {}", file.display());
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("chromium exited ({status}) before listening:\n{}", said());
+        }
+        assert!(Instant::now() < deadline, "chromium wrote no {}:\n{}", file.display(), said());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
