@@ -94,13 +94,7 @@ pub fn run(args: &CdcArgs) -> Result<i32> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let metrics = Metrics::new();
-        if let Some(listen) = &config.metrics.listen {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on metrics.listen {listen}"))?;
-            tracing::info!(listen, "metrics on /metrics, health on /healthz");
-            tokio::spawn(ficus_cdc::metrics::serve(listener, metrics.clone()));
-        }
+        serve_metrics(config.metrics.listen.as_deref(), &metrics).await?;
         loop {
             let (control, shutdown) = tokio::sync::watch::channel(Shutdown::Run);
             let signals = tokio::spawn(forward_signals(control));
@@ -152,6 +146,21 @@ fn request_snapshot(config_path: Option<&std::path::Path>, tables: &[String]) ->
 
 /// Turns signals into requests to the pipeline: SIGHUP a restart (which lets a snapshot in
 /// progress finish), SIGINT or SIGTERM a stop, which overrides a restart not yet acted on.
+/// Serves `/metrics` and `/healthz` on `listen` (`metrics.listen`), if given: for either
+/// program's metrics.
+pub async fn serve_metrics<M: ficus_cdc::metrics::Exported>(
+    listen: Option<&str>,
+    metrics: &std::sync::Arc<M>,
+) -> Result<()> {
+    let Some(listen) = listen else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on metrics.listen {listen}"))?;
+    tracing::info!(listen, "metrics on /metrics, health on /healthz");
+    tokio::spawn(ficus_cdc::metrics::serve(listener, metrics.clone()));
+    Ok(())
+}
+
 async fn forward_signals(control: tokio::sync::watch::Sender<Shutdown>) {
     loop {
         let signal = wait_for_signal().await;

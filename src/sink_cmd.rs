@@ -61,13 +61,7 @@ pub fn run(args: &SinkArgs) -> Result<i32> {
             let _ = stop.send(true);
         });
         let metrics = ficus_sink::Metrics::new();
-        if let Some(listen) = &config.metrics.listen {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on metrics.listen {listen}"))?;
-            tracing::info!(listen, "metrics on /metrics, health on /healthz");
-            tokio::spawn(ficus_cdc::metrics::serve(listener, metrics.clone()));
-        }
+        crate::cdc_cmd::serve_metrics(config.metrics.listen.as_deref(), &metrics).await?;
         ficus_sink::run(config, metrics, shutdown).await.context("ficus sink stopped")?;
         Ok(0)
     })
