@@ -114,9 +114,11 @@ fn main() {
     let cli = Cli::parse();
     // The demo prints its own story; only warnings should interrupt it.
     let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { DEFAULT_LOG };
-    let log_writer = init_logging(cli.log_format, default_level);
+    let proxies = matches!(cli.command, Command::Proxy(_) | Command::Demo(_));
+    let log_writer = init_logging(cli.log_format, default_level, proxies);
     let result = run(cli.command);
     // Writes out the buffered log lines: `exit` runs no destructors.
+    ficus_proxy::access_log::flush();
     drop(log_writer);
     let code = match result {
         Ok(code) => code,
@@ -198,15 +200,23 @@ fn proxy_settings(args: &ProxyArgs) -> Result<ProxySettings> {
 /// Pingora's own info lines (service start and stop) are noise next to ficus's.
 const DEFAULT_LOG: &str = "info,pingora_core=warn,pingora_proxy=warn";
 
-/// Logs to standard error. Returns the guard of the writer thread; dropping it flushes.
-fn init_logging(format: LogFormat, default_level: &str) -> WorkerGuard {
+/// Logs to standard error, with the proxy's access log when `access_log`. Returns the guard of
+/// the writer thread; dropping it flushes.
+fn init_logging(format: LogFormat, default_level: &str, access_log: bool) -> WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    // The access log writes a line per request. A background thread writes the lines through
-    // a buffer, flushed whenever it has caught up, so requests pay no write(2) each (that
-    // halved the proxy's throughput); if it falls behind, lines are dropped rather than
-    // requests held up.
+    // A background thread writes the lines through a buffer, flushed whenever it has caught
+    // up, so the caller pays no write(2) each; if it falls behind, lines are dropped rather
+    // than callers held up.
     let (writer, guard) = tracing_appender::non_blocking(BufWriter::new(std::io::stderr()));
+    if access_log {
+        // The access log hands the same writer batches of lines, not one line per request.
+        let access_format = match format {
+            LogFormat::Text => ficus_proxy::access_log::Format::Text,
+            LogFormat::Json => ficus_proxy::access_log::Format::Json,
+        };
+        ficus_proxy::access_log::install(access_format, Box::new(writer.clone()));
+    }
     // Colours only for a person at a terminal: escape codes garble files and the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,6 +1,7 @@
 //! The Pingora `ProxyHttp` implementation: each phase calls one helper; per-request state
 //! lives in [`RequestCtx`].
 
+use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 use rand::Rng;
 
+use crate::access_log;
 use crate::guard;
 use crate::metrics::{status_class, status_index, NO_ROUTE};
 use crate::request::PingoraRequest;
@@ -98,6 +100,15 @@ fn normalize_path(session: &mut Session, table: &RouteTable) -> Result<(), Strin
     let uri = http::Uri::from_parts(parts).map_err(|e| format!("{e}"))?;
     session.req_header_mut().set_uri(uri);
     Ok(())
+}
+
+/// The request's routing decision. (`or_err` would build its error, an allocation, on every
+/// request.)
+fn routed(ctx: &RequestCtx) -> Result<&Routing> {
+    match &ctx.routing {
+        Some(routing) => Ok(routing),
+        None => Error::e_explain(InternalError, "request was not routed"),
+    }
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -252,7 +263,8 @@ impl FicusProxy {
                     forwarded_for.push_str(", ");
                 }
             }
-            forwarded_for.push_str(&ip.to_string());
+            // Into the same string: `to_string` would allocate another.
+            let _ = write!(forwarded_for, "{ip}");
             req.insert_header("X-Forwarded-For", forwarded_for)?;
         }
         Ok(())
@@ -340,7 +352,7 @@ impl ProxyHttp for FicusProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let routing = ctx.routing.as_ref().or_err(InternalError, "request was not routed")?;
+        let routing = routed(ctx)?;
         Ok(Box::new(routing.active.upstreams[routing.backend].peer.clone()))
     }
 
@@ -396,7 +408,7 @@ impl ProxyHttp for FicusProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let routing = ctx.routing.as_ref().or_err(InternalError, "request was not routed")?;
+        let routing = routed(ctx)?;
         let table = &routing.active.table;
         self.prepare_upstream_request(
             session,
@@ -474,19 +486,38 @@ impl ProxyHttp for FicusProxy {
             }
         }
         let req = session.req_header();
-        let fallback = ctx.routing.as_ref().and_then(|r| r.fallback).map(Fallback::as_str);
-        tracing::info!(
-            target: "ficus::access",
-            method = %req.method,
-            path = req.uri.path(),
-            status = written.unwrap_or(0),
-            outcome = status_class(status),
+        let error = e.map(|e| e.to_string());
+        let entry = access_log::Entry {
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            status: written.unwrap_or(0),
+            outcome: status_class(status),
             route,
             backend,
-            fallback,
-            client = client_ip(session).map(tracing::field::display),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            error = e.map(|e| e.to_string()),
-        );
+            fallback: ctx.routing.as_ref().and_then(|r| r.fallback).map(Fallback::as_str),
+            client: client_ip(session),
+            duration: elapsed,
+            error: error.as_deref(),
+        };
+        match access_log::installed() {
+            Some(log) => {
+                if tracing::enabled!(target: "ficus::access", tracing::Level::INFO) {
+                    log.record(&entry);
+                }
+            }
+            None => tracing::info!(
+                target: "ficus::access",
+                method = entry.method,
+                path = entry.path,
+                status = entry.status,
+                outcome = entry.outcome,
+                route,
+                backend,
+                fallback = entry.fallback,
+                client = entry.client.map(tracing::field::display),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                error = entry.error,
+            ),
+        }
     }
 }

@@ -3,11 +3,17 @@
 # against the same two upstreams (NGINX serving a fixed small response), plus two floors
 # (wrk straight to an upstream; Pingora doing the split and nothing else), the cost of a
 # 1,000-route table against 10 routes, the cost of shadowing every request (ficus-shadow: each
-# request also sent to the other upstream and the answers compared), and each proxy's CPU time
-# per request.
+# request also sent to the other upstream and the answers compared), the cost of the access log
+# (ficus-log: ficus with its default logging, lines written to a file), and each proxy's CPU
+# time per request.
 #
 #   tests/bench/proxy.sh                 # defaults: 64 connections, median of 3 runs of 10 s
 #   CONNS=128 DURATION=30s ROUNDS=5 tests/bench/proxy.sh
+#   WORKERS=auto WRK_THREADS=2 tests/bench/proxy.sh   # every proxy with its own defaults
+#   CONTENDERS="ficus nginx" tests/bench/proxy.sh     # a subset
+#
+# WORKERS=auto starts every proxy as its documentation suggests for the machine: ficus with no
+# --threads, NGINX with `worker_processes auto`, HAProxy with no nbthread.
 #
 # Prints a table and writes tests/bench/results/proxy.json (proxy-N-workers.json with
 # WORKERS=N other than 1). Figures, not a test: nothing fails
@@ -119,9 +125,11 @@ routes_file() { # routes_file N [shadow]: N-1 non-matching routes (prefix and re
   echo "$file"
 }
 
-start_ficus() { # start_ficus ROUTES PORT: sets FICUS_PID
-  local admin; admin=$(free_port)
-  RUST_LOG=warn "$FICUS" proxy --routes "$1" --listen "127.0.0.1:$2" --admin "127.0.0.1:$admin" --threads "$WORKERS" > "$WORK/ficus-$2.log" 2>&1 &
+start_ficus() { # start_ficus ROUTES PORT [log]: sets FICUS_PID; with "log", the access log is on
+  local admin threads=() level=warn; admin=$(free_port)
+  [ "$WORKERS" = auto ] || threads=(--threads "$WORKERS")
+  [ "${3:-}" = log ] && level=info   # ficus's default: an access-log line per request
+  RUST_LOG=$level "$FICUS" proxy --routes "$1" --listen "127.0.0.1:$2" --admin "127.0.0.1:$admin" "${threads[@]}" > "$WORK/ficus-$2.log" 2>&1 &
   FICUS_PID=$!; PIDS+=("$FICUS_PID"); wait_port "$2"
 }
 
@@ -135,6 +143,10 @@ start_ficus "$(routes_file 10)" "${PORT[ficus]}"; PID[ficus]=$FICUS_PID
 
 # Shadow cost: the same table with the split shadowed at 100%. The upstreams answer "a" and
 # "b", so every comparison is a mismatch, the costlier outcome.
+# Access-log cost: the same table with ficus's default logging, one line per request to a file.
+PORT[ficus-log]=$(free_port)
+start_ficus "$(routes_file 10)" "${PORT[ficus-log]}" log; PID[ficus-log]=$FICUS_PID
+
 PORT[ficus-shadow]=$(free_port)
 start_ficus "$(routes_file 10 shadow)" "${PORT[ficus-shadow]}"; PID[ficus-shadow]=$FICUS_PID
 
@@ -144,7 +156,7 @@ start_ficus "$(routes_file 1000)" "${PORT[ficus-1000-routes]}"; PID[ficus-1000-r
 
 PORT[nginx]=$(free_port)
 cat > "$WORK/proxy.conf" <<CONF
-worker_processes $WORKERS;
+worker_processes $WORKERS;  # "auto": one per core
 daemon off;
 pid $WORK/proxy.pid;
 error_log $WORK/proxy.err;
@@ -174,7 +186,7 @@ PID[nginx]=$(pgrep -P "$!" | tr '\n' ' ')   # the workers, which do the proxying
 PORT[haproxy]=$(free_port)
 cat > "$WORK/haproxy.cfg" <<CONF
 global
-  nbthread $WORKERS
+$([ "$WORKERS" = auto ] || echo "  nbthread $WORKERS")
   maxconn 4096
 defaults
   mode http
@@ -201,10 +213,13 @@ haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 & PID[haproxy]=$!;
 # The floor of any Pingora proxy: Pingora doing the same split and nothing else
 # (proxy/examples/pingora_floor.rs). The gap between it and ficus is what ficus adds.
 PORT[pingora-floor]=$(free_port)
-target/release/examples/pingora_floor "127.0.0.1:${PORT[pingora-floor]}" "127.0.0.1:$UP_A" "127.0.0.1:$UP_B" 30 x-user "$WORKERS" \
+floor_threads=$WORKERS; [ "$WORKERS" = auto ] && floor_threads=$(nproc)
+target/release/examples/pingora_floor "127.0.0.1:${PORT[pingora-floor]}" "127.0.0.1:$UP_A" "127.0.0.1:$UP_B" 30 x-user "$floor_threads" \
   > "$WORK/floor.log" 2>&1 & PID[pingora-floor]=$!; PIDS+=($!); wait_port "${PORT[pingora-floor]}"
 
-CONTENDERS=(direct ficus nginx haproxy ficus-1000-routes ficus-shadow pingora-floor)
+ALL="direct ficus nginx haproxy ficus-log ficus-1000-routes ficus-shadow pingora-floor"
+[ "${CONTENDERS:-$ALL}" = "$ALL" ] || export SUBSET=1
+read -r -a CONTENDERS <<<"${CONTENDERS:-$ALL}"
 for name in "${CONTENDERS[@]}"; do warm_up "${PORT[$name]}"; done
 runs=()
 for round in $(seq "$ROUNDS"); do
@@ -232,7 +247,7 @@ meta = {
     "cores": os.cpu_count(),
     "versions": {"ficus": version("target/release/ficus --version"), "nginx": version("nginx -v"),
                  "haproxy": version("haproxy -v"), "wrk": version("wrk -v 2>&1 | head -1")},
-    "settings": {"connections": int(conns), "duration": duration, "rounds_median_of": int(os.environ.get("ROUNDS", "3")), "proxy_workers": int(workers),
+    "settings": {"connections": int(conns), "duration": duration, "rounds_median_of": int(os.environ.get("ROUNDS", "3")), "proxy_workers": workers,
                  "wrk_threads": int(wrk_threads), "distinct_users": int(users), "split": "30/70 sticky by x-user"},
     "ficus_peak_rss_mib": round(int(rss) / 1024, 1),
 }
@@ -241,14 +256,16 @@ print(f"{'contender':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}
 for name, r in data.items():
     cpu = f"{r['cpu_user_us_per_req']:.1f} + {r['cpu_sys_us_per_req']:.1f}" if r['cpu_user_us_per_req'] or r['cpu_sys_us_per_req'] else "-"
     print(f"{name:<20}{r['rps']:>10}{r['p50_us']/1000:>9.2f}{r['p99_us']/1000:>9.2f}{r['p999_us']/1000:>10.2f}{r['errors']:>8}{cpu:>22}")
-f = data["ficus"]
-ratios = {"ficus/nginx": f["rps"] / data["nginx"]["rps"], "ficus/haproxy": f["rps"] / data["haproxy"]["rps"],
-          "1000 routes / 10 routes": data["ficus-1000-routes"]["rps"] / f["rps"],
-          "shadow 100% / off": data["ficus-shadow"]["rps"] / f["rps"],
-          "ficus/pingora-floor": f["rps"] / data["pingora-floor"]["rps"]}
+pairs = {"ficus/nginx": ("ficus", "nginx"), "ficus/haproxy": ("ficus", "haproxy"),
+         "ficus-log/nginx": ("ficus-log", "nginx"), "log on / off": ("ficus-log", "ficus"),
+         "1000 routes / 10 routes": ("ficus-1000-routes", "ficus"),
+         "shadow 100% / off": ("ficus-shadow", "ficus"), "ficus/pingora-floor": ("ficus", "pingora-floor")}
+ratios = {k: data[a]["rps"] / data[b]["rps"] for k, (a, b) in pairs.items() if a in data and b in data}
 for k, v in ratios.items():
     print(f"{k:<24}{v:.3f}")
 print(f"ficus peak RSS {meta['ficus_peak_rss_mib']} MiB")
+if os.environ.get("SUBSET"):
+    sys.exit(0)  # a subset of the contenders: printed, not recorded
 out = "tests/bench/results/proxy.json" if workers == "1" else f"tests/bench/results/proxy-{workers}-workers.json"
 json.dump({**meta, "results": data, "ratios": ratios}, open(out, "w"), indent=2)
 print(f"wrote {out}")
