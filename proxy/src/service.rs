@@ -12,6 +12,7 @@ use std::borrow::Cow;
 
 use ficus_routes::{BackendId, Entropy, Reason, RouteTable};
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
@@ -278,6 +279,11 @@ impl ProxyHttp for FicusProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx { started: Instant::now(), routing: None, shadow: None }
     }
+
+    /// None. Pingora's default adds a response compression module, switched off, which is
+    /// still set up and consulted on every request (three allocations each); ficus passes
+    /// bodies on as the backend sent them.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     /// Refuses requests the table cannot route faithfully (400, returning true: answered),
     /// and routes the others (false: the request continues to a backend).

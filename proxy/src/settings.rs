@@ -36,10 +36,6 @@ pub struct ProxySettings {
     /// Worker threads of the proxy service.
     #[serde(default = "default_threads")]
     pub threads: usize,
-    /// Let an idle worker thread take tasks queued on a busy one (one tokio runtime for all
-    /// threads) instead of each thread running only its own connections.
-    #[serde(default = "default_work_stealing")]
-    pub work_stealing: bool,
     /// Reload when the route file changes (SIGHUP and `POST /reload` always work).
     #[serde(default = "default_true")]
     pub watch: bool,
@@ -88,7 +84,6 @@ impl ProxySettings {
             h2c: true,
             tls: None,
             threads: default_threads(),
-            work_stealing: default_work_stealing(),
             watch: true,
             request_header_timeout: default_request_header_timeout(),
             keepalive_timeout: default_keepalive_timeout(),
@@ -160,10 +155,6 @@ fn default_true() -> bool {
 
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, usize::from)
-}
-
-fn default_work_stealing() -> bool {
-    true
 }
 
 fn default_request_header_timeout() -> Duration {

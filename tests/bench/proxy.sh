@@ -232,6 +232,8 @@ for name in "${CONTENDERS[@]}"; do
   results+=("$(printf '%s\n' "${runs[@]}" | awk -v n="$name" '$1 == n' | sort -k2,2n | sed -n "$(((ROUNDS + 1) / 2))p")")
 done
 FICUS_RSS_KIB=$(awk '/VmHWM/ {print $2}' "/proc/${PID[ficus]}/status")
+printf '%s\n' "${runs[@]}" > "$WORK/runs.txt"   # every run, round by round, for the ratios
+export RUNS_FILE="$WORK/runs.txt"
 
 mkdir -p tests/bench/results
 python3 - "$CONNS" "$DURATION" "$WORKERS" "$WRK_THREADS" "$USERS" "$FICUS_RSS_KIB" "${results[@]}" <<'PY'
@@ -260,13 +262,20 @@ pairs = {"ficus/nginx": ("ficus", "nginx"), "ficus/haproxy": ("ficus", "haproxy"
          "ficus-log/nginx": ("ficus-log", "nginx"), "log on / off": ("ficus-log", "ficus"),
          "1000 routes / 10 routes": ("ficus-1000-routes", "ficus"),
          "shadow 100% / off": ("ficus-shadow", "ficus"), "ficus/pingora-floor": ("ficus", "pingora-floor")}
-ratios = {k: data[a]["rps"] / data[b]["rps"] for k, (a, b) in pairs.items() if a in data and b in data}
+# Each ratio is the median over rounds of the ratio within a round: contenders measured
+# seconds apart share the machine's slow and fast spells, which medians taken apart do not.
+runs = [line.split() for line in open(os.environ["RUNS_FILE"]) if line.strip()]
+rounds = [{r[0]: int(r[1]) for r in runs[i:i + len(data)]} for i in range(0, len(runs), len(data))]
+def paired(a, b):
+    values = sorted(r[a] / r[b] for r in rounds)
+    return values[len(values) // 2]
+ratios = {k: paired(a, b) for k, (a, b) in pairs.items() if a in data and b in data}
 for k, v in ratios.items():
     print(f"{k:<24}{v:.3f}")
 print(f"ficus peak RSS {meta['ficus_peak_rss_mib']} MiB")
 if os.environ.get("SUBSET"):
     sys.exit(0)  # a subset of the contenders: printed, not recorded
 out = "tests/bench/results/proxy.json" if workers == "1" else f"tests/bench/results/proxy-{workers}-workers.json"
-json.dump({**meta, "results": data, "ratios": ratios}, open(out, "w"), indent=2)
+json.dump({**meta, "results": data, "ratios": ratios, "runs": runs}, open(out, "w"), indent=2)
 print(f"wrote {out}")
 PY

@@ -174,7 +174,11 @@ impl BodyReader {
     }
 
     fn prepare_buf(&mut self, buf_to_rewind: &[u8]) {
-        let mut body_buf = BytesMut::with_capacity(self.body_buf_size.max(buf_to_rewind.len()));
+        self.prepare_buf_with_capacity(buf_to_rewind, self.body_buf_size.max(buf_to_rewind.len()));
+    }
+
+    fn prepare_buf_with_capacity(&mut self, buf_to_rewind: &[u8], capacity: usize) {
+        let mut body_buf = BytesMut::with_capacity(capacity);
         if !buf_to_rewind.is_empty() {
             self.rewind_buf_len = buf_to_rewind.len();
             // TODO: this is still 1 copy. Make it zero
@@ -244,6 +248,14 @@ impl BodyReader {
                     overread.put_slice(buf_to_rewind);
                     self.body_buf_overread = Some(overread);
                 }
+            }
+            // ficus patch: a body that arrived whole with its header is never read into, so
+            // its buffer holds just the bytes read (and any past them), not `body_buf_size`
+            // (64 KiB, allocated per request or response with a body). A read, if one comes,
+            // grows the buffer as before.
+            _ if buf_to_rewind.len() >= cl => {
+                self.prepare_buf_with_capacity(buf_to_rewind, buf_to_rewind.len());
+                self.body_state = PS::Partial(0, cl);
             }
             _ => {
                 self.prepare_buf(buf_to_rewind);
@@ -2046,6 +2058,38 @@ mod tests {
         let overread = body_reader.take_body_overread().unwrap();
         assert_eq!(overread.as_ptr(), rewind_ptr);
         assert_eq!(overread.as_ref(), b"next request");
+    }
+
+    // ficus patch: a body that came whole with its header gets a buffer of its own size.
+    #[tokio::test]
+    async fn a_body_read_with_its_header_is_not_given_a_full_buffer() {
+        let mut mock_io = Builder::new().build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(3, b"abc");
+        assert_eq!(body_reader.body_buf.as_ref().unwrap().capacity(), 3);
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), b"abc");
+        assert_eq!(body_reader.body_state, ParseState::Complete(3));
+        assert_eq!(body_reader.read_body(&mut mock_io).await.unwrap(), None);
+
+        // Bytes past the body (a pipelined request) still become the overread.
+        let mut body_reader = BodyReader::new(false);
+        body_reader.init_content_length(3, b"abcGET");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), b"abc");
+        assert_eq!(body_reader.take_body_overread().unwrap().as_ref(), b"GET");
+    }
+
+    #[tokio::test]
+    async fn a_body_only_begun_with_its_header_still_reads_the_rest() {
+        let mut mock_io = Builder::new().read(b"cde").build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(5, b"ab");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), b"ab");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), b"cde");
+        assert_eq!(body_reader.body_state, ParseState::Complete(5));
     }
 
     #[tokio::test]
