@@ -121,139 +121,82 @@ impl AccessLog {
     }
 }
 
-/// Appends `entry`'s line, ending in a newline, in `format`.
+/// Appends `entry`'s line, ending in a newline, in `format`: as `tracing-subscriber` wrote
+/// it, `2026-11-27T08:23:16.327627Z  INFO ficus::access: method=GET path="/" status=200 ...`
+/// or `{"timestamp":"...","level":"INFO","method":"GET",...,"target":"ficus::access"}`.
 pub fn write_line(out: &mut Vec<u8>, entry: &Entry, now: SystemTime, format: Format) {
-    match format {
-        Format::Text => write_text(out, entry, now),
-        Format::Json => write_json(out, entry, now),
+    let json = format == Format::Json;
+    if json {
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        write_timestamp(out, now);
+        out.extend_from_slice(b"\",\"level\":\"INFO\"");
+    } else {
+        write_timestamp(out, now);
+        out.extend_from_slice(b"  INFO ficus::access:");
     }
-}
-
-/// `2026-11-27T08:23:16.327627Z  INFO ficus::access: method=GET path="/" status=200 ...`
-fn write_text(out: &mut Vec<u8>, entry: &Entry, now: SystemTime) {
-    write_timestamp(out, now);
-    out.extend_from_slice(b"  INFO ficus::access: method=");
-    out.extend_from_slice(entry.method.as_bytes());
-    out.extend_from_slice(b" path=");
+    let key = |out: &mut Vec<u8>, name: &str| {
+        out.extend_from_slice(if json { b",\"" } else { b" " });
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(if json { b"\":" } else { b"=" });
+    };
+    // Text leaves displayed values (method, client) bare; JSON quotes every string.
+    let bare = |out: &mut Vec<u8>, write: &dyn Fn(&mut Vec<u8>)| {
+        if json {
+            out.push(b'"');
+        }
+        write(out);
+        if json {
+            out.push(b'"');
+        }
+    };
+    key(out, "method");
+    bare(out, &|out| out.extend_from_slice(entry.method.as_bytes()));
+    key(out, "path");
     write_quoted(out, entry.path);
-    out.extend_from_slice(b" status=");
+    key(out, "status");
     write_u64(out, u64::from(entry.status));
-    out.extend_from_slice(b" outcome=");
-    write_quoted(out, entry.outcome);
-    out.extend_from_slice(b" route=");
-    write_quoted(out, entry.route);
-    out.extend_from_slice(b" backend=");
-    write_quoted(out, entry.backend);
+    for (name, value) in
+        [("outcome", entry.outcome), ("route", entry.route), ("backend", entry.backend)]
+    {
+        key(out, name);
+        write_quoted(out, value);
+    }
     if let Some(fallback) = entry.fallback {
-        out.extend_from_slice(b" fallback=");
+        key(out, "fallback");
         write_quoted(out, fallback);
     }
     if let Some(client) = entry.client {
-        out.extend_from_slice(b" client=");
-        write_ip(out, client);
+        key(out, "client");
+        bare(out, &|out| write_ip(out, client));
     }
-    out.extend_from_slice(b" duration_ms=");
+    key(out, "duration_ms");
     write_millis(out, entry.duration);
     if let Some(error) = entry.error {
-        out.extend_from_slice(b" error=");
+        key(out, "error");
         write_quoted(out, error);
     }
-    out.push(b'\n');
+    out.extend_from_slice(if json { b",\"target\":\"ficus::access\"}\n" } else { b"\n" });
 }
 
-/// `{"timestamp":"...","level":"INFO","method":"GET",...,"target":"ficus::access"}`
-fn write_json(out: &mut Vec<u8>, entry: &Entry, now: SystemTime) {
-    out.extend_from_slice(b"{\"timestamp\":\"");
-    write_timestamp(out, now);
-    out.extend_from_slice(b"\",\"level\":\"INFO\",\"method\":");
-    write_quoted(out, entry.method);
-    out.extend_from_slice(b",\"path\":");
-    write_quoted(out, entry.path);
-    out.extend_from_slice(b",\"status\":");
-    write_u64(out, u64::from(entry.status));
-    out.extend_from_slice(b",\"outcome\":");
-    write_quoted(out, entry.outcome);
-    out.extend_from_slice(b",\"route\":");
-    write_quoted(out, entry.route);
-    out.extend_from_slice(b",\"backend\":");
-    write_quoted(out, entry.backend);
-    if let Some(fallback) = entry.fallback {
-        out.extend_from_slice(b",\"fallback\":");
-        write_quoted(out, fallback);
-    }
-    if let Some(client) = entry.client {
-        out.extend_from_slice(b",\"client\":\"");
-        write_ip(out, client);
-        out.push(b'"');
-    }
-    out.extend_from_slice(b",\"duration_ms\":");
-    write_millis(out, entry.duration);
-    if let Some(error) = entry.error {
-        out.extend_from_slice(b",\"error\":");
-        write_quoted(out, error);
-    }
-    out.extend_from_slice(b",\"target\":\"ficus::access\"}\n");
-}
-
-/// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it. The date part is
-/// worked out once per second per thread.
+/// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it. The part up to the
+/// seconds is formatted once a second per thread.
 fn write_timestamp(out: &mut Vec<u8>, now: SystemTime) {
     thread_local! {
-        static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let seconds = since_epoch.as_secs();
-    let prefix = SECOND.with(|cached| {
-        let (second, prefix) = cached.get();
-        if second == seconds {
-            return prefix;
+    SECOND.with_borrow_mut(|(second, prefix)| {
+        if *second != since_epoch.as_secs() {
+            *second = since_epoch.as_secs();
+            // `YYYY-MM-DDTHH:MM:SSZ`, without its `Z`.
+            *prefix = humantime::format_rfc3339_seconds(now).to_string();
+            prefix.pop();
         }
-        let prefix = date_time_prefix(seconds);
-        cached.set((seconds, prefix));
-        prefix
+        out.extend_from_slice(prefix.as_bytes());
     });
-    out.extend_from_slice(&prefix);
+    out.push(b'.');
     write_padded(out, u64::from(since_epoch.subsec_micros()), 6);
     out.push(b'Z');
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.` for seconds since the epoch (years 1970 to 9999).
-fn date_time_prefix(seconds: u64) -> [u8; 20] {
-    let days = seconds / 86_400;
-    let in_day = seconds % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    let mut text = Vec::with_capacity(20);
-    write_padded(&mut text, year, 4);
-    text.push(b'-');
-    write_padded(&mut text, month, 2);
-    text.push(b'-');
-    write_padded(&mut text, day, 2);
-    text.push(b'T');
-    write_padded(&mut text, in_day / 3600, 2);
-    text.push(b':');
-    write_padded(&mut text, in_day % 3600 / 60, 2);
-    text.push(b':');
-    write_padded(&mut text, in_day % 60, 2);
-    text.push(b'.');
-    let mut prefix = [b'0'; 20];
-    let n = text.len().min(20);
-    prefix[..n].copy_from_slice(&text[..n]);
-    prefix
-}
-
-/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 /// Milliseconds with three decimals: `6.895`.
