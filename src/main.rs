@@ -116,9 +116,12 @@ fn main() {
     let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { DEFAULT_LOG };
     let proxies = matches!(cli.command, Command::Proxy(_) | Command::Demo(_));
     let log_writer = init_logging(cli.log_format, default_level, proxies);
+    // Dropped before the writer's guard, also when `run` panics: the access log's last lines
+    // must reach the writer before it shuts down.
+    let access_log = AccessLogGuard;
     let result = run(cli.command);
     // Writes out the buffered log lines: `exit` runs no destructors.
-    ficus_proxy::access_log::flush();
+    drop(access_log);
     drop(log_writer);
     let code = match result {
         Ok(code) => code,
@@ -131,6 +134,15 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Closes the proxy's access log (writing its last lines) when dropped.
+struct AccessLogGuard;
+
+impl Drop for AccessLogGuard {
+    fn drop(&mut self) {
+        ficus_proxy::access_log::close();
+    }
 }
 
 fn broken_pipe(error: &anyhow::Error) -> bool {
@@ -207,8 +219,11 @@ fn init_logging(format: LogFormat, default_level: &str, access_log: bool) -> Wor
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // A background thread writes the lines through a buffer, flushed whenever it has caught
     // up, so the caller pays no write(2) each; if it falls behind, lines are dropped rather
-    // than callers held up.
-    let (writer, guard) = tracing_appender::non_blocking(BufWriter::new(std::io::stderr()));
+    // than callers held up: past 4,096 waiting writes (a write is a line, or a batch of up to
+    // 16 KiB of access lines), so a stalled stderr holds at most about 64 MiB.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(4096)
+        .finish(BufWriter::new(std::io::stderr()));
     if access_log {
         // The access log hands the same writer batches of lines, not one line per request.
         let access_format = match format {

@@ -45,11 +45,18 @@ pub struct Entry<'a> {
     pub error: Option<&'a str>,
 }
 
-/// The installed log: the lines not yet written, and where they go.
+/// The installed log.
 pub struct AccessLog {
     format: Format,
-    pending: Mutex<Vec<u8>>,
-    writer: Mutex<Box<dyn Write + Send>>,
+    /// One lock for the lines and their writer, so batches reach the writer in the order
+    /// their lines were recorded, and nothing is recorded once the log is closed.
+    state: Mutex<State>,
+}
+
+struct State {
+    pending: Vec<u8>,
+    writer: Box<dyn Write + Send>,
+    closed: bool,
 }
 
 static INSTALLED: OnceLock<AccessLog> = OnceLock::new();
@@ -57,17 +64,14 @@ static INSTALLED: OnceLock<AccessLog> = OnceLock::new();
 /// Sends access-log lines to `writer` from now on, and starts the thread that writes what
 /// waits longer than [`FLUSH_EVERY`]. Returns false if a log was installed already.
 pub fn install(format: Format, writer: Box<dyn Write + Send>) -> bool {
-    let log = AccessLog {
-        format,
-        pending: Mutex::new(Vec::with_capacity(BATCH * 2)),
-        writer: Mutex::new(writer),
-    };
-    if INSTALLED.set(log).is_err() {
+    if INSTALLED.set(AccessLog::new(format, writer)).is_err() {
         return false;
     }
     let started = std::thread::Builder::new().name("ficus access log".into()).spawn(|| loop {
         std::thread::sleep(FLUSH_EVERY);
-        flush();
+        if let Some(log) = INSTALLED.get() {
+            log.write_pending(false);
+        }
     });
     if let Err(e) = started {
         tracing::warn!(error = %e, "cannot start the access log's flusher; lines wait for a full batch");
@@ -80,44 +84,57 @@ pub fn installed() -> Option<&'static AccessLog> {
     INSTALLED.get()
 }
 
-/// Writes the lines waiting in the buffer (at exit, and every [`FLUSH_EVERY`]).
-pub fn flush() {
+/// Writes the lines still waiting and records none after them: at exit, before the log
+/// writer's own guard is dropped (a later batch would queue behind its shutdown and be lost).
+pub fn close() {
     if let Some(log) = INSTALLED.get() {
-        log.write_pending();
+        log.write_pending(true);
     }
 }
 
 impl AccessLog {
+    fn new(format: Format, writer: Box<dyn Write + Send>) -> AccessLog {
+        let state = State { pending: Vec::with_capacity(BATCH * 2), writer, closed: false };
+        AccessLog { format, state: Mutex::new(state) }
+    }
+
     /// Adds a request's line; the request pays a write only when it fills a batch.
     pub fn record(&self, entry: &Entry) {
-        let now = SystemTime::now();
-        let full = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            write_line(&mut pending, entry, now, self.format);
-            (pending.len() >= BATCH)
-                .then(|| std::mem::replace(&mut *pending, Vec::with_capacity(BATCH * 2)))
-        };
-        if let Some(batch) = full {
-            self.write(&batch);
+        thread_local! {
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-    }
-
-    fn write_pending(&self) {
-        let batch = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if pending.is_empty() {
+        // Formatted before the lock: threads do not wait on each other's formatting, and a
+        // line is appended whole or not at all.
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            write_line(line, entry, SystemTime::now(), self.format);
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.closed {
                 return;
             }
-            std::mem::replace(&mut *pending, Vec::with_capacity(BATCH * 2))
-        };
-        self.write(&batch);
+            state.pending.extend_from_slice(line);
+            if state.pending.len() >= BATCH {
+                state.write();
+            }
+        });
     }
 
-    fn write(&self, batch: &[u8]) {
-        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        // The writer hands the batch to its own thread; it fails only if that thread is gone,
-        // and then there is nowhere left to say so.
-        let _ = writer.write_all(batch).and_then(|()| writer.flush());
+    fn write_pending(&self, close: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !state.pending.is_empty() {
+            state.write();
+        }
+        state.closed |= close;
+    }
+}
+
+impl State {
+    fn write(&mut self) {
+        // The writer copies the batch and hands it to its own thread without waiting (or
+        // drops it when that thread is far behind); it fails only if the thread is gone, and
+        // then there is nowhere left to say so.
+        let _ = self.writer.write_all(&self.pending).and_then(|()| self.writer.flush());
+        self.pending.clear();
     }
 }
 
@@ -178,19 +195,27 @@ pub fn write_line(out: &mut Vec<u8>, entry: &Entry, now: SystemTime, format: For
     out.extend_from_slice(if json { b",\"target\":\"ficus::access\"}\n" } else { b"\n" });
 }
 
+/// 9999-12-31T23:59:59.999999Z, the last instant RFC 3339's four-digit years can say.
+const LAST_SECOND: Duration = Duration::new(253_402_300_799, 999_999_000);
+
 /// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it. The part up to the
 /// seconds is formatted once a second per thread.
 fn write_timestamp(out: &mut Vec<u8>, now: SystemTime) {
     thread_local! {
         static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
-    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    // humantime formats 1970 to 9999 (and panics outside): a clock outside that is clamped.
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default().min(LAST_SECOND);
+    let seconds = since_epoch.as_secs();
     SECOND.with_borrow_mut(|(second, prefix)| {
-        if *second != since_epoch.as_secs() {
-            *second = since_epoch.as_secs();
+        if *second != seconds {
             // `YYYY-MM-DDTHH:MM:SSZ`, without its `Z`.
-            *prefix = humantime::format_rfc3339_seconds(now).to_string();
-            prefix.pop();
+            let mut text =
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds))
+                    .to_string();
+            text.pop();
+            *prefix = text;
+            *second = seconds;
         }
         out.extend_from_slice(prefix.as_bytes());
     });
@@ -235,34 +260,43 @@ fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     }
 }
 
-/// A quoted string, with `"`, `\` and control characters escaped as JSON escapes them (which
-/// a reader of the text format can read back too).
+/// A quoted string, with `"`, `\`, control characters and the invisible characters that
+/// could make a line read as something else (bidi overrides, line separators) escaped as JSON
+/// escapes them, which a reader of the text format can read back too.
 fn write_quoted(out: &mut Vec<u8>, text: &str) {
     out.push(b'"');
-    let bytes = text.as_bytes();
     let mut start = 0;
-    for (i, &byte) in bytes.iter().enumerate() {
-        let escape: &[u8] = match byte {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f | 0x7f => b"",
+    for (i, c) in text.char_indices() {
+        let escape: &[u8] = match c {
+            '"' => b"\\\"",
+            '\\' => b"\\\\",
+            '\n' => b"\\n",
+            '\r' => b"\\r",
+            '\t' => b"\\t",
+            c if c.is_control() || invisible(c) => b"",
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(&text.as_bytes()[start..i]);
         if escape.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(byte >> 4)]);
-            out.push(HEX[usize::from(byte & 0xf)]);
+            // Every such character is in the Basic Multilingual Plane: four hex digits.
+            let code = c as u32;
+            out.extend_from_slice(b"\\u");
+            for shift in [12, 8, 4, 0] {
+                out.push(HEX[(code >> shift & 0xf) as usize]);
+            }
         } else {
             out.extend_from_slice(escape);
         }
-        start = i + 1;
+        start = i + c.len_utf8();
     }
-    out.extend_from_slice(&bytes[start..]);
+    out.extend_from_slice(&text.as_bytes()[start..]);
     out.push(b'"');
+}
+
+/// Format characters that show nothing but change how text around them reads: zero-width
+/// and direction marks, line and paragraph separators, bidi embeddings and isolates.
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}')
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -363,6 +397,28 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_outside_four_digit_years_is_clamped_not_a_panic() {
+        for (time, stamp) in [
+            (UNIX_EPOCH - Duration::from_secs(1), "1970-01-01T00:00:00.000000Z"),
+            (UNIX_EPOCH + Duration::from_secs(400_000_000_000), "9999-12-31T23:59:59.999999Z"),
+        ] {
+            let mut out = Vec::new();
+            write_timestamp(&mut out, time);
+            assert_eq!(String::from_utf8(out).expect("UTF-8"), stamp);
+        }
+    }
+
+    #[test]
+    fn invisible_characters_are_escaped_in_text_too() {
+        let sneaky = Entry { path: "/a\u{202E}gpj.exe\u{2028}b\u{85}", ..entry() };
+        let text = line(&sneaky, Format::Text);
+        assert!(text.contains(r#"path="/a\u202egpj.exe\u2028b\u0085""#), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&sneaky, Format::Json)).expect("JSON");
+        assert_eq!(json["path"], sneaky.path);
+    }
+
+    #[test]
     fn durations_print_in_milliseconds_with_three_decimals() {
         for (micros, text) in
             [(0, "0.000"), (7, "0.007"), (1_000, "1.000"), (123_456_789, "123456.789")]
@@ -387,11 +443,7 @@ mod tests {
             }
         }
         let writes = Shared::default();
-        let log = AccessLog {
-            format: Format::Text,
-            pending: Mutex::new(Vec::new()),
-            writer: Mutex::new(Box::new(writes.clone())),
-        };
+        let log = AccessLog::new(Format::Text, Box::new(writes.clone()));
         let one = line(&entry(), Format::Text).len();
         let per_batch = BATCH.div_ceil(one);
         for _ in 0..per_batch - 1 {
@@ -401,10 +453,12 @@ mod tests {
         log.record(&entry());
         log.record(&entry());
         assert_eq!(writes.0.lock().expect("lock").len(), 1, "one write for a full batch");
-        log.write_pending();
+        log.write_pending(true);
+        log.record(&entry());
+        log.write_pending(false);
         let written = writes.0.lock().expect("lock").concat();
         let text = String::from_utf8(written).expect("UTF-8");
-        assert_eq!(text.lines().count(), per_batch + 1);
+        assert_eq!(text.lines().count(), per_batch + 1, "nothing recorded once closed");
         assert!(text.lines().all(|l| l.contains(" INFO ficus::access: method=GET ")));
     }
 }
