@@ -50,6 +50,16 @@ impl Browser {
             "--disable-extensions",
             "--hide-scrollbars",
             "--font-render-hinting=none",
+            // Nothing from the network at start: with no route out, Chromium's background
+            // fetches (component updates, sync, lookups of Google's hosts) are refused or wait
+            // on the resolver, and a start that waited on them overran the test's patience.
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            // Debian's launcher decides this by testing /dev/shm's free space, and that test
+            // failed on a CI machine ("[: ...: unexpected operator"): decided here instead.
+            "--disable-dev-shm-usage",
         ]);
         command.arg(format!("--user-data-dir={}", profile.path().display()));
         // Chromium's sandbox refuses to run as root (as in a CI container).
