@@ -491,6 +491,10 @@ impl ProxyHttp for FicusProxy {
                 Some(_) => capture.skip(),
             }
         }
+        // Off (`RUST_LOG`): nothing more to do, not even the error's text.
+        if !tracing::enabled!(target: "ficus::access", tracing::Level::INFO) {
+            return;
+        }
         let req = session.req_header();
         let error = e.map(|e| e.to_string());
         let entry = access_log::Entry {
@@ -506,11 +510,7 @@ impl ProxyHttp for FicusProxy {
             error: error.as_deref(),
         };
         match access_log::installed() {
-            Some(log) => {
-                if tracing::enabled!(target: "ficus::access", tracing::Level::INFO) {
-                    log.record(&entry);
-                }
-            }
+            Some(log) => log.record(&entry),
             None => tracing::info!(
                 target: "ficus::access",
                 method = entry.method,
