@@ -1,11 +1,14 @@
 //! The webhook delivery's I/O: reads its topics from the consumer group's committed offsets,
 //! POSTs each partition's events in order, sends again with back-off what the endpoint fails
 //! or does not answer in time (never skipping), and commits the offsets after what it took:
-//! at least once. A refusal (4xx) stops its partition only, saying why.
+//! at least once. Partitions go side by side: one being sent again, or stopped by a refusal
+//! (4xx, saying why), holds only itself, and holds at most `MIN_HELD` (or 4 requests) of
+//! events read ahead before its fetching pauses.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -51,75 +54,101 @@ pub async fn run_once(
     tracing::info!(url = poster.shown_url, topics = %topics.join(", "), from = ?stored, "webhook delivery started");
     metrics.set_up(Delivery::Webhook, true);
     let mut positions = source::positions(&stored);
+    let mut queues: BTreeMap<(String, i32), Queue> = BTreeMap::new();
     let mut stopped: BTreeSet<(String, i32)> = BTreeSet::new();
+    // A partition holds this many events at most; then it is paused until it is under half.
+    let most = hook.batch.saturating_mul(4).max(MIN_HELD);
+    let mut sending = FuturesUnordered::new();
     let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
     let mut listed = Instant::now();
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    // One stream for the whole run, taken a message at a time: waiting on its next message
+    // may be given up without losing one.
     let mut messages = consumer.stream();
     let delivered: Result<(), SinkError> = async {
         loop {
-            let mut batch = tokio::select! {
-                batch = source::collect(&mut messages, hook.batch, hook.linger) => batch?,
+            // Each partition on its own: one request under way at a time, in order, so one
+            // being sent again holds only its own partition.
+            let now = tokio::time::Instant::now();
+            for (key, queue) in &mut queues {
+                if let Some(events) = queue.due(now, hook.batch) {
+                    sending.push(poster.partition(key.clone(), events, shutdown.clone()));
+                }
+            }
+            let next_due = queues.values().filter_map(|q| q.waiting_until()).min();
+            tokio::select! {
+                message = messages.next() => {
+                    let message = message.ok_or_else(|| SinkError::Kafka("the consumer stopped".into()))?;
+                    let message = message.map_err(|e| SinkError::Kafka(e.to_string()))?.detach();
+                    let key = (message.topic().to_string(), message.partition());
+                    if stopped.contains(&key)
+                        || !source::admit(&consumer, &mut positions, &mut BTreeSet::new(), &message)
+                    {
+                        continue;
+                    }
+                    let queue = queues.entry(key.clone()).or_default();
+                    queue.push(message, now + hook.linger);
+                    if queue.events.len() >= most && !queue.paused {
+                        queue.paused = true;
+                        source::pause(&consumer, &key.0, key.1);
+                    }
+                }
+                Some((key, outcome)) = sending.next(), if !sending.is_empty() => {
+                    let queue = queues.entry(key.clone()).or_default();
+                    queue.finished();
+                    if let Some(next) = outcome.delivered {
+                        let mut commit = TopicPartitionList::new();
+                        commit
+                            .add_partition_offset(&key.0, key.1, Offset::Offset(next))
+                            .map_err(|e| SinkError::Kafka(e.to_string()))?;
+                        // What was delivered is committed before the partition's next request:
+                        // a crash repeats at most the requests under way.
+                        tokio::task::block_in_place(|| consumer.commit(&commit, CommitMode::Sync))
+                            .map_err(|e| {
+                                SinkError::Kafka(format!("commit of the webhook's offsets: {e}"))
+                            })?;
+                    }
+                    if let Some(reason) = outcome.stopped {
+                        tracing::error!("{reason}");
+                        if !queue.paused {
+                            source::pause(&consumer, &key.0, key.1);
+                        }
+                        queues.remove(&key);
+                        stopped.insert(key);
+                        metrics.stopped.inc();
+                    } else if queue.paused && queue.events.len() <= most / 2 {
+                        queue.paused = false;
+                        source::resume(&consumer, &mut positions, &key.0, key.1)?;
+                    }
+                }
+                () = sleep_until(next_due), if next_due.is_some() => {}
+                _ = housekeeping.tick() => {
+                    if let Some(pattern) = pattern.as_ref().filter(|_| listed.elapsed() >= LIST_EVERY) {
+                        listed = Instant::now();
+                        // A table added to ficus cdc later is a new topic: read it too.
+                        let now = source::matching(&consumer, pattern)?;
+                        let new: Vec<String> =
+                            now.iter().filter(|t| !topics.contains(t)).cloned().collect();
+                        if !new.is_empty() {
+                            let partitions = source::partitions(&consumer, &new)?;
+                            let stored = source::committed(&consumer, &partitions)?;
+                            source::assign(&consumer, &partitions, &stored, true)?;
+                            positions.extend(source::positions(&stored));
+                            tracing::info!(topics = %new.join(", "), "new topics match kafka.topic_regex: delivering them too");
+                            topics = now;
+                        }
+                    }
+                    if lag_read.elapsed() >= LAG_EVERY {
+                        lag_read = Instant::now();
+                        // Behind what was delivered, not what was read: held events count.
+                        let done = positions.iter().map(|(key, position)| {
+                            let held = queues.get(key).map_or(0, Queue::held);
+                            (key, position.next - held as i64)
+                        });
+                        source::lag(&consumer, done, metrics);
+                    }
+                }
                 _ = shutdown.changed() => return Ok(()),
-            };
-            let mut sought = BTreeSet::new();
-            batch.retain(|m| {
-                let partition = (m.topic().to_string(), m.partition());
-                !stopped.contains(&partition)
-                    && source::admit(&consumer, &mut positions, &mut sought, m)
-            });
-            if let Some(pattern) = pattern.as_ref().filter(|_| listed.elapsed() >= LIST_EVERY) {
-                listed = Instant::now();
-                // A table added to ficus cdc later is a new topic: read it too.
-                let now = source::matching(&consumer, pattern)?;
-                let new: Vec<String> = now.iter().filter(|t| !topics.contains(t)).cloned().collect();
-                if !new.is_empty() {
-                    let partitions = source::partitions(&consumer, &new)?;
-                    let stored = source::committed(&consumer, &partitions)?;
-                    source::assign(&consumer, &partitions, &stored, true)?;
-                    positions.extend(source::positions(&stored));
-                    tracing::info!(topics = %new.join(", "), "new topics match kafka.topic_regex: delivering them too");
-                    topics = now;
-                }
-            }
-            if lag_read.elapsed() >= LAG_EVERY {
-                lag_read = Instant::now();
-                source::lag(&consumer, &positions, metrics);
-            }
-            let mut by_partition: BTreeMap<(&str, i32), Vec<&OwnedMessage>> = BTreeMap::new();
-            for message in &batch {
-                by_partition
-                    .entry((message.topic(), message.partition()))
-                    .or_default()
-                    .push(message);
-            }
-            // Partitions are independent: each is delivered in order, side by side.
-            let outcomes = futures_util::future::join_all(by_partition.iter().map(
-                |(&(topic, partition), events)| {
-                    poster.partition(topic, partition, events, shutdown.clone())
-                },
-            ))
-            .await;
-            let mut commit = TopicPartitionList::new();
-            for (&(topic, partition), outcome) in by_partition.keys().zip(outcomes) {
-                if let Some(next) = outcome.delivered {
-                    commit
-                        .add_partition_offset(topic, partition, Offset::Offset(next))
-                        .map_err(|e| SinkError::Kafka(e.to_string()))?;
-                }
-                if let Some(reason) = outcome.stopped {
-                    tracing::error!("{reason}");
-                    source::pause(&consumer, topic, partition);
-                    stopped.insert((topic.to_string(), partition));
-                    metrics.stopped.inc();
-                }
-            }
-            if commit.count() > 0 {
-                // What was delivered is committed before the next request: a crash repeats at
-                // most the requests under way.
-                tokio::task::block_in_place(|| consumer.commit(&commit, CommitMode::Sync))
-                    .map_err(|e| {
-                        SinkError::Kafka(format!("commit of the webhook's offsets: {e}"))
-                    })?;
             }
         }
     }
@@ -127,6 +156,69 @@ pub async fn run_once(
     // A restart reads a stopped partition again.
     metrics.stopped.sub(stopped.len() as i64);
     delivered
+}
+
+/// Sleeps until `until`, or forever without one.
+async fn sleep_until(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The fewest events a partition may hold before it is paused, whatever `webhook.batch`.
+const MIN_HELD: usize = 1000;
+
+/// A partition's events read and not yet delivered.
+#[derive(Default)]
+struct Queue {
+    events: VecDeque<OwnedMessage>,
+    /// When the first waiting event goes without a full request (it waited `linger`).
+    send_at: Option<tokio::time::Instant>,
+    /// Events in the request under way (0: none is).
+    sending: usize,
+    /// Whether fetching is paused because the queue is full.
+    paused: bool,
+}
+
+impl Queue {
+    fn push(&mut self, message: OwnedMessage, send_at: tokio::time::Instant) {
+        self.send_at.get_or_insert(send_at);
+        self.events.push_back(message);
+    }
+
+    /// The next request's events, if none is under way and a full request is waiting or
+    /// the first event has waited long enough.
+    fn due(&mut self, now: tokio::time::Instant, batch: usize) -> Option<Vec<OwnedMessage>> {
+        let ready = self.events.len() >= batch || self.send_at.is_some_and(|at| at <= now);
+        if self.sending > 0 || self.events.is_empty() || !ready {
+            return None;
+        }
+        let events: Vec<OwnedMessage> = self.events.drain(..batch.min(self.events.len())).collect();
+        self.sending = events.len();
+        // What is left has waited already: it goes as soon as this request is taken.
+        self.send_at = if self.events.is_empty() { None } else { Some(now) };
+        Some(events)
+    }
+
+    /// The request under way was taken, refused or given up.
+    fn finished(&mut self) {
+        self.sending = 0;
+    }
+
+    /// When the next request is due, if it waits only for time.
+    fn waiting_until(&self) -> Option<tokio::time::Instant> {
+        if self.sending > 0 || self.events.is_empty() {
+            None
+        } else {
+            self.send_at
+        }
+    }
+
+    /// Events read and not yet delivered.
+    fn held(&self) -> usize {
+        self.events.len() + self.sending
+    }
 }
 
 /// What became of a partition's events in one round.
@@ -184,10 +276,20 @@ impl<'a> Poster<'a> {
     /// each sent until the endpoint takes or refuses it (or the sink stops).
     async fn partition(
         &self,
+        key: (String, i32),
+        events: Vec<OwnedMessage>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> ((String, i32), Outcome) {
+        let outcome = self.deliver(&key.0, key.1, &events, &mut shutdown).await;
+        (key, outcome)
+    }
+
+    async fn deliver(
+        &self,
         topic: &str,
         partition: i32,
-        events: &[&OwnedMessage],
-        mut shutdown: watch::Receiver<bool>,
+        events: &[OwnedMessage],
+        shutdown: &mut watch::Receiver<bool>,
     ) -> Outcome {
         let mut outcome = Outcome { delivered: None, stopped: None };
         for chunk in events.chunks(self.hook.batch) {
@@ -306,5 +408,43 @@ impl<'a> Poster<'a> {
 
     fn count(&self, topic: &str, outcome: &str, events: usize) {
         self.metrics.hook_events.with_label_values(&[topic, outcome]).inc_by(events as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::Timestamp;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    fn event(offset: i64) -> OwnedMessage {
+        OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, offset, None)
+    }
+
+    fn offsets(events: &[OwnedMessage]) -> Vec<i64> {
+        events.iter().map(Message::offset).collect()
+    }
+
+    #[test]
+    fn a_request_waits_for_a_full_batch_or_the_linger_and_one_at_a_time() {
+        let (start, linger) = (Instant::now(), Duration::from_millis(20));
+        let mut queue = Queue::default();
+        queue.push(event(0), start + linger);
+        assert!(queue.due(start, 3).is_none(), "one event waits for more");
+        assert_eq!(queue.waiting_until(), Some(start + linger));
+        for offset in 1..5 {
+            queue.push(event(offset), start + Duration::from_secs(1));
+        }
+        let first = queue.due(start, 3).expect("a full request goes at once");
+        assert_eq!(offsets(&first), [0, 1, 2]);
+        assert_eq!(queue.held(), 5, "sent, not yet delivered");
+        assert!(queue.due(start + linger, 3).is_none(), "one request under way at a time");
+        assert_eq!(queue.waiting_until(), None);
+        queue.finished();
+        let rest = queue.due(start, 3).expect("what is left has waited already");
+        assert_eq!(offsets(&rest), [3, 4]);
+        queue.finished();
+        assert!(queue.due(start + linger, 3).is_none() && queue.held() == 0);
     }
 }

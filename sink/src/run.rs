@@ -190,7 +190,7 @@ async fn run_once(
             });
             if lag_read.elapsed() >= LAG_EVERY {
                 lag_read = Instant::now();
-                source::lag(&consumer, &positions, metrics);
+                source::lag(&consumer, positions.iter().map(|(k, p)| (k, p.next)), metrics);
             }
             if batch.is_empty() {
                 continue;
