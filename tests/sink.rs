@@ -618,7 +618,7 @@ async fn a_table_made_from_the_source_catalog_grows_with_the_columns_events_carr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webhook_on_a_topic_regex_delivers_a_table_added_later() {
+async fn a_topic_regex_delivers_and_applies_a_table_added_later() {
     use std::sync::{Arc, Mutex};
 
     let (pg, broker) = (PgCluster::start(), Broker::start());
@@ -645,12 +645,36 @@ async fn a_webhook_on_a_topic_regex_delivers_a_table_added_later() {
         })
         .await
     };
+    // The tables too: each topic into its schema.table, made from the source's catalog.
+    let target = pg.database("view").await;
     let prefix = broker.topic("rx");
     let sink = Cdc::start_sink(&format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic_regex = '{prefix}\\.public\\..*'\n[webhook]\nurl = \"{}/\"\n",
+        "[kafka]\nbrokers = \"{}\"\ntopic_regex = '{prefix}\\.public\\..*'\n[webhook]\nurl = \"{}/\"\n\
+         [source]\nurl = \"{}\"\n[postgres]\nurl = \"{}\"\ncreate = true\n",
         broker.addr,
-        endpoint.url()
+        endpoint.url(),
+        pg.url("shop"),
+        pg.url("view"),
     ));
+    let ids = |table: &'static str| {
+        let target = &target;
+        async move {
+            let sql = format!("SELECT id FROM public.{table} ORDER BY id");
+            let rows = target.query(&sql, &[]).await.unwrap_or_default();
+            rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+        }
+    };
+    let applied = |table: &'static str, expected: Vec<i32>| {
+        let (ids, sink) = (&ids, &sink);
+        async move {
+            let deadline = Instant::now() + QUIET;
+            while ids(table).await != expected {
+                let (now, logs) = (ids(table).await, sink.logs());
+                assert!(Instant::now() < deadline, "{table}: {now:?}\n{logs}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let delivered = |topic: String| {
         let topics = topics.clone();
         move || topics.lock().expect("topics").iter().filter(|t| **t == topic).count()
@@ -662,6 +686,7 @@ async fn a_webhook_on_a_topic_regex_delivers_a_table_added_later() {
         assert!(Instant::now() < deadline, "{:?}\n{}", topics.lock(), sink.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    applied("a", vec![1, 2]).await;
     // Table b joins ficus cdc: its topic appears and the sink delivers it too.
     cdc.write_config(&config(&pg.url("shop"), &broker, "rx", "tables = [\"a\", \"b\"]"));
     cdc.hangup();
@@ -673,6 +698,21 @@ async fn a_webhook_on_a_topic_regex_delivers_a_table_added_later() {
     }
     assert!(sink.logs().contains("new topics match kafka.topic_regex"), "{}", sink.logs());
     assert_eq!(of_a(), 2, "nothing of a delivered twice");
+    applied("b", vec![10, 11]).await;
+    source
+        .batch_execute("INSERT INTO a VALUES (3); DELETE FROM b WHERE id = 10")
+        .await
+        .expect("more");
+    applied("a", vec![1, 2, 3]).await;
+    applied("b", vec![11]).await;
+    let stored: Vec<String> = target
+        .query("SELECT topic FROM ficus_sink_offsets ORDER BY topic", &[])
+        .await
+        .expect("offsets")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored, [format!("{prefix}.public.a"), format!("{prefix}.public.b")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,11 +35,13 @@ pub struct KafkaConfig {
     /// consumer group id (no offsets are committed to Kafka).
     #[serde(default = "default_name")]
     pub name: String,
-    /// The topics the webhook delivers; default: the topics of `postgres.tables`.
+    /// The topics read: the webhook delivers them (default: the topics of
+    /// `postgres.tables`), and `[postgres]` applies each to its schema.table unless a
+    /// `[[postgres.tables]]` entry says otherwise.
     #[serde(default)]
     pub topics: Vec<String>,
-    /// Instead of `topics`: the webhook delivers every topic whose whole name this matches,
-    /// also those created later (`shop\\.public\\..*`).
+    /// Instead of `topics`: every topic whose whole name this matches, also those created
+    /// later (`shop\\.public\\..*`).
     #[serde(default)]
     pub topic_regex: Option<String>,
     /// Any librdkafka consumer property, passed through.
@@ -52,7 +54,14 @@ pub struct KafkaConfig {
 pub struct PostgresConfig {
     /// `postgres://user:password@host:port/db`.
     pub url: String,
+    /// How topics map to tables. A topic of `kafka.topics` (or matching `kafka.topic_regex`)
+    /// without an entry goes to the topic's schema.table, with `create` below.
+    #[serde(default)]
     pub tables: Vec<TableConfig>,
+    /// `create` for the topics without a `[[postgres.tables]]` entry: a table added to
+    /// ficus cdc later gets its target table made from the source's catalog.
+    #[serde(default)]
+    pub create: bool,
     /// Events applied per transaction, at most.
     #[serde(default = "default_batch")]
     pub batch: usize,
@@ -164,12 +173,18 @@ impl SinkConfig {
             problems.push("nothing to deliver to: add [postgres], [webhook] or both".to_string());
         }
         if let Some(postgres) = &config.postgres {
-            postgres.check(&mut problems);
+            postgres.check(&config.kafka, &mut problems);
             let creates = postgres.tables.iter().position(|t| t.create);
             if let (Some(n), None) = (creates, &config.source) {
                 problems.push(format!(
                     "postgres.tables[{n}].create needs [source] url: the table is made from the source's catalog"
                 ));
+            }
+            if postgres.create && config.source.is_none() {
+                problems.push(
+                    "postgres.create needs [source] url: tables are made from the source's catalog"
+                        .to_string(),
+                );
             }
         }
         if let Some(webhook) = &config.webhook {
@@ -222,10 +237,18 @@ impl SinkConfig {
 }
 
 impl PostgresConfig {
-    fn check(&self, problems: &mut Vec<String>) {
-        if self.tables.is_empty() {
-            problems
-                .push("postgres.tables: at least one [[postgres.tables]] is needed".to_string());
+    fn check(&self, kafka: &KafkaConfig, problems: &mut Vec<String>) {
+        if self.tables.is_empty() && kafka.topics.is_empty() && kafka.topic_regex.is_none() {
+            problems.push(
+                "postgres: name what to apply: [[postgres.tables]], kafka.topics or kafka.topic_regex"
+                    .to_string(),
+            );
+        }
+        for (n, topic) in kafka.topics.iter().enumerate() {
+            let listed = self.tables.iter().any(|t| &t.topic == topic);
+            if let (false, Err(e)) = (listed, self.default_table(topic).source_table()) {
+                problems.push(format!("kafka.topics[{n}]: {e} in a [[postgres.tables]] entry"));
+            }
         }
         if self.batch == 0 {
             problems.push("postgres.batch must be at least 1".to_string());
@@ -245,6 +268,30 @@ impl PostgresConfig {
                     table.topic
                 ));
             }
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The tables of `topics` (those of `kafka.topics` or matching `kafka.topic_regex`):
+    /// the configured ones, then the topic's schema.table for each topic without one.
+    pub fn tables_for(&self, topics: &[String]) -> Vec<TableConfig> {
+        let mut tables = self.tables.clone();
+        for topic in topics {
+            if !self.tables.iter().any(|t| &t.topic == topic) {
+                tables.push(self.default_table(topic));
+            }
+        }
+        tables
+    }
+
+    fn default_table(&self, topic: &str) -> TableConfig {
+        TableConfig {
+            topic: topic.to_string(),
+            table: None,
+            columns: BTreeMap::new(),
+            mode: Mode::default(),
+            create: self.create,
         }
     }
 }
@@ -292,6 +339,43 @@ mod tests {
         assert_eq!(postgres.tables[1].table_name(), Ok(TableName::new("view", "clients")));
         assert_eq!(postgres.batch, 5000);
         assert_eq!(config.webhook_topics(), ["shop.public.customers", "shop.public.orders"]);
+    }
+
+    #[test]
+    fn topics_without_an_entry_go_to_their_schema_and_table() {
+        let config = SinkConfig::from_value(json!({
+            "kafka": {"brokers": "b", "topics": ["shop.public.orders", "shop.public.customers"]},
+            "postgres": {"url": "u", "create": true, "tables": [
+                {"topic": "shop.public.orders", "table": "view.orders"},
+            ]},
+            "source": {"url": "postgres://u@h/shop"},
+        }))
+        .expect("valid");
+        let postgres = config.postgres.as_ref().expect("postgres");
+        let topics = config.webhook_topics();
+        let tables = postgres.tables_for(&topics);
+        let names: Vec<_> = tables.iter().map(|t| t.table_name().expect("name").sql()).collect();
+        assert_eq!(names, ["\"view\".\"orders\"", "\"public\".\"customers\""]);
+        assert!(!tables[0].create && tables[1].create, "postgres.create is for the unlisted");
+
+        let problems = |kafka: serde_json::Value, postgres: serde_json::Value| {
+            SinkConfig::from_value(json!({"kafka": kafka, "postgres": postgres}))
+                .expect_err("invalid")
+        };
+        assert_eq!(
+            problems(json!({"brokers": "b"}), json!({"url": "u"})),
+            ["postgres: name what to apply: [[postgres.tables]], kafka.topics or kafka.topic_regex"]
+        );
+        assert_eq!(
+            problems(json!({"brokers": "b", "topics": ["orders"]}), json!({"url": "u", "create": true})),
+            [
+                "kafka.topics[0]: topic orders is not <prefix>.<schema>.<table>: name the table in a [[postgres.tables]] entry",
+                "postgres.create needs [source] url: tables are made from the source's catalog",
+            ]
+        );
+        let regex = json!({"brokers": "b", "topic_regex": "shop\\.public\\..*"});
+        let config = SinkConfig::from_value(json!({"kafka": regex, "postgres": {"url": "u"}}));
+        assert!(config.is_ok(), "a regex names the topics: {config:?}");
     }
 
     #[test]

@@ -26,8 +26,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How often the partitions' high watermarks are asked for.
 const LAG_EVERY: Duration = Duration::from_secs(2);
-/// How often the topics are listed again for `kafka.topic_regex`.
-const LIST_EVERY: Duration = Duration::from_secs(5);
 
 /// Delivers `topics` (or those `kafka.topic_regex` matches, as they appear) to the webhook
 /// until `shutdown` turns true or Kafka fails.
@@ -123,7 +121,7 @@ pub async fn run_once(
                 }
                 () = sleep_until(next_due), if next_due.is_some() => {}
                 _ = housekeeping.tick() => {
-                    if let Some(pattern) = pattern.as_ref().filter(|_| listed.elapsed() >= LIST_EVERY) {
+                    if let Some(pattern) = pattern.as_ref().filter(|_| listed.elapsed() >= source::LIST_EVERY) {
                         listed = Instant::now();
                         // A table added to ficus cdc later is a new topic: read it too.
                         let now = source::matching(&consumer, pattern)?;

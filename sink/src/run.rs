@@ -33,6 +33,10 @@ pub enum SinkError {
     Kafka(String),
     #[error("{topic} partition {partition} offset {offset}: {problem}. The partition is stopped: nothing from this event on is applied (other partitions go on); fix the target or the event and restart, or set postgres.on_error = \"skip\"")]
     Event { topic: String, partition: i32, offset: i64, problem: String },
+    /// Not a failure: topics matching `kafka.topic_regex` appeared; the tables' delivery
+    /// starts again from its stored offsets to read them too.
+    #[error("new topics match kafka.topic_regex: {}", .0.join(", "))]
+    NewTopics(Vec<String>),
     #[error("applying {topic} partition {partition} offsets {first}..={last} failed: {source}")]
     Apply { topic: String, partition: i32, first: i64, last: i64, source: tokio_postgres::Error },
 }
@@ -46,7 +50,7 @@ impl SinkError {
                 Some(code) => sqlstate_recovery(code.code()) != Recovery::Stop,
                 None => true,
             },
-            SinkError::Kafka(_) => true,
+            SinkError::Kafka(_) | SinkError::NewTopics(_) => true,
             _ => false,
         }
     }
@@ -99,6 +103,7 @@ where
             Ok(()) => return Ok(()),
             // Stopping anyway: what failed on the way out is no reason to fail.
             Err(e) if e.is_retryable() && *shutdown.borrow() => return Ok(()),
+            Err(e @ SinkError::NewTopics(_)) => tracing::info!(?delivery, "{e}: reading them too"),
             Err(e) if e.is_retryable() => {
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(250);
@@ -133,26 +138,33 @@ async fn run_once(
              \"partition\" int NOT NULL, next_offset bigint NOT NULL, PRIMARY KEY (sink, topic, \"partition\"))"
         ))
         .await?;
+    // The topics read: those the tables name, `kafka.topics`, and those `kafka.topic_regex`
+    // matches now (one appearing later starts the delivery again).
+    let pattern = kafka.topic_pattern().map_err(SinkError::Config)?;
+    let consumer = source::client(kafka)?;
+    let listed = match &pattern {
+        Some(pattern) => source::matching(&consumer, pattern)?,
+        None => kafka.topics.clone(),
+    };
+    let tables = postgres.tables_for(&listed);
     // The source's catalog, for tables created or grown from it.
     let source = match source_url {
-        Some(url) if postgres.tables.iter().any(|t| t.create) => {
-            Some(connect("source.url", url).await?)
-        }
+        Some(url) if tables.iter().any(|t| t.create) => Some(connect("source.url", url).await?),
         _ => None,
     };
-    let mut targets = Vec::with_capacity(postgres.tables.len());
-    for table in &postgres.tables {
+    let mut targets = Vec::with_capacity(tables.len());
+    for table in &tables {
         targets.push(prepared(&client, source.as_ref(), table).await?);
     }
     // The applier replaces them when it adds a column; the reader plans with the latest.
     let shared = std::sync::RwLock::new(Arc::new(targets));
     let latest = || shared.read().map_or_else(|e| e.into_inner().clone(), |t| t.clone());
     // Each topic once; a topic may feed several tables (its rows, and an audit of them).
-    let mut topics: Vec<String> = postgres.tables.iter().map(|t| t.topic.clone()).collect();
+    let mut topics: Vec<String> = tables.iter().map(|t| t.topic.clone()).collect();
     topics.sort_unstable();
     topics.dedup();
     let stored = stored_offsets(&client, &offsets_table, &kafka.name).await?;
-    let (consumer, partitions) = source::consumer(kafka, &topics)?;
+    let partitions = source::partitions(&consumer, &topics)?;
     source::assign(&consumer, &partitions, &stored, false)?;
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
     metrics.set_up(Delivery::Tables, true);
@@ -170,13 +182,26 @@ async fn run_once(
         let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
         let mut positions = source::positions(&stored);
         let mut paused = BTreeSet::new();
+        let mut listed = Instant::now();
         // One stream for the whole run: waiting on its next message may be given up
         // without losing one (a `recv` given up may have taken a message already).
         let mut messages = consumer.stream();
         loop {
+            if let Some(pattern) =
+                pattern.as_ref().filter(|_| listed.elapsed() >= source::LIST_EVERY)
+            {
+                listed = Instant::now();
+                let now = source::matching(&consumer, pattern)?;
+                let new: Vec<String> = now.into_iter().filter(|t| !topics.contains(t)).collect();
+                if !new.is_empty() {
+                    // Applied up to here; the delivery starts again with them from the
+                    // stored offsets (their tables prepared, or made, first).
+                    return Ok(Some(new));
+                }
+            }
             let mut batch = tokio::select! {
                 batch = source::collect(&mut messages, postgres.batch, postgres.linger) => batch?,
-                _ = shutdown.changed() => return Ok(()),
+                _ = shutdown.changed() => return Ok(None),
             };
             let halted = stopped_now();
             for (topic, partition) in halted.difference(&paused) {
@@ -196,13 +221,13 @@ async fn run_once(
                 continue;
             }
             let targets = latest();
-            let events = events(postgres, &batch);
+            let events = events(&tables, &batch);
             let (plan, skipped) = plan::plan(&targets, &events, skip);
             drop(events);
             let batch = Planned { messages: batch, targets, plan, skipped };
             if planned.send(batch).await.is_err() {
                 // The applier stopped; its error is the answer.
-                return Ok(());
+                return Ok(None);
             }
         }
     };
@@ -210,14 +235,14 @@ async fn run_once(
         let mut warned = BTreeSet::new();
         while let Some(batch) = to_apply.recv().await {
             let Planned { messages, mut targets, mut plan, skipped } = batch;
-            let mut events = events(postgres, &messages);
+            let mut events = events(&tables, &messages);
             // Planned before a column was added: planned again.
             if !Arc::ptr_eq(&targets, &latest()) {
                 targets = latest();
                 plan = plan::plan(&targets, &events, skip).0;
             }
             if let Some(grown) =
-                grow(&client, source.as_ref(), postgres, &targets, &plan.unknown_columns).await?
+                grow(&client, source.as_ref(), &tables, &targets, &plan.unknown_columns).await?
             {
                 targets = Arc::new(grown);
                 if let Ok(mut shared) = shared.write() {
@@ -308,7 +333,11 @@ async fn run_once(
         }
         Ok(())
     };
-    let result = tokio::try_join!(read, apply_all).map(|_| ());
+    let result = match tokio::try_join!(read, apply_all) {
+        Ok((Some(new), ())) => Err(SinkError::NewTopics(new)),
+        Ok((None, ())) => Ok(()),
+        Err(e) => Err(e),
+    };
     // A restart reads a stopped partition again.
     metrics.stopped.sub(stopped_now().len() as i64);
     result
@@ -336,11 +365,11 @@ struct Planned {
 }
 
 /// The events of `messages`: each message once for every table its topic feeds.
-fn events<'m>(postgres: &PostgresConfig, messages: &'m [OwnedMessage]) -> Vec<Event<'m>> {
+fn events<'m>(tables: &[TableConfig], messages: &'m [OwnedMessage]) -> Vec<Event<'m>> {
     messages
         .iter()
         .flat_map(|m| {
-            let tables = postgres.tables.iter().enumerate();
+            let tables = tables.iter().enumerate();
             tables.filter(|(_, t)| t.topic == m.topic()).map(|(target, _)| Event {
                 target,
                 topic: m.topic(),
@@ -390,14 +419,14 @@ async fn prepared(
 async fn grow(
     client: &Client,
     source: Option<&Client>,
-    postgres: &PostgresConfig,
+    tables: &[TableConfig],
     targets: &[Target],
     unknown: &BTreeSet<(usize, String)>,
 ) -> Result<Option<Vec<Target>>, SinkError> {
     let Some(source) = source else { return Ok(None) };
     let mut grown: Option<Vec<Target>> = None;
     for (index, name) in unknown {
-        let table = &postgres.tables[*index];
+        let table = &tables[*index];
         if !table.create {
             continue;
         }

@@ -16,6 +16,9 @@ use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 use crate::run::SinkError;
 
+/// How often the topics are listed again for `kafka.topic_regex`.
+pub const LIST_EVERY: Duration = Duration::from_secs(5);
+
 /// How far before its stored offset a partition is read again at start.
 const LOOK_BACK: i64 = 1000;
 
@@ -28,16 +31,6 @@ pub fn positions(stored: &BTreeMap<(String, i32), i64>) -> Positions {
         .iter()
         .map(|(key, &next)| (key.clone(), Position { next, verified: false, step: 2 * LOOK_BACK }))
         .collect()
-}
-
-/// A consumer for `topics` (not reading yet), and every partition of them.
-pub fn consumer(
-    kafka: &KafkaConfig,
-    topics: &[String],
-) -> Result<(StreamConsumer, Vec<(String, i32)>), SinkError> {
-    let consumer = client(kafka)?;
-    let partitions = partitions(&consumer, topics)?;
-    Ok((consumer, partitions))
 }
 
 /// A consumer of the configured brokers, not reading yet.
