@@ -801,3 +801,103 @@ async fn a_webhook_partition_sent_again_holds_only_itself_and_resumes_without_a_
         format!("ficus_sink_webhook_events_total{{outcome=\"delivered\",topic=\"{topic_b}\"}}");
     sink.wait_metric(&delivered, 1500.0, QUIET).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_replicas_share_the_partitions_and_one_takes_over_after_a_kill_9() {
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let source = pg.database("shop").await;
+    source
+        .batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+        .await
+        .expect("source");
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "pair", "tables = [\"a\", \"b\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    let prefix = broker.topic("pair");
+    let (topic_a, topic_b) = (format!("{prefix}.public.a"), format!("{prefix}.public.b"));
+
+    // Every event taken, with the replica that sent it (each posts to its own path).
+    let taken = Arc::new(Mutex::new(Vec::<(String, String, i64)>::new()));
+    let endpoint = {
+        let taken = taken.clone();
+        common::AppBackend::start(move |seen| {
+            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
+            let mut taken = taken.lock().expect("taken");
+            for event in body.as_array().into_iter().flatten() {
+                let topic = event["topic"].as_str().unwrap_or_default().to_string();
+                taken.push((seen.path.clone(), topic, event["offset"].as_i64().unwrap_or(-1)));
+            }
+            (200, "text/plain", "ok".to_string())
+        })
+        .await
+    };
+    let replica = |path: &str| {
+        Cdc::start_sink(&format!(
+            "[kafka]\nbrokers = \"{}\"\nname = \"pair\"\ntopics = [\"{topic_a}\", \"{topic_b}\"]\n\
+             [kafka.consumer]\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 500\n\
+             [webhook]\nurl = \"{}{path}\"\nbatch = 10\n",
+            broker.addr,
+            endpoint.url()
+        ))
+    };
+    let given =
+        |sink: &Cdc| sink.logs().matches("the consumer group gave these partitions").count();
+    let one = replica("/one");
+    one.wait_log("the consumer group gave these partitions", QUIET);
+    let mut two = replica("/two");
+    let deadline = Instant::now() + QUIET;
+    // The second member's arrival moves one of the first member's partitions to it.
+    while given(&two) == 0 || given(&one) < 2 {
+        assert!(Instant::now() < deadline, "no rebalance:\n{}\n{}", one.logs(), two.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let insert = |from: i32| {
+        let source = &source;
+        async move {
+            for n in from..from + 50 {
+                source.execute("INSERT INTO a VALUES ($1)", &[&n]).await.expect("a");
+                source.execute("INSERT INTO b VALUES ($1)", &[&n]).await.expect("b");
+            }
+        }
+    };
+    // Each topic's offsets once, in the order first taken, and who sent them.
+    let offsets = |topic: &str| -> Vec<i64> {
+        let mut seen = BTreeSet::new();
+        let taken = taken.lock().expect("taken");
+        taken.iter().filter(|(_, t, o)| t == topic && seen.insert(*o)).map(|(_, _, o)| *o).collect()
+    };
+    let senders = |topic: &str| -> BTreeSet<String> {
+        let taken = taken.lock().expect("taken");
+        taken.iter().filter(|(_, t, _)| t == topic).map(|(path, _, _)| path.clone()).collect()
+    };
+    let all_taken = |count: i64, other: &Cdc| {
+        let deadline = Instant::now() + QUIET;
+        while offsets(&topic_a).len() < count as usize || offsets(&topic_b).len() < count as usize {
+            let logs = format!("{}\n{}", one.logs(), other.logs());
+            assert!(Instant::now() < deadline, "not all taken:\n{logs}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(offsets(&topic_a), (0..count).collect::<Vec<_>>());
+        assert_eq!(offsets(&topic_b), (0..count).collect::<Vec<_>>());
+    };
+    insert(0).await;
+    all_taken(50, &two);
+    // Each partition went to one member: no event was sent by both.
+    let (of_a, of_b) = (senders(&topic_a), senders(&topic_b));
+    assert_eq!((of_a.len(), of_b.len()), (1, 1), "a by {of_a:?}, b by {of_b:?}");
+    assert_ne!(of_a, of_b, "the two members share the two partitions");
+    assert_eq!(taken.lock().expect("taken").len(), 100, "each event sent once");
+
+    // The second member dies; after the group's session timeout the first takes its
+    // partition over from the committed offset, and every event arrives, in order.
+    two.kill9();
+    insert(50).await;
+    all_taken(100, &two);
+    let one_sent = |topic: &str| {
+        let taken = taken.lock().expect("taken");
+        taken.iter().any(|(path, t, o)| path == "/one" && t == topic && *o >= 50)
+    };
+    assert!(one_sent(&topic_a) && one_sent(&topic_b), "{}", one.logs());
+}

@@ -1,16 +1,22 @@
-//! The webhook delivery's I/O: reads its topics from the consumer group's committed offsets,
-//! POSTs each partition's events in order, sends again with back-off what the endpoint fails
-//! or does not answer in time (never skipping), and commits the offsets after what it took:
-//! at least once. Partitions go side by side: one being sent again, or stopped by a refusal
+//! The webhook delivery's I/O: reads the partitions the consumer group gives this member
+//! (replicas share them) from the group's committed offsets, POSTs each partition's events
+//! in order, sends again with back-off what the endpoint fails or does not answer in time
+//! (never skipping), and commits the offsets after what it took: at least once. Partitions go side by side: one being sent again, or stopped by a refusal
 //! (4xx, saying why), holds only itself, and holds at most `MIN_HELD` (or 4 requests) of
 //! events read ahead before its fetching pauses.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
@@ -28,7 +34,8 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 const LAG_EVERY: Duration = Duration::from_secs(2);
 
 /// Delivers `topics` (or those `kafka.topic_regex` matches, as they appear) to the webhook
-/// until `shutdown` turns true or Kafka fails.
+/// until `shutdown` turns true or Kafka fails. Replicas of the sink share the partitions as
+/// members of the consumer group `kafka.name`: each partition is delivered by one of them.
 pub async fn run_once(
     kafka: &KafkaConfig,
     topics: &[String],
@@ -38,7 +45,8 @@ pub async fn run_once(
 ) -> Result<(), SinkError> {
     let poster = Poster::new(hook, metrics)?;
     let pattern = kafka.topic_pattern().map_err(SinkError::Config)?;
-    let consumer = source::client(kafka)?;
+    let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = source::client_with(kafka, Group { changes })?;
     let mut topics = match &pattern {
         Some(pattern) => source::matching(&consumer, pattern)?,
         None => topics.to_vec(),
@@ -46,16 +54,12 @@ pub async fn run_once(
     if topics.is_empty() {
         return Err(SinkError::Kafka("no topic matches kafka.topic_regex yet".into()));
     }
-    let partitions = source::partitions(&consumer, &topics)?;
-    let stored = source::committed(&consumer, &partitions)?;
-    source::assign(&consumer, &partitions, &stored, false)?;
-    tracing::info!(url = poster.shown_url, topics = %topics.join(", "), from = ?stored, "webhook delivery started");
+    // Each exists, or this says which does not (a subscription would wait in silence).
+    source::partitions(&consumer, &topics)?;
+    subscribe(&consumer, &topics)?;
+    tracing::info!(url = poster.shown_url, topics = %topics.join(", "), group = kafka.name, "webhook delivery started");
     metrics.set_up(Delivery::Webhook, true);
-    let mut positions = source::positions(&stored);
-    let mut queues: BTreeMap<(String, i32), Queue> = BTreeMap::new();
-    let mut stopped: BTreeSet<(String, i32)> = BTreeSet::new();
-    // A partition holds this many events at most; then it is paused until it is under half.
-    let most = hook.batch.saturating_mul(4).max(MIN_HELD);
+    let mut owned = Owned::new(hook, metrics);
     let mut sending = FuturesUnordered::new();
     let mut lag_read = Instant::now().checked_sub(LAG_EVERY).unwrap_or_else(Instant::now);
     let mut listed = Instant::now();
@@ -65,85 +69,51 @@ pub async fn run_once(
     let mut messages = consumer.stream();
     let delivered: Result<(), SinkError> = async {
         loop {
+            // The group's changes come from inside the stream's poll, before the messages
+            // of the partitions they give.
+            owned.follow(&mut changed);
             // Each partition on its own: one request under way at a time, in order, so one
             // being sent again holds only its own partition.
             let now = tokio::time::Instant::now();
-            for (key, queue) in &mut queues {
+            for (key, queue) in &mut owned.queues {
                 if let Some(events) = queue.due(now, hook.batch) {
-                    sending.push(poster.partition(key.clone(), events, shutdown.clone()));
+                    let (abort, registration) = AbortHandle::new_pair();
+                    queue.abort = Some(abort);
+                    let request = poster.partition(key.clone(), events, shutdown.clone());
+                    sending.push(Abortable::new(request, registration));
                 }
             }
-            let next_due = queues.values().filter_map(|q| q.waiting_until()).min();
+            let next_due = owned.queues.values().filter_map(Queue::waiting_until).min();
             tokio::select! {
                 message = messages.next() => {
                     let message = message.ok_or_else(|| SinkError::Kafka("the consumer stopped".into()))?;
                     let message = message.map_err(|e| SinkError::Kafka(e.to_string()))?.detach();
-                    let key = (message.topic().to_string(), message.partition());
-                    if stopped.contains(&key)
-                        || !source::admit(&consumer, &mut positions, &mut BTreeSet::new(), &message)
-                    {
-                        continue;
-                    }
-                    let queue = queues.entry(key.clone()).or_default();
-                    queue.push(message, now + hook.linger);
-                    if queue.events.len() >= most && !queue.paused {
-                        queue.paused = true;
-                        source::pause(&consumer, &key.0, key.1);
-                    }
+                    owned.follow(&mut changed);
+                    owned.read(&consumer, message, now + hook.linger);
                 }
-                Some((key, outcome)) = sending.next(), if !sending.is_empty() => {
-                    let queue = queues.entry(key.clone()).or_default();
-                    queue.finished();
-                    if let Some(next) = outcome.delivered {
-                        let mut commit = TopicPartitionList::new();
-                        commit
-                            .add_partition_offset(&key.0, key.1, Offset::Offset(next))
-                            .map_err(|e| SinkError::Kafka(e.to_string()))?;
-                        // What was delivered is committed before the partition's next request:
-                        // a crash repeats at most the requests under way.
-                        tokio::task::block_in_place(|| consumer.commit(&commit, CommitMode::Sync))
-                            .map_err(|e| {
-                                SinkError::Kafka(format!("commit of the webhook's offsets: {e}"))
-                            })?;
-                    }
-                    if let Some(reason) = outcome.stopped {
-                        tracing::error!("{reason}");
-                        if !queue.paused {
-                            source::pause(&consumer, &key.0, key.1);
-                        }
-                        queues.remove(&key);
-                        stopped.insert(key);
-                        metrics.stopped.inc();
-                    } else if queue.paused && queue.events.len() <= most / 2 {
-                        queue.paused = false;
-                        source::resume(&consumer, &mut positions, &key.0, key.1)?;
-                    }
+                Some(done) = sending.next(), if !sending.is_empty() => {
+                    // Aborted: the partition went to another member, which sends it again.
+                    let Ok((key, outcome)) = done else { continue };
+                    owned.delivered(&consumer, key, outcome)?;
                 }
+                // A partition taken away: its request under way is given up at once.
+                Some(change) = changed.recv() => owned.apply(change),
                 () = sleep_until(next_due), if next_due.is_some() => {}
                 _ = housekeeping.tick() => {
                     if let Some(pattern) = pattern.as_ref().filter(|_| listed.elapsed() >= source::LIST_EVERY) {
                         listed = Instant::now();
                         // A table added to ficus cdc later is a new topic: read it too.
                         let now = source::matching(&consumer, pattern)?;
-                        let new: Vec<String> =
-                            now.iter().filter(|t| !topics.contains(t)).cloned().collect();
+                        let new: Vec<&String> = now.iter().filter(|t| !topics.contains(t)).collect();
                         if !new.is_empty() {
-                            let partitions = source::partitions(&consumer, &new)?;
-                            let stored = source::committed(&consumer, &partitions)?;
-                            source::assign(&consumer, &partitions, &stored, true)?;
-                            positions.extend(source::positions(&stored));
-                            tracing::info!(topics = %new.join(", "), "new topics match kafka.topic_regex: delivering them too");
+                            tracing::info!(topics = ?new, "new topics match kafka.topic_regex: delivering them too");
+                            subscribe(&consumer, &now)?;
                             topics = now;
                         }
                     }
                     if lag_read.elapsed() >= LAG_EVERY {
                         lag_read = Instant::now();
-                        // Behind what was delivered, not what was read: held events count.
-                        let done = positions.iter().map(|(key, position)| {
-                            let held = queues.get(key).map_or(0, Queue::held);
-                            (key, position.next - held as i64)
-                        });
-                        source::lag(&consumer, done, metrics);
+                        owned.lag(&consumer);
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),
@@ -152,9 +122,232 @@ pub async fn run_once(
     }
     .await;
     // A restart reads a stopped partition again.
-    metrics.stopped.sub(stopped.len() as i64);
+    metrics.stopped.sub(owned.stopped.len() as i64);
     delivered
 }
+
+fn subscribe<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    topics: &[String],
+) -> Result<(), SinkError> {
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|e| SinkError::Kafka(format!("subscribe: {e}")))
+}
+
+/// A change of the partitions the consumer group gives this member.
+enum Change {
+    /// Given, with the offsets committed for them (reading starts a little before).
+    Assigned(BTreeMap<(String, i32), i64>),
+    Revoked(Vec<(String, i32)>),
+}
+
+/// The consumer's callbacks: each partition the group gives is read from a little before
+/// its committed offset ([`source::start`]), and every change is handed to the delivery.
+struct Group {
+    changes: tokio::sync::mpsc::UnboundedSender<Change>,
+}
+
+impl ClientContext for Group {}
+
+impl ConsumerContext for Group {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let keys: Vec<(String, i32)> =
+            partitions.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                tracing::error!(error = ?err, "consumer group rebalance failed: giving up every partition");
+            }
+            // Revoked first, so that no event of them is delivered from here on.
+            let _ = self.changes.send(Change::Revoked(keys));
+            let given_up =
+                if cooperative && err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    consumer.incremental_unassign(partitions)
+                } else {
+                    consumer.unassign()
+                };
+            if let Err(e) = given_up {
+                tracing::error!(error = %e, "cannot give up the revoked partitions");
+            }
+            return;
+        }
+        // Blocking the poll is what a rebalance callback does: the group waits for it.
+        let committed = match consumer
+            .committed_offsets(partitions.clone(), Duration::from_secs(10))
+        {
+            Ok(committed) => committed,
+            Err(e) => {
+                tracing::warn!(error = %e, "the group's committed offsets are not known: reading the given partitions from their start");
+                TopicPartitionList::new()
+            }
+        };
+        let stored: BTreeMap<(String, i32), i64> = committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(next) => Some(((e.topic().to_string(), e.partition()), next)),
+                _ => None,
+            })
+            .collect();
+        for (topic, partition) in &keys {
+            let start = source::start(stored.get(&(topic.clone(), *partition)).copied());
+            if let Err(e) = partitions.set_partition_offset(topic, *partition, start) {
+                tracing::error!(error = %e, topic, partition, "cannot set where to read a given partition");
+            }
+        }
+        tracing::info!(partitions = ?keys, from = ?stored, "the consumer group gave these partitions");
+        let _ = self.changes.send(Change::Assigned(stored));
+        let taken = if cooperative {
+            consumer.incremental_assign(partitions)
+        } else {
+            consumer.assign(partitions)
+        };
+        if let Err(e) = taken {
+            tracing::error!(error = %e, "cannot take the given partitions");
+        }
+        // Paused here before it went to another member (full, or stopped at a refusal), a
+        // partition given back is read again: this member holds nothing of it now.
+        if let Err(e) = consumer.resume(partitions) {
+            tracing::warn!(error = %e, "cannot resume the given partitions");
+        }
+    }
+}
+
+/// The partitions this member delivers, and their events read and not yet delivered.
+struct Owned<'a> {
+    positions: source::Positions,
+    queues: BTreeMap<(String, i32), Queue>,
+    /// Stopped at a refusal; not read again until a restart.
+    stopped: BTreeSet<(String, i32)>,
+    /// A partition holds this many events at most; then it is paused until it is under half.
+    most: usize,
+    metrics: &'a Metrics,
+}
+
+impl<'a> Owned<'a> {
+    fn new(hook: &WebhookConfig, metrics: &'a Metrics) -> Owned<'a> {
+        Owned {
+            positions: BTreeMap::new(),
+            queues: BTreeMap::new(),
+            stopped: BTreeSet::new(),
+            most: hook.batch.saturating_mul(4).max(MIN_HELD),
+            metrics,
+        }
+    }
+
+    /// Takes in the group's changes waiting.
+    fn follow(&mut self, changed: &mut tokio::sync::mpsc::UnboundedReceiver<Change>) {
+        while let Ok(change) = changed.try_recv() {
+            self.apply(change);
+        }
+    }
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Assigned(stored) => self.positions.extend(source::positions(&stored)),
+            Change::Revoked(keys) => {
+                for key in keys {
+                    self.positions.remove(&key);
+                    if let Some(abort) = self.queues.remove(&key).and_then(|q| q.abort) {
+                        abort.abort();
+                    }
+                    if self.stopped.remove(&key) {
+                        self.metrics.stopped.dec();
+                    }
+                    let partition = key.1.to_string();
+                    let _ = self.metrics.lag.remove_label_values(&[&key.0, &partition]);
+                }
+            }
+        }
+    }
+
+    /// Queues a message read, unless it is of a stopped partition or was delivered already.
+    fn read<C: ConsumerContext>(
+        &mut self,
+        consumer: &StreamConsumer<C>,
+        message: OwnedMessage,
+        send_at: tokio::time::Instant,
+    ) {
+        let key = (message.topic().to_string(), message.partition());
+        if self.stopped.contains(&key)
+            || !source::admit(consumer, &mut self.positions, &mut BTreeSet::new(), &message)
+        {
+            return;
+        }
+        let queue = self.queues.entry(key.clone()).or_default();
+        queue.push(message, send_at);
+        if queue.events.len() >= self.most && !queue.paused {
+            queue.paused = true;
+            source::pause(consumer, &key.0, key.1);
+        }
+    }
+
+    /// Commits what a request delivered; stops its partition if it was refused.
+    fn delivered<C: ConsumerContext>(
+        &mut self,
+        consumer: &StreamConsumer<C>,
+        key: (String, i32),
+        outcome: Outcome,
+    ) -> Result<(), SinkError> {
+        let Some(queue) = self.queues.get_mut(&key) else { return Ok(()) };
+        queue.finished();
+        if let Some(next) = outcome.delivered {
+            let mut commit = TopicPartitionList::new();
+            commit
+                .add_partition_offset(&key.0, key.1, Offset::Offset(next))
+                .map_err(|e| SinkError::Kafka(e.to_string()))?;
+            // What was delivered is committed before the partition's next request: a crash
+            // repeats at most the requests under way.
+            let committed =
+                tokio::task::block_in_place(|| consumer.commit(&commit, CommitMode::Sync));
+            match committed.map_err(|e| (e.rdkafka_error_code(), e)) {
+                Ok(()) => {}
+                // The group is moving the partition: its new member sends these again.
+                Err((Some(code), e)) if GROUP_MOVING.contains(&code) => {
+                    tracing::warn!(error = %e, topic = key.0, partition = key.1, "commit refused while the group rebalances: the partition's next member sends these events again");
+                }
+                Err((_, e)) => {
+                    return Err(SinkError::Kafka(format!("commit of the webhook's offsets: {e}")))
+                }
+            }
+        }
+        if let Some(reason) = outcome.stopped {
+            tracing::error!("{reason}");
+            if !queue.paused {
+                source::pause(consumer, &key.0, key.1);
+            }
+            self.queues.remove(&key);
+            self.stopped.insert(key);
+            self.metrics.stopped.inc();
+        } else if queue.paused && queue.events.len() <= self.most / 2 {
+            queue.paused = false;
+            source::resume(consumer, &mut self.positions, &key.0, key.1)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes how far each partition is behind what was delivered (held events count).
+    fn lag<C: ConsumerContext>(&self, consumer: &StreamConsumer<C>) {
+        let done = self.positions.iter().map(|(key, position)| {
+            let held = self.queues.get(key).map_or(0, Queue::held);
+            (key, position.next - held as i64)
+        });
+        source::lag(consumer, done, self.metrics);
+    }
+}
+
+/// Commit errors that mean the group is moving partitions, not that Kafka failed.
+const GROUP_MOVING: [RDKafkaErrorCode; 4] = [
+    RDKafkaErrorCode::RebalanceInProgress,
+    RDKafkaErrorCode::IllegalGeneration,
+    RDKafkaErrorCode::UnknownMemberId,
+    RDKafkaErrorCode::AssignmentLost,
+];
 
 /// Sleeps until `until`, or forever without one.
 async fn sleep_until(until: Option<tokio::time::Instant>) {
@@ -177,6 +370,8 @@ struct Queue {
     sending: usize,
     /// Whether fetching is paused because the queue is full.
     paused: bool,
+    /// Cancels the request under way (the partition went to another member).
+    abort: Option<AbortHandle>,
 }
 
 impl Queue {

@@ -4,7 +4,8 @@
 //! offsets after it, and a start reads on from the stored offsets.
 //!
 //! It also delivers the events to an HTTP endpoint (a webhook), at least once and in order
-//! per partition, with its offsets committed to the Kafka consumer group.
+//! per partition, as a member of the Kafka consumer group that shares the partitions among
+//! replicas and keeps the offsets.
 //!
 //! Pure parts: [`change`] (events as row changes), [`value`] (JSON values back to column
 //! text), [`plan`] (a batch as statements), [`webhook`] (requests and answers). I/O: [`run`]

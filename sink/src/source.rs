@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, DefaultConsumerContext, MessageStream, StreamConsumer};
+use rdkafka::consumer::{
+    Consumer, ConsumerContext, DefaultConsumerContext, MessageStream, StreamConsumer,
+};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use regex::Regex;
@@ -35,6 +37,14 @@ pub fn positions(stored: &BTreeMap<(String, i32), i64>) -> Positions {
 
 /// A consumer of the configured brokers, not reading yet.
 pub fn client(kafka: &KafkaConfig) -> Result<StreamConsumer, SinkError> {
+    client_with(kafka, DefaultConsumerContext)
+}
+
+/// A consumer of the configured brokers whose callbacks `context` answers.
+pub fn client_with<C: ConsumerContext + 'static>(
+    kafka: &KafkaConfig,
+    context: C,
+) -> Result<StreamConsumer<C>, SinkError> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &kafka.brokers)
@@ -47,16 +57,24 @@ pub fn client(kafka: &KafkaConfig) -> Result<StreamConsumer, SinkError> {
         .set("fetch.wait.max.ms", "100")
         // A start a little before the stored offset that is no longer in the topic starts
         // at its beginning (then checked by `admit`), not at its end.
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        // For the webhook's group membership (the tables' delivery assigns itself every
+        // partition): a member joining or leaving moves only the partitions that must move,
+        // the others' deliveries go on; and change topics often have one partition, which
+        // `range` would give, every one, to the same member. With Tansu, the eager
+        // `roundrobin` left a dead member's partition unassigned; this one takes it over.
+        .set("partition.assignment.strategy", "cooperative-sticky");
     for (key, value) in &kafka.consumer {
         client.set(key, ficus_cdc::config::property(value));
     }
-    client.create().map_err(|e| SinkError::Config(format!("kafka consumer: {e}")))
+    client
+        .create_with_context(context)
+        .map_err(|e| SinkError::Config(format!("kafka consumer: {e}")))
 }
 
 /// Every partition of `topics`.
-pub fn partitions(
-    consumer: &StreamConsumer,
+pub fn partitions<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
     topics: &[String],
 ) -> Result<Vec<(String, i32)>, SinkError> {
     let mut partitions = Vec::new();
@@ -79,7 +97,10 @@ pub fn partitions(
 }
 
 /// The topics whose whole name `pattern` matches, sorted (Kafka's own `__` topics left out).
-pub fn matching(consumer: &StreamConsumer, pattern: &Regex) -> Result<Vec<String>, SinkError> {
+pub fn matching<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    pattern: &Regex,
+) -> Result<Vec<String>, SinkError> {
     let metadata =
         tokio::task::block_in_place(|| consumer.fetch_metadata(None, Duration::from_secs(10)))
             .map_err(|e| SinkError::Kafka(format!("the list of topics: {e}")))?;
@@ -94,8 +115,8 @@ pub fn matching(consumer: &StreamConsumer, pattern: &Regex) -> Result<Vec<String
 }
 
 /// The offsets the consumer group committed for `partitions` (none: from the start).
-pub fn committed(
-    consumer: &StreamConsumer,
+pub fn committed<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
     partitions: &[(String, i32)],
 ) -> Result<BTreeMap<(String, i32), i64>, SinkError> {
     let mut list = TopicPartitionList::new();
@@ -117,23 +138,16 @@ pub fn committed(
 
 /// Reads every partition from a little before its stored offset, or from the start; with
 /// `more`, in addition to the partitions read already.
-pub fn assign(
-    consumer: &StreamConsumer,
+pub fn assign<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
     partitions: &[(String, i32)],
     stored: &BTreeMap<(String, i32), i64>,
     more: bool,
 ) -> Result<(), SinkError> {
     let mut assignment = TopicPartitionList::new();
     for key in partitions {
-        // From a little before the stored offset: a broker may answer a fetch from the
-        // middle of a record batch with nothing until the next batch (Tansu does). The
-        // events before it are recognised and passed over (`admit`).
-        let offset = match stored.get(key) {
-            Some(&next) if next > LOOK_BACK => Offset::Offset(next - LOOK_BACK),
-            _ => Offset::Beginning,
-        };
         assignment
-            .add_partition_offset(&key.0, key.1, offset)
+            .add_partition_offset(&key.0, key.1, start(stored.get(key).copied()))
             .map_err(|e| SinkError::Kafka(e.to_string()))?;
     }
     let assigned =
@@ -141,9 +155,20 @@ pub fn assign(
     assigned.map_err(|e| SinkError::Kafka(format!("assign: {e}")))
 }
 
+/// Where to start reading a partition whose next event to deliver is `stored` (none: all
+/// of it): a little before it, since a broker may answer a fetch from the middle of a record
+/// batch with nothing until the next batch (Tansu does). The events before it are
+/// recognised and passed over (`admit`).
+pub fn start(stored: Option<i64>) -> Offset {
+    match stored {
+        Some(next) if next > LOOK_BACK => Offset::Offset(next - LOOK_BACK),
+        _ => Offset::Beginning,
+    }
+}
+
 /// Stops fetching a partition (stopped at an event that cannot be delivered, or holding
 /// enough); its events already fetched are for the caller to drop or keep.
-pub fn pause(consumer: &StreamConsumer, topic: &str, partition: i32) {
+pub fn pause<C: ConsumerContext>(consumer: &StreamConsumer<C>, topic: &str, partition: i32) {
     let mut list = TopicPartitionList::new();
     list.add_partition(topic, partition);
     if let Err(e) = consumer.pause(&list) {
@@ -154,8 +179,8 @@ pub fn pause(consumer: &StreamConsumer, topic: &str, partition: i32) {
 /// Fetches a paused partition again, from the event after the last one admitted. librdkafka
 /// resumes from where its fetching was, past the events it had read ahead and dropped at the
 /// pause (a test lost 181 events so), hence the seek; it is checked as a start is.
-pub fn resume(
-    consumer: &StreamConsumer,
+pub fn resume<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
     positions: &mut Positions,
     topic: &str,
     partition: i32,
@@ -212,8 +237,8 @@ pub struct Position {
 /// Whether to apply `message`: not one applied already, and not one read past a gap that
 /// seeking from the stored offset left (then the partition is read again from further
 /// back: the rest of the batch from it, in `sought`, is dropped too).
-pub fn admit(
-    consumer: &StreamConsumer,
+pub fn admit<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
     positions: &mut Positions,
     sought: &mut BTreeSet<(String, i32)>,
     message: &OwnedMessage,
@@ -272,8 +297,8 @@ pub fn admit(
 /// Publishes how far each partition is behind its high watermark, given the offset after
 /// the last event it has done with (asked of the broker; a partition that does not answer
 /// in time keeps its last figure).
-pub fn lag<'a>(
-    consumer: &StreamConsumer,
+pub fn lag<'a, C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
     done: impl IntoIterator<Item = (&'a (String, i32), i64)>,
     metrics: &Metrics,
 ) {
