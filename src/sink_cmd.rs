@@ -76,7 +76,7 @@ mod tests {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/sink.toml");
         let config = load_config(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-        assert_eq!(config.kafka.name, "orders-view");
+        assert_eq!(config.kafka.name(), "orders-view");
         assert_eq!(config.postgres.map(|p| p.tables.len()), Some(1));
         let webhook = config.webhook.expect("the example delivers to a webhook too");
         assert_eq!(webhook.batch, 100);

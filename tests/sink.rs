@@ -649,8 +649,8 @@ async fn a_topic_regex_delivers_and_applies_a_table_added_later() {
     let target = pg.database("view").await;
     let prefix = broker.topic("rx");
     let sink = Cdc::start_sink(&format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic_regex = '{prefix}\\.public\\..*'\n[webhook]\nurl = \"{}/\"\n\
-         [source]\nurl = \"{}\"\n[postgres]\nurl = \"{}\"\ncreate = true\n",
+        "[kafka]\nbrokers = \"{}\"\nname = \"rx\"\ntopic_regex = '{prefix}\\.public\\..*'\n[webhook]\nurl = \"{}/\"\n\
+         [source]\nurl = \"{}\"\n[postgres]\nurl = \"{}\"\nall_topics = true\ncreate = true\n",
         broker.addr,
         endpoint.url(),
         pg.url("shop"),
@@ -853,10 +853,10 @@ async fn webhook_replicas_share_the_partitions_and_one_takes_over_after_a_kill_9
         assert!(Instant::now() < deadline, "no rebalance:\n{}\n{}", one.logs(), two.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let insert = |from: i32| {
+    let insert = |from: i32, count: i32| {
         let source = &source;
         async move {
-            for n in from..from + 50 {
+            for n in from..from + count {
                 source.execute("INSERT INTO a VALUES ($1)", &[&n]).await.expect("a");
                 source.execute("INSERT INTO b VALUES ($1)", &[&n]).await.expect("b");
             }
@@ -882,7 +882,7 @@ async fn webhook_replicas_share_the_partitions_and_one_takes_over_after_a_kill_9
         assert_eq!(offsets(&topic_a), (0..count).collect::<Vec<_>>());
         assert_eq!(offsets(&topic_b), (0..count).collect::<Vec<_>>());
     };
-    insert(0).await;
+    insert(0, 50).await;
     all_taken(50, &two);
     // Each partition went to one member: no event was sent by both.
     let (of_a, of_b) = (senders(&topic_a), senders(&topic_b));
@@ -891,13 +891,60 @@ async fn webhook_replicas_share_the_partitions_and_one_takes_over_after_a_kill_9
     assert_eq!(taken.lock().expect("taken").len(), 100, "each event sent once");
 
     // The second member dies; after the group's session timeout the first takes its
-    // partition over from the committed offset, and every event arrives, in order.
+    // partition over from the committed offset, and every event arrives, in order. Events
+    // keep coming across the rebalance, which pauses and refetches the partition the first
+    // member keeps.
     two.kill9();
-    insert(50).await;
-    all_taken(100, &two);
+    for round in 0..16 {
+        insert(50 + round * 10, 10).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    all_taken(210, &two);
     let one_sent = |topic: &str| {
         let taken = taken.lock().expect("taken");
-        taken.iter().any(|(path, t, o)| path == "/one" && t == topic && *o >= 50)
+        taken.iter().any(|(path, t, o)| path == "/one" && t == topic && *o >= 200)
     };
     assert!(one_sent(&topic_a) && one_sent(&topic_b), "{}", one.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_without_a_target_table_is_named_and_the_others_are_applied() {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let source = pg.database("shop").await;
+    source
+        .batch_execute(
+            "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
+             INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (10);",
+        )
+        .await
+        .expect("source");
+    // The service made a table for a only.
+    let target = pg.database("view").await;
+    target.batch_execute("CREATE TABLE a (id int PRIMARY KEY)").await.expect("target");
+    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "some", "tables = [\"a\", \"b\"]"));
+    cdc.wait_log("streaming changes", QUIET);
+    let prefix = broker.topic("some");
+    let sink = Cdc::start_sink(&format!(
+        "[kafka]\nbrokers = \"{}\"\ntopics = [\"{prefix}.public.a\", \"{prefix}.public.b\"]\n\
+         [postgres]\nurl = \"{}\"\nall_topics = true\n",
+        broker.addr,
+        pg.url("view"),
+    ));
+    sink.wait_log("topic not applied", QUIET);
+    let log = sink.logs();
+    assert!(log.contains(&format!("topic=\"{prefix}.public.b\"")), "{log}");
+    assert!(log.contains("target table public.b (for topic"), "{log}");
+    sink.wait_metric("ficus_sink_stopped_partitions", 1.0, QUIET).await;
+    let health = reqwest::get(format!("http://{}/healthz", sink.metrics)).await.expect("healthz");
+    assert_eq!(health.status(), 503, "a topic left unread is reported");
+    let deadline = Instant::now() + QUIET;
+    loop {
+        let rows = target.query("SELECT id FROM a ORDER BY id", &[]).await.expect("a");
+        let ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        if ids == [1, 2] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ids:?}\n{}", sink.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

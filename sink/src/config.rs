@@ -31,13 +31,13 @@ pub struct SinkConfig {
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     pub brokers: String,
-    /// The sink's name: its offsets are kept under it in the target database, and it is the
-    /// consumer group id (no offsets are committed to Kafka).
-    #[serde(default = "default_name")]
-    pub name: String,
-    /// The topics read: the webhook delivers them (default: the topics of
-    /// `postgres.tables`), and `[postgres]` applies each to its schema.table unless a
-    /// `[[postgres.tables]]` entry says otherwise.
+    /// The sink's name: the tables' offsets are kept under it in the target database, and it
+    /// is the webhook's consumer group (its replicas share the partitions and the offsets).
+    /// Required with `[webhook]`: two sinks sharing a group would split the events.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The topics the webhook delivers (default: the topics of `postgres.tables`), and, with
+    /// `postgres.all_topics`, those `[postgres]` applies.
     #[serde(default)]
     pub topics: Vec<String>,
     /// Instead of `topics`: every topic whose whole name this matches, also those created
@@ -54,12 +54,15 @@ pub struct KafkaConfig {
 pub struct PostgresConfig {
     /// `postgres://user:password@host:port/db`.
     pub url: String,
-    /// How topics map to tables. A topic of `kafka.topics` (or matching `kafka.topic_regex`)
-    /// without an entry goes to the topic's schema.table, with `create` below.
+    /// How topics map to tables.
     #[serde(default)]
     pub tables: Vec<TableConfig>,
-    /// `create` for the topics without a `[[postgres.tables]]` entry: a table added to
-    /// ficus cdc later gets its target table made from the source's catalog.
+    /// Apply every topic of `kafka.topics` (or matching `kafka.topic_regex`, also those made
+    /// later), those without a `[[postgres.tables]]` entry to the topic's schema.table.
+    #[serde(default)]
+    pub all_topics: bool,
+    /// `create` for the topics without an entry (with `all_topics`): a table added to ficus
+    /// cdc later gets its target table made from the source's catalog.
     #[serde(default)]
     pub create: bool,
     /// Events applied per transaction, at most.
@@ -136,10 +139,6 @@ pub enum OnError {
     Skip,
 }
 
-fn default_name() -> String {
-    "ficus-sink".into()
-}
-
 fn default_batch() -> usize {
     5000
 }
@@ -180,6 +179,12 @@ impl SinkConfig {
                     "postgres.tables[{n}].create needs [source] url: the table is made from the source's catalog"
                 ));
             }
+            if postgres.create && !postgres.all_topics {
+                problems.push(
+                    "postgres.create is for topics without an entry: set postgres.all_topics = true, or create on each [[postgres.tables]]"
+                        .to_string(),
+                );
+            }
             if postgres.create && config.source.is_none() {
                 problems.push(
                     "postgres.create needs [source] url: tables are made from the source's catalog"
@@ -190,6 +195,12 @@ impl SinkConfig {
         if let Some(webhook) = &config.webhook {
             if let Err(e) = reqwest::Url::parse(&webhook.url) {
                 problems.push(format!("webhook.url {}: {e}", webhook.url));
+            }
+            if config.kafka.name.is_none() {
+                problems.push(
+                    "kafka.name is required with [webhook]: it is the consumer group whose members share the partitions, and two sinks in one group would split the events"
+                        .to_string(),
+                );
             }
             if webhook.batch == 0 {
                 problems.push("webhook.batch must be at least 1".to_string());
@@ -213,6 +224,11 @@ impl SinkConfig {
 }
 
 impl KafkaConfig {
+    /// The sink's name, `ficus-sink` when not given.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("ficus-sink")
+    }
+
     /// `topic_regex`, matching whole topic names.
     pub fn topic_pattern(&self) -> Result<Option<regex::Regex>, String> {
         let Some(pattern) = &self.topic_regex else { return Ok(None) };
@@ -238,13 +254,19 @@ impl SinkConfig {
 
 impl PostgresConfig {
     fn check(&self, kafka: &KafkaConfig, problems: &mut Vec<String>) {
-        if self.tables.is_empty() && kafka.topics.is_empty() && kafka.topic_regex.is_none() {
+        let named = !kafka.topics.is_empty() || kafka.topic_regex.is_some();
+        if self.all_topics && !named {
+            problems
+                .push("postgres.all_topics needs kafka.topics or kafka.topic_regex".to_string());
+        }
+        if self.tables.is_empty() && !self.all_topics {
             problems.push(
-                "postgres: name what to apply: [[postgres.tables]], kafka.topics or kafka.topic_regex"
+                "postgres.tables: at least one [[postgres.tables]] is needed (or postgres.all_topics = true)"
                     .to_string(),
             );
         }
-        for (n, topic) in kafka.topics.iter().enumerate() {
+        let unlisted = if self.all_topics { kafka.topics.as_slice() } else { &[] };
+        for (n, topic) in unlisted.iter().enumerate() {
             let listed = self.tables.iter().any(|t| &t.topic == topic);
             if let (false, Err(e)) = (listed, self.default_table(topic).source_table()) {
                 problems.push(format!("kafka.topics[{n}]: {e} in a [[postgres.tables]] entry"));
@@ -273,10 +295,12 @@ impl PostgresConfig {
 }
 
 impl PostgresConfig {
-    /// The tables of `topics` (those of `kafka.topics` or matching `kafka.topic_regex`):
-    /// the configured ones, then the topic's schema.table for each topic without one.
+    /// The tables to apply: the configured ones and, with `all_topics`, the topic's
+    /// schema.table for each of `topics` (those of `kafka.topics` or matching
+    /// `kafka.topic_regex`) without one.
     pub fn tables_for(&self, topics: &[String]) -> Vec<TableConfig> {
         let mut tables = self.tables.clone();
+        let topics = if self.all_topics { topics } else { &[] };
         for topic in topics {
             if !self.tables.iter().any(|t| &t.topic == topic) {
                 tables.push(self.default_table(topic));
@@ -345,7 +369,7 @@ mod tests {
     fn topics_without_an_entry_go_to_their_schema_and_table() {
         let config = SinkConfig::from_value(json!({
             "kafka": {"brokers": "b", "topics": ["shop.public.orders", "shop.public.customers"]},
-            "postgres": {"url": "u", "create": true, "tables": [
+            "postgres": {"url": "u", "all_topics": true, "create": true, "tables": [
                 {"topic": "shop.public.orders", "table": "view.orders"},
             ]},
             "source": {"url": "postgres://u@h/shop"},
@@ -357,6 +381,9 @@ mod tests {
         let names: Vec<_> = tables.iter().map(|t| t.table_name().expect("name").sql()).collect();
         assert_eq!(names, ["\"view\".\"orders\"", "\"public\".\"customers\""]);
         assert!(!tables[0].create && tables[1].create, "postgres.create is for the unlisted");
+        let mut listed_only = postgres.clone();
+        listed_only.all_topics = false;
+        assert_eq!(listed_only.tables_for(&topics).len(), 1, "without all_topics, the entries");
 
         let problems = |kafka: serde_json::Value, postgres: serde_json::Value| {
             SinkConfig::from_value(json!({"kafka": kafka, "postgres": postgres}))
@@ -364,17 +391,33 @@ mod tests {
         };
         assert_eq!(
             problems(json!({"brokers": "b"}), json!({"url": "u"})),
-            ["postgres: name what to apply: [[postgres.tables]], kafka.topics or kafka.topic_regex"]
+            ["postgres.tables: at least one [[postgres.tables]] is needed (or postgres.all_topics = true)"]
         );
         assert_eq!(
-            problems(json!({"brokers": "b", "topics": ["orders"]}), json!({"url": "u", "create": true})),
+            problems(
+                json!({"brokers": "b"}),
+                json!({"url": "u", "all_topics": true, "create": true})
+            ),
             [
-                "kafka.topics[0]: topic orders is not <prefix>.<schema>.<table>: name the table in a [[postgres.tables]] entry",
+                "postgres.all_topics needs kafka.topics or kafka.topic_regex",
+                "postgres.create needs [source] url: tables are made from the source's catalog",
+            ]
+        );
+        assert_eq!(
+            problems(json!({"brokers": "b", "topics": ["orders"]}), json!({"url": "u", "all_topics": true})),
+            ["kafka.topics[0]: topic orders is not <prefix>.<schema>.<table>: name the table in a [[postgres.tables]] entry"]
+        );
+        assert_eq!(
+            problems(json!({"brokers": "b", "topics": ["orders"]}), json!({"url": "u", "create": true, "tables": [{"topic": "a.b.c"}]})),
+            [
+                "postgres.create is for topics without an entry: set postgres.all_topics = true, or create on each [[postgres.tables]]",
                 "postgres.create needs [source] url: tables are made from the source's catalog",
             ]
         );
         let regex = json!({"brokers": "b", "topic_regex": "shop\\.public\\..*"});
-        let config = SinkConfig::from_value(json!({"kafka": regex, "postgres": {"url": "u"}}));
+        let config = SinkConfig::from_value(
+            json!({"kafka": regex, "postgres": {"url": "u", "all_topics": true}}),
+        );
         assert!(config.is_ok(), "a regex names the topics: {config:?}");
     }
 
@@ -395,7 +438,9 @@ mod tests {
             ]
         );
         let hook = |webhook: serde_json::Value| {
-            SinkConfig::from_value(json!({"kafka": {"brokers": "b"}, "webhook": webhook}))
+            SinkConfig::from_value(
+                json!({"kafka": {"brokers": "b", "name": "hook"}, "webhook": webhook}),
+            )
         };
         assert_eq!(
             hook(json!({"url": "not a url", "batch": 0})).expect_err("invalid"),
@@ -409,9 +454,17 @@ mod tests {
             .map(|_| ())
             .expect_err("no topics");
         assert_eq!(config, ["kafka.topics: name the topics the webhook delivers"]);
+        let unnamed = SinkConfig::from_value(json!({"kafka": {"brokers": "b", "topics": ["t"]},
+            "webhook": {"url": "http://h/"}}));
+        assert_eq!(
+            unnamed.expect_err("no name"),
+            ["kafka.name is required with [webhook]: it is the consumer group whose members share the partitions, and two sinks in one group would split the events"]
+        );
         let regex = |pattern: &str| {
-            SinkConfig::from_value(json!({"kafka": {"brokers": "b", "topic_regex": pattern},
-                "webhook": {"url": "http://h/"}}))
+            SinkConfig::from_value(
+                json!({"kafka": {"brokers": "b", "name": "n", "topic_regex": pattern},
+                "webhook": {"url": "http://h/"}}),
+            )
         };
         let config = regex(r"shop\.public\..*").expect("a regex instead of topics");
         let pattern = config.kafka.topic_pattern().expect("valid").expect("given");

@@ -2,7 +2,7 @@
 //! (replicas share them) from the group's committed offsets, POSTs each partition's events
 //! in order, sends again with back-off what the endpoint fails or does not answer in time
 //! (never skipping), and commits the offsets after what it took: at least once. Partitions go side by side: one being sent again, or stopped by a refusal
-//! (4xx, saying why), holds only itself, and holds at most `MIN_HELD` (or 4 requests) of
+//! (4xx, saying why), holds only itself, and holds about `MIN_HELD` (or 4 requests) of
 //! events read ahead before its fetching pauses.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -57,7 +57,7 @@ pub async fn run_once(
     // Each exists, or this says which does not (a subscription would wait in silence).
     source::partitions(&consumer, &topics)?;
     subscribe(&consumer, &topics)?;
-    tracing::info!(url = poster.shown_url, topics = %topics.join(", "), group = kafka.name, "webhook delivery started");
+    tracing::info!(url = poster.shown_url, topics = %topics.join(", "), group = kafka.name(), "webhook delivery started");
     metrics.set_up(Delivery::Webhook, true);
     let mut owned = Owned::new(hook, metrics);
     let mut sending = FuturesUnordered::new();
@@ -71,7 +71,7 @@ pub async fn run_once(
         loop {
             // The group's changes come from inside the stream's poll, before the messages
             // of the partitions they give.
-            owned.follow(&mut changed);
+            owned.follow(&mut changed)?;
             // Each partition on its own: one request under way at a time, in order, so one
             // being sent again holds only its own partition.
             let now = tokio::time::Instant::now();
@@ -88,16 +88,18 @@ pub async fn run_once(
                 message = messages.next() => {
                     let message = message.ok_or_else(|| SinkError::Kafka("the consumer stopped".into()))?;
                     let message = message.map_err(|e| SinkError::Kafka(e.to_string()))?.detach();
-                    owned.follow(&mut changed);
-                    owned.read(&consumer, message, now + hook.linger);
+                    owned.follow(&mut changed)?;
+                    owned.read(&consumer, message, tokio::time::Instant::now() + hook.linger);
                 }
                 Some(done) = sending.next(), if !sending.is_empty() => {
+                    // A partition taken away meanwhile is given up before its outcome counts.
+                    owned.follow(&mut changed)?;
                     // Aborted: the partition went to another member, which sends it again.
                     let Ok((key, outcome)) = done else { continue };
                     owned.delivered(&consumer, key, outcome)?;
                 }
                 // A partition taken away: its request under way is given up at once.
-                Some(change) = changed.recv() => owned.apply(change),
+                Some(change) = changed.recv() => owned.apply(change)?,
                 () = sleep_until(next_due), if next_due.is_some() => {}
                 _ = housekeeping.tick() => {
                     if let Some(pattern) = pattern.as_ref().filter(|_| listed.elapsed() >= source::LIST_EVERY) {
@@ -136,9 +138,14 @@ fn subscribe<C: ConsumerContext>(
 
 /// A change of the partitions the consumer group gives this member.
 enum Change {
+    /// A rebalance began: librdkafka paused and will refetch every partition kept, from
+    /// this member's position, which a broker may answer with a later record batch.
+    Rebalancing,
     /// Given, with the offsets committed for them (reading starts a little before).
     Assigned(BTreeMap<(String, i32), i64>),
     Revoked(Vec<(String, i32)>),
+    /// The rebalance could not be carried out: the delivery starts again.
+    Failed(String),
 }
 
 /// The consumer's callbacks: each partition the group gives is read from a little before
@@ -156,66 +163,61 @@ impl ConsumerContext for Group {
         err: RDKafkaRespErr,
         partitions: &mut TopicPartitionList,
     ) {
-        let keys: Vec<(String, i32)> =
-            partitions.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
-        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
-            if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
-                tracing::error!(error = ?err, "consumer group rebalance failed: giving up every partition");
-            }
-            // Revoked first, so that no event of them is delivered from here on.
-            let _ = self.changes.send(Change::Revoked(keys));
-            let given_up =
-                if cooperative && err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
-                    consumer.incremental_unassign(partitions)
-                } else {
-                    consumer.unassign()
-                };
-            if let Err(e) = given_up {
-                tracing::error!(error = %e, "cannot give up the revoked partitions");
-            }
-            return;
-        }
-        // Blocking the poll is what a rebalance callback does: the group waits for it.
-        let committed = match consumer
-            .committed_offsets(partitions.clone(), Duration::from_secs(10))
-        {
-            Ok(committed) => committed,
-            Err(e) => {
-                tracing::warn!(error = %e, "the group's committed offsets are not known: reading the given partitions from their start");
-                TopicPartitionList::new()
-            }
-        };
-        let stored: BTreeMap<(String, i32), i64> = committed
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(next) => Some(((e.topic().to_string(), e.partition()), next)),
-                _ => None,
-            })
-            .collect();
-        for (topic, partition) in &keys {
-            let start = source::start(stored.get(&(topic.clone(), *partition)).copied());
-            if let Err(e) = partitions.set_partition_offset(topic, *partition, start) {
-                tracing::error!(error = %e, topic, partition, "cannot set where to read a given partition");
-            }
-        }
-        tracing::info!(partitions = ?keys, from = ?stored, "the consumer group gave these partitions");
-        let _ = self.changes.send(Change::Assigned(stored));
-        let taken = if cooperative {
-            consumer.incremental_assign(partitions)
+        let _ = self.changes.send(Change::Rebalancing);
+        let change = if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            take(consumer, partitions)
         } else {
-            consumer.assign(partitions)
+            give_up(consumer, partitions)
         };
-        if let Err(e) = taken {
-            tracing::error!(error = %e, "cannot take the given partitions");
-        }
-        // Paused here before it went to another member (full, or stopped at a refusal), a
-        // partition given back is read again: this member holds nothing of it now.
-        if let Err(e) = consumer.resume(partitions) {
-            tracing::warn!(error = %e, "cannot resume the given partitions");
-        }
+        let _ = self.changes.send(change.unwrap_or_else(Change::Failed));
     }
+}
+
+/// Takes the partitions the group gives, each from a little before its committed offset.
+fn take(
+    consumer: &BaseConsumer<Group>,
+    partitions: &mut TopicPartitionList,
+) -> Result<Change, String> {
+    // Blocking is what a rebalance callback does (the group waits for it); not the worker.
+    let committed = tokio::task::block_in_place(|| {
+        consumer.committed_offsets(partitions.clone(), Duration::from_secs(10))
+    })
+    .map_err(|e| format!("the group's committed offsets of the given partitions: {e}"))?;
+    let stored = source::offsets(&committed);
+    for element in committed.elements() {
+        let key = (element.topic().to_string(), element.partition());
+        partitions
+            .set_partition_offset(&key.0, key.1, source::start(stored.get(&key).copied()))
+            .map_err(|e| format!("where to read {} partition {}: {e}", key.0, key.1))?;
+    }
+    let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+    let taken = if cooperative {
+        consumer.incremental_assign(partitions)
+    } else {
+        consumer.assign(partitions)
+    };
+    taken.map_err(|e| format!("taking the given partitions: {e}"))?;
+    // Paused here before it went to another member (full, or stopped at a refusal), a
+    // partition given back is read again: this member holds nothing of it now.
+    consumer.resume(partitions).map_err(|e| format!("resuming the given partitions: {e}"))?;
+    tracing::info!(from = ?stored, partitions = partitions.count(), "the consumer group gave these partitions");
+    Ok(Change::Assigned(stored))
+}
+
+/// Gives up the partitions the group takes away.
+fn give_up(
+    consumer: &BaseConsumer<Group>,
+    partitions: &TopicPartitionList,
+) -> Result<Change, String> {
+    let keys: Vec<(String, i32)> =
+        partitions.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+    let given_up = match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_unassign(partitions),
+        _ => consumer.unassign(),
+    };
+    given_up.map_err(|e| format!("giving up the revoked partitions: {e}"))?;
+    tracing::info!(partitions = ?keys, "the consumer group took these partitions away");
+    Ok(Change::Revoked(keys))
 }
 
 /// The partitions this member delivers, and their events read and not yet delivered.
@@ -241,14 +243,20 @@ impl<'a> Owned<'a> {
     }
 
     /// Takes in the group's changes waiting.
-    fn follow(&mut self, changed: &mut tokio::sync::mpsc::UnboundedReceiver<Change>) {
+    fn follow(
+        &mut self,
+        changed: &mut tokio::sync::mpsc::UnboundedReceiver<Change>,
+    ) -> Result<(), SinkError> {
         while let Ok(change) = changed.try_recv() {
-            self.apply(change);
+            self.apply(change)?;
         }
+        Ok(())
     }
 
-    fn apply(&mut self, change: Change) {
+    fn apply(&mut self, change: Change) -> Result<(), SinkError> {
         match change {
+            Change::Rebalancing => source::unverify(&mut self.positions),
+            Change::Failed(why) => return Err(SinkError::Kafka(format!("consumer group: {why}"))),
             Change::Assigned(stored) => self.positions.extend(source::positions(&stored)),
             Change::Revoked(keys) => {
                 for key in keys {
@@ -264,6 +272,7 @@ impl<'a> Owned<'a> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Queues a message read, unless it is of a stopped partition or was delivered already.
@@ -301,11 +310,12 @@ impl<'a> Owned<'a> {
             commit
                 .add_partition_offset(&key.0, key.1, Offset::Offset(next))
                 .map_err(|e| SinkError::Kafka(e.to_string()))?;
-            // What was delivered is committed before the partition's next request: a crash
-            // repeats at most the requests under way.
-            let committed =
-                tokio::task::block_in_place(|| consumer.commit(&commit, CommitMode::Sync));
-            match committed.map_err(|e| (e.rdkafka_error_code(), e)) {
+            // Committed in the background, so that no partition waits on the group
+            // coordinator: a crash repeats the requests whose commit had not landed.
+            match consumer
+                .commit(&commit, CommitMode::Async)
+                .map_err(|e| (e.rdkafka_error_code(), e))
+            {
                 Ok(()) => {}
                 // The group is moving the partition: its new member sends these again.
                 Err((Some(code), e)) if GROUP_MOVING.contains(&code) => {

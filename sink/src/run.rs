@@ -128,7 +128,7 @@ async fn run_once(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
     let mut client = connect("postgres.url", &postgres.url).await?;
-    if !applier(&client, &kafka.name, &mut shutdown).await? {
+    if !applier(&client, kafka.name(), &mut shutdown).await? {
         return Ok(());
     }
     let offsets_table = TableName::parse(&postgres.offsets_table).map_err(SinkError::Config)?.sql();
@@ -138,24 +138,50 @@ async fn run_once(
              \"partition\" int NOT NULL, next_offset bigint NOT NULL, PRIMARY KEY (sink, topic, \"partition\"))"
         ))
         .await?;
-    // The topics read: those the tables name, `kafka.topics`, and those `kafka.topic_regex`
-    // matches now (one appearing later starts the delivery again).
+    // The topics read: those the tables name and, with `all_topics`, `kafka.topics` or those
+    // `kafka.topic_regex` matches now (one appearing later starts the delivery again).
     let pattern = kafka.topic_pattern().map_err(SinkError::Config)?;
+    let pattern = pattern.filter(|_| postgres.all_topics);
     let consumer = source::client(kafka)?;
-    let listed = match &pattern {
+    let matched = match &pattern {
         Some(pattern) => source::matching(&consumer, pattern)?,
         None => kafka.topics.clone(),
     };
-    let tables = postgres.tables_for(&listed);
+    let wanted = postgres.tables_for(&matched);
     // The source's catalog, for tables created or grown from it.
     let source = match source_url {
-        Some(url) if tables.iter().any(|t| t.create) => Some(connect("source.url", url).await?),
+        Some(url) if wanted.iter().any(|t| t.create) => Some(connect("source.url", url).await?),
         _ => None,
     };
-    let mut targets = Vec::with_capacity(tables.len());
-    for table in &tables {
-        targets.push(prepared(&client, source.as_ref(), table).await?);
+    let mut tables = Vec::with_capacity(wanted.len());
+    let mut targets = Vec::with_capacity(wanted.len());
+    // Topics without an entry that cannot be applied: left unread (until a restart), named,
+    // and counted as stopped, while the others go on.
+    let mut unread = 0;
+    for table in wanted {
+        let entry = postgres.tables.iter().any(|t| t.topic == table.topic);
+        let taken = tables.iter().find(|t: &&TableConfig| t.table_name() == table.table_name());
+        let prepared = match taken {
+            Some(other) if !entry => Err(SinkError::Config(format!(
+                "its table is the one topic {} feeds: give it a [[postgres.tables]] entry",
+                other.topic
+            ))),
+            _ => prepared(&client, source.as_ref(), &table).await,
+        };
+        match prepared {
+            Ok(target) => {
+                tables.push(table);
+                targets.push(target);
+            }
+            Err(SinkError::Config(why)) if !entry => {
+                tracing::error!(topic = table.topic, "topic not applied: {why}; its events wait in Kafka until this is fixed and the sink restarted");
+                unread += source::partitions(&consumer, std::slice::from_ref(&table.topic))
+                    .map_or(1, |p| p.len());
+            }
+            Err(e) => return Err(e),
+        }
     }
+    metrics.stopped.add(unread as i64);
     // The applier replaces them when it adds a column; the reader plans with the latest.
     let shared = std::sync::RwLock::new(Arc::new(targets));
     let latest = || shared.read().map_or_else(|e| e.into_inner().clone(), |t| t.clone());
@@ -163,9 +189,9 @@ async fn run_once(
     let mut topics: Vec<String> = tables.iter().map(|t| t.topic.clone()).collect();
     topics.sort_unstable();
     topics.dedup();
-    let stored = stored_offsets(&client, &offsets_table, &kafka.name).await?;
+    let stored = stored_offsets(&client, &offsets_table, kafka.name()).await?;
     let partitions = source::partitions(&consumer, &topics)?;
-    source::assign(&consumer, &partitions, &stored, false)?;
+    source::assign(&consumer, &partitions, &stored)?;
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
     metrics.set_up(Delivery::Tables, true);
     let skip = postgres.on_error == OnError::Skip;
@@ -192,7 +218,7 @@ async fn run_once(
             {
                 listed = Instant::now();
                 let now = source::matching(&consumer, pattern)?;
-                let new: Vec<String> = now.into_iter().filter(|t| !topics.contains(t)).collect();
+                let new: Vec<String> = now.into_iter().filter(|t| !matched.contains(t)).collect();
                 if !new.is_empty() {
                     // Applied up to here; the delivery starts again with them from the
                     // stored offsets (their tables prepared, or made, first).
@@ -270,7 +296,7 @@ async fn run_once(
                 events.retain(|e| !halted_event(e));
                 plan = plan::plan(&targets, &events, skip).0;
             }
-            let sink = &kafka.name;
+            let sink = kafka.name();
             loop {
                 // Applied up to the message of the first event that could not be planned:
                 // a message feeding two tables is applied to both or neither, or its offset
@@ -338,8 +364,8 @@ async fn run_once(
         Ok((None, ())) => Ok(()),
         Err(e) => Err(e),
     };
-    // A restart reads a stopped partition again.
-    metrics.stopped.sub(stopped_now().len() as i64);
+    // A restart reads a stopped partition (and tries an unread topic) again.
+    metrics.stopped.sub((stopped_now().len() + unread) as i64);
     result
 }
 
