@@ -11,7 +11,7 @@ use bytes::Bytes;
 use std::borrow::Cow;
 
 use ficus_routes::{BackendId, Entropy, Reason, RouteTable};
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::{CaseHeaderName, RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -27,6 +27,22 @@ use crate::state::{ActiveTable, Fallback, Shared};
 
 /// How long a minted client id is kept by the browser: a year.
 const CLIENT_ID_MAX_AGE: u32 = 365 * 24 * 3600;
+
+/// The forwarding headers ficus adds, each named and cased once: given as text, Pingora
+/// would parse (and, outside the standard names, allocate) the name on every insert.
+type KnownHeader = (http::HeaderName, CaseHeaderName);
+const X_FORWARDED_FOR: KnownHeader = (
+    http::HeaderName::from_static("x-forwarded-for"),
+    CaseHeaderName::from_static("X-Forwarded-For"),
+);
+const X_FORWARDED_HOST: KnownHeader = (
+    http::HeaderName::from_static("x-forwarded-host"),
+    CaseHeaderName::from_static("X-Forwarded-Host"),
+);
+const X_FORWARDED_PROTO: KnownHeader = (
+    http::HeaderName::from_static("x-forwarded-proto"),
+    CaseHeaderName::from_static("X-Forwarded-Proto"),
+);
 
 /// The routing decision of one request, taken once in `request_filter`.
 pub struct Routing {
@@ -238,12 +254,12 @@ impl FicusProxy {
                 .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
         };
         if let Some(host) = &client_host {
-            req.insert_header("X-Forwarded-Host", host.clone())?;
+            req.insert_header(X_FORWARDED_HOST, host.clone())?;
         }
         match client_host {
             Some(host) if backend.preserve_host => {
                 if host_header.is_none() {
-                    req.insert_header("Host", host)?;
+                    req.insert_header(http::header::HOST, host)?;
                 }
             }
             _ => {
@@ -251,14 +267,14 @@ impl FicusProxy {
                     (true, 443) | (false, 80) => backend.host.clone(),
                     _ => backend.authority(),
                 };
-                req.insert_header("Host", authority)?;
+                req.insert_header(http::header::HOST, authority)?;
             }
         }
-        req.insert_header("X-Forwarded-Proto", if is_tls(session) { "https" } else { "http" })?;
+        req.insert_header(X_FORWARDED_PROTO, if is_tls(session) { "https" } else { "http" })?;
         if let Some(ip) = client_ip(session) {
             // Every X-Forwarded-For line the client sent, in order, then the client itself.
             let mut forwarded_for = String::new();
-            for previous in downstream.headers.get_all("x-forwarded-for") {
+            for previous in downstream.headers.get_all(&X_FORWARDED_FOR.0) {
                 if let Ok(previous) = previous.to_str() {
                     forwarded_for.push_str(previous);
                     forwarded_for.push_str(", ");
@@ -266,7 +282,7 @@ impl FicusProxy {
             }
             // Into the same string: `to_string` would allocate another.
             let _ = write!(forwarded_for, "{ip}");
-            req.insert_header("X-Forwarded-For", forwarded_for)?;
+            req.insert_header(X_FORWARDED_FOR, forwarded_for)?;
         }
         Ok(())
     }
