@@ -175,17 +175,34 @@ impl ConnectionNominations {
     }
 }
 
+/// The standard hop-by-hop request fields, stripped before a request goes upstream.
+const HOP_BY_HOP: [&str; 10] = [
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    HTTP2_SETTINGS,
+];
+
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
-    req.remove_header(KEEP_ALIVE);
-    req.remove_header(PROXY_CONNECTION);
-    req.remove_header(&header::PROXY_AUTHENTICATE);
-    req.remove_header(&header::PROXY_AUTHORIZATION);
-    req.remove_header(&header::TE);
-    req.remove_header(&header::TRAILER);
-    req.remove_header(&header::TRANSFER_ENCODING);
-    req.remove_header(&header::CONNECTION);
-    req.remove_header(&header::UPGRADE);
-    req.remove_header(HTTP2_SETTINGS);
+    // ficus patch: one pass over the request's (few) field names finds those present, usually
+    // none, instead of a map lookup (and a name parse) for each of the ten.
+    let mut present = 0u16;
+    for name in req.headers.keys() {
+        if let Some(at) = HOP_BY_HOP.iter().position(|hop| name.as_str() == *hop) {
+            present |= 1 << at;
+        }
+    }
+    for (at, hop) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << at) != 0 {
+            req.remove_header(*hop);
+        }
+    }
 }
 
 /// Set H1 `Host` from the URI or absolute-form authority.
@@ -360,9 +377,12 @@ pub(crate) fn sanitize_h1_upstream_request(
 
     match policy.h1_upgrade {
         H1UpgradePolicy::WebSocketOnly => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            // ficus patch: already gone when the hop-by-hop fields were stripped.
+            if !policy.strip_hop_by_hop {
+                req.remove_header(&header::CONNECTION);
+                req.remove_header(&header::UPGRADE);
+                req.remove_header(HTTP2_SETTINGS);
+            }
             if websocket_upgrade {
                 req.insert_header(header::CONNECTION, "Upgrade")?;
                 req.insert_header(header::UPGRADE, "websocket")?;
@@ -798,6 +818,43 @@ mod tests {
             );
             assert_eq!(request.headers["x-forwarded-for"], "6.6.6.6");
         }
+    }
+
+    /// ficus patch: every standard hop-by-hop field is stripped, each of its lines, from both
+    /// header maps, and nothing else is touched.
+    #[test]
+    fn every_hop_by_hop_field_is_stripped_and_only_those() {
+        let mut request = request_with_headers(&[
+            ("Host", "origin.example"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Proxy-Authenticate", "Basic"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("TE", "trailers"),
+            ("Trailer", "Expires"),
+            ("Transfer-Encoding", "chunked"),
+            ("Transfer-Encoding", "gzip"),
+            ("Connection", "close"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ("X-Keep", "1"),
+            ("Accept", "*/*"),
+        ]);
+        strip_standard_hop_by_hop_headers(&mut request);
+        let mut left: Vec<&str> = request.headers.keys().map(|name| name.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "host", "x-keep"]);
+        // The case map followed: the fields written are the ones left, in their case.
+        let mut wire = Vec::new();
+        request.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        let mut lines: Vec<&str> = wire.split_terminator("\r\n").collect();
+        lines.sort_unstable();
+        assert_eq!(lines, ["Host: origin.example", "accept: */*", "x-keep: 1"]);
+
+        let mut plain = request_with_headers(&[("Host", "h"), ("Accept", "*/*")]);
+        strip_standard_hop_by_hop_headers(&mut plain);
+        assert_eq!(plain.headers.len(), 2, "a request with none keeps every field");
     }
 
     /// A policy that tolerates malformed `Connection` nominations while still stripping them.
