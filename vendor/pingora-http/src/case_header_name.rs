@@ -15,6 +15,7 @@
 use crate::*;
 use bytes::Bytes;
 use http::header;
+use http::header::InvalidHeaderName;
 
 #[derive(Debug, Clone)]
 pub struct CaseHeaderName(Bytes);
@@ -47,27 +48,32 @@ pub trait IntoCaseHeaderName {
     /// ficus patch: the header name and the case it is written in. The default parses the
     /// name from its case; a type that holds the name already hands it over, so inserting
     /// a header by [`HeaderName`] (or by a known name and case) parses nothing and, for a
-    /// name outside the standard ones, allocates nothing. `None`: not a valid header name.
-    fn into_header_names(self) -> Option<(HeaderName, CaseHeaderName)>
+    /// name outside the standard ones, allocates nothing.
+    fn into_header_names(self) -> Result<(HeaderName, CaseHeaderName), InvalidHeaderName>
     where
         Self: Sized,
     {
         let case = self.into_case_header_name();
-        let name = HeaderName::from_bytes(case.as_slice()).ok()?;
-        Some((name, case))
+        HeaderName::from_bytes(case.as_slice()).map(|name| (name, case))
     }
 }
 
 /// ficus patch: a header name with the case to write it in, both known by the caller (for
-/// example two constants). The case must spell the same name.
+/// example two constants). A case that does not spell the name is taken as the name, as
+/// text is: parsed, so the two maps always agree and nothing unchecked reaches the wire.
 impl IntoCaseHeaderName for (HeaderName, CaseHeaderName) {
     fn into_case_header_name(self) -> CaseHeaderName {
         self.1
     }
 
-    fn into_header_names(self) -> Option<(HeaderName, CaseHeaderName)> {
-        debug_assert!(self.0.as_str().as_bytes().eq_ignore_ascii_case(self.1.as_slice()));
-        Some(self)
+    fn into_header_names(self) -> Result<(HeaderName, CaseHeaderName), InvalidHeaderName> {
+        // The name's bytes are lowercase token characters: a match also proves the case
+        // holds no CR, LF or space.
+        if self.0.as_str().as_bytes().eq_ignore_ascii_case(self.1.as_slice()) {
+            Ok(self)
+        } else {
+            self.1.into_header_names()
+        }
     }
 }
 
@@ -94,9 +100,9 @@ impl IntoCaseHeaderName for HeaderName {
         CaseHeaderName(titled_header_name(&self))
     }
 
-    fn into_header_names(self) -> Option<(HeaderName, CaseHeaderName)> {
+    fn into_header_names(self) -> Result<(HeaderName, CaseHeaderName), InvalidHeaderName> {
         let case = CaseHeaderName(titled_header_name(&self));
-        Some((self, case))
+        Ok((self, case))
     }
 }
 
@@ -105,8 +111,8 @@ impl IntoCaseHeaderName for &HeaderName {
         CaseHeaderName(titled_header_name(self))
     }
 
-    fn into_header_names(self) -> Option<(HeaderName, CaseHeaderName)> {
-        Some((self.clone(), CaseHeaderName(titled_header_name(self))))
+    fn into_header_names(self) -> Result<(HeaderName, CaseHeaderName), InvalidHeaderName> {
+        Ok((self.clone(), CaseHeaderName(titled_header_name(self))))
     }
 }
 
@@ -168,6 +174,13 @@ mod tests {
         assert_eq!((name.as_str(), case.as_slice()), ("x-forwarded-for", &b"X-Forwarded-For"[..]));
         let (name, case) = header::HOST.into_header_names().expect("valid");
         assert_eq!((name, case.as_slice()), (header::HOST, &b"Host"[..]));
-        assert!("bad name".into_header_names().is_none());
+        assert!("bad name".into_header_names().is_err());
+        // A case that does not spell the name is taken as the name, never written unchecked.
+        let (name, case) = (header::HOST, CaseHeaderName::from_static("X-Host"))
+            .into_header_names()
+            .expect("valid");
+        assert_eq!((name.as_str(), case.as_slice()), ("x-host", &b"X-Host"[..]));
+        let injected = (header::HOST, CaseHeaderName::from_static("Host\r\nX-Evil"));
+        assert!(injected.into_header_names().is_err());
     }
 }

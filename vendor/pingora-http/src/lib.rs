@@ -29,7 +29,7 @@ use http::request::Parts as ReqParts;
 use http::response::Builder as RespBuilder;
 use http::response::Parts as RespParts;
 use http::uri::Uri;
-use pingora_error::{ErrorType::*, OkOrErr, OrErr, Result};
+use pingora_error::{ErrorType::*, OrErr, Result};
 use std::borrow::Cow;
 use std::ops::Deref;
 
@@ -856,7 +856,7 @@ fn append_header_value<T>(
     // ficus patch: a name the caller knows already is not parsed again.
     let (header_name, case_header_name) = name
         .into_header_names()
-        .or_err_with(InvalidHTTPHeader, || "invalid header name")?;
+        .or_err(InvalidHTTPHeader, "invalid header name")?;
     // store the original case in the map
     if let Some(name_map) = name_map {
         // Use the non-panicking `try_append`: the infallible `append` calls
@@ -884,7 +884,7 @@ fn insert_header_value<T>(
     // ficus patch: a name the caller knows already is not parsed again.
     let (header_name, case_header_name) = name
         .into_header_names()
-        .or_err_with(InvalidHTTPHeader, || "invalid header name")?;
+        .or_err(InvalidHTTPHeader, "invalid header name")?;
     if let Some(name_map) = name_map {
         // store the original case in the map
         name_map.insert(header_name.clone(), case_header_name);
