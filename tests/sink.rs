@@ -307,6 +307,32 @@ async fn an_event_the_target_refuses_stops_its_partition_naming_it_or_is_skipped
     assert_eq!(audited().await, [0, 1, 2, 3], "the audit takes what the items table skips");
 }
 
+/// Rows of the two-table tests: two in `a`, one in `b`.
+const ROWS: &str = "INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (10);";
+
+/// Two source tables, `a` and `b` (an int key each, `rows` inserted first), and `ficus cdc`
+/// streaming `tables` of them under `prefix`: the cluster, the broker, the source, the
+/// reader, and the topic prefix as the broker names it.
+async fn two_tables(
+    prefix: &str,
+    rows: &str,
+    tables: &str,
+) -> (PgCluster, Broker, Client, Cdc, String) {
+    let (pg, broker) = (PgCluster::start(), Broker::start());
+    let source = pg.database("shop").await;
+    source
+        .batch_execute(&format!(
+            "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); {rows}"
+        ))
+        .await
+        .expect("source");
+    let cdc =
+        Cdc::start(&config(&pg.url("shop"), &broker, prefix, &format!("tables = [{tables}]")));
+    cdc.wait_log("streaming changes", QUIET);
+    let prefix = broker.topic(prefix);
+    (pg, broker, source, cdc, prefix)
+}
+
 /// A request the webhook endpoint received, and its answer.
 struct Hooked {
     key: String,
@@ -621,17 +647,7 @@ async fn a_table_made_from_the_source_catalog_grows_with_the_columns_events_carr
 async fn a_topic_regex_delivers_and_applies_a_table_added_later() {
     use std::sync::{Arc, Mutex};
 
-    let (pg, broker) = (PgCluster::start(), Broker::start());
-    let source = pg.database("shop").await;
-    source
-        .batch_execute(
-            "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
-             INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (10);",
-        )
-        .await
-        .expect("source");
-    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "rx", "tables = [\"a\"]"));
-    cdc.wait_log("streaming changes", QUIET);
+    let (pg, broker, source, cdc, prefix) = two_tables("rx", ROWS, "\"a\"").await;
     let topics = Arc::new(Mutex::new(Vec::<String>::new()));
     let endpoint = {
         let topics = topics.clone();
@@ -647,7 +663,6 @@ async fn a_topic_regex_delivers_and_applies_a_table_added_later() {
     };
     // The tables too: each topic into its schema.table, made from the source's catalog.
     let target = pg.database("view").await;
-    let prefix = broker.topic("rx");
     let sink = Cdc::start_sink(&format!(
         "[kafka]\nbrokers = \"{}\"\nname = \"rx\"\ntopic_regex = '{prefix}\\.public\\..*'\n[webhook]\nurl = \"{}/\"\n\
          [source]\nurl = \"{}\"\n[postgres]\nurl = \"{}\"\nall_topics = true\ncreate = true\n",
@@ -720,15 +735,7 @@ async fn a_webhook_partition_sent_again_holds_only_itself_and_resumes_without_a_
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let (pg, broker) = (PgCluster::start(), Broker::start());
-    let source = pg.database("shop").await;
-    source
-        .batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
-        .await
-        .expect("source");
-    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "held", "tables = [\"a\", \"b\"]"));
-    cdc.wait_log("streaming changes", QUIET);
-    let prefix = broker.topic("held");
+    let (_pg, broker, source, _cdc, prefix) = two_tables("held", "", "\"a\", \"b\"").await;
     let (topic_a, topic_b) = (format!("{prefix}.public.a"), format!("{prefix}.public.b"));
 
     // The endpoint fails every request of b's partition while `b_fails`; it records the
@@ -807,15 +814,7 @@ async fn webhook_replicas_share_the_partitions_and_one_takes_over_after_a_kill_9
     use std::collections::BTreeSet;
     use std::sync::{Arc, Mutex};
 
-    let (pg, broker) = (PgCluster::start(), Broker::start());
-    let source = pg.database("shop").await;
-    source
-        .batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
-        .await
-        .expect("source");
-    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "pair", "tables = [\"a\", \"b\"]"));
-    cdc.wait_log("streaming changes", QUIET);
-    let prefix = broker.topic("pair");
+    let (_pg, broker, source, _cdc, prefix) = two_tables("pair", "", "\"a\", \"b\"").await;
     let (topic_a, topic_b) = (format!("{prefix}.public.a"), format!("{prefix}.public.b"));
 
     // Every event taken, with the replica that sent it (each posts to its own path).
@@ -909,21 +908,10 @@ async fn webhook_replicas_share_the_partitions_and_one_takes_over_after_a_kill_9
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_without_a_target_table_is_named_and_the_others_are_applied() {
-    let (pg, broker) = (PgCluster::start(), Broker::start());
-    let source = pg.database("shop").await;
-    source
-        .batch_execute(
-            "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
-             INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (10);",
-        )
-        .await
-        .expect("source");
+    let (pg, broker, _source, _cdc, prefix) = two_tables("some", ROWS, "\"a\", \"b\"").await;
     // The service made a table for a only.
     let target = pg.database("view").await;
     target.batch_execute("CREATE TABLE a (id int PRIMARY KEY)").await.expect("target");
-    let cdc = Cdc::start(&config(&pg.url("shop"), &broker, "some", "tables = [\"a\", \"b\"]"));
-    cdc.wait_log("streaming changes", QUIET);
-    let prefix = broker.topic("some");
     let sink = Cdc::start_sink(&format!(
         "[kafka]\nbrokers = \"{}\"\ntopics = [\"{prefix}.public.a\", \"{prefix}.public.b\"]\n\
          [postgres]\nurl = \"{}\"\nall_topics = true\n",
