@@ -181,7 +181,6 @@ async fn run_once(
             Err(e) => return Err(e),
         }
     }
-    metrics.stopped.add(unread as i64);
     // The applier replaces them when it adds a column; the reader plans with the latest.
     let shared = std::sync::RwLock::new(Arc::new(targets));
     let latest = || shared.read().map_or_else(|e| e.into_inner().clone(), |t| t.clone());
@@ -193,6 +192,8 @@ async fn run_once(
     let partitions = source::partitions(&consumer, &topics)?;
     source::assign(&consumer, &partitions, &stored)?;
     tracing::info!(topics = %topics.join(", "), from = ?stored, "sink started");
+    // Counted from here on, where every way out takes it back.
+    metrics.stopped.add(unread as i64);
     metrics.set_up(Delivery::Tables, true);
     let skip = postgres.on_error == OnError::Skip;
     // Partitions stopped at an event that cannot be applied: the applier adds them, the
