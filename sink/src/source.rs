@@ -154,9 +154,7 @@ pub fn start(stored: Option<i64>) -> Offset {
 /// Stops fetching a partition (stopped at an event that cannot be delivered, or holding
 /// enough); its events already fetched are for the caller to drop or keep.
 pub fn pause<C: ConsumerContext>(consumer: &StreamConsumer<C>, topic: &str, partition: i32) {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, partition);
-    if let Err(e) = consumer.pause(&list) {
+    if let Err(e) = consumer.pause(&one(topic, partition)) {
         tracing::warn!(error = %e, topic, partition, "cannot pause a partition; its events are dropped or held instead");
     }
 }
@@ -171,10 +169,8 @@ pub fn resume<C: ConsumerContext>(
     topic: &str,
     partition: i32,
 ) -> Result<(), SinkError> {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, partition);
     consumer
-        .resume(&list)
+        .resume(&one(topic, partition))
         .map_err(|e| SinkError::Kafka(format!("resume {topic} partition {partition}: {e}")))?;
     let Some(position) = positions.get_mut(&(topic.to_string(), partition)) else {
         return Ok(());
@@ -184,9 +180,15 @@ pub fn resume<C: ConsumerContext>(
         consumer.seek(topic, partition, Offset::Offset(position.next), Duration::from_secs(10))
     })
     .map_err(|e| SinkError::Kafka(format!("seek {topic} partition {partition}: {e}")))?;
-    position.verified = false;
-    position.step = LOOK_BACK;
+    position.unverify();
     Ok(())
+}
+
+/// A list of one partition.
+fn one(topic: &str, partition: i32) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    list
 }
 
 /// The next batch: waits up to a second for a first event, then up to `linger` for more,
@@ -212,10 +214,7 @@ pub async fn collect(
 /// Checks every partition's reading again, as at a start: after a consumer-group rebalance,
 /// librdkafka refetches the partitions kept from this member's positions.
 pub fn unverify(positions: &mut Positions) {
-    for position in positions.values_mut() {
-        position.verified = false;
-        position.step = LOOK_BACK;
-    }
+    positions.values_mut().for_each(Position::unverify);
 }
 
 /// Where a partition is read from: the offset after the last applied event.
@@ -227,6 +226,14 @@ pub struct Position {
     verified: bool,
     /// How far back to seek when it is.
     step: i64,
+}
+
+impl Position {
+    /// Reading is to be checked again, as at a start (after a seek or a refetch).
+    fn unverify(&mut self) {
+        self.verified = false;
+        self.step = LOOK_BACK;
+    }
 }
 
 /// Whether to apply `message`: not one applied already, and not one read past a gap that
