@@ -35,12 +35,15 @@ use parking_lot::RwLock;
 use pingora_error::{Error, ErrorType::*, OrErr, Result};
 use pingora_pool::{ConnectionMeta, ConnectionPool};
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tls::TlsConnector;
-use tokio::sync::Mutex;
+use tokio::io::{AsyncRead, ReadBuf};
 
 #[derive(Clone, Debug)]
 pub(crate) struct IdleConnection {
@@ -170,7 +173,7 @@ impl ConnectorOptions {
 /// [TransportConnector] provides APIs to connect to servers via TCP or TLS with connection reuse
 pub struct TransportConnector {
     tls_ctx: tls::Connector,
-    connection_pool: Arc<ConnectionPool<Arc<Mutex<Stream>>>>,
+    connection_pool: Arc<ConnectionPool<Arc<IdleStream>>>,
     offload: Option<OffloadRuntime>,
     bind_to_v4: Vec<SocketAddr>,
     bind_to_v6: Vec<SocketAddr>,
@@ -249,56 +252,36 @@ impl TransportConnector {
 
     /// Try to find a reusable connection to the given server [Peer]
     pub async fn reused_stream<P: Peer + Send + Sync>(&self, peer: &P) -> Option<Stream> {
-        match self.connection_pool.get(&peer.reuse_hash()) {
-            Some(s) => {
-                debug!("find reusable stream, trying to acquire it");
-                {
-                    let _ = s.lock().await;
-                } // wait for the idle poll to release it
-                match Arc::try_unwrap(s) {
-                    Ok(l) => {
-                        let mut stream = l.into_inner();
-                        // test_reusable_stream: we assume server would never actively send data
-                        // first on an idle stream.
-                        #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
-                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
-                        {
-                            Some(stream)
-                        } else {
-                            None
-                        }
-                        #[cfg(windows)]
-                        {
-                            use std::os::windows::io::{AsRawSocket, RawSocket};
-                            struct WrappedRawSocket(RawSocket);
-                            impl AsRawSocket for WrappedRawSocket {
-                                fn as_raw_socket(&self) -> RawSocket {
-                                    self.0
-                                }
-                            }
-                            if peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
-                                && test_reusable_stream(
-                                    &mut stream,
-                                    &self.unexpected_data_conn_count,
-                                )
-                            {
-                                Some(stream)
-                            } else {
-                                None
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        error!("failed to acquire reusable stream");
-                        None
-                    }
+        let Some(idle) = self.connection_pool.get(&peer.reuse_hash()) else {
+            debug!("No reusable connection found for {peer}");
+            return None;
+        };
+        // ficus patch: the idle watch holds the stream only while it polls it, so the stream is
+        // taken here and now; waiting for the watch to run and let go of it cost this request a
+        // trip through the scheduler.
+        let Some(mut stream) = idle.take() else {
+            error!("failed to acquire reusable stream");
+            return None;
+        };
+        // test_reusable_stream: we assume server would never actively send data
+        // first on an idle stream.
+        #[cfg(unix)]
+        let matches = peer.matches_stream(&stream);
+        #[cfg(windows)]
+        let matches = {
+            use std::os::windows::io::{AsRawSocket, RawSocket};
+            struct WrappedRawSocket(RawSocket);
+            impl AsRawSocket for WrappedRawSocket {
+                fn as_raw_socket(&self) -> RawSocket {
+                    self.0
                 }
             }
-            None => {
-                debug!("No reusable connection found for {peer}");
-                None
-            }
+            peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
+        };
+        if matches && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count) {
+            Some(stream)
+        } else {
+            None
         }
     }
 
@@ -321,17 +304,16 @@ impl TransportConnector {
         let id = stream.id();
         let meta = ConnectionMeta::new(key, id);
         debug!("Try to keepalive client session");
-        let stream = Arc::new(Mutex::new(stream));
-        let locked_stream = stream.clone().try_lock_owned().unwrap(); // safe as we just created it
-        let (notify_close, watch_use) = self.connection_pool.put(&meta, stream);
+        let stream = Arc::new(IdleStream(parking_lot::Mutex::new(Some(stream))));
+        let (notify_close, watch_use) = self.connection_pool.put(&meta, stream.clone());
         let idle_meta = IdleConnection::new(meta);
         let pool = self.connection_pool.clone(); //clone the arc
         let keepalive_pool_callback = self.keepalive_pool_callback.clone();
         let rt = pingora_runtime::current_handle();
         rt.spawn(async move {
             if pool
-                .idle_poll(
-                    locked_stream,
+                .idle_watch(
+                    IdleRead(stream),
                     &idle_meta.connection,
                     idle_timeout,
                     notify_close,
@@ -472,6 +454,35 @@ use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)
+/// ficus patch: a connection kept in the pool, until a request takes it or its idle watch
+/// (see [TransportConnector::release_stream]) drops it.
+struct IdleStream(parking_lot::Mutex<Option<Stream>>);
+
+impl IdleStream {
+    fn take(&self) -> Option<Stream> {
+        self.0.lock().take()
+    }
+}
+
+/// The idle watch's reader of a pooled connection: it locks the stream only for the length of
+/// a poll, never across an await, so a request can take the stream at any time.
+struct IdleRead(Arc<IdleStream>);
+
+impl AsyncRead for IdleRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.0 .0.lock().as_mut() {
+            Some(stream) => Pin::new(stream).poll_read(cx, buf),
+            // Taken by a request: the pool's pick-up signal, which the watch checks first,
+            // ends it.
+            None => Poll::Pending,
+        }
+    }
+}
+
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
     let mut buf = [0; 1];
     // tokio::task::unconstrained because now_or_never may yield None when the future is ready
@@ -585,7 +596,7 @@ mod tests {
     use tls::Connector;
 
     use super::*;
-    use crate::upstreams::peer::BasicPeer;
+    use crate::upstreams::peer::{BasicPeer, HttpPeer};
 
     #[tokio::test]
     async fn test_connect() {
@@ -835,5 +846,65 @@ mod tests {
             1,
             "unexpected_data_connection_count should have incremented"
         );
+    }
+
+    // ficus patch: the tests below cover the pooled connection's hand-off and its idle watch.
+
+    /// A connection to a listener on loopback, and the listener's end of it.
+    async fn loopback_stream(
+        connector: &TransportConnector,
+    ) -> (BasicPeer, Stream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = BasicPeer::new(&listener.local_addr().unwrap().to_string());
+        let stream = connector.new_stream(&peer).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (peer, stream, server)
+    }
+
+    #[tokio::test]
+    async fn a_released_stream_is_taken_without_waiting_for_its_idle_watch() {
+        let connector = TransportConnector::new(None);
+        let (peer, stream, _server) = loopback_stream(&connector).await;
+        connector.release_stream(stream, peer.reuse_hash(), None);
+
+        // The first poll has the stream: the idle watch, spawned but not yet run, holds no
+        // lock on it.
+        let reused = connector.reused_stream(&peer).now_or_never();
+        assert!(matches!(reused, Some(Some(_))));
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_that_receives_data_is_closed_by_its_watch() {
+        let connector = TransportConnector::new(None);
+        let (peer, stream, mut server) = loopback_stream(&connector).await;
+        connector.release_stream(stream, peer.reuse_hash(), None);
+
+        // Data on an idle connection: the watch drops it, and the server sees it close (reset,
+        // as the data was left unread).
+        use tokio::io::AsyncWriteExt;
+        server.write_all(b"unexpected").await.unwrap();
+        let mut buf = [0; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), server.read(&mut buf)).await;
+        let closed = match &read {
+            Ok(Ok(n)) => *n == 0,
+            Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Err(_) => false,
+        };
+        assert!(closed, "{read:?}");
+        assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pooled_stream_matches_only_the_peer_it_is_connected_to() {
+        let connector = TransportConnector::new(None);
+        let (peer, stream, _server) = loopback_stream(&connector).await;
+        let (other, _other_stream, _other_server) = loopback_stream(&connector).await;
+        assert!(peer.matches_stream(&stream));
+        assert!(!other.matches_stream(&stream));
+        // The same answers as asking the socket.
+        assert!(peer.matches_fd(stream.id()));
+        assert!(!other.matches_fd(stream.id()));
+        let http = HttpPeer::new(peer.address().to_string(), false, String::new());
+        assert!(http.matches_stream(&stream));
     }
 }

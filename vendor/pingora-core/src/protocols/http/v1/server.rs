@@ -1349,7 +1349,10 @@ impl HttpSession {
     fn request_header_too_large<T>(&self) -> Result<T> {
         Error::e_explain(
             REQUEST_HEADER_TOO_LARGE,
-            format!("Request header larger than {}", self.max_request_header_size),
+            format!(
+                "Request header larger than {}",
+                self.max_request_header_size
+            ),
         )
     }
 
@@ -1921,7 +1924,10 @@ mod tests_stream {
         let err = http_stream.read_request().await.unwrap_err();
         assert_eq!(err.etype(), &REQUEST_HEADER_TOO_LARGE);
         // in pieces: refused before reading past the limit
-        let mock_io = Builder::new().read(&input[..30]).read(&input[30..50]).build();
+        let mock_io = Builder::new()
+            .read(&input[..30])
+            .read(&input[30..50])
+            .build();
         let mut http_stream = HttpSession::new(Box::new(mock_io));
         http_stream.set_max_request_header_size(40);
         let err = http_stream.read_request().await.unwrap_err();
@@ -1930,7 +1936,10 @@ mod tests_stream {
         let mock_io = Builder::new().read(&input[..]).build();
         let mut http_stream = HttpSession::new(Box::new(mock_io));
         http_stream.set_max_request_header_size(input.len());
-        assert_eq!(input.len(), http_stream.read_request().await.unwrap().unwrap());
+        assert_eq!(
+            input.len(),
+            http_stream.read_request().await.unwrap().unwrap()
+        );
     }
 
     #[tokio::test]
