@@ -43,6 +43,8 @@ const X_FORWARDED_PROTO: KnownHeader = (
     http::HeaderName::from_static("x-forwarded-proto"),
     CaseHeaderName::from_static("X-Forwarded-Proto"),
 );
+/// How many of them a request may gain.
+const FORWARDING_HEADERS: usize = 3;
 
 /// The routing decision of one request, taken once in `request_filter`.
 pub struct Routing {
@@ -244,6 +246,9 @@ impl FicusProxy {
         if let Some(name) = &table.override_header {
             req.remove_header(name.as_str());
         }
+        // Room made at once for the fields added below: the copy of the client's header maps is
+        // full, and grew on the way (twice for three fields after a client's two).
+        req.reserve(FORWARDING_HEADERS);
         let host_header = downstream.headers.get(http::header::HOST).cloned();
         // HTTP/2 clients name the host in `:authority` instead of a Host header.
         let client_host = match &host_header {

@@ -69,7 +69,12 @@ impl IntoCaseHeaderName for (HeaderName, CaseHeaderName) {
     fn into_header_names(self) -> Result<(HeaderName, CaseHeaderName), InvalidHeaderName> {
         // The name's bytes are lowercase token characters: a match also proves the case
         // holds no CR, LF or space.
-        if self.0.as_str().as_bytes().eq_ignore_ascii_case(self.1.as_slice()) {
+        if self
+            .0
+            .as_str()
+            .as_bytes()
+            .eq_ignore_ascii_case(self.1.as_slice())
+        {
             Ok(self)
         } else {
             self.1.into_header_names()
@@ -165,13 +170,19 @@ mod tests {
     #[test]
     fn known_names_are_handed_over_and_others_parsed() {
         let (name, case) = "X-Forwarded-For".into_header_names().expect("valid");
-        assert_eq!((name.as_str(), case.as_slice()), ("x-forwarded-for", &b"X-Forwarded-For"[..]));
+        assert_eq!(
+            (name.as_str(), case.as_slice()),
+            ("x-forwarded-for", &b"X-Forwarded-For"[..])
+        );
         let known = (
             HeaderName::from_static("x-forwarded-for"),
             CaseHeaderName::from_static("X-Forwarded-For"),
         );
         let (name, case) = known.into_header_names().expect("valid");
-        assert_eq!((name.as_str(), case.as_slice()), ("x-forwarded-for", &b"X-Forwarded-For"[..]));
+        assert_eq!(
+            (name.as_str(), case.as_slice()),
+            ("x-forwarded-for", &b"X-Forwarded-For"[..])
+        );
         let (name, case) = header::HOST.into_header_names().expect("valid");
         assert_eq!((name, case.as_slice()), (header::HOST, &b"Host"[..]));
         assert!("bad name".into_header_names().is_err());

@@ -240,6 +240,20 @@ impl RequestHeader {
         remove_header(self.header_name_map.as_mut(), &mut self.base.headers, name)
     }
 
+    /// ficus patch: make room for `additional` more header names, in the header map and in
+    /// the map of their case alike, so that inserting several (as a proxy adding its
+    /// forwarding headers does) grows each map at most once.
+    ///
+    /// Best effort: past the maps' maximum size nothing is reserved, and the insertion that
+    /// does not fit fails as it would have.
+    pub fn reserve(&mut self, additional: usize) {
+        reserve(
+            self.header_name_map.as_mut(),
+            &mut self.base.headers,
+            additional,
+        )
+    }
+
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
     /// The header case will be preserved.
@@ -594,6 +608,20 @@ impl ResponseHeader {
         remove_header(self.header_name_map.as_mut(), &mut self.base.headers, name)
     }
 
+    /// ficus patch: make room for `additional` more header names, in the header map and in
+    /// the map of their case alike, so that inserting several (as a proxy adding its
+    /// forwarding headers does) grows each map at most once.
+    ///
+    /// Best effort: past the maps' maximum size nothing is reserved, and the insertion that
+    /// does not fit fails as it would have.
+    pub fn reserve(&mut self, additional: usize) {
+        reserve(
+            self.header_name_map.as_mut(),
+            &mut self.base.headers,
+            additional,
+        )
+    }
+
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
     /// The header case will be preserved.
@@ -893,6 +921,17 @@ fn insert_header_value<T>(
     Ok(())
 }
 
+#[inline]
+fn reserve<T>(name_map: Option<&mut CaseMap>, value_map: &mut HMap<T>, additional: usize) {
+    // A map that cannot grow so far is left as it is: the insertion that does not fit fails
+    // with its own error.
+    if value_map.try_reserve(additional).is_ok() {
+        if let Some(name_map) = name_map {
+            let _ = name_map.try_reserve(additional);
+        }
+    }
+}
+
 // the &N here is to avoid clone(). None Copy type like String can impl AsHeaderName
 #[inline]
 fn remove_header<'a, T, N: ?Sized>(
@@ -1053,6 +1092,36 @@ fn case_header_iter<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // ficus patch: `reserve`.
+    #[test]
+    fn reserved_room_takes_the_inserted_names_without_growing_either_map() {
+        const ADDED: [&str; 3] = ["X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-For"];
+        let mut req = RequestHeader::build("GET", b"/", Some(2)).unwrap();
+        req.insert_header("Host", "a").unwrap();
+        req.insert_header("X-User", "u").unwrap();
+        req.reserve(ADDED.len());
+        let values = req.headers.capacity();
+        let names = req.header_name_map.as_ref().unwrap().capacity();
+        for name in ADDED {
+            req.insert_header(name, "v").unwrap();
+        }
+        assert_eq!(req.headers.capacity(), values);
+        assert_eq!(req.header_name_map.as_ref().unwrap().capacity(), names);
+        let mut wire = vec![];
+        req.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(wire.contains("X-User: u\r\n") && wire.contains("X-Forwarded-For: v\r\n"));
+
+        let mut resp = ResponseHeader::build(200, Some(1)).unwrap();
+        resp.insert_header("Server", "s").unwrap();
+        resp.reserve(ADDED.len());
+        let values = resp.headers.capacity();
+        for name in ADDED {
+            resp.insert_header(name, "v").unwrap();
+        }
+        assert_eq!(resp.headers.capacity(), values);
+    }
 
     #[test]
     fn header_map_upper_bound() {

@@ -244,7 +244,17 @@ impl TransportConnector {
             .await
             .or_err(InternalError, "offload runtime failure")??
         } else {
-            do_connect(peer, bind_to, alpn_override, &self.tls_ctx.ctx, None).await?
+            // ficus patch: boxed, as connecting (TCP, proxy, TLS handshake) is a future of over
+            // 8 KB that lived inline in every request's future, and was moved with it, though
+            // most requests reuse a pooled connection and never get here.
+            Box::pin(do_connect(
+                peer,
+                bind_to,
+                alpn_override,
+                &self.tls_ctx.ctx,
+                None,
+            ))
+            .await?
         };
 
         Ok(stream)
@@ -859,6 +869,17 @@ mod tests {
         let stream = connector.new_stream(&peer).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         (peer, stream, server)
+    }
+
+    #[test]
+    fn connecting_is_boxed_out_of_the_callers_future() {
+        let connector = TransportConnector::new(None);
+        let peer = BasicPeer::new("127.0.0.1:1");
+        // Inline, connecting (TCP, proxy, TLS handshake) made this future over 8 KB, carried
+        // and moved by every request's future though most reuse a pooled connection.
+        let connecting = connector.new_stream(&peer);
+        let size = std::mem::size_of_val(&connecting);
+        assert!(size < 512, "{size} bytes");
     }
 
     #[tokio::test]
