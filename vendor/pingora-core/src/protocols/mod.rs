@@ -348,26 +348,6 @@ impl ConnFdReusable for Path {
     }
 }
 
-/// ficus patch: [`ConnFdReusable::check_fd_match`] for `addr` given the peer address a
-/// connection's socket digest recorded (`None`: the socket could not tell, it is broken).
-#[cfg(unix)]
-pub(crate) fn inet_peer_matches(addr: &InetSocketAddr, connected: Option<&SocketAddr>) -> bool {
-    match connected {
-        None => {
-            debug!("Idle connection is broken: no peer address");
-            false
-        }
-        // As check_fd_match: a 0.0.0.0 destination may be mapped to 127.0.0.1, so it is not
-        // compared.
-        Some(_) if addr.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) => true,
-        Some(SocketAddr::Inet(peer)) if peer == addr => true,
-        Some(peer) => {
-            error!("Crit: FD mismatch: addr: {addr}, peer: {peer}");
-            false
-        }
-    }
-}
-
 #[cfg(unix)]
 impl ConnFdReusable for InetSocketAddr {
     fn check_fd_match<V: AsRawFd>(&self, fd: V) -> bool {

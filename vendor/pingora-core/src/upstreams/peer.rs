@@ -23,8 +23,6 @@ use crate::protocols::tls::HandshakeCompleteHook;
 use crate::protocols::tls::PskType;
 #[cfg(unix)]
 use crate::protocols::ConnFdReusable;
-#[cfg(unix)]
-use crate::protocols::Stream;
 use crate::protocols::TcpKeepalive;
 use crate::utils::tls::{get_organization_unit, CertKey};
 use ahash::AHasher;
@@ -263,14 +261,6 @@ pub trait Peer: Display + Clone {
         self.address().check_fd_match(fd)
     }
 
-    /// ficus patch: whether `stream`, a pooled connection found under this peer's
-    /// [`reuse_hash`](Peer::reuse_hash), is connected to this peer. By default the socket is
-    /// asked through [`matches_fd`](Peer::matches_fd).
-    #[cfg(unix)]
-    fn matches_stream(&self, stream: &Stream) -> bool {
-        self.matches_fd(stream.id())
-    }
-
     #[cfg(windows)]
     fn matches_sock<V: AsRawSocket>(&self, sock: V) -> bool {
         use crate::protocols::ConnSockReusable;
@@ -356,31 +346,9 @@ impl Display for BasicPeer {
     }
 }
 
-/// ficus patch: [`ConnFdReusable::check_fd_match`] for a TCP peer, answered from the peer
-/// address the stream's socket digest recorded. A connected socket's peer never changes, so
-/// the kernel is asked once per connection instead of once per reuse. `None` when the stream
-/// has no digest or the peer is not a TCP address: then the socket must be asked.
-#[cfg(unix)]
-fn recorded_peer_matches(address: &SocketAddr, stream: &Stream) -> Option<bool> {
-    let SocketAddr::Inet(address) = address else {
-        return None;
-    };
-    let digest = stream.get_socket_digest()?;
-    Some(crate::protocols::inet_peer_matches(
-        address,
-        digest.peer_addr(),
-    ))
-}
-
 impl Peer for BasicPeer {
     fn address(&self) -> &SocketAddr {
         &self._address
-    }
-
-    #[cfg(unix)]
-    fn matches_stream(&self, stream: &Stream) -> bool {
-        recorded_peer_matches(&self._address, stream)
-            .unwrap_or_else(|| self.matches_fd(stream.id()))
     }
 
     fn tls(&self) -> bool {
@@ -884,15 +852,6 @@ impl Peer for HttpPeer {
             proxy.next_hop.check_fd_match(fd)
         } else {
             self.address().check_fd_match(fd)
-        }
-    }
-
-    #[cfg(unix)]
-    fn matches_stream(&self, stream: &Stream) -> bool {
-        match self.get_proxy() {
-            Some(_) => self.matches_fd(stream.id()),
-            None => recorded_peer_matches(self.address(), stream)
-                .unwrap_or_else(|| self.matches_fd(stream.id())),
         }
     }
 
