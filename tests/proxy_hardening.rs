@@ -639,6 +639,14 @@ async fn a_header_block_above_the_limit_is_answered_431() {
         }
     }
     assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
+
+    // On a kept-alive connection too: every request's session gets the limit.
+    let mut reused = answered_then_idle(&proxy).await;
+    reused.write_all(request(3000).as_bytes()).await.expect("write");
+    let mut answer = vec![0u8; 4096];
+    let read = reused.read(&mut answer).await.expect("response");
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

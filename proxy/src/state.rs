@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use ficus_routes::{Backend, LoadError, RouteTable, ValidationError};
+use http::HeaderValue;
 use pingora::upstreams::peer::HttpPeer;
 use prometheus::IntCounter;
 
@@ -41,6 +42,9 @@ pub struct Upstream {
     pub peer: HttpPeer,
     pub addr: SocketAddr,
     pub health: Option<Arc<BackendHealth>>,
+    /// The Host header of requests sent here when the backend does not preserve the client's:
+    /// the authority, without the scheme's default port. Built once, not per request.
+    pub host_header: HeaderValue,
 }
 
 impl Upstream {
@@ -83,8 +87,8 @@ impl ActiveTable {
         let mut upstreams = Vec::with_capacity(table.backends.len());
         let mut errors = Vec::new();
         for backend in &table.backends {
-            match resolve(backend) {
-                Ok(addr) => upstreams.push(upstream(backend, addr, previous)),
+            match resolve(backend).and_then(|addr| upstream(backend, addr, previous)) {
+                Ok(upstream) => upstreams.push(upstream),
                 Err(message) => errors.push(ValidationError {
                     file: file.clone(),
                     location: format!("backends.{}", backend.name),
@@ -133,7 +137,17 @@ fn resolve(backend: &Backend) -> Result<SocketAddr, String> {
     addrs.next().ok_or_else(|| format!("{authority} resolves to no address"))
 }
 
-fn upstream(backend: &Backend, addr: SocketAddr, previous: Option<&ActiveTable>) -> Upstream {
+fn upstream(
+    backend: &Backend,
+    addr: SocketAddr,
+    previous: Option<&ActiveTable>,
+) -> Result<Upstream, String> {
+    let host = match (backend.tls, backend.port) {
+        (true, 443) | (false, 80) => backend.host.clone(),
+        _ => backend.authority(),
+    };
+    let host_header = HeaderValue::try_from(host.as_str())
+        .map_err(|_| format!("{host} cannot be sent as a Host header"))?;
     let sni = if backend.tls { backend.host.clone() } else { String::new() };
     let mut peer = HttpPeer::new(addr, backend.tls, sni);
     peer.options.connection_timeout = Some(backend.connect_timeout);
@@ -155,7 +169,7 @@ fn upstream(backend: &Backend, addr: SocketAddr, previous: Option<&ActiveTable>)
         });
         carried.unwrap_or_else(|| Arc::new(BackendHealth::new(backend, check, addr)))
     });
-    Upstream { peer, addr, health }
+    Ok(Upstream { peer, addr, health, host_header })
 }
 
 /// The last reload that failed, kept until a later one succeeds.

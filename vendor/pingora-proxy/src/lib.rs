@@ -1574,14 +1574,15 @@ impl SubrequestSpawner {
     }
 }
 
-#[async_trait]
-impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+impl<SV, C> HttpProxy<SV, C>
 where
     SV: ProxyHttp + Send + Sync + 'static,
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
-    async fn process_new_http(
+    /// ficus patch: serves one downstream request, what [`HttpServerApp::process_new_http()`]
+    /// does, as an inherent `async fn` that `process_h1_requests` loops over.
+    async fn serve_request(
         self: &Arc<Self>,
         mut session: HttpSession,
         shutdown: &ShutdownWatch,
@@ -1617,6 +1618,34 @@ where
         }
 
         self.process_request(session, ctx).await
+    }
+}
+
+#[async_trait]
+impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    <SV as ProxyHttp>::CTX: Send + Sync,
+    C: custom::Connector,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: HttpSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        self.serve_request(session, shutdown).await
+    }
+
+    // ficus patch: the keep-alive requests of a connection, through the inherent
+    // `serve_request`: the default would box a future of several kilobytes for each.
+    async fn process_h1_requests(
+        self: &Arc<Self>,
+        mut session: HttpSession,
+        shutdown: &ShutdownWatch,
+    ) {
+        while let Some(reused) = self.serve_request(session, shutdown).await {
+            session = reused.into_h1_session(self.server_options());
+        }
     }
 
     async fn http_cleanup(&self) {

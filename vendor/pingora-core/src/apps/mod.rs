@@ -242,6 +242,19 @@ impl ReusedHttpStream {
     pub fn consume(self) -> (Stream, Option<HttpPersistentSettings>) {
         (self.stream, self.persistent_settings)
     }
+
+    /// ficus patch: the session for the next HTTP/1 request on this stream: the persistent
+    /// settings of the previous request applied, then `options`.
+    pub fn into_h1_session(self, options: Option<&HttpServerOptions>) -> ServerSession {
+        let mut session = ServerSession::new_http1(self.stream);
+        if let Some(persistent_settings) = self.persistent_settings {
+            persistent_settings.apply_to_session(&mut session);
+        }
+        if let Some(options) = options {
+            options.configure_h1(&mut session);
+        }
+        session
+    }
 }
 
 /// This trait defines the interface of an HTTP application.
@@ -260,6 +273,23 @@ pub trait HttpServerApp {
         // TODO: make this ShutdownWatch so that all task can await on this event
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream>;
+
+    /// ficus patch: serves the requests of one HTTP/1 connection in turn, starting with
+    /// `session`, until the connection cannot be reused.
+    ///
+    /// The default calls [`Self::process_new_http()`] for each request, a boxed future each.
+    /// An app that serves a request with an inherent `async fn` can loop over that instead,
+    /// so that a keep-alive request does not allocate, move and free a future of its own.
+    async fn process_h1_requests(self: &Arc<Self>, session: ServerSession, shutdown: &ShutdownWatch)
+    where
+        Self: Send + Sync,
+    {
+        let mut result = self.process_new_http(session, shutdown).await;
+        while let Some(reused) = result {
+            let session = reused.into_h1_session(self.server_options());
+            result = self.process_new_http(session, shutdown).await;
+        }
+    }
 
     /// Provide options on how HTTP/2 connection should be established. This function will be called
     /// every time a new HTTP/2 **connection** needs to be established.
@@ -404,18 +434,7 @@ where
                     .and_then(|opts| opts.keepalive_request_limit),
             );
 
-            let mut result = self.process_new_http(session, shutdown).await;
-            while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
-                let mut session = ServerSession::new_http1(stream);
-                if let Some(persistent_settings) = persistent_settings {
-                    persistent_settings.apply_to_session(&mut session);
-                }
-                if let Some(options) = self.server_options() {
-                    options.configure_h1(&mut session);
-                }
-
-                result = self.process_new_http(session, shutdown).await;
-            }
+            self.process_h1_requests(session, shutdown).await;
         }
         None
     }
@@ -475,5 +494,89 @@ mod tests {
         assert!(session2.take_connection_user_context().is_none());
         // Keepalive should still work
         assert_eq!(session2.get_keepalive(), Some(30));
+    }
+
+    /// ficus patch: the default `process_h1_requests` serves a connection's keep-alive
+    /// requests in turn, and each new session gets the server options (here a header size
+    /// limit, which turns the third request away).
+    #[tokio::test]
+    async fn keepalive_requests_are_served_in_turn_with_the_server_options() {
+        use crate::protocols::l4::stream::Stream as L4Stream;
+        use pingora_http::ResponseHeader;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::{TcpListener, TcpStream};
+
+        struct Counting {
+            served: AtomicUsize,
+            options: HttpServerOptions,
+        }
+
+        #[async_trait]
+        impl HttpServerApp for Counting {
+            async fn process_new_http(
+                self: &Arc<Self>,
+                mut session: ServerSession,
+                _shutdown: &ShutdownWatch,
+            ) -> Option<ReusedHttpStream> {
+                if !session.read_request().await.ok()? {
+                    return None;
+                }
+                self.served.fetch_add(1, Ordering::SeqCst);
+                let mut response = ResponseHeader::build(200, None).ok()?;
+                response.insert_header("Content-Length", "0").ok()?;
+                session
+                    .write_response_header(Box::new(response))
+                    .await
+                    .ok()?;
+                let settings = HttpPersistentSettings::for_session(&session);
+                let reusable = session.finish().await.ok()??;
+                Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+            }
+
+            fn server_options(&self) -> Option<&HttpServerOptions> {
+                Some(&self.options)
+            }
+        }
+
+        let app = Arc::new(Counting {
+            served: AtomicUsize::new(0),
+            options: HttpServerOptions {
+                max_request_header_size: Some(1024),
+                ..Default::default()
+            },
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn({
+            let app = app.clone();
+            async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+                let stream: Stream = Box::new(L4Stream::from(tcp));
+                app.process_new(stream, &shutdown).await
+            }
+        });
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        for path in ["/1", "/2"] {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            client.write_all(request.as_bytes()).await.unwrap();
+            let mut response = Vec::new();
+            while !response.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                assert_eq!(client.read(&mut byte).await.unwrap(), 1, "closed early");
+                response.push(byte[0]);
+            }
+            assert!(response.starts_with(b"HTTP/1.1 200"), "{response:?}");
+        }
+        let filler = "x".repeat(2048);
+        let request = format!("GET /3 HTTP/1.1\r\nHost: a\r\nX-Filler: {filler}\r\n\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+
+        assert!(server.await.unwrap().is_none());
+        assert_eq!(app.served.load(Ordering::SeqCst), 2);
     }
 }
