@@ -219,10 +219,10 @@ fn init_logging(format: LogFormat, default_level: &str, access_log: bool) -> Wor
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // A background thread writes the lines through a buffer, flushed whenever it has caught
     // up, so the caller pays no write(2) each; if it falls behind, lines are dropped rather
-    // than callers held up: past 4,096 waiting writes (a write is a line, or a batch of up to
-    // 16 KiB of access lines), so a stalled stderr holds at most about 64 MiB.
+    // than callers held up: past 1,024 waiting writes (a write is a line, or a batch of up to
+    // 64 KiB of access lines), so a stalled stderr holds at most about 64 MiB.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(4096)
+        .buffered_lines_limit(1024)
         .finish(BufWriter::new(std::io::stderr()));
     if access_log {
         // The access log hands the same writer batches of lines, not one line per request.
