@@ -142,10 +142,7 @@ fn upstream(
     addr: SocketAddr,
     previous: Option<&ActiveTable>,
 ) -> Result<Upstream, String> {
-    let host = match (backend.tls, backend.port) {
-        (true, 443) | (false, 80) => backend.host.clone(),
-        _ => backend.authority(),
-    };
+    let host = backend.host_header();
     let host_header = HeaderValue::try_from(host.as_str())
         .map_err(|_| format!("{host} cannot be sent as a Host header"))?;
     let sni = if backend.tls { backend.host.clone() } else { String::new() };

@@ -41,6 +41,16 @@ impl Backend {
             format!("{}:{}", self.host, self.port)
         }
     }
+
+    /// The Host header of requests sent here when the client's is not kept: the authority,
+    /// without the scheme's default port; an IPv6 address in brackets either way.
+    pub fn host_header(&self) -> String {
+        match (self.tls, self.port) {
+            (true, 443) | (false, 80) if self.host.contains(':') => format!("[{}]", self.host),
+            (true, 443) | (false, 80) => self.host.clone(),
+            _ => self.authority(),
+        }
+    }
 }
 
 /// A validated route.

@@ -62,6 +62,17 @@ fn with_route(route: &str) -> String {
 }
 
 #[test]
+fn host_headers_drop_the_default_port_and_bracket_ipv6() {
+    let table = table(
+        "[backends.a]\nurl = \"http://[::1]/\"\n[backends.b]\nurl = \"https://[2001:db8::1]:8443\"\n\
+         [backends.c]\nurl = \"https://orders.internal\"\n[backends.d]\nurl = \"http://10.0.0.7:8080\"\n\
+         [defaults]\nbackend = \"a\"\n",
+    );
+    let hosts: Vec<String> = table.backends.iter().map(|b| b.host_header()).collect();
+    assert_eq!(hosts, ["[::1]", "[2001:db8::1]:8443", "orders.internal", "10.0.0.7:8080"]);
+}
+
+#[test]
 fn the_documented_example_parses() {
     let t = table(EXAMPLE);
     assert_eq!(t.routes.len(), 2);

@@ -1633,6 +1633,7 @@ where
         session: HttpSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        // ficus patch: the body moved to `serve_request`, which `process_h1_requests` loops over.
         self.serve_request(session, shutdown).await
     }
 
