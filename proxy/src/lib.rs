@@ -104,6 +104,7 @@ pub fn run_with(
 
     let conf = ServerConf {
         threads: settings.threads.max(1),
+        work_stealing: settings.work_stealing,
         grace_period_seconds: Some(settings.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(settings.shutdown_grace.as_secs()),
         ..ServerConf::default()

@@ -36,6 +36,10 @@ pub struct ProxySettings {
     /// Worker threads of the proxy service.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Let idle threads take queued work from busy ones. Off by default: each thread then
+    /// serves its own connections, as NGINX's workers do, with no traffic between cores.
+    #[serde(default)]
+    pub work_stealing: bool,
     /// Reload when the route file changes (SIGHUP and `POST /reload` always work).
     #[serde(default = "default_true")]
     pub watch: bool,
@@ -84,6 +88,7 @@ impl ProxySettings {
             h2c: true,
             tls: None,
             threads: default_threads(),
+            work_stealing: false,
             watch: true,
             request_header_timeout: default_request_header_timeout(),
             keepalive_timeout: default_keepalive_timeout(),

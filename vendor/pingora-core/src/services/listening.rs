@@ -110,7 +110,10 @@ impl ConnectionLimit {
             return Some(slot);
         }
         self.waits.fetch_add(1, Ordering::Relaxed);
-        info!("{} connections open: accepting paused until one closes", self.max);
+        info!(
+            "{} connections open: accepting paused until one closes",
+            self.max
+        );
         // the semaphore is never closed
         self.slots.clone().acquire_owned().await.ok()
     }
@@ -319,10 +322,26 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 Ok(io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
-                    let open = limit.clone().zip(slot).map(|(l, s)| OpenConnection::new(l, s));
+                    let open = limit
+                        .clone()
+                        .zip(slot)
+                        .map(|(l, s)| OpenConnection::new(l, s));
+                    let accepted_on = std::thread::current().id();
                     current_handle().spawn(async move {
                         // held until the connection closes
                         let _open = open;
+                        let mut io = io;
+                        // ficus patch: with work stealing off, each thread runs its own
+                        // runtime; the connection is served where it was spawned, so its
+                        // socket is registered there too, not with the accepting thread's.
+                        let own_runtime = tokio::runtime::Handle::current().runtime_flavor()
+                            == tokio::runtime::RuntimeFlavor::CurrentThread;
+                        if own_runtime && std::thread::current().id() != accepted_on {
+                            if let Err(e) = io.register_with_current_runtime() {
+                                error!("Downstream connection dropped: {e}");
+                                return;
+                            }
+                        }
                         let peer_addr = io.peer_addr();
                         match timeout(Duration::from_secs(60), io.handshake()).await {
                             Ok(handshake) => {
@@ -447,7 +466,9 @@ mod connection_limit_tests {
         assert_eq!(limit.open(), 1);
         let second = limit.slot();
         tokio::pin!(second);
-        assert!(timeout(Duration::from_millis(50), &mut second).await.is_err());
+        assert!(timeout(Duration::from_millis(50), &mut second)
+            .await
+            .is_err());
         assert_eq!(limit.waits(), 1);
         drop(first);
         assert_eq!(limit.open(), 0);

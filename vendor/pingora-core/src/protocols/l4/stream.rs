@@ -625,6 +625,25 @@ impl Stream {
 
     /// Set the read and write buffer sizes
     /// It is only set later because of the malloc overhead in critical accept() path
+    /// ficus patch: registers the socket with the IO driver of the runtime this is called on.
+    ///
+    /// A listener registers each accepted socket with the runtime that accepted it. With work
+    /// stealing off, the connection is then served by another thread's runtime, and each of
+    /// its readiness events crosses threads. Call before [`Self::set_buffer`], which sizes the
+    /// buffers this leaves empty. On failure the socket is closed.
+    pub(crate) fn register_with_current_runtime(&mut self) -> io::Result<()> {
+        let Some(buffered) = self.stream.take() else {
+            return Ok(());
+        };
+        let mut raw = buffered.into_inner();
+        raw.stream = match raw.stream {
+            RawStream::Tcp(tcp) => RawStream::Tcp(TcpStream::from_std(tcp.into_std()?)?),
+            other => other,
+        };
+        self.stream = Some(BufferedStream::with_capacity(0, 0, raw));
+        Ok(())
+    }
+
     pub(crate) fn set_buffer(&mut self, buffer: L4BufferSettings) {
         use std::mem;
         // Since the buffers can't be resized in place,
@@ -828,8 +847,12 @@ impl Drop for Stream {
         if let Some(t) = self.tracer.as_ref() {
             t.0.on_disconnected();
         }
+        // ficus patch: a stream whose re-registration failed has no socket left to check.
+        let Some(stream) = self.stream.as_ref() else {
+            return;
+        };
         /* use nodelay/local_addr function to detect socket status */
-        let ret = match &self.stream().get_ref().stream {
+        let ret = match &stream.get_ref().stream {
             RawStream::Tcp(s) => s.nodelay().err(),
             #[cfg(unix)]
             RawStream::Unix(s) => s.local_addr().err(),
@@ -1000,6 +1023,40 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
     use tokio::sync::Notify;
+
+    /// ficus patch: a socket accepted on one single-thread runtime and served on another
+    /// works once registered there, even after the accepting runtime is gone (which, left
+    /// registered with it, fails every read).
+    #[test]
+    fn an_accepted_socket_registered_with_the_serving_runtime_outlives_the_accepting_one() {
+        let single = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let accepting = single();
+        let (mut server, mut client) = accepting.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            (Stream::from(tcp), client)
+        });
+        drop(accepting);
+
+        single().block_on(async {
+            server.register_with_current_runtime().unwrap();
+            std::io::Write::write_all(&mut client, b"ping").unwrap();
+            let mut buf = [0u8; 4];
+            server.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping");
+            server.write_all(b"pong").await.unwrap();
+            server.flush().await.unwrap();
+        });
+        let mut buf = [0u8; 4];
+        std::io::Read::read_exact(&mut client, &mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
