@@ -156,9 +156,17 @@ async fn admin_api_shows_table_and_metrics() {
         .send()
         .await
         .expect("request");
-    // Requests are counted in the logging phase, just after the response went out.
-    let metrics = proxy
+    // Requests are counted in the logging phase, just after the response went out. A scrape
+    // reads one family after another, so it can catch the request in one and not yet in the
+    // next: wait for the last one recorded.
+    proxy
         .wait_metric(r#"ficus_requests_total{backend="monolith",route="orders",status="2xx"}"#, 1.0)
+        .await;
+    let metrics = proxy
+        .wait_metric(
+            r#"ficus_request_duration_seconds_count{backend="monolith",route="orders"}"#,
+            1.0,
+        )
         .await;
     for family in [
         "ficus_requests_total",
