@@ -110,10 +110,7 @@ impl ConnectionLimit {
             return Some(slot);
         }
         self.waits.fetch_add(1, Ordering::Relaxed);
-        info!(
-            "{} connections open: accepting paused until one closes",
-            self.max
-        );
+        info!("{} connections open: accepting paused until one closes", self.max);
         // the semaphore is never closed
         self.slots.clone().acquire_owned().await.ok()
     }
@@ -322,10 +319,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 Ok(io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
-                    let open = limit
-                        .clone()
-                        .zip(slot)
-                        .map(|(l, s)| OpenConnection::new(l, s));
+                    let open = limit.clone().zip(slot).map(|(l, s)| OpenConnection::new(l, s));
                     let accepted_on = std::thread::current().id();
                     current_handle().spawn(async move {
                         // held until the connection closes
@@ -466,9 +460,7 @@ mod connection_limit_tests {
         assert_eq!(limit.open(), 1);
         let second = limit.slot();
         tokio::pin!(second);
-        assert!(timeout(Duration::from_millis(50), &mut second)
-            .await
-            .is_err());
+        assert!(timeout(Duration::from_millis(50), &mut second).await.is_err());
         assert_eq!(limit.waits(), 1);
         drop(first);
         assert_eq!(limit.open(), 0);
