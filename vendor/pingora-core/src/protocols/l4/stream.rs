@@ -623,8 +623,6 @@ impl Stream {
         }
     }
 
-    /// Set the read and write buffer sizes
-    /// It is only set later because of the malloc overhead in critical accept() path
     /// ficus patch: registers the socket with the IO driver of the runtime this is called on.
     ///
     /// A listener registers each accepted socket with the runtime that accepted it. With work
@@ -644,6 +642,8 @@ impl Stream {
         Ok(())
     }
 
+    /// Set the read and write buffer sizes
+    /// It is only set later because of the malloc overhead in critical accept() path
     pub(crate) fn set_buffer(&mut self, buffer: L4BufferSettings) {
         use std::mem;
         // Since the buffers can't be resized in place,
