@@ -262,7 +262,7 @@ impl TransportConnector {
 
     /// Try to find a reusable connection to the given server [Peer]
     pub async fn reused_stream<P: Peer + Send + Sync>(&self, peer: &P) -> Option<Stream> {
-        let Some(idle) = self.connection_pool.get(&peer.reuse_hash()) else {
+        let Some(idle) = self.connection_pool.get(&pool_key(peer.reuse_hash())) else {
             debug!("No reusable connection found for {peer}");
             return None;
         };
@@ -312,15 +312,19 @@ impl TransportConnector {
             return;
         }
         let id = stream.id();
-        let meta = ConnectionMeta::new(key, id);
+        let meta = ConnectionMeta::new(pool_key(key), id);
         debug!("Try to keepalive client session");
         let stream = Arc::new(IdleStream(parking_lot::Mutex::new(Some(stream))));
         let (notify_close, watch_use) = self.connection_pool.put(&meta, stream.clone());
         let idle_meta = IdleConnection::new(meta);
         let pool = self.connection_pool.clone(); //clone the arc
         let keepalive_pool_callback = self.keepalive_pool_callback.clone();
-        let rt = pingora_runtime::current_handle();
-        rt.spawn(async move {
+        // ficus patch: the watch runs where the connection was released, which on a
+        // single-thread runtime is where its socket is registered (see `pool_key`). It was
+        // spawned on `pingora_runtime::current_handle()`, which under a no-steal runtime is a
+        // random thread: the spawn, the watch's polls and the wake-up when a request takes
+        // the connection then crossed threads, for every request.
+        tokio::spawn(async move {
             if pool
                 .idle_watch(
                     IdleRead(stream),
@@ -492,6 +496,32 @@ impl AsyncRead for IdleRead {
             // ends it.
             None => Poll::Pending,
         }
+    }
+}
+
+/// ficus patch: the key under which the calling thread keeps and finds idle connections of the
+/// peer whose `reuse_hash` is `key`.
+///
+/// On a single-thread runtime, as each thread of a no-steal server runs, a socket is registered
+/// with the IO driver of the runtime that opened it, and only that thread sees its readiness:
+/// a request on another thread that took the connection from a shared pool was woken through
+/// the opening thread for each of its reads and writes. There each thread keeps its own idle
+/// connections (as each NGINX worker keeps its own `keepalive` cache), under the peer's key
+/// mixed with a random value of the thread's; the pool's size limit stays one for all. On a
+/// multi-thread runtime, whose threads share one IO driver, the pool is shared as before.
+fn pool_key(key: u64) -> u64 {
+    use std::hash::BuildHasher;
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    thread_local! {
+        static THREAD_SALT: u64 = std::collections::hash_map::RandomState::new()
+            .hash_one(std::thread::current().id());
+    }
+    match Handle::try_current() {
+        Ok(rt) if rt.runtime_flavor() == RuntimeFlavor::CurrentThread => {
+            // A thread being torn down has no salt left; its connections are closing anyway.
+            THREAD_SALT.try_with(|salt| key ^ salt).unwrap_or(key)
+        }
+        _ => key,
     }
 }
 
@@ -916,5 +946,55 @@ mod tests {
         };
         assert!(closed, "{read:?}");
         assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[test]
+    fn on_single_thread_runtimes_each_thread_reuses_only_its_own_connections() {
+        let connector = Arc::new(TransportConnector::new(None));
+        let here = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (peer, _server) = here.block_on(async {
+            let (peer, stream, server) = loopback_stream(&connector).await;
+            connector.release_stream(stream, peer.reuse_hash(), None);
+            (peer, server)
+        });
+
+        // Another thread with its own single-thread runtime (as no-steal servers run) does not
+        // get it: its socket is registered with this thread's runtime.
+        let elsewhere = std::thread::spawn({
+            let (connector, peer) = (connector.clone(), peer.clone());
+            move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(connector.reused_stream(&peer)).is_some()
+            }
+        });
+        assert!(!elsewhere.join().unwrap());
+        assert!(here.block_on(connector.reused_stream(&peer)).is_some());
+    }
+
+    #[test]
+    fn on_a_multi_thread_runtime_the_pool_is_shared() {
+        let connector = Arc::new(TransportConnector::new(None));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (peer, _server) = rt.block_on(async {
+            let (peer, stream, server) = loopback_stream(&connector).await;
+            connector.release_stream(stream, peer.reuse_hash(), None);
+            (peer, server)
+        });
+        // Taken by a task on one of the runtime's worker threads, not the thread that released it.
+        let reused = rt.block_on(rt.spawn({
+            let (connector, peer) = (connector.clone(), peer.clone());
+            async move { connector.reused_stream(&peer).await.is_some() }
+        }));
+        assert!(reused.unwrap());
     }
 }
