@@ -511,18 +511,15 @@ impl AsyncRead for IdleRead {
 /// multi-thread runtime, whose threads share one IO driver, the pool is shared as before.
 fn pool_key(key: u64) -> u64 {
     use std::hash::BuildHasher;
-    use tokio::runtime::{Handle, RuntimeFlavor};
     thread_local! {
         static THREAD_SALT: u64 = std::collections::hash_map::RandomState::new()
             .hash_one(std::thread::current().id());
     }
-    match Handle::try_current() {
-        Ok(rt) if rt.runtime_flavor() == RuntimeFlavor::CurrentThread => {
-            // A thread being torn down has no salt left; its connections are closing anyway.
-            THREAD_SALT.try_with(|salt| key ^ salt).unwrap_or(key)
-        }
-        _ => key,
+    if !crate::utils::on_single_thread_runtime() {
+        return key;
     }
+    // A thread being torn down has no salt left; its connections are closing anyway.
+    THREAD_SALT.try_with(|salt| key ^ salt).unwrap_or(key)
 }
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)

@@ -328,9 +328,9 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                         // ficus patch: with work stealing off, each thread runs its own
                         // runtime; the connection is served where it was spawned, so its
                         // socket is registered there too, not with the accepting thread's.
-                        let own_runtime = tokio::runtime::Handle::current().runtime_flavor()
-                            == tokio::runtime::RuntimeFlavor::CurrentThread;
-                        if own_runtime && std::thread::current().id() != accepted_on {
+                        if crate::utils::on_single_thread_runtime()
+                            && std::thread::current().id() != accepted_on
+                        {
                             if let Err(e) = io.register_with_current_runtime() {
                                 error!("Downstream connection dropped: {e}");
                                 return;

@@ -23,6 +23,14 @@ pub use crate::tls::utils as tls;
 
 use bytes::Bytes;
 
+/// ficus patch: whether the caller runs on a single-thread runtime, as each thread of a server
+/// with work stealing off does. A socket registered there reports its readiness to that thread
+/// alone, so what uses the socket is best kept on the thread.
+pub(crate) fn on_single_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
 /// A `BufRef` is a reference to a buffer of bytes. It removes the need for self-referential data
 /// structures. It is safe to use as long as the underlying buffer does not get mutated.
 ///
