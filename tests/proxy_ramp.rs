@@ -238,6 +238,47 @@ async fn both_rounds(a: &Proxy, b: &Proxy, clients: usize) -> (Vec<String>, Vec<
     (one_round(a, clients).await, one_round(b, clients).await)
 }
 
+/// A replica's ramp state in force ("ramping" at 30%) and how many ticks it has synced with
+/// the shared store. The count is read just after the state, so it may be a tick ahead of it:
+/// a replica that lags another must have caught up once its count has grown by three.
+async fn synced_state(proxy: &Proxy) -> ((String, f64), u64) {
+    let json = proxy.routes_json().await;
+    let ramp = &json["routes"][0]["ramp"];
+    let state = (
+        ramp["status"].as_str().unwrap_or("?").to_string(),
+        ramp["percent"].as_f64().unwrap_or(-1.0),
+    );
+    (state, json["ramp_store"]["syncs"].as_u64().expect("a sync count"))
+}
+
+/// Syncs after which a replica must hold a state written to the shared store before the first.
+const SYNCS_TO_FOLLOW: u64 = 3;
+
+/// Waits until `done` holds on `proxy`, which must follow a write to the shared store made
+/// before this call. Fails once the replica has synced enough times to have followed it.
+async fn follows<F: std::future::Future<Output = bool>>(
+    proxy: &Proxy,
+    what: &str,
+    mut done: impl FnMut() -> F,
+) {
+    let (_, start) = synced_state(proxy).await;
+    // A guard against a replica that stops syncing altogether, not the property tested.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, syncs) = synced_state(proxy).await;
+        if done().await {
+            return;
+        }
+        assert!(
+            syncs < start + SYNCS_TO_FOLLOW,
+            "{what}: not followed after {} syncs",
+            syncs - start
+        );
+        assert!(Instant::now() < deadline, "{what}: the replica stopped syncing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn post_command(proxy: &Proxy, command: &str) -> reqwest::StatusCode {
     client()
         .post(format!("http://{}/routes/orders/{command}", proxy.admin))
@@ -262,27 +303,33 @@ async fn two_replicas_sharing_postgres_route_alike_and_survive_the_deciding_one(
         Some(Proxy::start_with(&routes, &["--config", &settings]).await),
     ];
 
-    // The replicas may disagree only while one has applied a new step and the other not yet:
-    // the documented window of 2 s (a tick each).
-    let mut disagreeing_since: Option<Instant> = None;
-    let mut check = |a: &[String], b: &[String]| {
-        if a == b {
-            disagreeing_since = None;
-        } else {
-            let since = *disagreeing_since.get_or_insert_with(Instant::now);
-            assert!(
-                since.elapsed() < Duration::from_secs(3),
-                "replicas disagree for 3 s:\n{a:?}\n{b:?}"
-            );
-        }
-    };
+    // Replicas in the same state route every client alike. They may be in different states
+    // only until the one behind has synced with the store: not after a few syncs each.
+    let mut apart: Option<(String, (u64, u64))> = None;
     let started = Instant::now();
     let (mut paused, mut killed) = (false, false);
     loop {
         let live: Vec<&Proxy> = replicas.iter().flatten().collect();
         if live.len() == 2 {
+            let states_before = (synced_state(live[0]).await.0, synced_state(live[1]).await.0);
             let (a, b) = both_rounds(live[0], live[1], 20).await;
-            check(&a, &b);
+            let ((state_a, syncs_a), (state_b, syncs_b)) =
+                (synced_state(live[0]).await, synced_state(live[1]).await);
+            if state_a == state_b {
+                apart = None;
+                if states_before == (state_a.clone(), state_b) {
+                    assert_eq!(a, b, "replicas both at {state_a:?} route clients differently");
+                }
+            } else {
+                let states = format!("{state_a:?} and {state_b:?}");
+                match &apart {
+                    Some((seen, since)) if *seen == states => assert!(
+                        syncs_a < since.0 + SYNCS_TO_FOLLOW || syncs_b < since.1 + SYNCS_TO_FOLLOW,
+                        "replicas stay at {states} after {SYNCS_TO_FOLLOW} syncs each"
+                    ),
+                    _ => apart = Some((states, (syncs_a, syncs_b))),
+                }
+            }
         } else {
             one_round(live[0], 20).await;
         }
@@ -290,26 +337,20 @@ async fn two_replicas_sharing_postgres_route_alike_and_survive_the_deciding_one(
         let percent = ramp["percent"].as_f64().unwrap_or(0.0);
         if !paused && percent >= 30.0 {
             // A write on one replica holds on both.
-            assert_eq!(post_command(live[0], "pause").await, 200);
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while ramp_of(live[1]).await["status"] != "paused" {
-                assert!(Instant::now() < deadline, "the pause did not reach the other replica");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            let (first, second) = (live[0], live[1]);
+            assert_eq!(post_command(first, "pause").await, 200);
+            follows(second, "the pause on the other replica", move || async move {
+                ramp_of(second).await["status"] == "paused"
+            })
+            .await;
             // A rollback sends everyone back on both, and a resume starts over.
-            assert_eq!(post_command(live[1], "rollback").await, 200);
-            let deadline = Instant::now() + Duration::from_secs(3);
-            loop {
-                let (a, b) = both_rounds(live[0], live[1], 20).await;
-                if a.iter().chain(&b).all(|backend| backend == "monolith") {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the rollback did not reach both:\n{a:?}\n{b:?}"
-                );
-            }
-            assert_eq!(post_command(live[0], "resume").await, 200);
+            assert_eq!(post_command(second, "rollback").await, 200);
+            follows(first, "the rollback on the other replica", move || async move {
+                let (a, b) = both_rounds(first, second, 20).await;
+                a.iter().chain(&b).all(|backend| backend == "monolith")
+            })
+            .await;
+            assert_eq!(post_command(first, "resume").await, 200);
             paused = true;
         } else if paused && !killed && percent >= 60.0 {
             // kill -9 the deciding replica: the other takes over and the ramp goes on.

@@ -319,6 +319,9 @@ pub enum StateStore {
 struct StoreHealth {
     error: Option<String>,
     deciding: bool,
+    /// Ticks that read and wrote the shared store: a replica whose count stands still is
+    /// not following the others.
+    syncs: u64,
 }
 
 /// The ramps of every ramped route, and where their states are kept.
@@ -345,7 +348,7 @@ impl Ramps {
                 }
             },
         };
-        let health = StoreHealth { error, deciding: false };
+        let health = StoreHealth { error, ..StoreHealth::default() };
         Ok(Ramps {
             routes: Mutex::new(BTreeMap::new()),
             store,
@@ -453,13 +456,15 @@ impl Ramps {
                     tracing::info!("ramp state database reachable again");
                 }
                 health.deciding = deciding;
+                health.syncs += 1;
                 metrics.ramp_store_up.set(1);
             }
             Err(e) => {
                 if health.error.is_none() {
                     tracing::error!(error = %e, "ramp state database unreachable: every ramp keeps its step and none advances");
                 }
-                *health = StoreHealth { error: Some(e.to_string()), deciding: false };
+                health.error = Some(e.to_string());
+                health.deciding = false;
                 metrics.ramp_store_up.set(0);
             }
         }
@@ -517,6 +522,7 @@ impl Ramps {
                 "reachable": health.error.is_none(),
                 "error": health.error,
                 "deciding": health.deciding,
+                "syncs": health.syncs,
             }),
         }
     }
