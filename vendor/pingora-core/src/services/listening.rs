@@ -372,6 +372,10 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         }
                     }
+                    // ficus patch: accept() errors return at once. Yield, so that one that
+                    // persists (a listener whose runtime has shut down, with work stealing
+                    // off) cannot keep this thread from its other tasks and its own stop.
+                    tokio::task::yield_now().await;
                 }
             }
         }
@@ -465,5 +469,77 @@ mod connection_limit_tests {
         drop(first);
         assert_eq!(limit.open(), 0);
         assert!(second.await.is_some());
+    }
+}
+
+#[cfg(test)]
+mod accept_loop_tests {
+    use super::*;
+    use crate::listeners::Listeners;
+    use std::sync::mpsc;
+
+    struct CloseEach;
+
+    #[async_trait]
+    impl ServerApp for CloseEach {
+        async fn process_new(
+            self: &Arc<Self>,
+            _session: Stream,
+            _shutdown: &ShutdownWatch,
+        ) -> Option<Stream> {
+            None
+        }
+    }
+
+    fn current_thread_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime")
+    }
+
+    // ficus patch. With work stealing off, every thread runs its own runtime, and the
+    // listener is registered with the runtime that built it, not with the one its accept
+    // loop happens to run on. On a fast shutdown the listener's runtime can stop first;
+    // from then on accept() fails at once, every time, and a loop that never yields keeps
+    // its thread from ever seeing its own stop message.
+    #[test]
+    fn an_accept_loop_whose_listener_runtime_stopped_lets_its_own_thread_stop() {
+        let listener_runtime = current_thread_runtime();
+        let mut listeners = Listeners::tcp("127.0.0.1:0");
+        let stack = listener_runtime
+            .block_on(listeners.build(
+                #[cfg(unix)]
+                None,
+            ))
+            .expect("a listener")
+            .pop()
+            .expect("one endpoint");
+        drop(listener_runtime);
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stopped_tx, stopped_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = current_thread_runtime();
+            let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+            runtime.spawn(Service::run_endpoint(
+                Arc::new(CloseEach),
+                stack,
+                shutdown,
+                None,
+            ));
+            runtime.block_on(async {
+                // Let the accept loop run before the stop message can be seen.
+                tokio::task::yield_now().await;
+                let _ = stop_rx.await;
+            });
+            runtime.shutdown_timeout(Duration::ZERO);
+            let _ = stopped_tx.send(());
+        });
+        let _ = stop_tx.send(());
+        assert!(
+            stopped_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the accept loop's thread did not stop"
+        );
     }
 }
