@@ -79,6 +79,7 @@ impl TimerStub {
     }
 }
 
+#[derive(Clone)]
 struct Timer(Arc<Notify>, Arc<AtomicBool>);
 
 impl Timer {
@@ -94,12 +95,47 @@ impl Timer {
     pub fn subscribe(&self) -> TimerStub {
         TimerStub(self.0.clone(), self.1.clone())
     }
+
+    fn fired(&self) -> bool {
+        self.1.load(Ordering::SeqCst)
+    }
+}
+
+// ficus patch: how many of its latest timers a thread finds without searching its tree.
+const RECENT_TIMERS: usize = 4;
+
+/// One thread's timers.
+#[derive(Default)]
+struct ThreadTimers {
+    /// Every timer not fired yet, by expiry: the clock thread fires them from here.
+    tree: BTreeMap<Time, Timer>,
+    /// ficus patch: the timers this thread registered last. Operations that start within one
+    /// resolution slot with the same timeout share a timer; at a high rate of operations the
+    /// next one almost always finds it here, without a search through thousands of slots.
+    /// An entry that has not fired is still in `tree` (the clock thread removes a timer and
+    /// fires it under the same lock), so it is the timer the tree would give.
+    recent: [Option<(Time, Timer)>; RECENT_TIMERS],
+    next_recent: usize,
+}
+
+impl ThreadTimers {
+    fn subscribe(&mut self, at: Time) -> TimerStub {
+        let recent = self.recent.iter().flatten();
+        if let Some((_, timer)) = recent.filter(|(t, _)| *t == at).find(|(_, t)| !t.fired()) {
+            return timer.subscribe();
+        }
+        let timer = self.tree.entry(at).or_insert_with(Timer::new).clone();
+        let stub = timer.subscribe();
+        self.recent[self.next_recent] = Some((at, timer));
+        self.next_recent = (self.next_recent + 1) % RECENT_TIMERS;
+        stub
+    }
 }
 
 /// The object that holds all the timers registered to it.
 pub struct TimerManager {
     // each thread insert into its local timer tree to avoid lock contention
-    timers: ThreadLocal<RwLock<BTreeMap<Time, Timer>>>,
+    timers: ThreadLocal<RwLock<ThreadTimers>>,
     zero: Instant, // the reference zero point of Timestamp
     // Start a new clock thread if this is -1 or staled. The clock thread should keep updating this
     clock_watchdog: AtomicI64,
@@ -140,7 +176,8 @@ impl TimerManager {
             let now = now.as_millis();
             // iterate through the timer tree for all threads
             for thread_timer in self.timers.iter() {
-                let mut timers = thread_timer.write();
+                let mut thread_timers = thread_timer.write();
+                let timers = &mut thread_timers.tree;
                 // Fire all timers until now
                 loop {
                     let key_to_remove = timers.iter().next().and_then(|(k, _)| {
@@ -203,22 +240,10 @@ impl TimerManager {
             return timer.subscribe();
         }
         let now: Time = (Instant::now() + duration - self.zero).into();
-        {
-            let timers = self.timers.get_or(|| RwLock::new(BTreeMap::new())).read();
-            if let Some(t) = timers.get(&now) {
-                return t.subscribe();
-            }
-        } // drop read lock
-
-        let timer = Timer::new();
-        let mut timers = self.timers.get_or(|| RwLock::new(BTreeMap::new())).write();
-        // Usually we check if another thread has insert the same node before we get the write lock,
-        // but because only this thread will insert anything to its local timers tree, there
-        // is no possible race that can happen. The only other thread is the clock thread who
-        // only removes timer from the tree
-        let stub = timer.subscribe();
-        timers.insert(now, timer);
-        stub
+        // Only this thread inserts into its timers; the clock thread only removes. ficus patch:
+        // one write lock (uncontended but for the clock thread's visits) where a read lock
+        // and, for a new slot, a write lock were taken.
+        self.timers.get_or(Default::default).write().subscribe(now)
     }
 
     fn is_paused_for_fork(&self) -> bool {
@@ -281,6 +306,32 @@ mod tests {
         t2.poll().await;
         // t2 fired along t1 so no extra wait time
         assert_eq!(now.elapsed().as_secs(), 0);
+    }
+
+    // ficus patch: a registration the thread's recent timers answer gets the timer its tree
+    // would give: the same for the same slot, also among other slots and after more
+    // registrations than are kept, and a new one once the slot's timer has fired.
+    #[test]
+    fn a_slot_keeps_one_timer_until_it_fires() {
+        let same = |a: &TimerStub, b: &TimerStub| Arc::ptr_eq(&a.0, &b.0);
+        let mut timers = ThreadTimers::default();
+        let first = timers.subscribe(Time(60_000));
+        let slots: Vec<TimerStub> = (1..=2 * RECENT_TIMERS as u128)
+            .map(|s| timers.subscribe(Time(60_000 + 10 * s)))
+            .collect();
+        assert!(same(&first, &timers.subscribe(Time(60_000))));
+        assert!(same(&slots[0], &timers.subscribe(Time(60_010))));
+        assert!(!same(&slots[0], &slots[1]));
+        assert_eq!(timers.tree.len(), slots.len() + 1);
+
+        // Fire every timer, as the clock thread does once they are due.
+        for timer in std::mem::take(&mut timers.tree).into_values() {
+            timer.fire();
+        }
+        let after = timers.subscribe(Time(60_000));
+        assert!(!same(&first, &after));
+        assert!(!after.1.load(Ordering::SeqCst));
+        assert_eq!(timers.tree.len(), 1);
     }
 
     #[test]
