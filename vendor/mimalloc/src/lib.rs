@@ -106,7 +106,7 @@ mod tests {
         unsafe {
             let layout = Layout::from_size_align(48, 8).unwrap();
             let ptr = MiMalloc.alloc(layout);
-            // mimalloc has 48-byte blocks; the aligned call over-allocated a 56-byte one.
+            // mimalloc has 48-byte blocks; the aligned call over-allocated a 64-byte one.
             assert_eq!(mi_usable_size(ptr as *const c_void), 48);
             MiMalloc.dealloc(ptr, layout);
         }
