@@ -319,6 +319,9 @@ fn from_digits(bytes: &[u8]) -> Option<u64> {
     Some(result)
 }
 
+// ficus patch: reconciles the values already looked up (`content_length_for_framing` tells
+// absent from invalid by whether there were any); `content_length_parse_all` below is the
+// former signature, kept for the tests of these rules.
 /// Reconcile every `Content-Length` value (across duplicate header lines and
 /// comma-separated lists) into a single value, mirroring the behavior of
 /// hyper's `content_length_parse_all`
@@ -330,12 +333,12 @@ fn from_digits(bytes: &[u8]) -> Option<u64> {
 /// 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6) this lets identical
 /// duplicates (e.g. `Content-Length: 42, 42`) be collapsed to a single value
 /// while genuinely conflicting framing is rejected.
-pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
+fn reconcile_content_lengths(values: http::header::GetAll<'_, HeaderValue>) -> Option<u64> {
     // If multiple Content-Length headers were sent, everything can still be
     // alright if they all contain the same value, and all parse correctly. If
     // not, then it's an error.
     let mut content_length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
+    for value in values {
         // A non-visible-ASCII value can't be a valid Content-Length, so the
         // framing is ambiguous.
         let line = value.to_str().ok()?;
@@ -352,12 +355,25 @@ pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
     content_length
 }
 
+/// Every `Content-Length` value of `headers` reconciled, as [`reconcile_content_lengths`].
+#[cfg(test)]
+pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
+    reconcile_content_lengths(headers.get_all(header::CONTENT_LENGTH))
+}
+
 /// Resolve the framing `Content-Length` of a message following hyper's decode
 /// rules: the reconciled value when valid, an error when a `Content-Length` is
 /// present but cannot be resolved to a single value (conflicting duplicates or
 /// an unparseable value), or `None` when the header is absent.
 pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>> {
-    match content_length_parse_all(headers) {
+    // ficus patch: the name is looked up once. Absent is told from invalid by whether any
+    // value was found, where a second lookup (`contains_key`) did it for every message
+    // without a Content-Length.
+    let values = headers.get_all(header::CONTENT_LENGTH);
+    if values.iter().next().is_none() {
+        return Ok(None);
+    }
+    match reconcile_content_lengths(values) {
         Some(cl) => {
             // Content-Length frames the body, so a value that does not fit in
             // `usize` cannot be represented and must not be silently truncated
@@ -373,13 +389,12 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
                 )
             })
         }
-        None if headers.contains_key(header::CONTENT_LENGTH) => {
+        None => {
             // debug, not warn: per-message, client-influenced; avoids log floods
             // under adversarial load. The error is returned to the caller.
             debug!("invalid Content-Length header");
             Error::e_explain(InvalidHTTPHeader, "invalid Content-Length header")
         }
-        None => Ok(None),
     }
 }
 
@@ -557,6 +572,20 @@ mod test {
             err.context.as_ref().map(|c| c.as_str()),
             Some("invalid Content-Length header")
         );
+
+        // present but empty -> Err, not absent
+        let mut headers = HMap::new();
+        headers.insert(CONTENT_LENGTH, "".try_into().unwrap());
+        let err = content_length_for_framing(&headers).unwrap_err();
+        assert_eq!(
+            err.context.as_ref().map(|c| c.as_str()),
+            Some("invalid Content-Length header")
+        );
+
+        // other fields only -> Ok(None)
+        let mut headers = HMap::new();
+        headers.insert(header::TRANSFER_ENCODING, "chunked".try_into().unwrap());
+        assert_eq!(content_length_for_framing(&headers).unwrap(), None);
     }
 
     #[test]
