@@ -263,12 +263,10 @@ impl FicusProxy {
                 .or_err_with(InvalidHTTPHeader, || format!("cannot build upstream URI {path}"))?;
             req.set_uri(uri);
         }
-        for name in &table.strip_headers {
-            req.remove_header(name.as_str());
-        }
-        // The override (and its token) is for ficus, not for the backend.
-        if let Some(name) = &table.override_header {
-            req.remove_header(name.as_str());
+        // The override (and its token) is for ficus, not for the backend; the others could
+        // let a client pose as someone else.
+        for name in &active.removed_headers {
+            req.remove_header(name);
         }
         // Room made at once for the fields added below: the copy of the client's header maps is
         // full, and grew on the way (twice for three fields after a client's two).

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use ficus_routes::{Backend, LoadError, RouteTable, ValidationError};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::upstreams::peer::HttpPeer;
 use prometheus::IntCounter;
 
@@ -70,6 +70,9 @@ pub struct ActiveTable {
     /// Indexed like `table.routes`, then by [`Fallback`]: the fallback counters, resolved
     /// once so that neither a fallback nor the console's sampling looks them up by label.
     pub fallbacks: Vec<[IntCounter; 2]>,
+    /// `table.strip_headers` and the override header, parsed once: removed from every
+    /// request before it is forwarded.
+    pub removed_headers: Vec<HeaderName>,
 }
 
 impl ActiveTable {
@@ -97,6 +100,7 @@ impl ActiveTable {
                 }),
             }
         }
+        let removed_headers = removed_headers(&table, &file, &mut errors);
         if !errors.is_empty() {
             return Err(LoadError::Invalid(errors));
         }
@@ -121,13 +125,49 @@ impl ActiveTable {
             })
             .collect();
         let loaded_at = SystemTime::now();
-        Ok(ActiveTable { table, upstreams, loaded_at, series, shadows, ramps, fallbacks })
+        Ok(ActiveTable {
+            table,
+            upstreams,
+            loaded_at,
+            series,
+            shadows,
+            ramps,
+            fallbacks,
+            removed_headers,
+        })
     }
 
     /// The fallbacks of route `index` so far, for every reason.
     pub fn fallbacks_total(&self, index: usize) -> u64 {
         self.fallbacks.get(index).map_or(0, |counters| counters.iter().map(IntCounter::get).sum())
     }
+}
+
+/// The names every forwarded request loses, as header names. The route file's loader accepts
+/// only tokens, which are header names, so an error here would be a disagreement between the
+/// two, reported as the file's error all the same.
+fn removed_headers(
+    table: &RouteTable,
+    file: &str,
+    errors: &mut Vec<ValidationError>,
+) -> Vec<HeaderName> {
+    let strip = table.strip_headers.iter().map(|name| ("strip_headers", name));
+    let overridden = table.override_header.iter().map(|name| ("override_header", name));
+    strip
+        .chain(overridden)
+        .filter_map(|(field, name)| match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(name) => Some(name),
+            Err(e) => {
+                errors.push(ValidationError {
+                    file: file.to_owned(),
+                    location: "defaults".into(),
+                    field: field.into(),
+                    message: format!("\"{name}\" is not a valid header name: {e}"),
+                });
+                None
+            }
+        })
+        .collect()
 }
 
 fn resolve(backend: &Backend) -> Result<SocketAddr, String> {
