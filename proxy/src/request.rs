@@ -27,7 +27,8 @@ impl RequestView for PingoraRequest<'_> {
 
     fn host(&self) -> Option<&str> {
         // HTTP/2 clients send `:authority` instead of Host.
-        self.header("host").or_else(|| self.header.uri.authority().map(|a| a.as_str()))
+        let host = self.header.headers.get(http::header::HOST).and_then(|v| v.to_str().ok());
+        host.or_else(|| self.header.uri.authority().map(|a| a.as_str()))
     }
 
     fn header(&self, name: &str) -> Option<&str> {
@@ -38,7 +39,7 @@ impl RequestView for PingoraRequest<'_> {
         // HTTP/2 may split cookies over several headers.
         self.header
             .headers
-            .get_all("cookie")
+            .get_all(http::header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .find_map(|v| find_cookie(v, name))
