@@ -12,6 +12,13 @@ pub struct PingoraRequest<'a> {
     pub client_ip: Option<IpAddr>,
 }
 
+impl<'a> PingoraRequest<'a> {
+    /// The first value of a header, if it is text.
+    fn value(&self, name: impl http::header::AsHeaderName) -> Option<&'a str> {
+        self.header.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
 impl RequestView for PingoraRequest<'_> {
     fn method(&self) -> &str {
         self.header.method.as_str()
@@ -27,12 +34,11 @@ impl RequestView for PingoraRequest<'_> {
 
     fn host(&self) -> Option<&str> {
         // HTTP/2 clients send `:authority` instead of Host.
-        let host = self.header.headers.get(http::header::HOST).and_then(|v| v.to_str().ok());
-        host.or_else(|| self.header.uri.authority().map(|a| a.as_str()))
+        self.value(http::header::HOST).or_else(|| self.header.uri.authority().map(|a| a.as_str()))
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.header.headers.get(name).and_then(|v| v.to_str().ok())
+        self.value(name)
     }
 
     fn cookie(&self, name: &str) -> Option<&str> {

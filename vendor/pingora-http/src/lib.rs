@@ -413,7 +413,9 @@ impl RequestHeader {
     /// rebuilding a [RequestHeader] from the result serializes the URI's origin-form path
     /// instead of the original bytes. [Clone] keeps it; [Self::set_raw_path()] restores it.
     pub fn as_owned_parts(&self) -> ReqParts {
-        clone_req_parts(&self.base)
+        // ficus patch: `Parts` are `Clone` (http 1.x); this was a whole request built through
+        // `http`'s builder, unwrapped and taken apart, and then given clones of each field.
+        self.base.clone()
     }
 }
 
@@ -710,7 +712,8 @@ impl ResponseHeader {
 
     /// Clone `self` into [http::response::Parts].
     pub fn as_owned_parts(&self) -> RespParts {
-        clone_resp_parts(&self.base)
+        // ficus patch: as `RequestHeader::as_owned_parts`.
+        self.base.clone()
     }
 
     /// Helper function to set the HTTP content length on the response header.
@@ -822,16 +825,6 @@ fn parse_request_target(target: &[u8]) -> Result<ParsedRequestTarget> {
             Cow::Owned(_) => RawTarget::Lossy(target.into()),
         },
     })
-}
-
-// ficus patch: `Parts` are `Clone` (http 1.x), and a clone of each field is what the
-// builder detour (a whole request or response built, unwrapped and taken apart) produced.
-fn clone_req_parts(me: &ReqParts) -> ReqParts {
-    me.clone()
-}
-
-fn clone_resp_parts(me: &RespParts) -> RespParts {
-    me.clone()
 }
 
 // This function returns an upper bound on the size of the header map used inside the http crate.
