@@ -11,6 +11,12 @@
 #   CONNS=128 DURATION=30s ROUNDS=5 tests/bench/proxy.sh
 #   WORKERS=auto WRK_THREADS=2 tests/bench/proxy.sh   # every proxy with its own defaults
 #   CONTENDERS="ficus nginx" tests/bench/proxy.sh     # a subset
+#   PGO=0 tests/bench/proxy.sh           # ficus as a plain release build
+#   FICUS=path/to/ficus tests/bench/proxy.sh          # a ficus built already
+#
+# ficus is measured as it is released: built with profile-guided optimisation
+# (scripts/build-pgo, which takes about twice a release build's time). Pingora alone
+# (pingora-floor) is a plain release build.
 #
 # WORKERS=auto starts every proxy as its documentation suggests for the machine: ficus with no
 # --threads, NGINX with `worker_processes auto`, HAProxy with no nbthread.
@@ -40,7 +46,14 @@ install() {
 scripts/install-deps
 install nginx haproxy wrk
 cargo build --release -j2 --workspace --bin ficus --example pingora_floor >&2
-FICUS=target/release/ficus
+if [ -n "${FICUS:-}" ]; then
+  FICUS_BUILD=${FICUS_BUILD:-given}   # say how it was built: pgo, release
+elif [ "${PGO:-1}" = 1 ]; then
+  FICUS=$(scripts/build-pgo); FICUS_BUILD=pgo
+else
+  FICUS=target/release/ficus; FICUS_BUILD=release
+fi
+export FICUS FICUS_BUILD
 
 WORK=$(mktemp -d)
 # The route files get a directory of their own: ficus watches its route file's directory, and
@@ -250,13 +263,14 @@ def version(cmd):
     return (out.stdout + out.stderr).strip().splitlines()[0]
 meta = {
     "cores": os.cpu_count(),
-    "versions": {"ficus": version("target/release/ficus --version"), "nginx": version("nginx -v"),
+    "versions": {"ficus": version(f"{os.environ['FICUS']} --version"), "nginx": version("nginx -v"),
                  "haproxy": version("haproxy -v"), "wrk": version("wrk -v 2>&1 | head -1")},
+    "ficus_build": os.environ["FICUS_BUILD"],
     "settings": {"connections": int(conns), "duration": duration, "rounds_median_of": int(os.environ.get("ROUNDS", "3")), "proxy_workers": workers,
                  "wrk_threads": int(wrk_threads), "distinct_users": int(users), "split": "30/70 sticky by x-user"},
     "ficus_peak_rss_mib": round(int(rss) / 1024, 1),
 }
-print(f"\ncores {meta['cores']}; {conns} connections, {duration} each; {workers} proxy worker(s); {users} distinct users")
+print(f"\ncores {meta['cores']}; {conns} connections, {duration} each; {workers} proxy worker(s); {users} distinct users; ficus build: {meta['ficus_build']}")
 print(f"{'contender':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}{'CPU us/req user+sys':>22}")
 for name, r in data.items():
     cpu = f"{r['cpu_user_us_per_req']:.1f} + {r['cpu_sys_us_per_req']:.1f}" if r['cpu_user_us_per_req'] or r['cpu_sys_us_per_req'] else "-"
