@@ -5,41 +5,12 @@
 # header, 64 KiB answers, request bodies with a Content-Length and chunked. Each ficus exits
 # gracefully (SIGTERM), which is when its profile is written. Needs nginx and wrk.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 FICUS=$1
 SECONDS_EACH=${SECONDS_EACH:-4}
 
-WORK=$(mktemp -d)
-mkdir -p "$WORK/routes" "$WORK/www"
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
-  echo "pgo-train: nothing listens on $1" >&2; tail -n 20 "$WORK"/*.log "$WORK"/*.err >&2 2>/dev/null; exit 1
-}
-
-# NGINX's workers run as an unprivileged user: they must be able to read the file they serve.
-chmod 755 "$WORK" "$WORK/www"
-head -c 65536 /dev/zero | tr '\0' x > "$WORK/www/big"
-chmod 644 "$WORK/www/big"
-UP_A=$(free_port); UP_B=$(free_port)
-cat > "$WORK/upstream.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP_A; location / { return 200 "a"; } location /big { alias $WORK/www/big; } }
-  server { listen 127.0.0.1:$UP_B; location / { return 200 "b"; } location /big { alias $WORK/www/big; } }
-}
-CONF
-nginx -c "$WORK/upstream.conf" & PIDS+=($!)
-wait_port "$UP_A"; wait_port "$UP_B"
+scratch
+start_upstreams
 
 cat > "$WORK/routes/routes.toml" <<TOML
 [backends.a]

@@ -34,15 +34,7 @@ WRK_THREADS=${WRK_THREADS:-1}
 export ROUNDS=${ROUNDS:-3}     # measured runs per contender; the median is reported
 USERS=${USERS:-100000}         # distinct x-user values
 
-install() {
-  local missing=()
-  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
-  if ((${#missing[@]})); then
-    local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-}
+source tests/bench/lib.sh
 scripts/install-deps
 install nginx haproxy wrk
 cargo build --release -j2 --workspace --bin ficus --example pingora_floor >&2
@@ -55,37 +47,8 @@ else
 fi
 export FICUS FICUS_BUILD
 
-WORK=$(mktemp -d)
-# The route files get a directory of their own: ficus watches its route file's directory, and
-# the logs written beside it woke the watcher on every write (5% of ficus's samples in one run).
-mkdir -p "$WORK/routes"
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
-  echo "nothing listens on $1; logs:" >&2; tail -n 20 "$WORK"/*.err "$WORK"/*.log >&2 2>/dev/null; exit 1
-}
-
-UP_A=$(free_port); UP_B=$(free_port)
-# The upstreams: one NGINX, two ports, a fixed 2-byte body, keep-alive, no logs.
-cat > "$WORK/upstream.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP_A; location / { return 200 "a"; } }
-  server { listen 127.0.0.1:$UP_B; location / { return 200 "b"; } }
-}
-CONF
-nginx -c "$WORK/upstream.conf" & PIDS+=($!)
-wait_port "$UP_A"; wait_port "$UP_B"
+scratch
+start_upstreams
 
 cat > "$WORK/load.lua" <<'LUA'
 math.randomseed(42)
