@@ -37,12 +37,13 @@ USERS=${USERS:-100000}         # distinct x-user values
 source tests/bench/lib.sh
 scripts/install-deps
 install nginx haproxy wrk
-cargo build --release -j2 --workspace --bin ficus --example pingora_floor >&2
+cargo build --release -j2 -p ficus-proxy --example pingora_floor >&2
 if [ -n "${FICUS:-}" ]; then
   FICUS_BUILD=${FICUS_BUILD:-given}   # say how it was built: pgo, release
 elif [ "${PGO:-1}" = 1 ]; then
   FICUS=$(scripts/build-pgo); FICUS_BUILD=pgo
 else
+  cargo build --release -j2 --bin ficus >&2
   FICUS=target/release/ficus; FICUS_BUILD=release
 fi
 export FICUS FICUS_BUILD
