@@ -21,6 +21,7 @@ use pingora_error::{Error, ErrorType::*, OrErr, Result, RetryType};
 use pingora_http::{HMap, IntoCaseHeaderName, RequestHeader, ResponseHeader};
 use pingora_timeout::timeout;
 use std::io::ErrorKind;
+use std::mem::MaybeUninit;
 use std::str;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -271,9 +272,11 @@ impl HttpSession {
 
         loop {
             if parse_existing_buffer {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut resp = httparse::Response::new(&mut headers);
-                let parsed = parse_resp_buffer(&mut resp, &self.response_header_read_buf);
+                // ficus patch: room for the headers, left uninitialised (see `parse_resp_buffer`).
+                let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut []);
+                let parsed =
+                    parse_resp_buffer(&mut resp, &self.response_header_read_buf, &mut headers);
                 match parsed {
                     HeaderParseState::Complete(s) => {
                         let total_read = self.response_header_read_buf.len();
@@ -882,15 +885,19 @@ impl HttpSession {
     }
 }
 
+/// ficus patch: `headers` is filled by the parser, not first with `EMPTY_HEADER`: the array
+/// holds `MAX_HEADERS` (256) headers of 32 bytes, and writing all 8 KiB of it for every
+/// response took more instructions than parsing a typical response's header.
 #[inline]
-fn parse_resp_buffer<'buf>(
-    resp: &mut httparse::Response<'_, 'buf>,
+fn parse_resp_buffer<'headers, 'buf>(
+    resp: &mut httparse::Response<'headers, 'buf>,
     buf: &'buf [u8],
+    headers: &'headers mut [MaybeUninit<httparse::Header<'buf>>],
 ) -> HeaderParseState {
     let mut parser = httparse::ParserConfig::default();
     parser.allow_spaces_after_header_name_in_responses(true);
     parser.allow_obsolete_multiline_headers_in_responses(true);
-    let res = match parser.parse_response(resp, buf) {
+    let res = match parser.parse_response_with_uninit_headers(resp, buf, headers) {
         Ok(s) => s,
         Err(e) => {
             return HeaderParseState::Invalid(e);
@@ -1014,6 +1021,47 @@ mod tests_stream {
         let res = http_stream.read_body_ref().await.unwrap();
         assert_eq!(res, None);
         assert_eq!(http_stream.body_reader.body_state, ParseState::Complete(3));
+    }
+
+    // ficus patch: the parser's header room is uninitialised; its size is still the limit,
+    // in one read or across several.
+    #[rstest]
+    #[case::one_read(usize::MAX)]
+    #[case::in_pieces(7)]
+    #[tokio::test]
+    async fn read_response_with_as_many_headers_as_allowed_and_one_more(#[case] piece: usize) {
+        init_log();
+        let response = |count: usize| {
+            let mut input = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..count {
+                input.extend_from_slice(format!("X-Field-{i}: value {i}\r\n").as_bytes());
+            }
+            input.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+            input
+        };
+        let session = |input: &[u8]| {
+            let mut mock = Builder::new();
+            for chunk in input.chunks(piece.min(input.len())) {
+                mock.read(chunk);
+            }
+            HttpSession::new(Box::new(mock.build()))
+        };
+
+        let input = response(MAX_HEADERS - 1);
+        let mut http_stream = session(&input);
+        let res = http_stream.read_response().await;
+        assert_eq!(input.len(), res.unwrap());
+        let header = http_stream.resp_header().unwrap();
+        assert_eq!(MAX_HEADERS, header.headers.len());
+        assert_eq!("value 0", header.headers.get("X-Field-0").unwrap());
+        assert_eq!("value 254", header.headers.get("X-Field-254").unwrap());
+        assert_eq!("0", header.headers.get("Content-Length").unwrap());
+
+        // In one read: the parser stops at the header past the limit, before the rest arrives.
+        let input = response(MAX_HEADERS);
+        let mut http_stream = HttpSession::new(Box::new(Builder::new().read(&input).build()));
+        let err = http_stream.read_response().await.unwrap_err();
+        assert_eq!(err.etype(), &InvalidHTTPHeader);
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ use pingora_timeout::timeout;
 use regex::bytes::Regex;
 use std::any::Any;
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -331,9 +332,10 @@ impl HttpSession {
 
             // Use loop as GOTO to retry escaped request buffer, not a real loop
             loop {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut req = httparse::Request::new(&mut headers);
-                let parsed = parse_req_buffer(&mut req, &buf);
+                // ficus patch: room for the headers, left uninitialised (see `parse_req_buffer`).
+                let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+                let mut req = httparse::Request::new(&mut []);
+                let parsed = parse_req_buffer(&mut req, &buf, &mut headers);
                 match parsed {
                     HeaderParseState::Complete(s) => {
                         // ficus patch: the limit holds for a header that arrived in one read
@@ -1827,23 +1829,41 @@ fn escape_illegal_request_line(buf: &BytesMut) -> Option<BytesMut> {
 }
 
 #[inline]
-fn parse_req_buffer<'buf>(
-    req: &mut httparse::Request<'_, 'buf>,
+/// ficus patch: `headers` is filled by the parser, not first with `EMPTY_HEADER`: the array
+/// holds `MAX_HEADERS` (256) headers of 32 bytes, and writing all 8 KiB of it for every
+/// request took more instructions than parsing a typical request's header.
+fn parse_req_buffer<'headers, 'buf>(
+    req: &mut httparse::Request<'headers, 'buf>,
     buf: &'buf [u8],
+    headers: &'headers mut [MaybeUninit<httparse::Header<'buf>>],
 ) -> HeaderParseState {
-    use httparse::Result;
+    use httparse::{Header, Result};
 
     #[cfg(feature = "patched_http1")]
-    fn parse<'buf>(req: &mut httparse::Request<'_, 'buf>, buf: &'buf [u8]) -> Result<usize> {
+    fn parse<'headers, 'buf>(
+        req: &mut httparse::Request<'headers, 'buf>,
+        buf: &'buf [u8],
+        headers: &'headers mut [MaybeUninit<Header<'buf>>],
+    ) -> Result<usize> {
+        // The patched parser has no entry point for uninitialised headers.
+        for header in headers.iter_mut() {
+            header.write(httparse::EMPTY_HEADER);
+        }
+        // SAFETY: every element was initialised just above.
+        req.headers = unsafe { &mut *(headers as *mut [MaybeUninit<Header<'buf>>] as *mut [Header<'buf>]) };
         req.parse_unchecked(buf)
     }
 
     #[cfg(not(feature = "patched_http1"))]
-    fn parse<'buf>(req: &mut httparse::Request<'_, 'buf>, buf: &'buf [u8]) -> Result<usize> {
-        req.parse(buf)
+    fn parse<'headers, 'buf>(
+        req: &mut httparse::Request<'headers, 'buf>,
+        buf: &'buf [u8],
+        headers: &'headers mut [MaybeUninit<Header<'buf>>],
+    ) -> Result<usize> {
+        httparse::ParserConfig::default().parse_request_with_uninit_headers(req, buf, headers)
     }
 
-    let res = match parse(req, buf) {
+    let res = match parse(req, buf, headers) {
         Ok(s) => s,
         Err(e) => {
             return HeaderParseState::Invalid(e);
@@ -1910,6 +1930,46 @@ mod tests_stream {
         let res = http_stream.read_request().await;
         assert_eq!(input.len(), res.unwrap().unwrap());
         assert_eq!(0, http_stream.req_header().headers.len());
+    }
+
+    // ficus patch: the parser's header room is uninitialised; its size is still the limit,
+    // in one read or across several.
+    #[rstest]
+    #[case::one_read(usize::MAX)]
+    #[case::in_pieces(7)]
+    #[tokio::test]
+    async fn read_request_with_as_many_headers_as_allowed_and_one_more(#[case] piece: usize) {
+        init_log();
+        let request = |count: usize| {
+            let mut input = b"GET / HTTP/1.1\r\n".to_vec();
+            for i in 0..count {
+                input.extend_from_slice(format!("X-Field-{i}: value {i}\r\n").as_bytes());
+            }
+            input.extend_from_slice(b"\r\n");
+            input
+        };
+        let session = |input: &[u8]| {
+            let mut mock = Builder::new();
+            for chunk in input.chunks(piece.min(input.len())) {
+                mock.read(chunk);
+            }
+            HttpSession::new(Box::new(mock.build()))
+        };
+
+        let input = request(MAX_HEADERS);
+        let mut http_stream = session(&input);
+        let res = http_stream.read_request().await;
+        assert_eq!(input.len(), res.unwrap().unwrap());
+        let headers = &http_stream.req_header().headers;
+        assert_eq!(MAX_HEADERS, headers.len());
+        assert_eq!("value 0", headers.get("X-Field-0").unwrap());
+        assert_eq!("value 255", headers.get("X-Field-255").unwrap());
+
+        // In one read: the parser stops at the header past the limit, before the rest arrives.
+        let input = request(MAX_HEADERS + 1);
+        let mut http_stream = HttpSession::new(Box::new(Builder::new().read(&input).build()));
+        let err = http_stream.read_request().await.unwrap_err();
+        assert_eq!(err.etype(), &InvalidHTTPHeader);
     }
 
     // ficus patch
