@@ -338,16 +338,23 @@ fn reconcile_content_lengths(values: http::header::GetAll<'_, HeaderValue>) -> O
     // alright if they all contain the same value, and all parse correctly. If
     // not, then it's an error.
     let mut content_length: Option<u64> = None;
+    let mut agrees = |n: u64| content_length.replace(n).is_none_or(|prev| prev == n);
     for value in values {
+        // ficus patch: a value of digits alone, nearly every message's, is its number. Splitting
+        // it as a list and trimming the one item, as below, gives the same and cost about 150
+        // instructions more, for each of the three times a response is framed.
+        if let Some(n) = from_digits(value.as_bytes()) {
+            if !agrees(n) {
+                return None;
+            }
+            continue;
+        }
         // A non-visible-ASCII value can't be a valid Content-Length, so the
         // framing is ambiguous.
         let line = value.to_str().ok()?;
         for v in line.split(',') {
-            let n = from_digits(v.trim().as_bytes())?;
-            match content_length {
-                None => content_length = Some(n),
-                Some(prev) if prev != n => return None,
-                Some(_) => {}
+            if !agrees(from_digits(v.trim().as_bytes())?) {
+                return None;
             }
         }
     }
@@ -510,6 +517,10 @@ mod test {
     #[case::negative("-1", None)]
     #[case::trailing_comma("5,", None)]
     #[case::overflow("99999999999999999999999999", None)]
+    // ficus patch: values of digits alone take a shorter path; these take both.
+    #[case::leading_zeros("007", Some(7))]
+    #[case::padded(" 5 ", Some(5))]
+    #[case::largest("18446744073709551615", Some(u64::MAX))]
     fn test_content_length_parse_all_single_header(
         #[case] value: &str,
         #[case] expected: Option<u64>,
@@ -526,6 +537,9 @@ mod test {
     #[case::two_conflict(&["5", "6"], None)]
     #[case::mixed_comma_identical(&["5", "5, 5"], Some(5))]
     #[case::mixed_comma_conflict(&["5", "5, 6"], None)]
+    #[case::list_then_digits(&["6, 6", "6"], Some(6))]
+    #[case::digits_then_padded_conflict(&["5", " 6"], None)]
+    #[case::digits_then_invalid(&["5", "5x"], None)]
     fn test_content_length_parse_all_multi_header(
         #[case] values: &[&str],
         #[case] expected: Option<u64>,
