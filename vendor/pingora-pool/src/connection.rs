@@ -186,7 +186,8 @@ type Pool<S> = PoolNode<PoolConnection<S>>;
 /// be picked up by another user/request.
 pub struct ConnectionPool<S> {
     // Concurrent per-key pool index; each value handles per-key connection storage.
-    pools: DashMap<GroupKey, Arc<Pool<S>>>,
+    // ficus patch: hashed with foldhash, not SipHash (see `crate::FastHash`).
+    pools: DashMap<GroupKey, Arc<Pool<S>>, crate::FastHash>,
     lru: Lru<ID, ConnectionMeta>,
 }
 
@@ -197,7 +198,7 @@ impl<S> ConnectionPool<S> {
     /// or above `size`, the least recently used connection is dropped.
     pub fn new(size: usize) -> Self {
         ConnectionPool {
-            pools: DashMap::with_capacity(size),
+            pools: DashMap::with_capacity_and_hasher(size, crate::FastHash::default()),
             lru: Lru::new(size),
         }
     }

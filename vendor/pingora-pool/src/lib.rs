@@ -25,4 +25,11 @@
 mod connection;
 mod lru;
 
+/// ficus patch: the hasher of the pool's index and of the LRU's shard choice. Their keys are
+/// connection group keys (themselves hashes of a peer) and file descriptors, neither chosen by
+/// a client, and each request that takes and returns a pooled connection hashes them four
+/// times: with std's SipHash that took about 600 instructions per request. foldhash is what the
+/// `lru` crate's own maps already use, seeded per process.
+type FastHash = foldhash::fast::RandomState;
+
 pub use connection::{ConnectionMeta, ConnectionPool, PoolNode};

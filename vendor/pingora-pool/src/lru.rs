@@ -12,10 +12,9 @@
 // See the License for the specific language governing permissions and
 // limitations under the License.
 
-use core::hash::{Hash, Hasher};
+use core::hash::{BuildHasher, Hash};
 use lru::LruCache;
 use parking_lot::Mutex;
-use std::collections::hash_map::DefaultHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -64,6 +63,8 @@ where
     /// Global capacity. Eviction runs when `len` exceeds this.
     size: usize,
     drain: AtomicBool,
+    /// ficus patch: picks a key's shard (see `crate::FastHash`).
+    hasher: crate::FastHash,
 }
 
 impl<K, T> Lru<K, T>
@@ -78,14 +79,13 @@ where
             order: AtomicU64::new(0),
             size,
             drain: AtomicBool::new(false),
+            hasher: crate::FastHash::default(),
         }
     }
 
     #[inline]
     fn shard(&self, key: &K) -> &Mutex<LruCache<K, Node<T>>> {
-        let mut hasher = DefaultHasher::new();
-        key.hash(&mut hasher);
-        &self.lrus[(hasher.finish() as usize) % N_SHARDS]
+        &self.lrus[(self.hasher.hash_one(key) as usize) % N_SHARDS]
     }
 
     /// Drain to `size - headroom` by globally oldest `order`.
