@@ -1828,10 +1828,10 @@ fn escape_illegal_request_line(buf: &BytesMut) -> Option<BytesMut> {
     }
 }
 
-#[inline]
 /// ficus patch: `headers` is filled by the parser, not first with `EMPTY_HEADER`: the array
 /// holds `MAX_HEADERS` (256) headers of 32 bytes, and writing all 8 KiB of it for every
 /// request took more instructions than parsing a typical request's header.
+#[inline]
 fn parse_req_buffer<'headers, 'buf>(
     req: &mut httparse::Request<'headers, 'buf>,
     buf: &'buf [u8],
@@ -1849,8 +1849,9 @@ fn parse_req_buffer<'headers, 'buf>(
         for header in headers.iter_mut() {
             header.write(httparse::EMPTY_HEADER);
         }
+        let headers = headers as *mut [MaybeUninit<Header<'buf>>] as *mut [Header<'buf>];
         // SAFETY: every element was initialised just above.
-        req.headers = unsafe { &mut *(headers as *mut [MaybeUninit<Header<'buf>>] as *mut [Header<'buf>]) };
+        req.headers = unsafe { &mut *headers };
         req.parse_unchecked(buf)
     }
 
