@@ -32,6 +32,32 @@ use crate::protocols::http::HttpTask;
 use crate::protocols::{Digest, SocketAddr, Stream, UniqueID, UniqueIDType};
 use crate::utils::{BufRef, KVRef};
 
+/// ficus patch: how a response's body is delimited, as its framing fields say (RFC 9112
+/// section 6.3), worked out once per response.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct BodyFraming {
+    /// The last transfer coding is chunked (a Content-Length is then ignored).
+    chunked: bool,
+    /// The valid Content-Length, if any.
+    content_length: Option<usize>,
+}
+
+impl BodyFraming {
+    /// The framing of a response whose header is `headers`; an invalid length counts as none.
+    fn of(headers: &HMap) -> Self {
+        let chunked = is_chunked_encoding_from_headers(headers);
+        let content_length = if chunked {
+            None
+        } else {
+            content_length_for_framing(headers).unwrap_or(None)
+        };
+        BodyFraming {
+            chunked,
+            content_length,
+        }
+    }
+}
+
 /// The HTTP 1.x client session
 pub struct HttpSession {
     buf: Bytes,
@@ -204,32 +230,49 @@ impl HttpSession {
 
     // Validate the response header read. This function must be called after the response header
     // read.
-    fn validate_response(&self) -> Result<()> {
+    //
+    // ficus patch: it returns the framing it validated, for the body reader, which looked up
+    // both fields and parsed the length again; `has_transfer_encoding` is what the caller
+    // found when it reconciled the two fields.
+    fn validate_response(&self, has_transfer_encoding: bool) -> Result<BodyFraming> {
         let resp_header = self
             .response_header
             .as_ref()
             .expect("response header must be read");
 
+        // HTTP/1: Transfer-Encoding takes precedence over Content-Length, which the caller
+        // removed.
+        if has_transfer_encoding {
+            return Ok(BodyFraming {
+                chunked: is_chunked_encoding_from_headers(&resp_header.headers),
+                content_length: None,
+            });
+        }
         // Validate/reconcile Content-Length per RFC 9110 section 8.6 (hyper
         // parity): identical duplicates and comma-combined identical values are
         // accepted and collapsed. Conflicting or duplicate values are always an
         // unrecoverable framing error. A peer may opt to tolerate a single,
         // otherwise-invalid value and treat the response as close-delimited.
-        // Note: Content-Length is already removed if Transfer-Encoding is present.
-        if let Err(e) = super::common::validate_content_length(&resp_header.headers) {
-            if self.allow_h1_response_invalid_content_length
-                && super::common::content_length_is_single_token(&resp_header.headers)
-            {
-                debug!(
-                    "tolerating invalid Content-Length ({e}); \
-                     treating response as close-delimited"
-                );
-            } else {
-                return Err(e);
+        let content_length = match content_length_for_framing(&resp_header.headers) {
+            Ok(content_length) => content_length,
+            Err(e) => {
+                if self.allow_h1_response_invalid_content_length
+                    && super::common::content_length_is_single_token(&resp_header.headers)
+                {
+                    debug!(
+                        "tolerating invalid Content-Length ({e}); \
+                         treating response as close-delimited"
+                    );
+                    None
+                } else {
+                    return Err(e);
+                }
             }
-        }
-
-        Ok(())
+        };
+        Ok(BodyFraming {
+            chunked: false,
+            content_length,
+        })
     }
 
     fn clear_response_header_read_state(&mut self) {
@@ -340,9 +383,10 @@ impl HttpSession {
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
                         self.response_header = Some(response_header);
-                        if let Err(e) = self.validate_response() {
-                            return self.fail_response_header_read(e);
-                        }
+                        let framing = match self.validate_response(contains_transfer_encoding) {
+                            Ok(framing) => framing,
+                            Err(e) => return self.fail_response_header_read(e),
+                        };
                         // convert to upgrade body type
                         // https://datatracker.ietf.org/doc/html/rfc9110#status.101
                         // as an "informational" header, this cannot have a body
@@ -352,7 +396,7 @@ impl HttpSession {
                         // init body reader if upgrade status has changed body mode
                         // (read_response_task will immediately try to init body afterwards anyways)
                         // informational headers will automatically avoid initializing body reader
-                        self.init_body_reader();
+                        self.init_body_reader_with(framing);
                         // note that the (request) body writer is converted to close delimit
                         // when the upgraded body tasks are received
                         return Ok(s);
@@ -681,6 +725,17 @@ impl HttpSession {
 
     fn init_body_reader(&mut self) {
         if self.body_reader.need_init() {
+            let framing = match self.resp_header() {
+                Some(h) => BodyFraming::of(&h.headers),
+                None => BodyFraming::default(),
+            };
+            self.init_body_reader_with(framing);
+        }
+    }
+
+    /// [`Self::init_body_reader`] for a response whose framing fields say `framing`.
+    fn init_body_reader_with(&mut self, framing: BodyFraming) {
+        if self.body_reader.need_init() {
             // follow https://datatracker.ietf.org/doc/html/rfc9112#section-6.3
             let preread_body = self.preread_body.as_ref().unwrap().get(&self.buf[..]);
 
@@ -712,10 +767,10 @@ impl HttpSession {
             if upgraded {
                 self.body_reader.init_close_delimited(preread_body);
                 self.close_delimited_resp = true;
-            } else if self.is_chunked_encoding() {
+            } else if framing.chunked {
                 // if chunked encoding, content-length should be ignored
                 self.body_reader.init_chunked(preread_body);
-            } else if let Some(cl) = self.get_content_length().unwrap_or(None) {
+            } else if let Some(cl) = framing.content_length {
                 self.body_reader.init_content_length(cl, preread_body);
             } else {
                 self.body_reader.init_close_delimited(preread_body);
@@ -760,13 +815,7 @@ impl HttpSession {
         }
     }
 
-    fn get_content_length(&self) -> Result<Option<usize>> {
-        match self.resp_header() {
-            Some(h) => content_length_for_framing(&h.headers),
-            None => Ok(None),
-        }
-    }
-
+    #[cfg(test)]
     fn is_chunked_encoding(&self) -> bool {
         self.resp_header()
             .map(|h| is_chunked_encoding_from_headers(&h.headers))
@@ -1624,6 +1673,39 @@ mod tests_stream {
                 assert!(http_stream.get_header(header::TRANSFER_ENCODING).is_none());
             }
         }
+    }
+
+    // ficus patch: the framing the header read hands the body reader, worked out while the
+    // response was validated, is the one the body reader works out for itself from the
+    // header (as it does when it is set up later, after informational responses).
+    #[rstest]
+    #[case::length("Content-Length: 5\r\n", false, Some(5))]
+    #[case::chunked("Transfer-Encoding: chunked\r\n", true, None)]
+    #[case::chunked_over_length("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", true, None)]
+    #[case::other_coding_over_length("Transfer-Encoding: gzip\r\nContent-Length: 5\r\n", false, None)]
+    #[case::chunked_last("Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", true, None)]
+    #[case::chunked_not_last("Transfer-Encoding: chunked, gzip\r\n", false, None)]
+    #[case::repeated_length("Content-Length: 5\r\nContent-Length: 5\r\n", false, Some(5))]
+    #[case::invalid_length_tolerated("Content-Length: abc\r\n", false, None)]
+    #[case::none("", false, None)]
+    #[tokio::test]
+    async fn response_framing_is_worked_out_once_as_the_body_reader_would(
+        #[case] fields: &str,
+        #[case] chunked: bool,
+        #[case] content_length: Option<usize>,
+    ) {
+        let input = format!("HTTP/1.1 200 OK\r\nServer: test\r\n{fields}\r\n");
+        let mock_io = Builder::new().read(input.as_bytes()).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.set_allow_h1_response_invalid_content_length(true);
+        http_stream.read_response().await.unwrap();
+
+        let headers = &http_stream.resp_header().unwrap().headers;
+        let has_transfer_encoding = headers.contains_key(header::TRANSFER_ENCODING);
+        let validated = http_stream.validate_response(has_transfer_encoding).unwrap();
+        let worked_out = BodyFraming::of(headers);
+        assert_eq!(validated, worked_out);
+        assert_eq!(validated, BodyFraming { chunked, content_length });
     }
 
     #[tokio::test]
