@@ -36,6 +36,18 @@ impl CaseHeaderName {
         &self.0
     }
 
+    /// ficus patch: the case of a header name read off the wire. A name spelled as the
+    /// common fields usually are (`Host`, `User-Agent`, `Content-Type`, ...) takes that
+    /// spelling as a static, so the header keeps no reference to the buffer it was read
+    /// from, and copying or dropping it counts no references (an atomic operation each);
+    /// any other name takes `in_buffer()`, its bytes in that buffer.
+    pub fn from_wire(name: &[u8], in_buffer: impl FnOnce() -> Bytes) -> Self {
+        match common_spelling(name) {
+            Some(spelling) => Self::from_static(spelling),
+            None => CaseHeaderName(in_buffer()),
+        }
+    }
+
     pub fn from_slice(buf: &[u8]) -> Self {
         CaseHeaderName(Bytes::copy_from_slice(buf))
     }
@@ -134,6 +146,44 @@ fn titled_header_name(header_name: &HeaderName) -> Bytes {
     )
 }
 
+/// ficus patch: the spellings of `name`'s length that equal it, in turn. Each comparison is
+/// against a constant of known length, which the compiler turns into a few integer compares
+/// instead of a call to `memcmp`.
+macro_rules! find_spelling {
+    ($name:expr; $($len:literal => [$($spelling:literal),+]),+ $(,)?) => {
+        match $name.len() {
+            $($len => {
+                $(if $name == $spelling.as_bytes() {
+                    return Some($spelling);
+                })+
+                None
+            })+
+            _ => None,
+        }
+    };
+}
+
+/// ficus patch: `name` as a static, if it is one of the common spellings of common fields.
+fn common_spelling(name: &[u8]) -> Option<&'static str> {
+    find_spelling!(name;
+        3 => ["Age"],
+        4 => ["Date", "ETag", "Host", "Vary"],
+        6 => ["Accept", "Cookie", "Origin", "Pragma", "Server"],
+        7 => ["Expires", "Referer", "Upgrade"],
+        8 => ["Location"],
+        10 => ["Connection", "Keep-Alive", "Set-Cookie", "User-Agent"],
+        12 => ["Content-Type"],
+        13 => ["Accept-Ranges", "Authorization", "Cache-Control", "If-None-Match", "Last-Modified"],
+        14 => ["Content-Length"],
+        15 => ["Accept-Encoding", "Accept-Language", "X-Forwarded-For", "X-Frame-Options"],
+        16 => ["Content-Encoding"],
+        17 => ["If-Modified-Since", "Transfer-Encoding", "X-Forwarded-Proto"],
+        22 => ["X-Content-Type-Options"],
+        25 => ["Strict-Transport-Security"],
+        27 => ["Access-Control-Allow-Origin"],
+    )
+}
+
 pub(crate) fn titled_header_name_str(header_name: &HeaderName) -> Option<&'static str> {
     Some(match *header_name {
         header::ACCEPT_RANGES => "Accept-Ranges",
@@ -165,6 +215,34 @@ mod tests {
         assert_eq!("FoO".into_case_header_name().as_slice(), b"FoO");
         assert_eq!("FoO".to_string().into_case_header_name().as_slice(), b"FoO");
         assert_eq!(header::SERVER.into_case_header_name().as_slice(), b"Server");
+    }
+
+    // ficus patch: common spellings are static; any other name, a common one in another
+    // case included, is the buffer's bytes, as before.
+    #[test]
+    fn names_read_off_the_wire_keep_their_spelling() {
+        let common = [
+            "Accept", "Accept-Encoding", "Accept-Language", "Accept-Ranges",
+            "Access-Control-Allow-Origin", "Age", "Authorization", "Cache-Control",
+            "Connection", "Content-Encoding", "Content-Length", "Content-Type", "Cookie",
+            "Date", "ETag", "Expires", "Host", "If-Modified-Since", "If-None-Match",
+            "Keep-Alive", "Last-Modified", "Location", "Origin", "Pragma", "Referer", "Server",
+            "Set-Cookie", "Strict-Transport-Security", "Transfer-Encoding", "Upgrade",
+            "User-Agent", "Vary", "X-Content-Type-Options", "X-Forwarded-For",
+            "X-Forwarded-Proto", "X-Frame-Options",
+        ];
+        for name in common {
+            let case = CaseHeaderName::from_wire(name.as_bytes(), || {
+                panic!("{name} was taken from the buffer")
+            });
+            assert_eq!(case.as_slice(), name.as_bytes());
+        }
+        for name in ["host", "HOST", "Content-type", "X-User", "Hosts", "Hos", ""] {
+            let buffer = Bytes::copy_from_slice(name.as_bytes());
+            let case = CaseHeaderName::from_wire(name.as_bytes(), || buffer.clone());
+            assert_eq!(case.as_slice().as_ptr(), buffer.as_ptr(), "{name}");
+            assert_eq!(case.as_slice(), name.as_bytes());
+        }
     }
 
     #[test]

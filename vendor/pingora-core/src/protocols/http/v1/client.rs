@@ -18,7 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, header::AsHeaderName, HeaderValue, StatusCode, Version};
 use log::{debug, trace};
 use pingora_error::{Error, ErrorType::*, OrErr, Result, RetryType};
-use pingora_http::{HMap, IntoCaseHeaderName, RequestHeader, ResponseHeader};
+use pingora_http::{CaseHeaderName, HMap, RequestHeader, ResponseHeader};
 use pingora_timeout::timeout;
 use std::io::ErrorKind;
 use std::mem::MaybeUninit;
@@ -354,8 +354,12 @@ impl HttpSession {
                         let buf = std::mem::take(&mut self.response_header_read_buf).freeze();
 
                         for header in header_refs {
-                            let header_name = header.get_name_bytes(&buf);
-                            let header_name = header_name.into_case_header_name();
+                            // ficus patch: a common spelling is kept as a static (see
+                            // `CaseHeaderName::from_wire`).
+                            let header_name =
+                                CaseHeaderName::from_wire(header.get_name(&buf), || {
+                                    header.get_name_bytes(&buf)
+                                });
                             let value_bytes = header.get_value_bytes(&buf);
                             let header_value = pingora_http::header_value_from_raw(value_bytes);
                             if let Err(e) = response_header
