@@ -66,38 +66,47 @@ impl Time {
     }
 }
 
+/// ficus patch: a timer's state in one allocation, so that a stub is one reference to count
+/// when it is handed out and dropped (each an atomic operation), where an `Arc` for each field
+/// made it two.
+#[derive(Default)]
+struct TimerState {
+    notify: Notify,
+    fired: AtomicBool,
+}
+
 /// the stub for waiting for a timer to be expired.
-pub struct TimerStub(Arc<Notify>, Arc<AtomicBool>);
+pub struct TimerStub(Arc<TimerState>);
 
 impl TimerStub {
     /// Wait for the timer to expire.
     pub async fn poll(self) {
-        if self.1.load(Ordering::SeqCst) {
+        if self.0.fired.load(Ordering::SeqCst) {
             return;
         }
-        self.0.notified().await;
+        self.0.notify.notified().await;
     }
 }
 
 #[derive(Clone)]
-struct Timer(Arc<Notify>, Arc<AtomicBool>);
+struct Timer(Arc<TimerState>);
 
 impl Timer {
     pub fn new() -> Self {
-        Timer(Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)))
+        Timer(Arc::default())
     }
 
     pub fn fire(&self) {
-        self.1.store(true, Ordering::SeqCst);
-        self.0.notify_waiters();
+        self.0.fired.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
     }
 
     pub fn subscribe(&self) -> TimerStub {
-        TimerStub(self.0.clone(), self.1.clone())
+        TimerStub(self.0.clone())
     }
 
     fn fired(&self) -> bool {
-        self.1.load(Ordering::SeqCst)
+        self.0.fired.load(Ordering::SeqCst)
     }
 }
 
@@ -353,7 +362,7 @@ mod tests {
         }
         let after = timers.subscribe(Time(60_000));
         assert!(!same(&first, &after));
-        assert!(!after.1.load(Ordering::SeqCst));
+        assert!(!after.0.fired.load(Ordering::SeqCst));
         assert_eq!(timers.tree.len(), 1);
     }
 
@@ -371,6 +380,19 @@ mod tests {
         let timers = tm.timers.get().expect("this thread's timers").read();
         let slots: Vec<&Time> = timers.tree.keys().collect();
         assert_eq!(slots, [&Time(100_020)]);
+    }
+
+    // ficus patch: a stub holds one reference, and sees its timer fire.
+    #[tokio::test]
+    async fn a_stub_is_one_reference_to_its_timer() {
+        let timer = Timer::new();
+        let stubs = [timer.subscribe(), timer.subscribe()];
+        assert_eq!(Arc::strong_count(&timer.0), 3);
+        timer.fire();
+        for stub in stubs {
+            stub.poll().await;
+        }
+        assert_eq!(Arc::strong_count(&timer.0), 1);
     }
 
     #[test]
