@@ -1,6 +1,7 @@
-# Shared by the proxy benchmark, its PGO training load and scripts/build-pgo: Debian packages,
-# loopback ports, and the two NGINX upstreams. Source it; the helpers that start processes
-# expect WORK (a scratch directory) and PIDS (an array of processes to stop at exit).
+# Shared by the proxy benchmark and profile, the PGO training load and scripts/build-pgo:
+# Debian packages, loopback ports, the two NGINX upstreams, the split's route file and load.
+# Source it; the helpers that start processes expect WORK (a scratch directory) and PIDS (an
+# array of processes to stop at exit).
 
 # install PACKAGE...: installs the Debian packages that are missing, and only those.
 install() {
@@ -53,4 +54,43 @@ http {
 CONF
   nginx -c "$WORK/upstream.conf" & PIDS+=($!)
   wait_port "$UP_A"; wait_port "$UP_B"
+}
+
+# split_load_script: $WORK/load.lua, wrk's load for the split: GET / with an x-user header of
+# one of USERS (default 100,000) users; at the end a RESULT line (requests, duration, p50, p99,
+# p99.9 in microseconds, errors).
+split_load_script() {
+  cat > "$WORK/load.lua" <<'LUA'
+math.randomseed(42)
+request = function()
+  wrk.headers["x-user"] = "u" .. math.random(1, tonumber(os.getenv("USERS") or "100000"))
+  return wrk.format("GET", "/")
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %.0f %.0f %.0f %d\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
+end
+LUA
+}
+
+# routes_file N [shadow]: a route file of N-1 routes that match nothing (prefix and regex), then
+# the split: 30% of the users of UP_A to UP_B, sticky by x-user. Prints its path.
+routes_file() {
+  local n=$1 file="$WORK/routes/routes-$1${2:+-$2}.toml"
+  {
+    echo "[backends.a]"; echo "url = \"http://127.0.0.1:$UP_A\""
+    echo "[backends.b]"; echo "url = \"http://127.0.0.1:$UP_B\""
+    echo "[defaults]"; echo "backend = \"a\""; echo "sticky = \"header:x-user\""
+    for i in $(seq 1 $((n - 1))); do
+      echo "[[routes]]"; echo "name = \"r$i\""
+      if ((i % 2)); then echo "match = { path_prefix = \"/svc$i/api\" }"; else echo "match = { path_regex = \"^/legacy$i/[0-9]+/items\$\" }"; fi
+      echo "to = \"b\""; echo "percent = 50"
+    done
+    echo "[[routes]]"; echo "name = \"split\""; echo "match = { path_prefix = \"/\" }"
+    echo "to = \"b\""; echo "percent = 30"; echo "from = \"a\""
+    # Every request shadowed and compared; in-flight cap high enough that none is dropped.
+    if [ "${2:-}" = shadow ]; then echo "[routes.shadow]"; echo "max_in_flight = 4096"; fi
+  } > "$file"
+  echo "$file"
 }

@@ -51,18 +51,7 @@ export FICUS FICUS_BUILD
 scratch
 start_upstreams
 
-cat > "$WORK/load.lua" <<'LUA'
-math.randomseed(42)
-request = function()
-  wrk.headers["x-user"] = "u" .. math.random(1, tonumber(os.getenv("USERS") or "100000"))
-  return wrk.format("GET", "/")
-end
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %d %d %.0f %.0f %.0f %d\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
-end
-LUA
+split_load_script
 
 # cpu_ticks "PID...": user and system clock ticks the processes have used so far (all threads).
 cpu_ticks() { local pid u=0 s=0; for pid in $1; do read -r u s < <(awk -v u=$u -v s=$s '{print u + $14, s + $15}' "/proc/$pid/stat"); done; echo "$u $s"; }
@@ -86,24 +75,6 @@ run_once() {
 # warm_up PORT: 2 s of load first (upstream connections, caches), not measured.
 warm_up() { wrk -t"$WRK_THREADS" -c"$CONNS" -d2s -s "$WORK/load.lua" "http://127.0.0.1:$1/" > /dev/null 2>&1 || true; }
 
-routes_file() { # routes_file N [shadow]: N-1 non-matching routes (prefix and regex), then the split
-  local n=$1 file="$WORK/routes/routes-$1${2:+-$2}.toml"
-  {
-    echo "[backends.a]"; echo "url = \"http://127.0.0.1:$UP_A\""
-    echo "[backends.b]"; echo "url = \"http://127.0.0.1:$UP_B\""
-    echo "[defaults]"; echo "backend = \"a\""; echo "sticky = \"header:x-user\""
-    for i in $(seq 1 $((n - 1))); do
-      echo "[[routes]]"; echo "name = \"r$i\""
-      if ((i % 2)); then echo "match = { path_prefix = \"/svc$i/api\" }"; else echo "match = { path_regex = \"^/legacy$i/[0-9]+/items\$\" }"; fi
-      echo "to = \"b\""; echo "percent = 50"
-    done
-    echo "[[routes]]"; echo "name = \"split\""; echo "match = { path_prefix = \"/\" }"
-    echo "to = \"b\""; echo "percent = 30"; echo "from = \"a\""
-    # Every request shadowed and compared; in-flight cap high enough that none is dropped.
-    if [ "${2:-}" = shadow ]; then echo "[routes.shadow]"; echo "max_in_flight = 4096"; fi
-  } > "$file"
-  echo "$file"
-}
 
 start_ficus() { # start_ficus ROUTES PORT [log]: sets FICUS_PID; with "log", the access log is on
   local admin threads=() level=warn; admin=$(free_port)
