@@ -271,22 +271,24 @@ impl FicusProxy {
         // Room made at once for the fields added below: the copy of the client's header maps is
         // full, and grew on the way (twice for three fields after a client's two).
         req.reserve(FORWARDING_HEADERS);
-        let host_header = downstream.headers.get(http::header::HOST).cloned();
+        // Borrowed, not copied: each copy of a value counts a reference (an atomic operation).
+        let host_header = downstream.headers.get(http::header::HOST);
         // HTTP/2 clients name the host in `:authority` instead of a Host header.
-        let client_host = match &host_header {
-            Some(value) => Some(value.clone()),
+        let authority_host = match host_header {
+            Some(_) => None,
             None => downstream
                 .uri
                 .authority()
                 .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
         };
-        if let Some(host) = &client_host {
+        let client_host = host_header.or(authority_host.as_ref());
+        if let Some(host) = client_host {
             req.insert_header(X_FORWARDED_HOST, host.clone())?;
         }
         match client_host {
             Some(host) if backend.preserve_host => {
                 if host_header.is_none() {
-                    req.insert_header(http::header::HOST, host)?;
+                    req.insert_header(http::header::HOST, host.clone())?;
                 }
             }
             _ => {

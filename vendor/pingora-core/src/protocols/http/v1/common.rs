@@ -417,8 +417,11 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
 /// HTTP/2 does not use `Content-Length` for framing, but reconciling it here
 /// keeps the H2 and downgraded-H1 paths consistent and rejects genuinely
 /// ambiguous values before they cross a proxy boundary.
-pub(crate) fn validate_content_length(headers: &HMap) -> Result<()> {
-    if headers.get(header::TRANSFER_ENCODING).is_some() {
+///
+/// ficus patch: `has_transfer_encoding` is whether the message has a `Transfer-Encoding`,
+/// which the caller has looked up already.
+pub(crate) fn validate_content_length(headers: &HMap, has_transfer_encoding: bool) -> Result<()> {
+    if has_transfer_encoding {
         // HTTP/1: Transfer-Encoding takes precedence over Content-Length.
         return Ok(());
     }
@@ -468,30 +471,30 @@ mod test {
         let mut headers = HMap::new();
 
         // no CL header is fine
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate_content_length(&headers, headers.contains_key(TRANSFER_ENCODING)).is_ok());
 
         // a single valid CL is fine
         headers.append(CONTENT_LENGTH, "1".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate_content_length(&headers, headers.contains_key(TRANSFER_ENCODING)).is_ok());
 
         // an identical duplicate is reconciled to a single value (RFC 9110 8.6)
         headers.append(CONTENT_LENGTH, "1".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate_content_length(&headers, headers.contains_key(TRANSFER_ENCODING)).is_ok());
 
         // a differing duplicate is an unrecoverable framing error
         headers.append(CONTENT_LENGTH, "2".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_err());
+        assert!(validate_content_length(&headers, headers.contains_key(TRANSFER_ENCODING)).is_err());
 
         // Transfer-Encoding overrides Content-Length, so CL is ignored
         headers.append(TRANSFER_ENCODING, "chunked".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        assert!(validate_content_length(&headers, headers.contains_key(TRANSFER_ENCODING)).is_ok());
     }
 
     #[test]
     fn test_validate_content_length_invalid_value() {
         let mut headers = HMap::new();
         headers.insert(CONTENT_LENGTH, "not-a-number".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_err());
+        assert!(validate_content_length(&headers, headers.contains_key(TRANSFER_ENCODING)).is_err());
     }
 
     #[test]

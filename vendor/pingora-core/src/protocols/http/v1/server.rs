@@ -436,7 +436,7 @@ impl HttpSession {
                         if has_both_te_and_cl {
                             self.set_keepalive(None);
                         }
-                        self.validate_request()?;
+                        self.validate_request_with(contains_transfer_encoding)?;
 
                         return Ok(Some(s));
                     }
@@ -492,6 +492,13 @@ impl HttpSession {
     /// # Panics
     /// this function and most other functions will panic if called before [`Self::read_request()`]
     pub fn validate_request(&self) -> Result<()> {
+        let has_transfer_encoding = self.req_header().headers.contains_key(TRANSFER_ENCODING);
+        self.validate_request_with(has_transfer_encoding)
+    }
+
+    /// ficus patch: [`Self::validate_request`] for a request the caller has just looked for
+    /// `Transfer-Encoding` in, which it looked up twice more.
+    fn validate_request_with(&self, has_transfer_encoding: bool) -> Result<()> {
         let req_header = self.req_header();
 
         // Reject an ambiguous authority before anything routes on it.
@@ -501,9 +508,9 @@ impl HttpSession {
         // parity): identical duplicates and comma-combined identical values are
         // accepted and collapsed; differing or unparseable values are rejected.
         // This is a no-op when Transfer-Encoding is present (TE overrides CL).
-        super::common::validate_content_length(&req_header.headers)?;
+        super::common::validate_content_length(&req_header.headers, has_transfer_encoding)?;
 
-        if req_header.headers.contains_key(TRANSFER_ENCODING) {
+        if has_transfer_encoding {
             // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
             // HTTP/1.0 requests with Transfer-Encoding MUST be treated as having faulty framing.
             // We reject with 400 Bad Request and close the connection.
