@@ -38,8 +38,7 @@ RUST_LOG=warn valgrind --tool=callgrind --dump-instr=yes --instr-atstart=no \
   --callgrind-out-file="$WORK/callgrind.out" "$FICUS" proxy --routes "$routes" \
   --listen "127.0.0.1:$port" --admin "127.0.0.1:$(free_port)" --threads 1 > "$WORK/ficus.log" 2>&1 &
 VALGRIND=$!; PIDS+=("$VALGRIND")
-for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-wait_port "$port"
+wait_port "$port" 60   # the proxy starts slowly under valgrind
 wrk -t1 -c8 -d5s -s "$WORK/load.lua" "http://127.0.0.1:$port/" > /dev/null 2>&1
 callgrind_control -i on "$VALGRIND" > /dev/null
 wrk -t1 -c8 -d"${SECONDS_MEASURED}s" -s "$WORK/load.lua" "http://127.0.0.1:$port/" > "$WORK/wrk.out" 2>&1
