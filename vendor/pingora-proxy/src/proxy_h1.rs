@@ -19,6 +19,7 @@ use super::*;
 use crate::proxy_cache::{range_filter::RangeBodyFilter, ServeFromCache};
 use crate::proxy_common::*;
 use crate::task_pipe::{self, TaskPipe};
+use std::pin::pin;
 use pingora_cache::CachePhase;
 use pingora_core::protocols::http::{
     authority::{raw_target_authority, validate_request_authority},
@@ -142,8 +143,8 @@ where
 
         // ficus patch: pipes owned by this frame, which both halves run joined in, where a
         // `tokio::sync::mpsc` channel cost two allocations per direction and request.
-        let mut response_pipe = TaskPipe::new();
-        let mut request_body_pipe = TaskPipe::new();
+        let response_pipe = TaskPipe::new();
+        let request_body_pipe = TaskPipe::new();
         let (tx_upstream, rx_upstream) = response_pipe.split();
         let (tx_downstream, rx_downstream) = request_body_pipe.split();
 
@@ -156,8 +157,9 @@ where
         let pipe_state = AtomicU8::new(PipeState::Active as u8);
 
         // start bi-directional streaming
-        let ret = tokio::try_join!(
-            self.proxy_handle_downstream(
+        // ficus patch: `join_halves`, not `tokio::try_join!`: see `task_pipe`.
+        let ret = {
+            let downstream = pin!(self.proxy_handle_downstream(
                 session,
                 tx_downstream,
                 rx_upstream,
@@ -165,9 +167,16 @@ where
                 &mut downstream_custom_message_writer,
                 &mut downstream_custom_message_reader,
                 &pipe_state,
-            ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, &pipe_state),
-        );
+            ));
+            let upstream = pin!(self.proxy_handle_upstream(
+                client_session,
+                tx_upstream,
+                rx_downstream,
+                &pipe_state
+            ));
+            task_pipe::join_halves(downstream, upstream, [&response_pipe, &request_body_pipe])
+                .await
+        };
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
             if let Some(downstream_custom_message_writer) = downstream_custom_message_writer {

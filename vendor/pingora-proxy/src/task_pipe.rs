@@ -12,27 +12,38 @@
 // See the License for the specific language governing permissions and
 // limitations under the License.
 
-//! ficus patch: the bounded queue of [`HttpTask`]s by which the two halves of an HTTP/1 proxy
-//! exchange (`proxy_1to1`) hand each other request body and response pieces.
+//! ficus patch: the bounded queues of [`HttpTask`]s by which the two halves of an HTTP/1
+//! proxy exchange (`proxy_1to1`) hand each other request body and response pieces, and the
+//! join that polls both halves.
 //!
-//! Both halves run joined in the frame that owns the pipe, so it needs neither a heap block
-//! nor reference counts: a `tokio::sync::mpsc` channel per direction cost two allocations and
-//! some 1,400 instructions per request. It keeps the part of `mpsc`'s behaviour that the
-//! halves rely on: first in, first out, at most [`TASK_BUFFER_SIZE`] tasks queued or
-//! reserved, a sender waits for room, dropping the receiver makes sends fail (which tells the
-//! upstream half that the downstream one is finished), and dropping the sender ends the
-//! receiver's stream once it is drained. Waiting is cancel-safe: a `recv` or `reserve` future
-//! dropped before it is ready takes nothing from the pipe.
+//! Both halves run joined in the frame that owns the pipes, so a pipe needs neither a heap
+//! block nor reference counts: a `tokio::sync::mpsc` channel per direction cost two
+//! allocations and some 1,000 instructions per request. A pipe keeps the part of `mpsc`'s
+//! behaviour that the halves rely on: first in, first out, at most [`TASK_BUFFER_SIZE`]
+//! tasks queued or reserved, a sender waits for room, dropping the receiver makes sends fail
+//! (which tells the upstream half that the downstream one is finished), and dropping the
+//! sender ends the receiver's stream once it is drained. Waiting is cancel-safe: a `recv` or
+//! `reserve` future dropped before it is ready takes nothing from the pipe.
 //!
-//! There is one sender and one receiver ([`TaskPipe::split`]), so one waker slot each.
+//! Nor does a pipe wake anyone. Its ends are used only by the halves, which only
+//! [`join_halves`] polls: when one half changes a pipe the other is waiting on, the join
+//! polls the halves again before it returns. With `mpsc` that change woke the task itself,
+//! and the scheduler polled the connection's whole future once more, usually to find the
+//! task already taken in the same turn (a third poll per request where two do).
+//!
+//! A pipe and its ends must therefore not be used outside the halves given to
+//! [`join_halves`] with it: a wait there would never end.
 
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::mem::ManuallyDrop;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use pingora_core::protocols::http::HttpTask;
+use pingora_error::Result;
 
 use crate::TASK_BUFFER_SIZE;
 
@@ -40,6 +51,9 @@ pub(crate) struct TaskPipe {
     // A lock rather than atomics: never contended (both ends are polled by one task), it makes
     // each step one short critical section that reads as plain code.
     state: Mutex<State>,
+    /// The end that was waiting can go on: set under the lock by the half that changed the
+    /// pipe, read by the join after it polled that half.
+    changed: AtomicBool,
 }
 
 struct State {
@@ -51,10 +65,11 @@ struct State {
     reserved: usize,
     sender_gone: bool,
     receiver_gone: bool,
-    /// The receiver waiting for a task.
-    receiver_waker: Option<Waker>,
-    /// The sender waiting for room.
-    sender_waker: Option<Waker>,
+    /// The receiver waits for a task.
+    receiver_waiting: bool,
+    /// The sender waits for room.
+    sender_waiting: bool,
+    split: bool,
 }
 
 /// The pipe's receiver is gone: nothing sent now would be read.
@@ -74,6 +89,73 @@ pub(crate) enum TryRecvError {
     Disconnected,
 }
 
+/// The most times [`join_halves`] polls the halves in one turn of its task before it yields
+/// (and asks to be polled again), so that two halves streaming to each other cannot keep the
+/// thread from other tasks.
+const JOINED_ROUNDS: usize = 16;
+
+/// `tokio::try_join!(downstream, upstream)` for two halves that exchange tasks only through
+/// `pipes`: polls each half in turn until both are done or one fails, and polls them again
+/// at once when a pipe changed for a half waiting on it.
+///
+/// Like `try_join!`, it starts each turn with the other half. What wakes the task is mostly
+/// the socket of the half that goes first by turns, which then produces what the other takes
+/// in the same round: the request's end on the first turn, the response on the second.
+///
+/// The halves are pinned by the caller, where they were made: a proxy half's future is
+/// kilobytes, and each move copies it.
+pub(crate) fn join_halves<'a, D, U, T, V>(
+    mut downstream: Pin<&'a mut D>,
+    mut upstream: Pin<&'a mut U>,
+    pipes: [&'a TaskPipe; 2],
+) -> impl Future<Output = Result<(T, V)>> + 'a
+where
+    D: Future<Output = Result<T>>,
+    U: Future<Output = Result<V>>,
+    T: 'a,
+    V: 'a,
+{
+    let (mut downstream_done, mut upstream_done) = (None, None);
+    let mut upstream_first = true;
+    poll_fn(move |cx| {
+        upstream_first = !upstream_first;
+        for _ in 0..JOINED_ROUNDS {
+            if upstream_first {
+                poll_half(upstream.as_mut(), &mut upstream_done, cx)?;
+                poll_half(downstream.as_mut(), &mut downstream_done, cx)?;
+            } else {
+                poll_half(downstream.as_mut(), &mut downstream_done, cx)?;
+                poll_half(upstream.as_mut(), &mut upstream_done, cx)?;
+            }
+            if let (Some(_), Some(_)) = (&downstream_done, &upstream_done) {
+                if let (Some(d), Some(u)) = (downstream_done.take(), upstream_done.take()) {
+                    return Poll::Ready(Ok((d, u)));
+                }
+            }
+            // `|`, not `||`: both flags are cleared.
+            if !(pipes[0].take_change() | pipes[1].take_change()) {
+                // Each half waits on something outside the pipes, which wakes this task.
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+}
+
+/// Polls `half` unless it is `done`, keeping its output; fails with its error.
+fn poll_half<F, T>(half: Pin<&mut F>, done: &mut Option<T>, cx: &mut Context<'_>) -> Result<()>
+where
+    F: Future<Output = Result<T>>,
+{
+    if done.is_none() {
+        if let Poll::Ready(output) = half.poll(cx) {
+            *done = Some(output?);
+        }
+    }
+    Ok(())
+}
+
 impl TaskPipe {
     pub(crate) fn new() -> Self {
         TaskPipe {
@@ -84,21 +166,40 @@ impl TaskPipe {
                 reserved: 0,
                 sender_gone: false,
                 receiver_gone: false,
-                receiver_waker: None,
-                sender_waker: None,
+                receiver_waiting: false,
+                sender_waiting: false,
+                split: false,
             }),
+            changed: AtomicBool::new(false),
         }
     }
 
-    /// The pipe's only sender and receiver.
-    pub(crate) fn split(&mut self) -> (Sender<'_>, Receiver<'_>) {
-        let pipe = &*self;
-        (Sender { pipe }, Receiver { pipe })
+    /// The pipe's sender and receiver, to be taken once: a pipe has one of each.
+    pub(crate) fn split(&self) -> (Sender<'_>, Receiver<'_>) {
+        debug_assert!(!std::mem::replace(&mut self.lock().split, true), "split twice");
+        (Sender { pipe: self }, Receiver { pipe: self })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // No code that can panic runs under the lock; a poisoned state is still consistent.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells the join that the end that was waiting (`waiting`, now cleared) can go on.
+    fn signal(&self, waiting: &mut bool) {
+        if std::mem::take(waiting) {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a waiting end can go on since the last call.
+    fn take_change(&self) -> bool {
+        // Set and cleared by the one task that polls both ends: no read-modify-write needed.
+        let changed = self.changed.load(Ordering::Relaxed);
+        if changed {
+            self.changed.store(false, Ordering::Relaxed);
+        }
+        changed
     }
 }
 
@@ -107,12 +208,10 @@ impl State {
         self.queued + self.reserved < TASK_BUFFER_SIZE
     }
 
-    /// Queues `task` and returns the receiver to wake.
-    fn push(&mut self, task: HttpTask) -> Option<Waker> {
+    fn push(&mut self, task: HttpTask) {
         let tail = (self.head + self.queued) % TASK_BUFFER_SIZE;
         self.slots[tail] = Some(task);
         self.queued += 1;
-        self.receiver_waker.take()
     }
 
     fn pop(&mut self) -> Option<HttpTask> {
@@ -126,40 +225,27 @@ impl State {
     }
 }
 
-/// Keeps the waker to call when the pipe changes, cloning only a new one.
-fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
-    match slot {
-        Some(waker) if waker.will_wake(cx.waker()) => {}
-        _ => *slot = Some(cx.waker().clone()),
-    }
-}
-
-fn wake(waker: Option<Waker>) {
-    if let Some(waker) = waker {
-        waker.wake();
-    }
-}
-
 pub(crate) struct Sender<'p> {
     pipe: &'p TaskPipe,
 }
 
-impl<'p> Sender<'p> {
+impl Sender<'_> {
     /// Queues `task` once there is room; fails if the receiver is gone.
     pub(crate) async fn send(&self, task: HttpTask) -> Result<(), Closed> {
         let mut task = Some(task);
-        poll_fn(|cx| {
+        poll_fn(|_| {
             let mut state = self.pipe.lock();
             if state.receiver_gone {
                 return Poll::Ready(Err(Closed));
             }
             if !state.has_room() {
-                register(&mut state.sender_waker, cx);
+                state.sender_waiting = true;
                 return Poll::Pending;
             }
-            let waker = task.take().and_then(|task| state.push(task));
-            drop(state);
-            wake(waker);
+            if let Some(task) = task.take() {
+                state.push(task);
+            }
+            self.pipe.signal(&mut state.receiver_waiting);
             Poll::Ready(Ok(()))
         })
         .await
@@ -167,17 +253,13 @@ impl<'p> Sender<'p> {
 
     /// Room for one task, once there is some; fails if the receiver is gone.
     pub(crate) async fn reserve(&self) -> Result<Permit<'_>, Closed> {
-        poll_fn(|cx| {
-            let mut state = self.pipe.lock();
-            if state.receiver_gone {
-                return Poll::Ready(Err(Closed));
+        poll_fn(|_| match self.try_reserve() {
+            Ok(permit) => Poll::Ready(Ok(permit)),
+            Err(TryReserveError::Closed) => Poll::Ready(Err(Closed)),
+            Err(TryReserveError::Full) => {
+                self.pipe.lock().sender_waiting = true;
+                Poll::Pending
             }
-            if !state.has_room() {
-                register(&mut state.sender_waker, cx);
-                return Poll::Pending;
-            }
-            state.reserved += 1;
-            Poll::Ready(Ok(Permit { pipe: self.pipe }))
         })
         .await
     }
@@ -204,9 +286,7 @@ impl Drop for Sender<'_> {
     fn drop(&mut self) {
         let mut state = self.pipe.lock();
         state.sender_gone = true;
-        let waker = state.receiver_waker.take();
-        drop(state);
-        wake(waker);
+        self.pipe.signal(&mut state.receiver_waiting);
     }
 }
 
@@ -226,9 +306,8 @@ impl Permit<'_> {
             drop(task);
             return;
         }
-        let waker = state.push(task);
-        drop(state);
-        wake(waker);
+        state.push(task);
+        permit.pipe.signal(&mut state.receiver_waiting);
     }
 }
 
@@ -236,9 +315,7 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         let mut state = self.pipe.lock();
         state.reserved -= 1;
-        let waker = state.sender_waker.take();
-        drop(state);
-        wake(waker);
+        self.pipe.signal(&mut state.sender_waiting);
     }
 }
 
@@ -255,7 +332,7 @@ pub(crate) struct Receiver<'p> {
 impl Receiver<'_> {
     /// The next task, or `None` once the sender is gone and every task was received.
     pub(crate) async fn recv(&mut self) -> Option<HttpTask> {
-        poll_fn(|cx| match self.take(Some(cx)) {
+        poll_fn(|_| match self.take(true) {
             Ok(task) => Poll::Ready(Some(task)),
             Err(TryRecvError::Disconnected) => Poll::Ready(None),
             Err(TryRecvError::Empty) => Poll::Pending,
@@ -264,24 +341,21 @@ impl Receiver<'_> {
     }
 
     pub(crate) fn try_recv(&mut self) -> Result<HttpTask, TryRecvError> {
-        self.take(None)
+        self.take(false)
     }
 
-    /// The next task; if there is none yet, `cx`'s task is woken when there is.
-    fn take(&self, cx: Option<&Context<'_>>) -> Result<HttpTask, TryRecvError> {
+    /// The next task; if there is none yet and `wait`, the receiver waits for one.
+    fn take(&self, wait: bool) -> Result<HttpTask, TryRecvError> {
         let mut state = self.pipe.lock();
         match state.pop() {
             Some(task) => {
-                let waker = state.sender_waker.take();
+                self.pipe.signal(&mut state.sender_waiting);
                 drop(state);
-                wake(waker);
                 Ok(task)
             }
             None if state.sender_gone => Err(TryRecvError::Disconnected),
             None => {
-                if let Some(cx) = cx {
-                    register(&mut state.receiver_waker, cx);
-                }
+                state.receiver_waiting |= wait;
                 Err(TryRecvError::Empty)
             }
         }
@@ -297,10 +371,9 @@ impl Drop for Receiver<'_> {
         while let Some(task) = state.pop() {
             unread.push(task);
         }
-        let waker = state.sender_waker.take();
+        self.pipe.signal(&mut state.sender_waiting);
         drop(state);
         drop(unread);
-        wake(waker);
     }
 }
 
@@ -327,7 +400,12 @@ impl std::error::Error for TryReserveError {}
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use futures::task::{waker, ArcWake};
     use futures::FutureExt;
+    use pingora_error::{Error, ErrorType::InternalError};
+    use std::sync::atomic::AtomicUsize;
+    use std::pin::pin;
+    use std::sync::Arc;
 
     fn body(n: u8) -> HttpTask {
         HttpTask::Body(Some(Bytes::from(vec![n])), false)
@@ -340,9 +418,23 @@ mod tests {
         }
     }
 
+    /// Polls `future` once with a waker that counts its wake-ups.
+    fn poll_once<F: Future>(future: F) -> (Poll<F::Output>, usize) {
+        struct Count(AtomicUsize);
+        impl ArcWake for Count {
+            fn wake_by_ref(count: &Arc<Self>) {
+                count.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = waker(count.clone());
+        let polled = pin!(future).poll(&mut Context::from_waker(&waker));
+        (polled, count.0.load(Ordering::Relaxed))
+    }
+
     #[test]
     fn tasks_come_out_in_order_across_the_ring_boundary() {
-        let mut pipe = TaskPipe::new();
+        let pipe = TaskPipe::new();
         let (tx, mut rx) = pipe.split();
         for round in 0..3u8 {
             for i in 0..TASK_BUFFER_SIZE as u8 {
@@ -358,34 +450,42 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_full_pipe_holds_the_sender_until_the_receiver_takes_one() {
-        let mut pipe = TaskPipe::new();
+    #[test]
+    fn halves_stream_through_a_full_pipe_without_a_wake_up() {
+        let pipe = TaskPipe::new();
+        let unused = TaskPipe::new();
         let (tx, mut rx) = pipe.split();
-        for i in 0..TASK_BUFFER_SIZE as u8 {
-            tx.send(body(i)).await.unwrap();
-        }
-        assert_eq!(tx.try_reserve().err(), Some(TryReserveError::Full));
-        assert!(tx.send(body(9)).now_or_never().is_none(), "sent past capacity");
-
-        let sending = async {
-            tx.send(body(4)).await.unwrap();
-            drop(tx);
+        let sending = async move {
+            for i in 0..100u8 {
+                tx.send(body(i)).await.map_err(|_| Error::new(InternalError))?;
+            }
+            Ok(())
         };
-        let receiving = async {
+        let receiving = async move {
             let mut got = vec![];
             while let Some(task) = rx.recv().await {
                 got.push(number(task));
             }
-            got
+            Ok(got)
         };
-        let ((), got) = tokio::join!(sending, receiving);
-        assert_eq!(got, vec![0, 1, 2, 3, 4], "the task sent while full must not be lost");
+        let joined = async {
+            let (got, ()) = join_halves(pin!(receiving), pin!(sending), [&pipe, &unused]).await?;
+            Ok::<_, Box<Error>>(got)
+        };
+        // 100 tasks through 4 slots take 25 rounds: the join yields once, asking to go on.
+        let mut joined = pin!(joined);
+        let (first, wakes) = poll_once(joined.as_mut());
+        assert!(first.is_pending());
+        assert_eq!(wakes, 1, "a join that gives up its turn must ask to be polled again");
+        let (second, wakes) = poll_once(joined.as_mut());
+        let Poll::Ready(Ok(got)) = second else { panic!("not done in the second turn") };
+        assert_eq!(got, (0..100).collect::<Vec<u8>>(), "every task, in order");
+        assert_eq!(wakes, 0);
     }
 
     #[test]
     fn permits_count_as_room_until_used_or_dropped() {
-        let mut pipe = TaskPipe::new();
+        let pipe = TaskPipe::new();
         let (tx, mut rx) = pipe.split();
         let permits: Vec<_> = (0..TASK_BUFFER_SIZE).map(|_| tx.try_reserve().unwrap()).collect();
         assert_eq!(tx.try_reserve().err(), Some(TryReserveError::Full));
@@ -398,45 +498,68 @@ mod tests {
         assert!(tx.try_reserve().is_ok(), "unused permits give their room back");
     }
 
-    #[tokio::test]
-    async fn dropping_the_receiver_fails_a_waiting_sender() {
-        let mut pipe = TaskPipe::new();
+    #[test]
+    fn a_half_that_drops_its_receiver_fails_the_other_halfs_waiting_send() {
+        let pipe = TaskPipe::new();
+        let unused = TaskPipe::new();
         let (tx, rx) = pipe.split();
         for i in 0..TASK_BUFFER_SIZE as u8 {
-            tx.send(body(i)).await.unwrap();
+            tx.send(body(i)).now_or_never().unwrap().unwrap();
         }
-        let sending = tx.send(body(9));
-        let receiver_gone = async move {
-            tokio::task::yield_now().await;
+        // The sender is polled first and waits for room; the receiver half then finishes.
+        let sending = async { Ok(tx.send(body(9)).await) };
+        let finishing = async move {
             drop(rx);
+            Ok(())
         };
-        let (sent, ()) = tokio::join!(sending, receiver_gone);
+        let (polled, _) = poll_once(join_halves(pin!(sending), pin!(finishing), [&pipe, &unused]));
+        let Poll::Ready(Ok((sent, ()))) = polled else { panic!("the waiting send was not failed") };
         assert_eq!(sent, Err(Closed));
         assert!(tx.is_closed());
         assert_eq!(tx.try_reserve().err(), Some(TryReserveError::Closed));
-        assert_eq!(tx.reserve().await.err(), Some(Closed));
+        assert_eq!(tx.reserve().now_or_never().map(|r| r.err()), Some(Some(Closed)));
     }
 
-    #[tokio::test]
-    async fn the_receiver_drains_what_was_sent_before_the_sender_went() {
-        let mut pipe = TaskPipe::new();
+    #[test]
+    fn the_receiver_drains_what_was_sent_before_the_sender_went() {
+        let pipe = TaskPipe::new();
+        let unused = TaskPipe::new();
         let (tx, mut rx) = pipe.split();
-        let waiting = rx.recv();
-        let sending = async move {
-            tokio::task::yield_now().await;
-            tx.send(body(1)).await.unwrap();
-            tx.try_reserve().unwrap().send(body(2));
+        let receiving = async {
+            let first = rx.recv().await.map(number);
+            let second = rx.recv().await.map(number);
+            let end = rx.recv().await.map(number);
+            Ok((first, second, end, rx.try_recv().err()))
         };
-        let (first, ()) = tokio::join!(waiting, sending);
-        assert_eq!(number(first.unwrap()), 1);
-        assert_eq!(number(rx.recv().await.unwrap()), 2);
-        assert!(rx.recv().await.is_none());
-        assert_eq!(rx.try_recv().err(), Some(TryRecvError::Disconnected));
+        let sending = async move {
+            tx.send(body(1)).await.map_err(|_| Error::new(InternalError))?;
+            tx.try_reserve().map_err(|_| Error::new(InternalError))?.send(body(2));
+            Ok(())
+        };
+        let (polled, wakes) = poll_once(join_halves(pin!(receiving), pin!(sending), [&pipe, &unused]));
+        let Poll::Ready(Ok((got, ()))) = polled else { panic!("not done in one turn") };
+        assert_eq!(got, (Some(1), Some(2), None, Some(TryRecvError::Disconnected)));
+        assert_eq!(wakes, 0);
+    }
+
+    #[test]
+    fn a_failing_half_ends_the_join_with_its_error() {
+        let pipe = TaskPipe::new();
+        let unused = TaskPipe::new();
+        let (tx, mut rx) = pipe.split();
+        let waiting = async move { Ok(rx.recv().await.is_some()) };
+        let failing = async move {
+            let _tx = tx;
+            Err::<(), _>(Error::explain(InternalError, "upstream failed"))
+        };
+        let (polled, _) = poll_once(join_halves(pin!(waiting), pin!(failing), [&pipe, &unused]));
+        let Poll::Ready(Err(e)) = polled else { panic!("the error did not end the join") };
+        assert_eq!(e.etype, InternalError);
     }
 
     #[test]
     fn a_receive_cancelled_before_it_is_ready_takes_nothing() {
-        let mut pipe = TaskPipe::new();
+        let pipe = TaskPipe::new();
         let (tx, mut rx) = pipe.split();
         assert!(rx.recv().now_or_never().is_none());
         tx.send(body(5)).now_or_never().unwrap().unwrap();
