@@ -288,6 +288,48 @@ async fn scripted_backend(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_backend_closes_is_closed_and_never_reused() {
+    // A backend that answers one request per connection, keeping it alive, then closes its
+    // side (FIN) and reports how long the proxy took to close the other.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                // Long enough for the proxy to put the connection in its pool.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = stream.shutdown().await;
+                let half_closed = Instant::now();
+                let mut rest = [0u8; 64];
+                let _ = stream.read(&mut rest).await;
+                let _ = closed_tx.send(half_closed.elapsed());
+            });
+        }
+    });
+    let routes = format!(
+        "[backends.monolith]\nurl = \"http://{addr}\"\n[defaults]\nbackend = \"monolith\"\n"
+    );
+    let proxy = Proxy::start(&routes).await;
+    let client = common::client();
+    for _ in 0..2 {
+        let response = client.get(proxy.url("/home")).send().await.expect("an answer");
+        assert_eq!(response.status(), 200, "a closed pooled connection was reused");
+        // The proxy closes its end once its idle check (every second) sees the backend's.
+        let waited = tokio::time::timeout(PATIENCE, closed_rx.recv()).await;
+        let waited =
+            waited.expect("the proxy kept a closed backend connection open").expect("sent");
+        assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+    }
+    backend.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_backend_is_given_up_after_its_read_timeout() {
     let (silent, silent_task) = scripted_backend(b"", Then::Stall).await;
     let (halfway, halfway_task) =

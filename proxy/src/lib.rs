@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use ficus_routes::LoadError;
 use pingora::apps::HttpServerOptions;
+use pingora::connectors::ConnectorOptions;
 use pingora::listeners::tls::TlsSettings as PingoraTls;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -112,11 +113,13 @@ pub fn run_with(
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let mut proxy = pingora::proxy::ProxyServiceBuilder::new(
         &server.configuration,
         FicusProxy { shared: shared.clone(), request_body_timeout: settings.request_body_timeout },
-        "ficus proxy",
-    );
+    )
+    .name("ficus proxy")
+    .client_options(upstream_connector_options(&server.configuration))
+    .build();
     if let Some(app) = proxy.app_logic_mut() {
         let mut options = HttpServerOptions::default();
         options.h2c = settings.h2c;
@@ -166,6 +169,18 @@ pub fn run_with(
     server.run(RunArgs::default());
     Ok(())
 }
+
+/// Pingora's connector options for the backends, with idle pooled connections checked once a
+/// second by one task per thread rather than by a task spawned for each request's release
+/// (vendored pingora-core, issue 16). The cost: a connection a backend closes while idle is
+/// closed here up to a second later (never reused meanwhile: taking one checks it first).
+fn upstream_connector_options(conf: &ServerConf) -> ConnectorOptions {
+    let mut options = ConnectorOptions::from_server_conf(conf);
+    options.idle_check_interval = Some(UPSTREAM_IDLE_CHECK);
+    options
+}
+
+const UPSTREAM_IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Fails early, with the address in the message, when a listener cannot bind.
 fn check_listen(addr: &str, what: &'static str) -> Result<(), ProxyError> {

@@ -51,21 +51,25 @@ impl ConnectionMeta {
 }
 
 struct PoolConnection<S> {
-    pub notify_use: oneshot::Sender<bool>,
+    /// ficus patch: `None` for a connection no idle watch waits on (see
+    /// [ConnectionPool::put_unwatched]).
+    pub notify_use: Option<oneshot::Sender<bool>>,
     pub connection: S,
 }
 
 impl<S> PoolConnection<S> {
     pub fn new(notify_use: oneshot::Sender<bool>, connection: S) -> Self {
         PoolConnection {
-            notify_use,
+            notify_use: Some(notify_use),
             connection,
         }
     }
 
     pub fn release(self) -> S {
         // notify the idle watcher to release the connection
-        let _ = self.notify_use.send(true);
+        if let Some(notify_use) = self.notify_use {
+            let _ = notify_use.send(true);
+        }
         // wait for the watcher to release
         self.connection
     }
@@ -311,6 +315,21 @@ impl<S> ConnectionPool<S> {
         let connection = PoolConnection::new(notify_use, connection);
         self.insert_pool_connection(meta.key, meta.id, connection);
         (notify_close, watch_use)
+    }
+
+    /// ficus patch: [Self::put] for a connection that no idle watch waits on: its owner learns
+    /// otherwise that it was picked up or evicted (by holding it weakly, say), so the two
+    /// signals `put` returns are not made. The pool's limit and eviction are as for `put`.
+    pub fn put_unwatched(&self, meta: &ConnectionMeta, connection: S) {
+        let evicted = self.lru.add_unwatched(meta.id, meta.clone());
+        for meta in &evicted {
+            self.pop_evicted(meta);
+        }
+        let connection = PoolConnection {
+            notify_use: None,
+            connection,
+        };
+        self.insert_pool_connection(meta.key, meta.id, connection);
     }
 
     /// Actively monitor the health of a connection that is already released to this pool
@@ -607,6 +626,23 @@ mod tests {
 
         let _ = cp.get(&meta1.key).unwrap(); // mock_io3 should be selected
         assert!(cp.get(&meta1.key).is_none()) // mock_io1 should already be removed by idle_poll
+    }
+
+    // ficus patch: `put_unwatched`.
+    #[test]
+    fn an_unwatched_connection_is_got_and_evicted_as_any() {
+        let pool: ConnectionPool<Arc<()>> = ConnectionPool::new(1);
+        let first = Arc::new(());
+        pool.put_unwatched(&ConnectionMeta::new(7, 1), first.clone());
+        assert!(Arc::ptr_eq(&pool.get(&7).unwrap(), &first));
+        assert!(pool.get(&7).is_none());
+
+        // A pool of one: the second connection evicts the first, dropped by the pool then.
+        pool.put_unwatched(&ConnectionMeta::new(7, 1), first.clone());
+        let second = Arc::new(());
+        let (_evicted, _used) = pool.put(&ConnectionMeta::new(7, 2), second.clone());
+        assert_eq!(Arc::strong_count(&first), 1);
+        assert!(Arc::ptr_eq(&pool.get(&7).unwrap(), &second));
     }
 
     // ficus patch: `idle_watch` with readers that are not lock guards.

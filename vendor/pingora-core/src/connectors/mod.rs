@@ -15,6 +15,7 @@
 //! Connecting to servers
 
 pub mod http;
+mod idle_sweep;
 pub mod l4;
 #[cfg(feature = "any_tls")]
 mod tls;
@@ -113,6 +114,14 @@ pub struct ConnectorOptions {
     /// Optional callback for observing how long upstream connections stayed idle
     /// before leaving the keep-alive pool without reuse.
     pub keepalive_pool_callback: Option<PoolCallback>,
+    /// ficus patch: check idle pooled connections in sweeps this far apart, one task per
+    /// thread, instead of a watch task for each released connection (`None`, the default).
+    ///
+    /// A connection the peer closes, or that receives data, is then closed at the next sweep
+    /// rather than at once, and the idle timeout holds to within the interval; a connection
+    /// closed by the peer is never reused either way (taking one checks its socket). Not
+    /// used with a `keepalive_pool_callback`, which is told the idle time at eviction.
+    pub idle_check_interval: Option<Duration>,
 }
 
 impl ConnectorOptions {
@@ -150,6 +159,7 @@ impl ConnectorOptions {
             bind_to_v4,
             bind_to_v6,
             keepalive_pool_callback: None,
+            idle_check_interval: None,
         }
     }
 
@@ -166,6 +176,7 @@ impl ConnectorOptions {
             bind_to_v4: vec![],
             bind_to_v6: vec![],
             keepalive_pool_callback: None,
+            idle_check_interval: None,
         }
     }
 }
@@ -182,6 +193,8 @@ pub struct TransportConnector {
     /// for periodic metric reporting without needing access to the connector itself.
     unexpected_data_conn_count: Arc<AtomicU64>,
     keepalive_pool_callback: Option<PoolCallback>,
+    /// ficus patch: see [ConnectorOptions::idle_check_interval].
+    idle_check_interval: Option<Duration>,
 }
 
 const DEFAULT_POOL_SIZE: usize = 128;
@@ -204,6 +217,7 @@ impl TransportConnector {
         let keepalive_pool_callback = options
             .as_ref()
             .and_then(|o| o.keepalive_pool_callback.clone());
+        let idle_check_interval = options.as_ref().and_then(|o| o.idle_check_interval);
         TransportConnector {
             tls_ctx: tls::Connector::new(options),
             connection_pool: Arc::new(ConnectionPool::new(pool_size)),
@@ -213,6 +227,7 @@ impl TransportConnector {
             preferred_http_version: PreferredHttpVersion::new(),
             unexpected_data_conn_count: Arc::new(AtomicU64::new(0)),
             keepalive_pool_callback,
+            idle_check_interval,
         }
     }
 
@@ -315,6 +330,23 @@ impl TransportConnector {
         let meta = ConnectionMeta::new(pool_key(key), id);
         debug!("Try to keepalive client session");
         let stream = Arc::new(IdleStream(parking_lot::Mutex::new(Some(stream))));
+        if let (Some(interval), None) = (self.idle_check_interval, &self.keepalive_pool_callback)
+        {
+            // ficus patch: checked by its thread's sweep (see `idle_sweep`), which needs
+            // neither of the pool's signals: it holds the stream weakly, and a stream taken or
+            // evicted is gone.
+            let released = idle_sweep::Released {
+                stream: Arc::downgrade(&stream),
+                meta,
+                pool: self.connection_pool.clone(),
+                since: Instant::now(),
+                timeout: idle_timeout,
+                interval,
+            };
+            self.connection_pool.put_unwatched(&released.meta, stream);
+            idle_sweep::record(released);
+            return;
+        }
         let (notify_close, watch_use) = self.connection_pool.put(&meta, stream.clone());
         let idle_meta = IdleConnection::new(meta);
         let pool = self.connection_pool.clone(); //clone the arc
@@ -943,6 +975,130 @@ mod tests {
         };
         assert!(closed, "{read:?}");
         assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    /// A connector whose idle connections are checked in sweeps `interval` apart.
+    fn sweeping_connector(interval: Duration) -> TransportConnector {
+        let mut options = ConnectorOptions::new(DEFAULT_POOL_SIZE);
+        options.idle_check_interval = Some(interval);
+        TransportConnector::new(Some(options))
+    }
+
+    /// Polls `done` every few milliseconds until it holds or ten seconds pass.
+    async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// Whether the far end of a connection sees it closed within ten seconds.
+    async fn closed_by_the_proxy(server: &mut tokio::net::TcpStream) -> bool {
+        let mut buf = [0; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), server.read(&mut buf)).await;
+        match &read {
+            Ok(Ok(n)) => *n == 0,
+            Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn with_sweeps_a_connection_is_released_and_reused_without_a_task_each_time() {
+        let connector = sweeping_connector(Duration::from_secs(3600));
+        let (peer, mut stream, _server) = loopback_stream(&connector).await;
+        let tasks = tokio::runtime::Handle::current().metrics();
+        for _ in 0..100 {
+            connector.release_stream(stream, peer.reuse_hash(), None);
+            stream = connector.reused_stream(&peer).await.expect("reused");
+        }
+        // The thread's one sweep task, where each release spawned a watch (alive until run).
+        assert_eq!(tasks.num_alive_tasks(), 1);
+    }
+
+    #[tokio::test]
+    async fn with_sweeps_the_list_of_released_connections_stays_bounded() {
+        let connector = sweeping_connector(Duration::from_secs(3600));
+        let (peer, mut stream, _server) = loopback_stream(&connector).await;
+        for _ in 0..10_000 {
+            connector.release_stream(stream, peer.reuse_hash(), None);
+            stream = connector.reused_stream(&peer).await.expect("reused");
+        }
+        let recorded = idle_sweep::recorded_on_this_thread();
+        assert!(recorded <= 2048, "{recorded} entries for one connection");
+    }
+
+    #[tokio::test]
+    async fn with_sweeps_an_idle_connection_closed_by_its_peer_is_closed_and_not_reused() {
+        let connector = sweeping_connector(Duration::from_millis(20));
+        let (peer, stream, server) = loopback_stream(&connector).await;
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        drop(server);
+        // A sweep closes it and empties the list: the entry is gone, and so is the sweep task.
+        let tasks = tokio::runtime::Handle::current().metrics();
+        assert!(eventually(|| idle_sweep::recorded_on_this_thread() == 0).await);
+        assert!(eventually(|| tasks.num_alive_tasks() == 0).await);
+        assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn with_sweeps_an_idle_connection_that_receives_data_is_closed() {
+        let connector = sweeping_connector(Duration::from_millis(20));
+        let (peer, stream, mut server) = loopback_stream(&connector).await;
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        use tokio::io::AsyncWriteExt;
+        server.write_all(b"unexpected").await.unwrap();
+        assert!(closed_by_the_proxy(&mut server).await);
+        assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn with_sweeps_an_idle_connection_is_closed_after_its_timeout() {
+        let connector = sweeping_connector(Duration::from_millis(20));
+        let (peer, stream, mut server) = loopback_stream(&connector).await;
+        let released = Instant::now();
+        let timeout = Duration::from_millis(200);
+        connector.release_stream(stream, peer.reuse_hash(), Some(timeout));
+        assert!(closed_by_the_proxy(&mut server).await);
+        assert!(released.elapsed() >= timeout, "{:?}", released.elapsed());
+        assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn with_sweeps_an_evicted_connection_is_closed_at_once() {
+        let mut options = ConnectorOptions::new(1);
+        options.idle_check_interval = Some(Duration::from_secs(3600));
+        let connector = TransportConnector::new(Some(options));
+        let (peer, first, mut first_server) = loopback_stream(&connector).await;
+        let (_, second, _second_server) = loopback_stream(&connector).await;
+        connector.release_stream(first, peer.reuse_hash(), None);
+        // A pool of one: the second release evicts the first, closed then, not at a sweep.
+        connector.release_stream(second, peer.reuse_hash(), None);
+        assert!(closed_by_the_proxy(&mut first_server).await);
+    }
+
+    #[test]
+    fn with_sweeps_a_new_runtime_on_the_thread_starts_its_own_sweep() {
+        let connector = sweeping_connector(Duration::from_millis(20));
+        for _ in 0..2 {
+            // The first runtime is dropped with its sweep task still waiting; the second must
+            // not take the thread's sweep for running.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (peer, stream, mut server) = loopback_stream(&connector).await;
+                connector.release_stream(stream, peer.reuse_hash(), Some(Duration::ZERO));
+                assert!(closed_by_the_proxy(&mut server).await);
+                let (peer, stream, _server) = loopback_stream(&connector).await;
+                connector.release_stream(stream, peer.reuse_hash(), None);
+            });
+        }
     }
 
     #[test]
