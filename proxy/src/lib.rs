@@ -110,6 +110,9 @@ pub fn run_with(
         graceful_shutdown_timeout_seconds: Some(settings.shutdown_grace.as_secs()),
         ..ServerConf::default()
     };
+    // ficus reads no stream's pending-time figures; accounting them read the clock four
+    // times per request (vendored pingora-core, issue 16).
+    pingora::protocols::l4::stream::set_pending_time_tracking(false);
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

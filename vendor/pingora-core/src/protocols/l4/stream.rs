@@ -547,6 +547,18 @@ impl Stream {
         self.stream.as_ref().expect("stream should always be set")
     }
 
+    /// ficus patch: whether this stream accounts the time its reads and writes spend pending
+    /// (see [set_pending_time_tracking], which sets it for new streams). Turned off, the
+    /// totals so far are kept and a wait under way is not counted.
+    pub fn set_pending_time_tracking(&mut self, on: bool) {
+        for pending in [&mut self.read_pending_time, &mut self.write_pending_time] {
+            pending.tracking = on;
+            if !on {
+                pending.last_start = None;
+            }
+        }
+    }
+
     fn stream_mut(&mut self) -> &mut BufferedStream {
         self.stream.as_mut().expect("stream should always be set")
     }
@@ -961,10 +973,27 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// ficus patch: whether streams made from now on account the time their reads and writes wait
+/// (see [set_pending_time_tracking]).
+static TRACK_PENDING_TIME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// ficus patch: whether the streams made from now on account the time their reads and writes
+/// spend pending, which `get_read_pending_time` and `get_write_pending_time` report (and
+/// pingora-proxy's `Session::upstream_write_pending_time`). On by default. Each wait costs
+/// two readings of the clock, so four or more per proxied request (a keep-alive connection's
+/// read waits for each request, the upstream's for each response); a process that never
+/// reads these figures can turn it off, and they then stay zero. For one stream, see
+/// [Stream::set_pending_time_tracking].
+pub fn set_pending_time_tracking(on: bool) {
+    TRACK_PENDING_TIME.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[derive(Debug)]
 struct AccumulatedDuration {
     total: Duration,
     last_start: Option<Instant>,
+    /// ficus patch: see [set_pending_time_tracking].
+    tracking: bool,
 }
 
 impl AccumulatedDuration {
@@ -972,11 +1001,12 @@ impl AccumulatedDuration {
         AccumulatedDuration {
             total: Duration::ZERO,
             last_start: None,
+            tracking: TRACK_PENDING_TIME.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
     fn start(&mut self) {
-        if self.last_start.is_none() {
+        if self.tracking && self.last_start.is_none() {
             self.last_start = Some(Instant::now());
         }
     }
@@ -1023,6 +1053,35 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
     use tokio::sync::Notify;
+
+    /// ficus patch: a read that waits is accounted, unless the stream's tracking is off.
+    #[tokio::test]
+    async fn a_pending_read_is_timed_only_while_tracking_is_on() {
+        use crate::protocols::GetTimingDigest;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut server = Stream::from(tcp);
+        let wait = Duration::from_millis(30);
+        let mut buf = [0; 1];
+        for tracking in [true, false] {
+            server.set_pending_time_tracking(tracking);
+            let before = server.get_read_pending_time();
+            let (read, _) = tokio::join!(server.read(&mut buf), async {
+                tokio::time::sleep(wait).await;
+                client.write_all(b"x").await.unwrap();
+            });
+            assert_eq!(read.unwrap(), 1);
+            let waited = server.get_read_pending_time() - before;
+            if tracking {
+                assert!(waited >= wait, "{waited:?}");
+            } else {
+                assert_eq!(waited, Duration::ZERO);
+            }
+        }
+    }
 
     /// ficus patch: a socket accepted on one single-thread runtime and served on another
     /// works once registered there, even after the accepting runtime is gone (which, left
