@@ -353,7 +353,10 @@ impl HttpSession {
 
                         let buf = std::mem::take(&mut self.response_header_read_buf).freeze();
 
+                        // ficus patch: noted here, not looked up in the map afterwards.
+                        let mut framing_fields = super::common::FramingFields::default();
                         for header in header_refs {
+                            framing_fields.note(header.get_name(&buf));
                             // ficus patch: a common spelling is kept as a static (see
                             // `CaseHeaderName::from_wire`).
                             let header_name =
@@ -370,11 +373,8 @@ impl HttpSession {
                             }
                         }
 
-                        let contains_transfer_encoding = response_header
-                            .headers
-                            .contains_key(header::TRANSFER_ENCODING);
-                        let contains_content_length =
-                            response_header.headers.contains_key(header::CONTENT_LENGTH);
+                        let contains_transfer_encoding = framing_fields.transfer_encoding;
+                        let contains_content_length = framing_fields.content_length;
 
                         // Transfer encoding overrides content length, so when
                         // both are present, we MUST remove content length. This is

@@ -418,6 +418,26 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
 /// keeps the H2 and downgraded-H1 paths consistent and rejects genuinely
 /// ambiguous values before they cross a proxy boundary.
 ///
+/// ficus patch: which framing fields a header block has, noted from the field names as the
+/// block is read, where the block's header map was searched for each afterwards. Names are
+/// compared as `HeaderName` does, without regard to case.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FramingFields {
+    pub transfer_encoding: bool,
+    pub content_length: bool,
+}
+
+impl FramingFields {
+    /// Notes a field of the block by its name as read.
+    pub(crate) fn note(&mut self, name: &[u8]) {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            self.content_length = true;
+        }
+    }
+}
+
 /// ficus patch: `has_transfer_encoding` is whether the message has a `Transfer-Encoding`,
 /// which the caller has looked up already.
 pub(crate) fn validate_content_length(headers: &HMap, has_transfer_encoding: bool) -> Result<()> {
@@ -508,6 +528,33 @@ mod test {
             err.context.as_ref().map(|c| c.as_str()),
             Some("invalid Transfer-Encoding header")
         );
+    }
+
+    // ficus patch: `FramingFields` notes what a lookup in the block's map would find.
+    #[test]
+    fn framing_fields_noted_from_names_match_the_header_map() {
+        let blocks: [&[&str]; 6] = [
+            &[],
+            &["Host", "Accept"],
+            &["Content-Length"],
+            &["transfer-encoding", "X-Content-Length"],
+            &["CONTENT-LENGTH", "Transfer-Encoding", "Content-Type"],
+            &["Content-Length-X", "Transfer-Encodings", "TE"],
+        ];
+        for names in blocks {
+            let mut noted = FramingFields::default();
+            let mut headers = HMap::new();
+            for name in names {
+                noted.note(name.as_bytes());
+                let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+                headers.append(name, http::HeaderValue::from_static("1"));
+            }
+            let looked_up = FramingFields {
+                transfer_encoding: headers.contains_key(TRANSFER_ENCODING),
+                content_length: headers.contains_key(CONTENT_LENGTH),
+            };
+            assert_eq!(noted, looked_up, "{names:?}");
+        }
     }
 
     #[rstest]

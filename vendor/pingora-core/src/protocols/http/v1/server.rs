@@ -388,7 +388,10 @@ impl HttpSession {
                         };
                         let buf = buf.freeze();
 
+                        // ficus patch: noted here, not looked up in the map afterwards.
+                        let mut framing_fields = super::common::FramingFields::default();
                         for header in header_refs {
+                            framing_fields.note(header.get_name(&buf));
                             // ficus patch: a common spelling is kept as a static (see
                             // `CaseHeaderName::from_wire`).
                             let header_name =
@@ -406,10 +409,8 @@ impl HttpSession {
                                 .or_err(InvalidHTTPHeader, "while parsing request header")?;
                         }
 
-                        let contains_transfer_encoding =
-                            request_header.headers.contains_key(TRANSFER_ENCODING);
-                        let contains_content_length =
-                            request_header.headers.contains_key(CONTENT_LENGTH);
+                        let contains_transfer_encoding = framing_fields.transfer_encoding;
+                        let contains_content_length = framing_fields.content_length;
 
                         // Transfer encoding overrides content length, so when
                         // both are present, we can remove content length. This
