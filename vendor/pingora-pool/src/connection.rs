@@ -308,12 +308,8 @@ impl<S> ConnectionPool<S> {
         connection: S,
     ) -> (Arc<Notify>, oneshot::Receiver<bool>) {
         let (notify_close, evicted) = self.lru.add(meta.id, meta.clone());
-        for meta in &evicted {
-            self.pop_evicted(meta);
-        }
         let (notify_use, watch_use) = oneshot::channel();
-        let connection = PoolConnection::new(notify_use, connection);
-        self.insert_pool_connection(meta.key, meta.id, connection);
+        self.insert_after_evicting(meta, &evicted, PoolConnection::new(notify_use, connection));
         (notify_close, watch_use)
     }
 
@@ -322,13 +318,24 @@ impl<S> ConnectionPool<S> {
     /// signals `put` returns are not made. The pool's limit and eviction are as for `put`.
     pub fn put_unwatched(&self, meta: &ConnectionMeta, connection: S) {
         let evicted = self.lru.add_unwatched(meta.id, meta.clone());
-        for meta in &evicted {
-            self.pop_evicted(meta);
-        }
         let connection = PoolConnection {
             notify_use: None,
             connection,
         };
+        self.insert_after_evicting(meta, &evicted, connection);
+    }
+
+    /// ficus patch: the rest of `put` and `put_unwatched` once the LRU has taken `meta`: drop
+    /// what it evicted, then keep the connection.
+    fn insert_after_evicting(
+        &self,
+        meta: &ConnectionMeta,
+        evicted: &[ConnectionMeta],
+        connection: PoolConnection<S>,
+    ) {
+        for meta in evicted {
+            self.pop_evicted(meta);
+        }
         self.insert_pool_connection(meta.key, meta.id, connection);
     }
 

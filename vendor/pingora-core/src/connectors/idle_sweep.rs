@@ -122,25 +122,27 @@ thread_local! {
 /// Records a connection just put in `released.pool`, and starts its thread's sweep if none
 /// runs. Must be called from within a tokio runtime.
 pub(super) fn record(released: Released) {
-    let Ok(list) = LIST.try_with(Arc::clone) else {
-        // A thread being torn down: its runtime, and the pool's use of it, end with it.
-        return;
-    };
-    let mut guard = list.lock();
-    if guard.released.len() >= guard.compact_at.max(COMPACT_AT) {
-        guard
-            .released
-            .retain(|r| r.stream.strong_count() > 0);
-        guard.compact_at = guard.released.len() * 2;
-    }
-    guard.released.push(released);
-    if !guard.sweeping {
-        guard.sweeping = true;
-        drop(guard);
-        // The guard is made here, not in the task: a task dropped before its first poll (its
-        // runtime shut down) must reset `sweeping` too.
-        tokio::spawn(sweep(Sweeping { list, ended: false }));
-    }
+    // A thread being torn down has no list: its runtime, and the pool's use of it, end with it.
+    let _ = LIST.try_with(|list| {
+        let mut guard = list.lock();
+        if guard.released.len() >= guard.compact_at.max(COMPACT_AT) {
+            guard
+                .released
+                .retain(|r| r.stream.strong_count() > 0);
+            guard.compact_at = guard.released.len() * 2;
+        }
+        guard.released.push(released);
+        if !guard.sweeping {
+            guard.sweeping = true;
+            drop(guard);
+            // The guard is made here, not in the task: a task dropped before its first poll
+            // (its runtime shut down) must reset `sweeping` too.
+            tokio::spawn(sweep(Sweeping {
+                list: list.clone(),
+                ended: false,
+            }));
+        }
+    });
 }
 
 /// Resets the list's `sweeping` when its runtime drops its sweep task, so that the next
