@@ -42,6 +42,8 @@ pub mod authority;
 use authority::{raw_target_authority, RawTargetAuthority};
 
 mod case_header_name;
+mod case_names;
+use case_names::CaseNames;
 // ficus patch: exported, so that callers can name a header's case once (`from_static`).
 pub use case_header_name::CaseHeaderName;
 pub use case_header_name::IntoCaseHeaderName;
@@ -50,17 +52,6 @@ pub mod prelude {
     pub use crate::RequestHeader;
     pub use crate::ResponseHeader;
 }
-
-/* an ordered header map to store the original case of each header name
-HMap({
-    "foo": ["Foo", "foO", "FoO"]
-})
-The order how HeaderMap iter over its items is "arbitrary, but consistent".
-Hopefully this property makes sure this map of header names always iterates in the
-same order of the map of header values.
-This idea is inspaired by hyper @nox
-*/
-type CaseMap = HMap<CaseHeaderName>;
 
 pub enum HeaderNameVariant<'a> {
     Case(&'a CaseHeaderName),
@@ -85,7 +76,7 @@ pub enum HeaderNameVariant<'a> {
 #[derive(Debug)]
 pub struct RequestHeader {
     base: ReqParts,
-    header_name_map: Option<CaseMap>,
+    header_name_map: Option<CaseNames>,
     raw_target: RawTarget,
     // whether we send END_STREAM with HEADERS for h2 requests
     send_end_stream: bool,
@@ -168,7 +159,7 @@ impl RequestHeader {
         size_hint: Option<usize>,
     ) -> Result<Self> {
         let mut req = Self::build_no_case(method, path, size_hint)?;
-        req.header_name_map = Some(CaseMap::with_capacity(http_header_map_upper_bound(
+        req.header_name_map = Some(CaseNames::with_capacity(http_header_map_upper_bound(
             size_hint,
         )));
         Ok(req)
@@ -282,12 +273,7 @@ impl RequestHeader {
         let value_map = &self.base.headers;
 
         if let Some(key_map) = key_map {
-            let iter = key_map.iter().zip(value_map.iter());
-            for ((header, case_header), (header2, val)) in iter {
-                if header != header2 {
-                    // in case the header iteration order changes in future versions of HMap
-                    panic!("header iter mismatch {}, {}", header, header2)
-                }
+            for (_, case_header, val) in key_map.iter(value_map) {
                 f(HeaderNameVariant::Case(case_header), val)?;
             }
         } else {
@@ -469,7 +455,7 @@ impl From<RequestHeader> for ReqParts {
 pub struct ResponseHeader {
     base: RespParts,
     // an ordered header map to store the original case of each header name
-    header_name_map: Option<CaseMap>,
+    header_name_map: Option<CaseNames>,
     // the reason phrase of the response, if unset, a default one will be used
     reason_phrase: Option<String>,
 }
@@ -524,9 +510,9 @@ impl From<Box<ResponseHeader>> for Box<RespParts> {
 impl ResponseHeader {
     fn new(size_hint: Option<usize>) -> Self {
         let mut resp_header = Self::new_no_case(size_hint);
-        resp_header.header_name_map = Some(CaseMap::with_capacity(http_header_map_upper_bound(
-            size_hint,
-        )));
+        resp_header.header_name_map = Some(CaseNames::with_capacity(
+            http_header_map_upper_bound(size_hint),
+        ));
         resp_header
     }
 
@@ -652,12 +638,7 @@ impl ResponseHeader {
         let value_map = &self.base.headers;
 
         if let Some(key_map) = key_map {
-            let iter = key_map.iter().zip(value_map.iter());
-            for ((header, case_header), (header2, val)) in iter {
-                if header != header2 {
-                    // in case the header iteration order changes in future versions of HMap
-                    panic!("header iter mismatch {}, {}", header, header2)
-                }
+            for (_, case_header, val) in key_map.iter(value_map) {
                 f(HeaderNameVariant::Case(case_header), val)?;
             }
         } else {
@@ -852,7 +833,7 @@ fn http_header_map_upper_bound(size_hint: Option<usize>) -> usize {
 
 #[inline]
 fn append_header_value<T>(
-    name_map: Option<&mut CaseMap>,
+    name_map: Option<&mut CaseNames>,
     value_map: &mut HMap<T>,
     name: impl IntoCaseHeaderName,
     value: T,
@@ -861,26 +842,20 @@ fn append_header_value<T>(
     let (header_name, case_header_name) = name
         .into_header_names()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    // store the original case in the map
-    if let Some(name_map) = name_map {
-        // Use the non-panicking `try_append`: the infallible `append` calls
-        // `.expect("size overflows MAX_SIZE")` internally, which would abort the
-        // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
-        name_map
-            .try_append(header_name.clone(), case_header_name)
-            .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
+    // Non-panicking `try_append`: the infallible `append` calls `.expect("size overflows
+    // MAX_SIZE")` internally, which would abort the process if either map ever exceeded
+    // `http`'s `MAX_SIZE` (1 << 15).
+    match name_map {
+        // store the original case beside the value
+        Some(name_map) => name_map.append(value_map, header_name, case_header_name, value),
+        None => value_map.try_append(header_name, value),
     }
-
-    // Non-panicking `try_append` for the same reason as the case map above.
-    value_map.try_append(header_name, value).or_err(
-        InvalidHTTPHeader,
-        "header value map size overflows MAX_SIZE",
-    )
+    .or_err(InvalidHTTPHeader, "header map size overflows MAX_SIZE")
 }
 
 #[inline]
 fn insert_header_value<T>(
-    name_map: Option<&mut CaseMap>,
+    name_map: Option<&mut CaseNames>,
     value_map: &mut HMap<T>,
     name: impl IntoCaseHeaderName,
     value: T,
@@ -889,21 +864,22 @@ fn insert_header_value<T>(
     let (header_name, case_header_name) = name
         .into_header_names()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    if let Some(name_map) = name_map {
-        // store the original case in the map
-        name_map.insert(header_name.clone(), case_header_name);
+    // ficus patch: non-panicking `try_insert`, as `try_append` above.
+    match name_map {
+        // store the original case beside the value
+        Some(name_map) => name_map.insert(value_map, header_name, case_header_name, value),
+        None => value_map.try_insert(header_name, value).map(|_| ()),
     }
-    value_map.insert(header_name, value);
-    Ok(())
+    .or_err(InvalidHTTPHeader, "header map size overflows MAX_SIZE")
 }
 
 #[inline]
-fn reserve<T>(name_map: Option<&mut CaseMap>, value_map: &mut HMap<T>, additional: usize) {
+fn reserve<T>(name_map: Option<&mut CaseNames>, value_map: &mut HMap<T>, additional: usize) {
     // A map that cannot grow so far is left as it is: the insertion that does not fit fails
     // with its own error.
     if value_map.try_reserve(additional).is_ok() {
         if let Some(name_map) = name_map {
-            let _ = name_map.try_reserve(additional);
+            name_map.reserve(additional);
         }
     }
 }
@@ -911,20 +887,17 @@ fn reserve<T>(name_map: Option<&mut CaseMap>, value_map: &mut HMap<T>, additiona
 // the &N here is to avoid clone(). None Copy type like String can impl AsHeaderName
 #[inline]
 fn remove_header<'a, T, N: ?Sized>(
-    name_map: Option<&mut CaseMap>,
+    name_map: Option<&mut CaseNames>,
     value_map: &mut HMap<T>,
     name: &'a N,
 ) -> Option<T>
 where
     &'a N: 'a + AsHeaderName,
 {
-    let removed = value_map.remove(name);
-    if removed.is_some() {
-        if let Some(name_map) = name_map {
-            name_map.remove(name);
-        }
+    match name_map {
+        Some(name_map) => name_map.remove(value_map, name),
+        None => value_map.remove(name),
     }
-    removed
 }
 
 /// Build a [`HeaderValue`] from owned bytes, normalizing the value per RFC
@@ -1025,17 +998,17 @@ fn normalize_field_value(raw: bytes::Bytes) -> bytes::Bytes {
 }
 
 #[inline]
-fn header_to_h1_wire(key_map: Option<&CaseMap>, value_map: &HMap, buf: &mut impl BufMut) {
+fn header_to_h1_wire(key_map: Option<&CaseNames>, value_map: &HMap, buf: &mut impl BufMut) {
     const CRLF: &[u8; 2] = b"\r\n";
     const HEADER_KV_DELIMITER: &[u8; 2] = b": ";
 
     if let Some(key_map) = key_map {
-        case_header_iter(key_map.into(), value_map).for_each(|(case_header, val)| {
+        for (_, case_header, val) in key_map.iter(value_map) {
             buf.put_slice(case_header.as_slice());
             buf.put_slice(HEADER_KV_DELIMITER);
             buf.put_slice(val.as_ref());
             buf.put_slice(CRLF);
-        });
+        }
     } else {
         for (header, value) in value_map {
             let titled_header =
@@ -1050,19 +1023,12 @@ fn header_to_h1_wire(key_map: Option<&CaseMap>, value_map: &HMap, buf: &mut impl
 
 #[inline]
 fn case_header_iter<'a>(
-    name_map: Option<&'a CaseMap>,
+    name_map: Option<&'a CaseNames>,
     value_map: &'a HMap,
 ) -> impl Iterator<Item = (&'a CaseHeaderName, &'a HeaderValue)> + 'a {
-    name_map.into_iter().flat_map(|name_map| {
-        name_map
-            .iter()
-            .zip(value_map.iter())
-            .map(|((h1, name), (h2, value))| {
-                // in case the header iteration order changes in future versions of HMap
-                assert_eq!(h1, h2, "header iter mismatch {}, {}", h1, h2);
-                (name, value)
-            })
-    })
+    name_map
+        .into_iter()
+        .flat_map(|name_map| name_map.iter(value_map).map(|(_, name, value)| (name, value)))
 }
 
 #[cfg(test)]

@@ -290,8 +290,17 @@ impl TransportConnector {
         };
         // test_reusable_stream: we assume server would never actively send data
         // first on an idle stream.
+        // ficus patch: the peer's address is the one the stream's digest read once for the
+        // connection, not asked of the kernel again (a `getpeername` call per request); the
+        // read below still finds a connection the backend has closed or reset.
         #[cfg(unix)]
-        let matches = peer.matches_fd(stream.id());
+        let matches = match stream.get_socket_digest() {
+            Some(digest) => match digest.peer_addr() {
+                Some(addr) => peer.matches_addr(addr),
+                None => peer.matches_fd(stream.id()),
+            },
+            None => peer.matches_fd(stream.id()),
+        };
         #[cfg(windows)]
         let matches = {
             use std::os::windows::io::{AsRawSocket, RawSocket};
@@ -955,6 +964,94 @@ mod tests {
         // lock on it.
         let reused = connector.reused_stream(&peer).now_or_never();
         assert!(matches!(reused, Some(Some(_))));
+    }
+
+    use crate::protocols::l4::socket::SocketAddr as L4Addr;
+
+    /// A peer that shares another's pool key but not its address.
+    #[derive(Clone)]
+    struct SameKeyPeer {
+        address: L4Addr,
+        reuse_hash: u64,
+    }
+
+    impl std::fmt::Display for SameKeyPeer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}", self.address)
+        }
+    }
+
+    impl Peer for SameKeyPeer {
+        fn address(&self) -> &L4Addr {
+            &self.address
+        }
+        fn tls(&self) -> bool {
+            false
+        }
+        fn sni(&self) -> &str {
+            ""
+        }
+        fn reuse_hash(&self) -> u64 {
+            self.reuse_hash
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pooled_stream_is_handed_only_to_the_peer_it_connects_to() {
+        let connector = TransportConnector::new(None);
+        let (peer, stream, _server) = loopback_stream(&connector).await;
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        let elsewhere = SameKeyPeer {
+            address: "127.0.0.2:1".parse::<std::net::SocketAddr>().unwrap().into(),
+            reuse_hash: peer.reuse_hash(),
+        };
+        assert!(connector.reused_stream(&elsewhere).await.is_none());
+
+        let (peer, stream, _server) = loopback_stream(&connector).await;
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        let here = SameKeyPeer {
+            address: peer.address().clone(),
+            reuse_hash: peer.reuse_hash(),
+        };
+        assert!(connector.reused_stream(&here).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_pooled_streams_peer_is_the_address_its_digest_read_once() {
+        let connector = TransportConnector::new(None);
+        let (peer, mut stream, _server) = loopback_stream(&connector).await;
+        // Had the kernel been asked at reuse, it would name the listener; the digest's
+        // address, read once per connection, is the one checked.
+        let digest = crate::protocols::SocketDigest::from_raw_fd(stream.id() as _);
+        let recorded: L4Addr = "127.0.0.2:1".parse::<std::net::SocketAddr>().unwrap().into();
+        assert!(digest.peer_addr.set(Some(recorded)).is_ok());
+        stream.set_socket_digest(digest);
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        assert!(connector.reused_stream(&peer).await.is_none());
+
+        let (peer, stream, _server) = loopback_stream(&connector).await;
+        let recorded = stream.get_socket_digest().expect("a digest");
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        let stream = connector.reused_stream(&peer).await.expect("reused");
+        assert_eq!(recorded.peer_addr.get(), Some(&Some(peer.address().clone())));
+        drop(stream);
+    }
+
+    #[test]
+    fn a_peer_address_matches_the_address_a_connection_reports() {
+        let inet = |s: &str| -> L4Addr { s.parse::<std::net::SocketAddr>().unwrap().into() };
+        let unix = |p: &str| {
+            L4Addr::Unix(std::os::unix::net::SocketAddr::from_pathname(p).unwrap())
+        };
+        assert!(inet("127.0.0.1:80").matches_peer_addr(&inet("127.0.0.1:80")));
+        assert!(!inet("127.0.0.1:80").matches_peer_addr(&inet("127.0.0.1:81")));
+        assert!(!inet("127.0.0.1:80").matches_peer_addr(&inet("127.0.0.2:80")));
+        assert!(!inet("[::1]:80").matches_peer_addr(&inet("127.0.0.1:80")));
+        assert!(inet("0.0.0.0:80").matches_peer_addr(&inet("127.0.0.1:80")));
+        assert!(unix("/tmp/a.sock").matches_peer_addr(&unix("/tmp/a.sock")));
+        assert!(!unix("/tmp/a.sock").matches_peer_addr(&unix("/tmp/b.sock")));
+        assert!(!unix("/tmp/a.sock").matches_peer_addr(&inet("127.0.0.1:80")));
+        assert!(!inet("127.0.0.1:80").matches_peer_addr(&unix("/tmp/a.sock")));
     }
 
     #[tokio::test]

@@ -261,6 +261,14 @@ pub trait Peer: Display + Clone {
         self.address().check_fd_match(fd)
     }
 
+    /// ficus patch: whether a connection whose peer is `peer_addr` is one to this peer: the
+    /// check [`Self::matches_fd`] makes, against an address read once per connection (its
+    /// socket digest keeps it) rather than asked of the kernel at every reuse. A peer that
+    /// overrides `matches_fd` overrides this alike.
+    fn matches_addr(&self, peer_addr: &SocketAddr) -> bool {
+        self.address().matches_peer_addr(peer_addr)
+    }
+
     #[cfg(windows)]
     fn matches_sock<V: AsRawSocket>(&self, sock: V) -> bool {
         use crate::protocols::ConnSockReusable;
@@ -852,6 +860,14 @@ impl Peer for HttpPeer {
             proxy.next_hop.check_fd_match(fd)
         } else {
             self.address().check_fd_match(fd)
+        }
+    }
+
+    fn matches_addr(&self, peer_addr: &SocketAddr) -> bool {
+        if let Some(proxy) = self.get_proxy() {
+            peer_addr.as_unix_path() == Some(&*proxy.next_hop)
+        } else {
+            self.address().matches_peer_addr(peer_addr)
         }
     }
 

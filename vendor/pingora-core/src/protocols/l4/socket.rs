@@ -21,6 +21,10 @@ use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
 use std::cmp::Ordering;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr as StdSockAddr;
+
+/// An IP peer of 0.0.0.0 is a destination some systems route to 127.0.0.1 (RFC 1122 section
+/// 3.2.1.3 allows it only as a source), so no connection's peer is held against it.
+const UNSPECIFIED_V4: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 #[cfg(unix)]
 use std::os::unix::net::SocketAddr as StdUnixSockAddr;
 #[cfg(unix)]
@@ -53,6 +57,31 @@ impl SocketAddr {
         } else {
             None
         }
+    }
+
+    /// ficus patch: the path of a Unix domain socket, if this is one bound to a path.
+    #[cfg(unix)]
+    pub fn as_unix_path(&self) -> Option<&std::path::Path> {
+        self.as_unix()?.as_pathname()
+    }
+
+    /// ficus patch: whether `peer`, the address a connection's socket reports for its other
+    /// end, is this address: a connection to this peer, as the pool requires of a connection
+    /// it hands out. As with the check against the socket itself, 0.0.0.0 matches any peer.
+    pub fn matches_peer_addr(&self, peer: &SocketAddr) -> bool {
+        let matches = match (self, peer) {
+            (SocketAddr::Inet(addr), _) if addr.ip() == UNSPECIFIED_V4 => true,
+            (SocketAddr::Inet(addr), SocketAddr::Inet(peer)) => addr == peer,
+            #[cfg(unix)]
+            (SocketAddr::Unix(_), SocketAddr::Unix(_)) => {
+                self.as_unix_path().is_some() && self.as_unix_path() == peer.as_unix_path()
+            }
+            _ => false,
+        };
+        if !matches {
+            log::error!("Crit: peer mismatch: addr: {self}, peer: {peer}");
+        }
+        matches
     }
 
     /// Set the port if the address is an IP socket.

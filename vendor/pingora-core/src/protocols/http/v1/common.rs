@@ -405,19 +405,6 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
     }
 }
 
-/// Validate that a message's `Content-Length` framing is unambiguous.
-///
-/// Per [RFC 9110 section 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6),
-/// a message received without `Transfer-Encoding` and with multiple
-/// `Content-Length` fields having differing values (or a single invalid value)
-/// has invalid framing and the recipient MUST treat it as an unrecoverable
-/// error. Identical duplicates and comma-combined identical values are
-/// reconciled to a single value via [`content_length_parse_all`].
-///
-/// HTTP/2 does not use `Content-Length` for framing, but reconciling it here
-/// keeps the H2 and downgraded-H1 paths consistent and rejects genuinely
-/// ambiguous values before they cross a proxy boundary.
-///
 /// ficus patch: which framing fields a header block has, noted from the field names as the
 /// block is read, where the block's header map was searched for each afterwards. Names are
 /// compared as `HeaderName` does, without regard to case.
@@ -438,6 +425,19 @@ impl FramingFields {
     }
 }
 
+/// Validate that a message's `Content-Length` framing is unambiguous.
+///
+/// Per [RFC 9110 section 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6),
+/// a message received without `Transfer-Encoding` and with multiple
+/// `Content-Length` fields having differing values (or a single invalid value)
+/// has invalid framing and the recipient MUST treat it as an unrecoverable
+/// error. Identical duplicates and comma-combined identical values are
+/// reconciled to a single value via [`content_length_parse_all`].
+///
+/// HTTP/2 does not use `Content-Length` for framing, but reconciling it here
+/// keeps the H2 and downgraded-H1 paths consistent and rejects genuinely
+/// ambiguous values before they cross a proxy boundary.
+///
 /// ficus patch: `has_transfer_encoding` is whether the message has a `Transfer-Encoding`,
 /// which the caller has looked up already.
 pub(crate) fn validate_content_length(headers: &HMap, has_transfer_encoding: bool) -> Result<()> {
