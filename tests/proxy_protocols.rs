@@ -58,6 +58,92 @@ async fn forwarding_headers_host_and_rewrite() {
     assert_eq!(body["uri"], "/home?a=b");
 }
 
+/// Reads from `stream` until `buffer` holds a whole header block and `body` bytes after it.
+async fn read_message(stream: &mut tokio::net::TcpStream, body: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&buffer).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            if buffer.len() >= end + 4 + body {
+                return text;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await;
+        let read = read.expect("a message in time").expect("read");
+        assert!(read > 0, "closed before a whole message: {text:?}");
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// The header lines of a message, as written.
+fn header_lines(message: &str) -> Vec<String> {
+    let head = message.split("\r\n\r\n").next().unwrap_or_default();
+    head.split("\r\n").skip(1).map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_keep_their_case_both_ways() {
+    use tokio::io::AsyncWriteExt;
+    // A backend that hands over each request as it arrived and answers with names in every
+    // case, one of them twice.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend_addr = listener.local_addr().expect("addr");
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else { return };
+        loop {
+            let request = read_message(&mut stream, 0).await;
+            let _ = seen_tx.send(request);
+            let answer = "HTTP/1.1 200 OK\r\nX-Lower: a\r\nx-UPPER-mix: b\r\n\
+                          Set-Cookie: a=1\r\nset-COOKIE: b=2\r\nContent-Length: 2\r\n\r\nok";
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let routes = format!(
+        "[backends.monolith]\nurl = \"http://{backend_addr}\"\n[defaults]\nbackend = \"monolith\"\n"
+    );
+    let proxy = Proxy::start(&routes).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+
+    // Names once each; one the proxy strips (X-Real-IP, not the last) and one it replaces
+    // (Host, as the backend's): what is left keeps its case.
+    let request = "GET /a HTTP/1.1\r\nHost: shop.example\r\nX-One: 1\r\nX-Real-IP: 6.6.6.6\r\n\
+                   x-two: 2\r\nX-THREE: 3\r\nACCEPT: */*\r\n\r\n";
+    client.write_all(request.as_bytes()).await.expect("write");
+    let forwarded = header_lines(&seen_rx.recv().await.expect("a request"));
+    for line in ["Host: shop.example", "X-One: 1", "x-two: 2", "X-THREE: 3", "ACCEPT: */*"] {
+        assert!(forwarded.iter().any(|l| l == line), "{line:?} not in {forwarded:?}");
+    }
+    assert!(forwarded.iter().all(|l| !l.to_ascii_lowercase().starts_with("x-real-ip")));
+    for name in ["X-Forwarded-Host: ", "X-Forwarded-Proto: ", "X-Forwarded-For: "] {
+        assert!(forwarded.iter().any(|l| l.starts_with(name)), "{name:?} in {forwarded:?}");
+    }
+    let answer = header_lines(&read_message(&mut client, 2).await);
+    for line in ["X-Lower: a", "x-UPPER-mix: b", "Content-Length: 2"] {
+        assert!(answer.iter().any(|l| l == line), "{line:?} not in {answer:?}");
+    }
+    let cookies: Vec<_> =
+        answer.iter().filter(|l| l.to_ascii_lowercase().starts_with("set-cookie")).collect();
+    assert_eq!(cookies, ["Set-Cookie: a=1", "set-COOKIE: b=2"], "both, in order, as written");
+
+    // A name twice, in two spellings: both kept, in order.
+    let request = "GET /b HTTP/1.1\r\nHost: shop.example\r\nX-Dup: a\r\nX-Real-IP: 6.6.6.6\r\n\
+                   x-DUP: b\r\nx-last: z\r\n\r\n";
+    client.write_all(request.as_bytes()).await.expect("write");
+    let forwarded = header_lines(&seen_rx.recv().await.expect("a request"));
+    let dups: Vec<_> =
+        forwarded.iter().filter(|l| l.to_ascii_lowercase().starts_with("x-dup")).collect();
+    assert_eq!(dups, ["X-Dup: a", "x-DUP: b"], "in {forwarded:?}");
+    assert!(forwarded.iter().any(|l| l == "x-last: z"), "in {forwarded:?}");
+    assert!(forwarded.iter().all(|l| !l.to_ascii_lowercase().starts_with("x-real-ip")));
+    let _ = read_message(&mut client, 2).await;
+    backend.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preserve_host_false_sends_the_backend_host() {
     let (monolith, orders) =
