@@ -85,7 +85,12 @@ impl CaseNames {
                     // The name's one value was replaced where it stood.
                     match list.iter().position(|old| same_name(old, &case)) {
                         Some(at) => list[at] = case,
-                        None => debug_assert!(false, "no spelling of a name in the map"),
+                        None => {
+                            // Not reached while the list follows the map; if it ever did not,
+                            // every name is still written, in the case `http` gives it.
+                            debug_assert!(false, "no spelling of a name in the map");
+                            *self = CaseNames::Map(default_spellings(values)?);
+                        }
                     }
                 } else {
                     list.push(case);
@@ -181,6 +186,15 @@ fn spells(case: &CaseHeaderName, name: &HeaderName) -> bool {
 /// Whether two spellings are of the same name.
 fn same_name(a: &CaseHeaderName, b: &CaseHeaderName) -> bool {
     a.as_slice().eq_ignore_ascii_case(b.as_slice())
+}
+
+/// A map spelling each name of `values` as a header block without case would.
+fn default_spellings<T>(values: &HMap<T>) -> Result<HMap<CaseHeaderName>, MaxSizeReached> {
+    let mut cases = HMap::try_with_capacity(values.keys_len())?;
+    for (name, _) in values.iter() {
+        cases.try_append(name.clone(), name.into_case_header_name())?;
+    }
+    Ok(cases)
 }
 
 /// A map of the spellings in `list`, for `values` just after one of its names, each of which
