@@ -197,7 +197,8 @@ async fn sweep(mut sweeping: Sweeping) {
     }
 }
 
-#[cfg(test)]
+/// For the connector tests, which need a TLS backend (`any_tls`) to compile.
+#[cfg(all(test, feature = "any_tls"))]
 pub(super) fn recorded_on_this_thread() -> usize {
     LIST.with(|list| list.lock().released.len())
 }
