@@ -1037,6 +1037,23 @@ mod tests {
         drop(stream);
     }
 
+    #[tokio::test]
+    async fn a_socket_is_checked_against_its_peer_as_its_digest_is() {
+        use crate::protocols::ConnFdReusable;
+        let connector = TransportConnector::new(None);
+        let (peer, stream, _server) = loopback_stream(&connector).await;
+        let listener = peer.address().clone();
+        let mut elsewhere = listener.clone();
+        elsewhere.set_port(1);
+        let unspecified: L4Addr = "0.0.0.0:1".parse::<std::net::SocketAddr>().unwrap().into();
+        assert!(listener.check_fd_match(stream.id()));
+        assert!(!elsewhere.check_fd_match(stream.id()));
+        assert!(unspecified.check_fd_match(stream.id()));
+        // A descriptor that is no socket: broken, whatever the address.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(!listener.check_fd_match(std::os::unix::io::AsRawFd::as_raw_fd(&file)));
+    }
+
     #[test]
     fn a_peer_address_matches_the_address_a_connection_reports() {
         let inet = |s: &str| -> L4Addr { s.parse::<std::net::SocketAddr>().unwrap().into() };

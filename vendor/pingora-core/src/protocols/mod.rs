@@ -31,6 +31,7 @@ pub use tls::ALPN;
 
 use async_trait::async_trait;
 use std::fmt::Debug;
+#[cfg(windows)]
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -289,24 +290,32 @@ pub(crate) trait ConnSockReusable {
 use l4::socket::SocketAddr;
 use log::{debug, error};
 #[cfg(unix)]
-use nix::sys::socket::{getpeername, SockaddrStorage, UnixAddr};
+use nix::sys::socket::{getpeername, UnixAddr};
 #[cfg(unix)]
 use std::os::unix::prelude::AsRawFd;
 #[cfg(windows)]
 use std::os::windows::io::AsRawSocket;
-use std::{net::SocketAddr as InetSocketAddr, path::Path};
+#[cfg(windows)]
+use std::net::SocketAddr as InetSocketAddr;
+use std::path::Path;
 
 use crate::protocols::tls::TlsRef;
 
 #[cfg(unix)]
 impl ConnFdReusable for SocketAddr {
     fn check_fd_match<V: AsRawFd>(&self, fd: V) -> bool {
-        match self {
-            SocketAddr::Inet(addr) => addr.check_fd_match(fd),
-            SocketAddr::Unix(addr) => addr
-                .as_pathname()
-                .expect("non-pathname unix sockets not supported as peer")
-                .check_fd_match(fd),
+        if let SocketAddr::Unix(addr) = self {
+            addr.as_pathname()
+                .expect("non-pathname unix sockets not supported as peer");
+        }
+        // ficus patch: the socket's peer compared as the one its digest read is
+        // (`matches_peer_addr`), where each kind of address had a comparison of its own.
+        match SocketAddr::from_raw_fd(fd.as_raw_fd(), true) {
+            Some(peer) => self.matches_peer_addr(&peer),
+            None => {
+                debug!("Idle connection is broken");
+                false
+            }
         }
     }
 }
@@ -342,37 +351,6 @@ impl ConnFdReusable for Path {
             },
             Err(e) => {
                 error!("Idle unix connection is broken: {e:?}");
-                false
-            }
-        }
-    }
-}
-
-#[cfg(unix)]
-impl ConnFdReusable for InetSocketAddr {
-    fn check_fd_match<V: AsRawFd>(&self, fd: V) -> bool {
-        let fd = fd.as_raw_fd();
-        match getpeername::<SockaddrStorage>(fd) {
-            Ok(peer) => {
-                const ZERO: IpAddr = IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0));
-                if self.ip() == ZERO {
-                    // https://www.rfc-editor.org/rfc/rfc1122.html#section-3.2.1.3
-                    // 0.0.0.0 should only be used as source IP not destination
-                    // However in some systems this destination IP is mapped to 127.0.0.1.
-                    // We just skip this check here to avoid false positive mismatch.
-                    return true;
-                }
-                let addr = SockaddrStorage::from(*self);
-                if addr == peer {
-                    debug!("Inet FD to: {addr} is reusable");
-                    true
-                } else {
-                    error!("Crit: FD mismatch: fd: {fd:?}, addr: {addr}, peer: {peer}",);
-                    false
-                }
-            }
-            Err(e) => {
-                debug!("Idle connection is broken: {e:?}");
                 false
             }
         }

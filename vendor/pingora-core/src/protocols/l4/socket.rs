@@ -21,10 +21,6 @@ use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
 use std::cmp::Ordering;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr as StdSockAddr;
-
-/// An IP peer of 0.0.0.0 is a destination some systems route to 127.0.0.1 (RFC 1122 section
-/// 3.2.1.3 allows it only as a source), so no connection's peer is held against it.
-const UNSPECIFIED_V4: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 #[cfg(unix)]
 use std::os::unix::net::SocketAddr as StdUnixSockAddr;
 #[cfg(unix)]
@@ -38,6 +34,10 @@ pub enum SocketAddr {
     #[cfg(unix)]
     Unix(StdUnixSockAddr),
 }
+
+/// An IP peer of 0.0.0.0 is a destination some systems route to 127.0.0.1 (RFC 1122 section
+/// 3.2.1.3 allows it only as a source), so no connection's peer is held against it.
+const UNSPECIFIED_V4: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 impl SocketAddr {
     /// Get a reference to the IP socket if it is one
