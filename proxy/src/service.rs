@@ -134,25 +134,59 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
     session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
 }
 
-/// Appends `ip` in its usual text form. IPv4, by hand: through `write!` it cost more than the
-/// rest of the X-Forwarded headers together.
-fn push_ip(out: &mut String, ip: IpAddr) {
-    let IpAddr::V4(v4) = ip else {
-        let _ = write!(out, "{ip}");
-        return;
-    };
-    out.reserve("255.255.255.255".len());
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push('.');
+/// An address in its usual text form, on the stack, so that the value it goes into can be
+/// allocated once at its final length.
+struct IpText {
+    text: [u8; IpText::MAX],
+    len: usize,
+}
+
+impl IpText {
+    /// The longest text form of an address (IPv6 with an embedded IPv4 address), with room to
+    /// spare: `Display` writes at most 39 bytes.
+    const MAX: usize = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".len();
+
+    /// IPv4 by hand: through `write!` it cost more than the rest of the X-Forwarded headers
+    /// together.
+    fn new(ip: IpAddr) -> Self {
+        let mut out = IpText { text: [0; Self::MAX], len: 0 };
+        let IpAddr::V4(v4) = ip else {
+            // Display never writes more than MAX for an address, so this cannot fail.
+            let _ = write!(out, "{ip}");
+            return out;
+        };
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                out.push(b'.');
+            }
+            if octet >= 100 {
+                out.push(b'0' + octet / 100);
+            }
+            if octet >= 10 {
+                out.push(b'0' + octet / 10 % 10);
+            }
+            out.push(b'0' + octet % 10);
         }
-        if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
-        }
-        if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
-        }
-        out.push(char::from(b'0' + octet % 10));
+        out
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.text[self.len] = byte;
+        self.len += 1;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.text[..self.len]
+    }
+}
+
+impl Write for IpText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let room = self.text.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -297,15 +331,19 @@ impl FicusProxy {
         }
         req.insert_header(X_FORWARDED_PROTO, if is_tls(session) { "https" } else { "http" })?;
         if let Some(ip) = client_ip(session) {
-            // Every X-Forwarded-For line the client sent, in order, then the client itself.
-            let mut forwarded_for = String::new();
-            for previous in downstream.headers.get_all(&X_FORWARDED_FOR.0) {
-                if let Ok(previous) = previous.to_str() {
-                    forwarded_for.push_str(previous);
-                    forwarded_for.push_str(", ");
-                }
+            // Every X-Forwarded-For line the client sent (as text), in order, then the client
+            // itself, in a buffer of exactly the value's length: it becomes the value's bytes
+            // as it is, where a longer one was copied into an allocation of its own.
+            let previous = downstream.headers.get_all(&X_FORWARDED_FOR.0);
+            let previous = || previous.iter().filter(|p| p.to_str().is_ok());
+            let ip = IpText::new(ip);
+            let len = previous().map(|p| p.len() + b", ".len()).sum::<usize>() + ip.len;
+            let mut forwarded_for = Vec::with_capacity(len);
+            for previous in previous() {
+                forwarded_for.extend_from_slice(previous.as_bytes());
+                forwarded_for.extend_from_slice(b", ");
             }
-            push_ip(&mut forwarded_for, ip);
+            forwarded_for.extend_from_slice(ip.as_bytes());
             req.insert_header(X_FORWARDED_FOR, forwarded_for)?;
         }
         Ok(())
@@ -573,19 +611,20 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
-    fn push_ip_appends_what_display_writes() {
+    fn ip_text_is_what_display_writes() {
         for a in 0..=255u8 {
             for b in [0, 1, 9, 10, 42, 99, 100, 199, 200, 255] {
                 let ip = IpAddr::V4(Ipv4Addr::new(a, b, 255 - a, b / 2));
-                let mut out = String::from("10.0.0.1, ");
-                push_ip(&mut out, ip);
-                assert_eq!(out, format!("10.0.0.1, {ip}"));
+                assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
             }
         }
-        for ip in [Ipv6Addr::LOCALHOST, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)] {
-            let mut out = String::new();
-            push_ip(&mut out, IpAddr::V6(ip));
-            assert_eq!(out, ip.to_string());
+        for ip in [
+            Ipv6Addr::LOCALHOST,
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+            Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff),
+            Ipv4Addr::new(255, 255, 255, 255).to_ipv6_mapped(),
+        ] {
+            assert_eq!(IpText::new(IpAddr::V6(ip)).as_bytes(), ip.to_string().as_bytes());
         }
     }
 }

@@ -13,6 +13,7 @@
 #   tests/bench/profile.sh                    # builds target/release/ficus
 #   FICUS=path/to/ficus tests/bench/profile.sh
 #   SECONDS_MEASURED=30 TOP=40 tests/bench/profile.sh
+#   KEEP=/tmp/a.callgrind tests/bench/profile.sh   # also keeps the profile, to compare two builds
 #
 # Takes about a minute. Figures, not a test.
 set -euo pipefail
@@ -46,4 +47,8 @@ callgrind_control -i off "$VALGRIND" > /dev/null
 kill "$VALGRIND"; wait "$VALGRIND" 2>/dev/null || true
 
 requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
+if [ -n "${KEEP:-}" ]; then
+  cp "$WORK/callgrind.out" "$KEEP"
+  echo "$requests" > "$KEEP.requests"
+fi
 python3 tests/bench/callgrind_costs.py "$WORK/callgrind.out" "$FICUS" "$requests"

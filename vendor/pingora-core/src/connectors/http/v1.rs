@@ -57,9 +57,17 @@ impl Connector {
         idle_timeout: Option<Duration>,
     ) {
         session.respect_keepalive();
-        if let Some(stream) = session.reuse().await {
-            self.transport
-                .release_stream(stream, peer.reuse_hash(), idle_timeout);
+        // ficus patch: a kept connection goes back to the pool without an `await` (see
+        // `into_reusable_stream`).
+        match session.into_reusable_stream() {
+            Ok(stream) => {
+                self.transport
+                    .release_stream(stream, peer.reuse_hash(), idle_timeout);
+            }
+            Err(mut closing) => {
+                log::debug!("HTTP shutdown connection");
+                closing.shutdown().await;
+            }
         }
     }
 

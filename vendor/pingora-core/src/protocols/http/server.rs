@@ -270,7 +270,9 @@ impl Session {
             Self::H1(mut s) => {
                 // need to flush body due to buffering
                 s.finish_body().await?;
-                s.reuse().await
+                // ficus patch: `reuse` in its two halves, the session kept in this future.
+                let reusable = s.ready_for_reuse().await?;
+                Ok(reusable.then(|| s.into_reusable_stream()))
             }
             Self::H2(mut s) => {
                 s.finish()?;

@@ -427,7 +427,11 @@ impl HttpSession {
                 ));
             }
 
-            if self
+            if self.response_header_read_buf.capacity() == 0 {
+                // ficus patch: a response's first read allocates its buffer directly; growing
+                // an empty one took `reserve`'s slower path for every response.
+                self.response_header_read_buf = BytesMut::with_capacity(INIT_HEADER_BUF_SIZE);
+            } else if self
                 .response_header_read_buf
                 .capacity()
                 .saturating_sub(self.response_header_read_buf.len())
@@ -710,20 +714,28 @@ impl HttpSession {
     /// server is being contacted. A new client session can be created via [`Self::new()`].
     /// If the connection cannot be reused, the underlying stream will be closed and `None` will be
     /// returned.
-    pub async fn reuse(mut self) -> Option<Stream> {
+    pub async fn reuse(self) -> Option<Stream> {
+        match self.into_reusable_stream() {
+            Ok(stream) => Some(stream),
+            Err(mut closing) => {
+                debug!("HTTP shutdown connection");
+                closing.shutdown().await;
+                None
+            }
+        }
+    }
+
+    /// ficus patch: [`Self::reuse()`] without an `await` for the usual case: `Ok` with the
+    /// stream when the connection can be reused, otherwise `Err` with the session, which the
+    /// caller should [`Self::shutdown()`]. The awaited call moved the whole session into a
+    /// future of its own, though only a closing connection has anything to wait for.
+    pub fn into_reusable_stream(mut self) -> Result<Stream, Self> {
         if !self.body_reader.body_complete() || self.body_reader.has_bytes_overread() {
             self.set_keepalive(None);
         }
-
-        // TODO: this function is unnecessarily slow for keepalive case
-        // because that case does not need async
         match self.keepalive_timeout {
-            KeepaliveStatus::Off => {
-                debug!("HTTP shutdown connection");
-                self.shutdown().await;
-                None
-            }
-            _ => Some(self.underlying_stream),
+            KeepaliveStatus::Off => Err(self),
+            _ => Ok(self.underlying_stream),
         }
     }
 

@@ -843,10 +843,13 @@ impl HttpSession {
     /// Prepare response header for writing: handle upgrades, set headers, initialize body writer.
     /// This contains all the synchronous logic that should happen before writing the header.
     /// Returns Ok(Some((bytes, should_flush))) if the header should be written, Ok(None) if should skip.
+    /// ficus patch: the serialized header is handed back as written, not frozen: a frozen
+    /// buffer allocated a shared block (and counted references to it) though the direct write
+    /// only reads it once; the proxy-task path, which keeps it, freezes it itself.
     fn prepare_response_header(
         &mut self,
         header: &mut ResponseHeader,
-    ) -> Result<Option<(Bytes, bool)>> {
+    ) -> Result<Option<(BytesMut, bool)>> {
         // Check if we should ignore informational responses
         if header.status.is_informational() && self.ignore_info_resp(header.status.into()) {
             debug!("ignoring informational headers");
@@ -948,7 +951,7 @@ impl HttpSession {
         let should_flush = header.status.is_informational()
             || header.headers.get(header::CONTENT_LENGTH).is_none();
 
-        Ok(Some((write_buf.freeze(), should_flush)))
+        Ok(Some((write_buf, should_flush)))
     }
 
     fn init_body_writer(&mut self, header: &ResponseHeader) {
@@ -1490,27 +1493,37 @@ impl HttpSession {
     /// returned. If there was an error while draining any remaining request body that error will
     /// be returned.
     pub async fn reuse(mut self) -> Result<Option<ReusableHttpStream>> {
+        let reusable = self.ready_for_reuse().await?;
+        Ok(reusable.then(|| self.into_reusable_stream()))
+    }
+
+    /// ficus patch: the awaited half of [`Self::reuse()`], by reference: `false` once the
+    /// connection is shut down or cannot serve another request, `true` once the request body
+    /// is drained and it can. `Session::finish` calls the two halves: awaiting `reuse` moved the
+    /// whole session into a future of its own.
+    pub(crate) async fn ready_for_reuse(&mut self) -> Result<bool> {
         if !self.will_keepalive() {
             debug!("HTTP shutdown connection");
             self.shutdown().await;
-            Ok(None)
-        } else {
-            self.drain_request_body().await?;
-            if self.body_reader.has_bytes_overread() && !self.pipelining_enabled {
-                debug!("bytes overread on request, disallowing reuse");
-                Ok(None)
-            } else {
-                let pipelined_prefix = self
-                    .pipelining_enabled
-                    .then(|| self.take_body_overread())
-                    .flatten()
-                    .filter(|prefix| !prefix.is_empty());
-                Ok(Some(ReusableHttpStream::new(
-                    self.underlying_stream,
-                    pipelined_prefix,
-                )))
-            }
+            return Ok(false);
         }
+        self.drain_request_body().await?;
+        if self.body_reader.has_bytes_overread() && !self.pipelining_enabled {
+            debug!("bytes overread on request, disallowing reuse");
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// ficus patch: the other half of [`Self::reuse()`]: the stream for the next request, with
+    /// the bytes of it already read when pipelining is on, after `ready_for_reuse` said `true`.
+    pub(crate) fn into_reusable_stream(mut self) -> ReusableHttpStream {
+        let pipelined_prefix = self
+            .pipelining_enabled
+            .then(|| self.take_body_overread())
+            .flatten()
+            .filter(|prefix| !prefix.is_empty());
+        ReusableHttpStream::new(self.underlying_stream, pipelined_prefix)
     }
 
     /// Write a `100 Continue` response to the client.
@@ -1574,7 +1587,9 @@ impl HttpSession {
         Ok(end_stream || self.body_writer.finished())
     }
 
-    fn buffer_body_data(&mut self, data: Option<Bytes>, upgraded: bool) {
+    /// ficus patch: `held` keeps the first piece of body as it came; pieces are copied into
+    /// `body_write_buf`, joined, only once there is a second (see `response_duplex_vec`).
+    fn buffer_body_data(&mut self, data: Option<Bytes>, upgraded: bool, held: &mut Option<Bytes>) {
         if upgraded != self.upgraded {
             if upgraded {
                 panic!("Unexpected Body task received on upgraded downstream session");
@@ -1586,8 +1601,25 @@ impl HttpSession {
         let Some(d) = data else {
             return;
         };
-        if !d.is_empty() && !self.body_writer.finished() {
-            self.body_write_buf.put_slice(&d);
+        if d.is_empty() || self.body_writer.finished() {
+            return;
+        }
+        if held.is_none() && self.body_write_buf.is_empty() {
+            *held = Some(d);
+            return;
+        }
+        if let Some(first) = held.take() {
+            self.body_write_buf.put_slice(&first);
+        }
+        self.body_write_buf.put_slice(&d);
+    }
+
+    /// ficus patch: writes the body `buffer_body_data` kept: the piece it held, as it is, or the
+    /// pieces it joined.
+    async fn write_buffered_body(&mut self, held: Option<Bytes>) -> Result<Option<usize>> {
+        match held {
+            Some(piece) => self.write_body(&piece).await,
+            None => self.write_body_buf().await,
         }
     }
 
@@ -1600,6 +1632,9 @@ impl HttpSession {
         }
 
         let mut end_stream = false;
+        // ficus patch: the usual single piece of body is written without a copy (see
+        // `buffer_body_data`).
+        let mut held = None;
         for task in tasks.into_iter() {
             end_stream = match task {
                 HttpTask::Header(header, end_stream) => {
@@ -1609,18 +1644,20 @@ impl HttpSession {
                     end_stream
                 }
                 HttpTask::Body(data, end_stream) => {
-                    self.buffer_body_data(data, false);
+                    self.buffer_body_data(data, false, &mut held);
                     end_stream
                 }
                 HttpTask::UpgradedBody(data, end_stream) => {
-                    self.buffer_body_data(data, true);
+                    self.buffer_body_data(data, true, &mut held);
                     end_stream
                 }
                 HttpTask::Trailer(_) => true, // h1 trailer is not supported yet
                 HttpTask::Done => true,
                 HttpTask::Failed(e) => {
                     // flush the data we have and quit
-                    self.write_body_buf().await.map_err(|e| e.into_down())?;
+                    self.write_buffered_body(held)
+                        .await
+                        .map_err(|e| e.into_down())?;
                     self.underlying_stream
                         .flush()
                         .await
@@ -1629,7 +1666,9 @@ impl HttpSession {
                 }
             }
         }
-        self.write_body_buf().await.map_err(|e| e.into_down())?;
+        self.write_buffered_body(held)
+            .await
+            .map_err(|e| e.into_down())?;
         if end_stream {
             // no-op if body wasn't initialized or is finished already
             self.finish_body().await.map_err(|e| e.into_down())?;
@@ -1735,9 +1774,11 @@ impl HttpSession {
                     };
                     // header only responses will want to flush
                     let flush = should_flush || self.body_writer.finished();
-                    self.proxy_task_state
-                        .header_writer()
-                        .send_header_task(write_buf, flush, None);
+                    self.proxy_task_state.header_writer().send_header_task(
+                        write_buf.freeze(),
+                        flush,
+                        None,
+                    );
                     self.proxy_task_state.current_writer =
                         Some(ProxyTaskWriter::WritingHeader(header, end));
                 }
@@ -3157,6 +3198,35 @@ mod tests_stream {
             .unwrap();
         let written = http_stream.write_body_buf().await.unwrap();
         assert!(written.is_none());
+    }
+
+    // ficus patch: a single piece of body is written as it came, several are joined in order,
+    // and an empty piece changes neither.
+    #[tokio::test]
+    async fn body_pieces_of_a_task_list_are_written_in_order() {
+        let header = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n";
+        let cases: [&[&[u8]]; 3] = [&[b"abcdef"], &[b"ab", b"", b"cd", b"ef"], &[b"", b"abcdef"]];
+        for pieces in cases {
+            let mock_io = Builder::new()
+                .read(b"GET / HTTP/1.1\r\n\r\n")
+                .write(header)
+                .write(b"abcdef")
+                .build();
+            let mut http_stream = HttpSession::new(Box::new(mock_io));
+            http_stream.read_request().await.unwrap();
+            http_stream.update_resp_headers = false;
+            let mut response = ResponseHeader::build(StatusCode::OK, None).unwrap();
+            response.append_header("Content-Length", "6").unwrap();
+            let mut tasks = vec![HttpTask::Header(Box::new(response), false)];
+            for piece in pieces {
+                let piece = Bytes::copy_from_slice(piece);
+                tasks.push(HttpTask::Body(Some(piece), false));
+            }
+            tasks.push(HttpTask::Done);
+            assert!(http_stream.response_duplex_vec(tasks).await.unwrap());
+            assert_eq!(http_stream.body_bytes_sent(), 6, "{pieces:?}");
+            assert!(http_stream.body_write_buf.is_empty());
+        }
     }
 
     #[tokio::test]
