@@ -332,14 +332,14 @@ impl FicusProxy {
         req.insert_header(X_FORWARDED_PROTO, if is_tls(session) { "https" } else { "http" })?;
         if let Some(ip) = client_ip(session) {
             // Every X-Forwarded-For line the client sent (as text), in order, then the client
-            // itself, in a buffer of exactly the value's length: it becomes the value's bytes
-            // as it is, where a longer one was copied into an allocation of its own.
+            // itself, in a buffer of the value's length: it becomes the value's bytes as it is,
+            // where a longer one was copied into an allocation of its own. (A line that is not
+            // text is left out, and only then is the buffer longer than the value.)
             let previous = downstream.headers.get_all(&X_FORWARDED_FOR.0);
-            let previous = || previous.iter().filter(|p| p.to_str().is_ok());
             let ip = IpText::new(ip);
-            let len = previous().map(|p| p.len() + b", ".len()).sum::<usize>() + ip.len;
+            let len = previous.iter().map(|p| p.len() + b", ".len()).sum::<usize>() + ip.len;
             let mut forwarded_for = Vec::with_capacity(len);
-            for previous in previous() {
+            for previous in previous.iter().filter(|p| p.to_str().is_ok()) {
                 forwarded_for.extend_from_slice(previous.as_bytes());
                 forwarded_for.extend_from_slice(b", ");
             }
