@@ -58,6 +58,68 @@ impl BodyFraming {
     }
 }
 
+/// ficus patch: what the session reads of a response header after it was read: noted then, so
+/// that the header itself can be handed over (see
+/// [`HttpSession::read_response_task_handing_over()`]) rather than copied.
+#[derive(Clone, Copy, Debug)]
+struct ResponseFacts {
+    status: StatusCode,
+    version: Version,
+    /// It has a `Transfer-Encoding`.
+    transfer_encoding: bool,
+    /// What its (first) `Connection` value says of keepalive.
+    connection_keepalive: Option<bool>,
+    /// Its `Keep-Alive: timeout=, max=` values, read when `Connection` asks for keepalive.
+    keepalive_values: (Option<u64>, Option<usize>),
+}
+
+impl ResponseFacts {
+    fn of(response: &ResponseHeader, transfer_encoding: bool) -> Self {
+        let connection_keepalive = is_buf_keepalive(response.headers.get(header::CONNECTION));
+        let keepalive_values = match connection_keepalive {
+            Some(true) => keepalive_values(response),
+            _ => (None, None),
+        };
+        ResponseFacts {
+            status: response.status,
+            version: response.version,
+            transfer_encoding,
+            connection_keepalive,
+            keepalive_values,
+        }
+    }
+}
+
+/// `Keep-Alive: timeout=5, max=1000` => 5, 1000
+/// This is defined in the below spec, this not part of any RFC, so
+/// it's behavior is different on different platforms.
+/// https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Keep-Alive
+fn keepalive_values(response: &ResponseHeader) -> (Option<u64>, Option<usize>) {
+    // ficus patch: the name as a constant, not text parsed and lowercased for each response.
+    const KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
+    let Some(keep_alive_header) = response.headers.get(KEEP_ALIVE) else {
+        return (None, None);
+    };
+
+    let Ok(header_value) = str::from_utf8(keep_alive_header.as_bytes()) else {
+        return (None, None);
+    };
+
+    let mut timeout = None;
+    let mut max = None;
+
+    for param in header_value.split(',') {
+        let parts = param.split_once('=').map(|(k, v)| (k.trim(), v));
+        match parts {
+            Some(("timeout", timeout_value)) => timeout = timeout_value.trim().parse().ok(),
+            Some(("max", max_value)) => max = max_value.trim().parse().ok(),
+            _ => {}
+        }
+    }
+
+    (timeout, max)
+}
+
 /// The HTTP 1.x client session
 pub struct HttpSession {
     buf: Bytes,
@@ -80,6 +142,8 @@ pub struct HttpSession {
     keepalive_timeout: KeepaliveStatus,
     pub(crate) digest: Box<Digest>,
     response_header: Option<Box<ResponseHeader>>,
+    /// ficus patch: noted with `response_header`, and kept when that is handed over.
+    response_facts: Option<ResponseFacts>,
     request_written: Option<Box<RequestHeader>>,
     bytes_sent: usize,
     /// Total response body payload bytes received from upstream
@@ -117,6 +181,7 @@ impl HttpSession {
             body_writer: BodyWriter::new(),
             keepalive_timeout: KeepaliveStatus::Off,
             response_header: None,
+            response_facts: None,
             request_written: None,
             read_timeout: None,
             write_timeout: None,
@@ -386,6 +451,10 @@ impl HttpSession {
                         self.raw_header = Some(BufRef(0, s));
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
+                        self.response_facts = Some(ResponseFacts::of(
+                            &response_header,
+                            contains_transfer_encoding,
+                        ));
                         self.response_header = Some(response_header);
                         let framing = match self.validate_response(contains_transfer_encoding) {
                             Ok(framing) => framing,
@@ -518,7 +587,7 @@ impl HttpSession {
 
     /// Return the status code of the response if read
     pub fn get_status(&self) -> Option<StatusCode> {
-        self.response_header.as_ref().map(|h| h.status)
+        self.response_facts.map(|facts| facts.status)
     }
 
     async fn do_read_body(&mut self) -> Result<Option<BufRef>> {
@@ -628,18 +697,14 @@ impl HttpSession {
 
         // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
         // if Transfer-Encoding is received in HTTP/1.0 response, connection MUST be closed after processing.
-        if self.resp_header().map(|h| h.version) == Some(Version::HTTP_10)
-            && self
-                .resp_header()
-                .and_then(|h| h.headers.get(header::TRANSFER_ENCODING))
-                .is_some()
-        {
+        let facts = self.response_facts;
+        if facts.is_some_and(|f| f.version == Version::HTTP_10 && f.transfer_encoding) {
             self.set_keepalive(None);
             return;
         }
         if let Some(keepalive) = self.is_connection_keepalive() {
             if keepalive {
-                let (timeout, _max_use) = self.get_keepalive_values();
+                let (timeout, _max_use) = facts.map_or((None, None), |f| f.keepalive_values);
                 // TODO: respect max_use
                 match timeout {
                     Some(d) => self.set_keepalive(Some(d)),
@@ -648,7 +713,7 @@ impl HttpSession {
             } else {
                 self.set_keepalive(None);
             }
-        } else if self.resp_header().map(|h| h.version) == Some(Version::HTTP_11) {
+        } else if facts.map(|f| f.version) == Some(Version::HTTP_11) {
             self.set_keepalive(Some(0)); // on by default for http 1.1
         } else {
             self.set_keepalive(None); // off by default for http 1.0
@@ -669,38 +734,13 @@ impl HttpSession {
         match request_keepalive {
             // ignore what the server sends if request disables keepalive explicitly
             Some(false) => Some(false),
-            _ => is_buf_keepalive(self.get_header(header::CONNECTION)),
+            _ => self.response_facts.and_then(|f| f.connection_keepalive),
         }
     }
 
-    /// `Keep-Alive: timeout=5, max=1000` => 5, 1000
-    /// This is defined in the below spec, this not part of any RFC, so
-    /// it's behavior is different on different platforms.
-    /// https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Keep-Alive
+    #[cfg(test)]
     fn get_keepalive_values(&self) -> (Option<u64>, Option<usize>) {
-        // ficus patch: the name as a constant, not text parsed and lowercased for each response.
-        const KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
-        let Some(keep_alive_header) = self.get_header(KEEP_ALIVE) else {
-            return (None, None);
-        };
-
-        let Ok(header_value) = str::from_utf8(keep_alive_header.as_bytes()) else {
-            return (None, None);
-        };
-
-        let mut timeout = None;
-        let mut max = None;
-
-        for param in header_value.split(',') {
-            let parts = param.split_once('=').map(|(k, v)| (k.trim(), v));
-            match parts {
-                Some(("timeout", timeout_value)) => timeout = timeout_value.trim().parse().ok(),
-                Some(("max", max_value)) => max = max_value.trim().parse().ok(),
-                _ => {}
-            }
-        }
-
-        (timeout, max)
+        self.resp_header().map_or((None, None), keepalive_values)
     }
 
     /// Close the connection abruptly. This allows to signal the server that the connection is closed
@@ -879,8 +919,29 @@ impl HttpSession {
     }
 
     pub async fn read_response_task(&mut self) -> Result<HttpTask> {
+        self.read_response_task_with(false).await
+    }
+
+    /// ficus patch: [`Self::read_response_task()`], except that a response header read is
+    /// handed over in the task rather than copied into it: afterwards [`Self::resp_header()`]
+    /// and [`Self::get_header()`] give `None` for it, while the status, the body and keepalive
+    /// work as before. For a caller that passes the header on and keeps none of it, as a
+    /// proxy does, it saves a copy of the header map (a few allocations and a reference count
+    /// per value).
+    pub async fn read_response_task_handing_over(&mut self) -> Result<HttpTask> {
+        self.read_response_task_with(true).await
+    }
+
+    async fn read_response_task_with(&mut self, hand_over: bool) -> Result<HttpTask> {
         if self.should_read_resp_header() {
-            let resp_header = self.read_resp_header_parts().await?;
+            let resp_header = if hand_over {
+                self.read_response().await?;
+                self.response_header.take().ok_or_else(|| {
+                    Error::explain(InternalError, "no response header after reading one")
+                })?
+            } else {
+                self.read_resp_header_parts().await?
+            };
             let end_of_body = self.is_body_done();
             debug!("Response header: {resp_header:?}");
             trace!(
@@ -2475,6 +2536,54 @@ mod tests_stream {
     }
 
     /* Note: body tests are covered in server.rs */
+
+    /// ficus patch: a response read with its header handed over ends as one whose header is
+    /// copied: the same header in the task, the same body, status and keepalive.
+    #[tokio::test]
+    async fn a_handed_over_response_header_ends_as_a_copied_one() {
+        async fn read(input: &[u8], hand_over: bool) -> (HttpSession, Vec<HttpTask>) {
+            let mut session = HttpSession::new(Box::new(Builder::new().read(input).build()));
+            let mut tasks = Vec::new();
+            loop {
+                let task = session.read_response_task_with(hand_over).await.unwrap();
+                let end = task.is_end();
+                tasks.push(task);
+                if end {
+                    break;
+                }
+            }
+            session.respect_keepalive();
+            (session, tasks)
+        }
+        let responses: [&[u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nServer: x\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc",
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=7, max=9\r\n\
+              Content-Length: 3\r\n\r\nabc",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n\
+              3\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\nKeep-Alive: timeout=2\r\n\r\n",
+        ];
+        for input in responses {
+            let (copied, copied_tasks) = read(input, false).await;
+            let (handed, handed_tasks) = read(input, true).await;
+            let text = String::from_utf8_lossy(input);
+            let (copied_tasks, handed_tasks) =
+                (format!("{copied_tasks:?}"), format!("{handed_tasks:?}"));
+            assert_eq!(copied_tasks, handed_tasks, "{text}");
+            assert_eq!(copied.get_status(), handed.get_status(), "{text}");
+            assert_eq!(copied.keepalive_timeout, handed.keepalive_timeout, "{text}");
+            assert!(copied.resp_header().is_some(), "{text}");
+            assert!(handed.resp_header().is_none(), "{text}");
+        }
+        // The facts behind the keepalive decision are the header's, not a default.
+        let (kept, _) = read(responses[2], true).await;
+        let seven = KeepaliveStatus::Timeout(Duration::from_secs(7));
+        assert_eq!(kept.keepalive_timeout, seven);
+        let (closed, _) = read(responses[1], true).await;
+        assert_eq!(closed.keepalive_timeout, KeepaliveStatus::Off);
+    }
 
     #[tokio::test]
     async fn test_http10_response_with_transfer_encoding_disables_keepalive() {
