@@ -337,11 +337,15 @@ where
     {
         // phase 1 read request header
 
-        // ficus patch: a deadline for the whole header block (slowloris, idle keep-alive).
+        // ficus patch: a deadline for the whole header block (slowloris, idle keep-alive). An
+        // HTTP/1 session keeps it itself, with the timer each read has anyway; for others it
+        // is a timer of its own here.
+        let session_keeps_deadline =
+            downstream_session.set_request_header_timeout(self.request_header_timeout);
         let deadline = async {
             match self.request_header_timeout {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
+                Some(limit) if !session_keeps_deadline => tokio::time::sleep(limit).await,
+                _ => std::future::pending().await,
             }
         };
         let res = tokio::select! {

@@ -395,6 +395,19 @@ impl Session {
         }
     }
 
+    /// ficus patch: for HTTP/1, the longest [`Self::read_request()`] may take for a whole
+    /// request header block (see the HTTP/1 session's `set_request_header_timeout`); true if
+    /// the session keeps that limit itself. Other sessions do not: false, nothing set.
+    pub fn set_request_header_timeout(&mut self, limit: Option<Duration>) -> bool {
+        match self {
+            Self::H1(s) => {
+                s.set_request_header_timeout(limit);
+                true
+            }
+            Self::H2(_) | Self::Subrequest(_) | Self::Custom(_) => false,
+        }
+    }
+
     /// Gets the downstream read timeout if set.
     pub fn get_read_timeout(&self) -> Option<Duration> {
         match self {

@@ -30,7 +30,7 @@ use regex::bytes::Regex;
 use std::any::Any;
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::body::{BodyReader, BodyWriter};
@@ -103,6 +103,8 @@ pub struct HttpSession {
     /// timeouts:
     keepalive_timeout: KeepaliveStatus,
     read_timeout: Option<Duration>,
+    /// ficus patch: the longest `read_request` may take for a whole header block.
+    request_header_timeout: Option<Duration>,
     /// ficus patch: the largest request header block accepted.
     max_request_header_size: usize,
     write_timeout: Option<Duration>,
@@ -190,6 +192,7 @@ impl HttpSession {
             response_written: None,
             request_header: None,
             read_timeout: Some(Duration::from_secs(60)),
+            request_header_timeout: None,
             max_request_header_size: MAX_HEADER_SIZE,
             write_timeout: None,
             total_drain_timeout: None,
@@ -217,7 +220,33 @@ impl HttpSession {
         &mut self,
         buf: &mut BytesMut,
         already_read: usize,
+        header_deadline: Option<(Instant, Duration)>,
     ) -> Result<Option<usize>> {
+        // ficus patch: the time left for the whole header block, when it has a limit, bounds
+        // this read too: where it is the shorter, it times the read in place of the read's own
+        // timeout (one timer per read, not two). Before the first byte all of it is left,
+        // which saves reading the clock again.
+        let header_time_left = match header_deadline {
+            Some((_, limit)) if already_read == 0 => Some(limit),
+            Some((deadline, _)) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Ok(self.request_header_timed_out()),
+            },
+            None => None,
+        };
+        let read_timeout = match self.keepalive_timeout {
+            KeepaliveStatus::Timeout(d) => Some(d),
+            KeepaliveStatus::Infinite => None,
+            KeepaliveStatus::Off => self.read_timeout,
+        };
+        if let Some(left) = header_time_left.filter(|left| read_timeout.is_none_or(|t| *left < t)) {
+            let read_event = self.underlying_stream.read_buf(buf);
+            return match timeout(left, read_event).await {
+                Ok(read_result) => self.request_read_result(read_result, already_read),
+                Err(_) => Ok(self.request_header_timed_out()),
+            };
+        }
+
         let read_result = {
             let read_event = self.underlying_stream.read_buf(buf);
             match self.keepalive_timeout {
@@ -244,7 +273,16 @@ impl HttpSession {
                 },
             }
         };
+        self.request_read_result(read_result, already_read)
+    }
 
+    /// ficus patch: what [`Self::read_request_buf`] returns for a read of the request header
+    /// that ended (before its timeout) with `read_result`.
+    fn request_read_result(
+        &self,
+        read_result: std::io::Result<usize>,
+        already_read: usize,
+    ) -> Result<Option<usize>> {
         match read_result {
             Ok(n_read) => {
                 if n_read == 0 {
@@ -274,6 +312,16 @@ impl HttpSession {
                 }
             }
         }
+    }
+
+    /// ficus patch: the end of a `read_request` whose header block did not complete within
+    /// [`Self::set_request_header_timeout()`]: as for a keepalive timeout, no request.
+    fn request_header_timed_out(&self) -> Option<usize> {
+        debug!(
+            "request header not complete within {:?}",
+            self.request_header_timeout
+        );
+        None
     }
 
     /// Read the request header. Return `Ok(Some(n))` where the read and parsing are successful.
@@ -307,6 +355,11 @@ impl HttpSession {
             .unwrap_or_else(|| BytesMut::with_capacity(INIT_HEADER_BUF_SIZE));
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
+        // ficus patch: when the whole header block has a time limit, the instant it ends, and
+        // the limit.
+        let header_deadline = self
+            .request_header_timeout
+            .map(|limit| (Instant::now() + limit, limit));
         let mut detached_suffix = None;
         loop {
             if already_read > self.max_request_header_size {
@@ -324,7 +377,10 @@ impl HttpSession {
             // this request and is waiting for our response).
             if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
+            } else if let Some(n) = self
+                .read_request_buf(&mut buf, already_read, header_deadline)
+                .await?
+            {
                 already_read += n;
             } else {
                 return Ok(None);
@@ -1379,6 +1435,15 @@ impl HttpSession {
         self.read_timeout = timeout;
     }
 
+    /// ficus patch: the longest [`Self::read_request()`] may take for a whole request header
+    /// block, from its call (the wait for a keep-alive request included) to the block's end;
+    /// `None` (the default) for no limit. The read and keepalive timeouts, which restart with
+    /// every read, still hold; a client that sends a byte now and then defeats those, not this.
+    /// When it passes, `read_request` returns `Ok(None)`, as when a keepalive timeout does.
+    pub fn set_request_header_timeout(&mut self, limit: Option<Duration>) {
+        self.request_header_timeout = limit;
+    }
+
     /// Gets the downstream read timeout.
     pub fn get_read_timeout(&self) -> Option<Duration> {
         self.read_timeout
@@ -2123,6 +2188,68 @@ mod tests_stream {
         assert_eq!(res, input3.as_slice());
         assert_eq!(http_stream.body_reader.body_state, ParseState::Complete(3));
         assert_eq!(http_stream.body_bytes_read(), 3);
+    }
+
+    /// ficus patch: a header block that trickles in, each piece well within the read timeout,
+    /// still ends when the limit for the whole block passes, as does an idle wait for one;
+    /// within the limit the same block is read.
+    #[tokio::test]
+    async fn a_request_header_block_is_read_within_its_limit_or_not_at_all() {
+        use std::time::Instant;
+        const PIECES: [&[u8]; 4] = [
+            b"GET / HTTP/1.1\r\n",
+            b"Host: a\r\n",
+            b"X-A: b\r\n",
+            b"\r\n",
+        ];
+        // The client sends a piece every `gap`; the session reads with `limit` for the block.
+        async fn read_in_pieces(
+            gap: Duration,
+            limit: Option<Duration>,
+        ) -> (Option<usize>, Duration) {
+            let (client, server) = tokio::io::duplex(1024);
+            let writer = tokio::spawn(async move {
+                let mut client = client;
+                for piece in PIECES {
+                    tokio::time::sleep(gap).await;
+                    if client.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+                // Held open until the session is done with it.
+                let _ = client.read(&mut [0; 1]).await;
+            });
+            let mut session = HttpSession::new(Box::new(server));
+            session.read_timeout = Some(Duration::from_secs(5));
+            session.set_request_header_timeout(limit);
+            let started = Instant::now();
+            let read = session.read_request().await.unwrap();
+            let took = started.elapsed();
+            drop(session);
+            writer.await.unwrap();
+            (read, took)
+        }
+        let limit = Duration::from_millis(150);
+        let (read, took) = read_in_pieces(Duration::from_millis(60), Some(limit)).await;
+        assert_eq!(
+            read, None,
+            "a block trickling in past its limit is not read"
+        );
+        assert!(took >= limit && took < Duration::from_secs(2), "{took:?}");
+
+        let (read, took) = read_in_pieces(Duration::from_secs(1), Some(limit)).await;
+        assert_eq!(read, None, "no block within the limit");
+        assert!(
+            took >= limit && took < Duration::from_millis(900),
+            "{took:?}"
+        );
+
+        let whole = PIECES.concat().len();
+        let (read, _) = read_in_pieces(Duration::from_millis(60), None).await;
+        assert_eq!(read, Some(whole), "without a limit the block is read");
+        let (read, _) =
+            read_in_pieces(Duration::from_millis(20), Some(Duration::from_secs(3))).await;
+        assert_eq!(read, Some(whole), "within the limit the block is read");
     }
 
     #[tokio::test]
