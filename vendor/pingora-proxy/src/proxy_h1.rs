@@ -278,105 +278,119 @@ where
         let mut send_error = None;
         let mut upgraded = false;
 
+        // ficus patch: the end of the request, when the downstream half queued it already (as
+        // it does first for a request without a body), is taken before the response is waited
+        // for. Otherwise the select below, which picks its first branch at random, would half
+        // the time start that wait (and its read timer) only to drop it for the request's end
+        // and start it again.
+        let mut queued_request_task = match rx.try_recv() {
+            Ok(task) => Some(Some(task)),
+            Err(task_pipe::TryRecvError::Disconnected) => Some(None),
+            Err(task_pipe::TryRecvError::Empty) => None,
+        };
+
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
-            tokio::select! {
-                res = client_session.read_response_task_handing_over(), if !response_done => {
-                    match res {
-                        Ok(task) => {
-                            response_done = task.is_end();
-                            if !upgraded && client_session.was_upgraded() {
-                                // upgrade can only happen once
-                                upgraded = true;
-                                if send_error.is_none() {
-                                    // continue receiving from downstream after body mode change
-                                    request_done = false;
-                                }
-                            }
-                            let type_str = task.type_str();
-                            let result = tx.send(task)
-                                .await.or_err_with(
-                                    InternalError,
-                                    || format!("Failed to send upstream task {type_str}{} to pipe",
-                                        if response_done { " (end)" } else {""})
-                                );
-                            // If the request is upgraded, the downstream pipe can early exit
-                            // when the downstream connection is closed.
-                            // In that case, this function should ignore that the pipe is closed.
-                            // So that this function could read the rest events from rx including
-                            // the closure, then exit.
-                            if result.is_err() && !client_session.was_upgraded() {
-                                if PipeState::is_downstream_complete(
-                                    pipe_state.load(Ordering::Acquire),
-                                ) {
-                                    // The downstream half finished the response by its own framing
-                                    // and dropped the task pipe, so this send failure is benign.
-                                    if response_done {
-                                        // The whole upstream response was already read off the
-                                        // socket. Keep looping so the request side can finish; the
-                                        // natural loop exit then decides reuse from both directions
-                                        // (the connection is reusable only if the request was also
-                                        // fully sent, which a premature response can leave undone).
-                                        continue;
+            let body = match queued_request_task.take() {
+                Some(body) => body,
+                None => tokio::select! {
+                    res = client_session.read_response_task_handing_over(), if !response_done => {
+                        match res {
+                            Ok(task) => {
+                                response_done = task.is_end();
+                                if !upgraded && client_session.was_upgraded() {
+                                    // upgrade can only happen once
+                                    upgraded = true;
+                                    if send_error.is_none() {
+                                        // continue receiving from downstream after body mode change
+                                        request_done = false;
                                     }
-                                    // We stopped mid-response, so the upstream connection has
-                                    // unread bytes and is unsafe to reuse.
-                                    return Ok(false);
                                 }
-                                // The pipe closed but the downstream half did not signal completion:
-                                // this is an unexpected closure, so surface the original send error.
-                                return Err(result.expect_err("send failure already checked via is_err() above"));
+                                let type_str = task.type_str();
+                                let result = tx.send(task)
+                                    .await.or_err_with(
+                                        InternalError,
+                                        || format!("Failed to send upstream task {type_str}{} to pipe",
+                                            if response_done { " (end)" } else {""})
+                                    );
+                                // If the request is upgraded, the downstream pipe can early exit
+                                // when the downstream connection is closed.
+                                // In that case, this function should ignore that the pipe is closed.
+                                // So that this function could read the rest events from rx including
+                                // the closure, then exit.
+                                if result.is_err() && !client_session.was_upgraded() {
+                                    if PipeState::is_downstream_complete(
+                                        pipe_state.load(Ordering::Acquire),
+                                    ) {
+                                        // The downstream half finished the response by its own framing
+                                        // and dropped the task pipe, so this send failure is benign.
+                                        if response_done {
+                                            // The whole upstream response was already read off the
+                                            // socket. Keep looping so the request side can finish; the
+                                            // natural loop exit then decides reuse from both directions
+                                            // (the connection is reusable only if the request was also
+                                            // fully sent, which a premature response can leave undone).
+                                            continue;
+                                        }
+                                        // We stopped mid-response, so the upstream connection has
+                                        // unread bytes and is unsafe to reuse.
+                                        return Ok(false);
+                                    }
+                                    // The pipe closed but the downstream half did not signal completion:
+                                    // this is an unexpected closure, so surface the original send error.
+                                    return Err(result.expect_err("send failure already checked via is_err() above"));
+                                }
+                            },
+                            Err(e) => {
+                                // Push the error to downstream and then quit
+                                // Don't care if send fails: downstream already gone
+                                let _ = tx.send(HttpTask::Failed(send_error.unwrap_or(e).into_up())).await;
+                                // A response read error means the HTTP/1 message boundary was not
+                                // established successfully, so the connection cannot be reused.
+                                return Ok(false)
                             }
-                        },
-                        Err(e) => {
-                            // Push the error to downstream and then quit
-                            // Don't care if send fails: downstream already gone
-                            let _ = tx.send(HttpTask::Failed(send_error.unwrap_or(e).into_up())).await;
-                            // A response read error means the HTTP/1 message boundary was not
-                            // established successfully, so the connection cannot be reused.
-                            return Ok(false)
                         }
+                        continue;
+                    },
+
+                    body = rx.recv(), if !request_done => body,
+
+                    else => {
+                        // this shouldn't be reached as the while loop would already exit
+                        break;
                     }
                 },
-
-                body = rx.recv(), if !request_done => {
-                    // ficus patch (cloudflare/pingora#946): the end of the upgrade request's
-                    // own (empty) body is a plain Body task and may be read after the 101. It
-                    // ends the request, not the tunnel, which only an UpgradedBody end (or a
-                    // closed pipe) terminates.
-                    let ends_tunnel = matches!(body, None | Some(HttpTask::UpgradedBody(_, true)));
-                    match send_body_to1(client_session, body).await {
-                        Ok(send_done) => {
-                            request_done = send_done;
-                            // An upgraded request is terminated when either side is done
-                            if request_done && client_session.was_upgraded() {
-                                if ends_tunnel {
-                                    response_done = true;
-                                } else {
-                                    request_done = false;
-                                }
-                            }
-                        },
-                        Err(e) => {
-                           warn!("send error, draining read buf: {e}");
-                           request_done = true;
-
-                           // Built-in HTTP downstream sessions are expected to reject
-                           // incomplete bodies before reaching this state. A downstream
-                           // session that does not report such an error or an upstream request
-                           // mutation that creates inconsistent framing can still reach it.
-                           // A complete response can be forwarded, but the partially written
-                           // HTTP/1 request makes this connection unsafe to reuse.
-                           upstream_can_reuse = false;
-                           send_error = Some(e);
-                           continue
+            };
+            // ficus patch (cloudflare/pingora#946): the end of the upgrade request's
+            // own (empty) body is a plain Body task and may be read after the 101. It
+            // ends the request, not the tunnel, which only an UpgradedBody end (or a
+            // closed pipe) terminates.
+            let ends_tunnel = matches!(body, None | Some(HttpTask::UpgradedBody(_, true)));
+            match send_body_to1(client_session, body).await {
+                Ok(send_done) => {
+                    request_done = send_done;
+                    // An upgraded request is terminated when either side is done
+                    if request_done && client_session.was_upgraded() {
+                        if ends_tunnel {
+                            response_done = true;
+                        } else {
+                            request_done = false;
                         }
                     }
-                },
+                }
+                Err(e) => {
+                    warn!("send error, draining read buf: {e}");
+                    request_done = true;
 
-                else => {
-                    // this shouldn't be reached as the while loop would already exit
-                    break;
+                    // Built-in HTTP downstream sessions are expected to reject
+                    // incomplete bodies before reaching this state. A downstream
+                    // session that does not report such an error or an upstream request
+                    // mutation that creates inconsistent framing can still reach it.
+                    // A complete response can be forwarded, but the partially written
+                    // HTTP/1 request makes this connection unsafe to reuse.
+                    upstream_can_reuse = false;
+                    send_error = Some(e);
+                    continue;
                 }
             }
         }
