@@ -356,10 +356,10 @@ impl HttpSession {
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
         // ficus patch: when the whole header block has a time limit, the instant it ends, and
-        // the limit.
+        // the limit. A limit too far off to be an instant is none.
         let header_deadline = self
             .request_header_timeout
-            .map(|limit| (Instant::now() + limit, limit));
+            .and_then(|limit| Some((Instant::now().checked_add(limit)?, limit)));
         let mut detached_suffix = None;
         loop {
             if already_read > self.max_request_header_size {
@@ -2250,6 +2250,8 @@ mod tests_stream {
         let (read, _) =
             read_in_pieces(Duration::from_millis(20), Some(Duration::from_secs(3))).await;
         assert_eq!(read, Some(whole), "within the limit the block is read");
+        let (read, _) = read_in_pieces(Duration::from_millis(20), Some(Duration::MAX)).await;
+        assert_eq!(read, Some(whole), "a limit past any instant is no limit");
     }
 
     #[tokio::test]
