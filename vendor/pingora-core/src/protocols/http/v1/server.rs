@@ -236,53 +236,32 @@ impl HttpSession {
         };
         let read_timeout = match self.keepalive_timeout {
             KeepaliveStatus::Timeout(d) => Some(d),
+            // FIXME: this should only apply to reads between requests
             KeepaliveStatus::Infinite => None,
             KeepaliveStatus::Off => self.read_timeout,
         };
-        if let Some(left) = header_time_left.filter(|left| read_timeout.is_none_or(|t| *left < t)) {
-            let read_event = self.underlying_stream.read_buf(buf);
-            return match timeout(left, read_event).await {
-                Ok(read_result) => self.request_read_result(read_result, already_read),
-                Err(_) => Ok(self.request_header_timed_out()),
-            };
-        }
+        let (limit, header_limited) = match header_time_left {
+            Some(left) if read_timeout.is_none_or(|t| left < t) => (Some(left), true),
+            _ => (read_timeout, false),
+        };
 
-        let read_result = {
-            let read_event = self.underlying_stream.read_buf(buf);
-            match self.keepalive_timeout {
-                KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
-                    Ok(res) => res,
-                    Err(e) => {
+        let read_event = self.underlying_stream.read_buf(buf);
+        let read_result = match limit {
+            None => read_event.await,
+            Some(d) => match timeout(d, read_event).await {
+                Ok(res) => res,
+                Err(_) if header_limited => return Ok(self.request_header_timed_out()),
+                Err(e) => {
+                    if let KeepaliveStatus::Timeout(_) = self.keepalive_timeout {
                         debug!("keepalive timeout {d:?} reached, {e}");
                         return Ok(None);
                     }
-                },
-                KeepaliveStatus::Infinite => {
-                    // FIXME: this should only apply to reads between requests
-                    read_event.await
+                    debug!("read timeout {d:?} reached, {e}");
+                    return Error::e_explain(ReadTimedout, format!("timeout: {d:?}"));
                 }
-                KeepaliveStatus::Off => match self.read_timeout {
-                    Some(t) => match timeout(t, read_event).await {
-                        Ok(res) => res,
-                        Err(e) => {
-                            debug!("read timeout {t:?} reached, {e}");
-                            return Error::e_explain(ReadTimedout, format!("timeout: {t:?}"));
-                        }
-                    },
-                    None => read_event.await,
-                },
-            }
+            },
         };
-        self.request_read_result(read_result, already_read)
-    }
 
-    /// ficus patch: what [`Self::read_request_buf`] returns for a read of the request header
-    /// that ended (before its timeout) with `read_result`.
-    fn request_read_result(
-        &self,
-        read_result: std::io::Result<usize>,
-        already_read: usize,
-    ) -> Result<Option<usize>> {
         match read_result {
             Ok(n_read) => {
                 if n_read == 0 {
