@@ -572,13 +572,8 @@ where
             if let Some(uc) = self.inner.persist_connection_context(&session, ctx) {
                 persistent_settings.set_user_context(uc);
             }
-            session
-                .downstream_session
-                .finish()
-                .await
-                .ok()
-                .flatten()
-                .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent_settings))
+            // ficus patch: the session kept for the next request (see `process_h1_requests`).
+            ReusedHttpStream::finish_session(session.downstream_session, persistent_settings).await
         } else {
             None
         }
@@ -1225,13 +1220,12 @@ where
                     if let Some(uc) = self.inner.persist_connection_context(&session, &ctx) {
                         persistent_settings.set_user_context(uc);
                     }
-                    return session
-                        .downstream_session
-                        .finish()
-                        .await
-                        .ok()
-                        .flatten()
-                        .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent_settings));
+                    // ficus patch: the session kept for the next request (see `process_h1_requests`).
+                    return ReusedHttpStream::finish_session(
+                        session.downstream_session,
+                        persistent_settings,
+                    )
+                    .await;
                 }
                 /* else continue */
             }
@@ -1423,13 +1417,8 @@ where
             if let Some(uc) = self.inner.persist_connection_context(&session, ctx) {
                 persistent_settings.set_user_context(uc);
             }
-            session
-                .downstream_session
-                .finish()
-                .await
-                .ok()
-                .flatten()
-                .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent_settings))
+            // ficus patch: the session kept for the next request (see `process_h1_requests`).
+            ReusedHttpStream::finish_session(session.downstream_session, persistent_settings).await
         } else {
             None
         }
@@ -1589,13 +1578,11 @@ where
     /// does, as an inherent `async fn` that `process_h1_requests` loops over.
     async fn serve_request(
         self: &Arc<Self>,
-        mut session: HttpSession,
+        mut session: Box<HttpSession>,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         // Extract user context from the previous request before the session is moved into the Box
         let prev_user_ctx = session.take_connection_user_context();
-
-        let session = Box::new(session);
 
         // TODO: keepalive pool, use stack
         let mut session = match self.handle_new_request(session).await {
@@ -1639,16 +1626,15 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         // ficus patch: the body moved to `serve_request`, which `process_h1_requests` loops over.
-        self.serve_request(session, shutdown).await
+        self.serve_request(Box::new(session), shutdown).await
     }
 
     // ficus patch: the keep-alive requests of a connection, through the inherent
-    // `serve_request`: the default would box a future of several kilobytes for each.
-    async fn process_h1_requests(
-        self: &Arc<Self>,
-        mut session: HttpSession,
-        shutdown: &ShutdownWatch,
-    ) {
+    // `serve_request`: the default would box a future of several kilobytes for each. The
+    // session's box goes from one request to the next: a connection that stays open keeps its
+    // session, renewed in place for each request (`ReusedHttpStream::finish_session`).
+    async fn process_h1_requests(self: &Arc<Self>, session: HttpSession, shutdown: &ShutdownWatch) {
+        let mut session = Box::new(session);
         while let Some(reused) = self.serve_request(session, shutdown).await {
             session = reused.into_h1_session(self.server_options());
         }

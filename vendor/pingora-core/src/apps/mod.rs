@@ -214,16 +214,55 @@ impl HttpPersistentSettings {
 
 #[derive(Debug)]
 pub struct ReusedHttpStream {
-    stream: Stream,
+    connection: ReusedConnection,
     persistent_settings: Option<HttpPersistentSettings>,
+}
+
+/// ficus patch: how a reusable connection is held: as its stream, or still in the HTTP/1
+/// session that finished on it, which [`ReusedHttpStream::into_h1_session`] renews in place.
+enum ReusedConnection {
+    Stream(Stream),
+    FinishedH1(Box<ServerSession>),
+}
+
+impl std::fmt::Debug for ReusedConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stream(stream) => f.debug_tuple("Stream").field(stream).finish(),
+            Self::FinishedH1(session) => f
+                .debug_tuple("FinishedH1")
+                .field(&session.stream())
+                .finish(),
+        }
+    }
 }
 
 impl ReusedHttpStream {
     pub fn new(stream: Stream, persistent_settings: Option<HttpPersistentSettings>) -> Self {
         ReusedHttpStream {
-            stream,
+            connection: ReusedConnection::Stream(stream),
             persistent_settings,
         }
+    }
+
+    /// ficus patch: finishes `session` ([`ServerSession::finish_in_place`]) and, when its
+    /// connection can serve another request, keeps the session for it with `persistent_settings`:
+    /// what `session.finish()` and [`Self::from_reusable_stream`] give, without taking an HTTP/1
+    /// session apart (see [`Self::into_h1_session`]). `None` when the connection cannot be
+    /// reused, or finishing failed.
+    pub async fn finish_session(
+        mut session: Box<ServerSession>,
+        persistent_settings: HttpPersistentSettings,
+    ) -> Option<Self> {
+        if !session.finish_in_place().await.ok()? {
+            return None;
+        }
+        // Only an HTTP/1 session says it can be reused.
+        debug_assert!(matches!(*session, ServerSession::H1(_)));
+        Some(ReusedHttpStream {
+            connection: ReusedConnection::FinishedH1(session),
+            persistent_settings: Some(persistent_settings),
+        })
     }
 
     /// Build a reusable HTTP stream from a finished session, preserving any
@@ -240,13 +279,34 @@ impl ReusedHttpStream {
     }
 
     pub fn consume(self) -> (Stream, Option<HttpPersistentSettings>) {
-        (self.stream, self.persistent_settings)
+        match self.connection {
+            ReusedConnection::Stream(stream) => (stream, self.persistent_settings),
+            ReusedConnection::FinishedH1(session) => {
+                let ServerSession::H1(session) = *session else {
+                    unreachable!("only an HTTP/1 session is kept for reuse")
+                };
+                let (stream, pipelined_prefix) = session.into_reusable_stream().into_parts();
+                let mut persistent_settings = self.persistent_settings;
+                if let (Some(settings), Some(prefix)) = (&mut persistent_settings, pipelined_prefix)
+                {
+                    settings.set_pipelined_prefix(prefix);
+                }
+                (stream, persistent_settings)
+            }
+        }
     }
 
     /// ficus patch: the session for the next HTTP/1 request on this stream: the persistent
-    /// settings of the previous request applied, then `options`.
-    pub fn into_h1_session(self, options: Option<&HttpServerOptions>) -> ServerSession {
-        let mut session = ServerSession::new_http1(self.stream);
+    /// settings of the previous request applied, then `options`. A session kept by
+    /// [`Self::finish_session`] is renewed in place ([`ServerSession::renew_h1`]).
+    pub fn into_h1_session(self, options: Option<&HttpServerOptions>) -> Box<ServerSession> {
+        let mut session = match self.connection {
+            ReusedConnection::Stream(stream) => Box::new(ServerSession::new_http1(stream)),
+            ReusedConnection::FinishedH1(mut session) => {
+                session.renew_h1();
+                session
+            }
+        };
         if let Some(persistent_settings) = self.persistent_settings {
             persistent_settings.apply_to_session(&mut session);
         }
@@ -287,7 +347,7 @@ pub trait HttpServerApp {
         let mut result = self.process_new_http(session, shutdown).await;
         while let Some(reused) = result {
             let session = reused.into_h1_session(self.server_options());
-            result = self.process_new_http(session, shutdown).await;
+            result = self.process_new_http(*session, shutdown).await;
         }
     }
 

@@ -265,27 +265,46 @@ impl Session {
     /// otherwise None.
     /// For H2, always return None because H2 stream is not reusable.
     /// For subrequests, there is no true underlying stream to return.
-    pub async fn finish(self) -> Result<Option<ReusableHttpStream>> {
+    pub async fn finish(mut self) -> Result<Option<ReusableHttpStream>> {
+        // ficus patch: the steps in `finish_in_place`, which keeps the session.
+        let reusable = self.finish_in_place().await?;
+        Ok(match self {
+            Self::H1(s) if reusable => Some(s.into_reusable_stream()),
+            _ => None,
+        })
+    }
+
+    /// ficus patch: [`Self::finish()`] without giving up the session: `true` when its
+    /// connection can serve another request, which [`Self::renew_h1()`] then makes the
+    /// session for.
+    pub async fn finish_in_place(&mut self) -> Result<bool> {
         match self {
-            Self::H1(mut s) => {
+            Self::H1(s) => {
                 // need to flush body due to buffering
                 s.finish_body().await?;
-                // ficus patch: `reuse` in its two halves, the session kept in this future.
-                let reusable = s.ready_for_reuse().await?;
-                Ok(reusable.then(|| s.into_reusable_stream()))
+                s.ready_for_reuse().await
             }
-            Self::H2(mut s) => {
+            Self::H2(s) => {
                 s.finish()?;
-                Ok(None)
+                Ok(false)
             }
-            Self::Subrequest(mut s) => {
+            Self::Subrequest(s) => {
                 s.finish().await?;
-                Ok(None)
+                Ok(false)
             }
-            Self::Custom(mut s) => {
+            Self::Custom(s) => {
                 s.finish().await?;
-                Ok(None)
+                Ok(false)
             }
+        }
+    }
+
+    /// ficus patch: for an HTTP/1 session that [`Self::finish_in_place()`] found reusable, makes
+    /// it the session [`Self::new_http1()`] would make of its stream (with the next request's
+    /// bytes already read, when pipelining is on), in place. Any other session is left as it is.
+    pub fn renew_h1(&mut self) {
+        if let Self::H1(s) = self {
+            s.renew();
         }
     }
 

@@ -1300,6 +1300,13 @@ impl BodyWriter {
         }
     }
 
+    /// ficus patch: this writer made the one [`Self::new`] makes, its state's box kept.
+    pub fn reset(&mut self) {
+        self.body_mode = BM::ToSelect;
+        *self.send_body_state = SendBodyState::new();
+        self.send_finish_state = FinishWriteState::NotStarted;
+    }
+
     pub fn init_chunked(&mut self) {
         self.body_mode = BM::ChunkedEncoding(0);
     }
@@ -3309,6 +3316,28 @@ mod tests {
         let res = body_writer.finish(&mut mock_io).await.unwrap().unwrap();
         assert_eq!(res, 1);
         assert_eq!(body_writer.body_mode, BodyMode::Complete(1));
+    }
+
+    /// ficus patch: a reset writer, whatever it did, is the one `new` makes.
+    #[tokio::test]
+    async fn a_reset_writer_is_a_new_one() {
+        let describe = |w: &BodyWriter| {
+            format!(
+                "{:?} {:?} {:?}",
+                w.body_mode, w.send_body_state, w.send_finish_state
+            )
+        };
+        let mut mock_io = Builder::new().write(b"a").build();
+        let mut body_writer = BodyWriter::new();
+        body_writer.init_content_length(2);
+        body_writer.send_body_task(
+            Bytes::from_static(b"b"),
+            Some(std::time::Duration::from_secs(1)),
+        );
+        body_writer.write_body(&mut mock_io, b"a").await.unwrap();
+        assert_ne!(describe(&body_writer), describe(&BodyWriter::new()));
+        body_writer.reset();
+        assert_eq!(describe(&body_writer), describe(&BodyWriter::new()));
     }
 
     #[tokio::test]

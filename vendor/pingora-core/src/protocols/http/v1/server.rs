@@ -165,19 +165,27 @@ pub struct HttpSession {
     pipelined_idle_bytes_stashed: bool,
 }
 
+/// The read timeout of a new session.
+const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// ficus patch: what a session knows of its connection, read from the stream.
+fn stream_digest(stream: &Stream) -> Digest {
+    Digest {
+        ssl_digest: stream.get_ssl_digest(),
+        timing_digest: stream.get_timing_digest(),
+        proxy_digest: stream.get_proxy_digest(),
+        socket_digest: stream.get_socket_digest(),
+    }
+}
+
 impl HttpSession {
     /// Create a new http server session from an established (TCP or TLS) [`Stream`].
     /// The created session needs to call [`Self::read_request()`] first before performing
     /// any other operations.
     pub fn new(underlying_stream: Stream) -> Self {
         // TODO: maybe we should put digest in the connection itself
-        let digest = Box::new(Digest {
-            ssl_digest: underlying_stream.get_ssl_digest(),
-            timing_digest: underlying_stream.get_timing_digest(),
-            proxy_digest: underlying_stream.get_proxy_digest(),
-            socket_digest: underlying_stream.get_socket_digest(),
-        });
-
+        let digest = Box::new(stream_digest(&underlying_stream));
+        // ficus patch: `renew` sets these fields again, as here.
         HttpSession {
             underlying_stream,
             buf: Bytes::new(), // zero size, with be replaced by parsed header later
@@ -191,7 +199,7 @@ impl HttpSession {
             update_resp_headers: true,
             response_written: None,
             request_header: None,
-            read_timeout: Some(Duration::from_secs(60)),
+            read_timeout: Some(DEFAULT_READ_TIMEOUT),
             request_header_timeout: None,
             max_request_header_size: MAX_HEADER_SIZE,
             write_timeout: None,
@@ -1562,12 +1570,93 @@ impl HttpSession {
     /// ficus patch: the other half of [`Self::reuse()`]: the stream for the next request, with
     /// the bytes of it already read when pipelining is on, after `ready_for_reuse` said `true`.
     pub(crate) fn into_reusable_stream(mut self) -> ReusableHttpStream {
-        let pipelined_prefix = self
-            .pipelining_enabled
+        let pipelined_prefix = self.take_pipelined_prefix();
+        ReusableHttpStream::new(self.underlying_stream, pipelined_prefix)
+    }
+
+    /// ficus patch: this session made the one [`Self::new`] would make of the stream that
+    /// [`Self::into_reusable_stream`] hands over, given the same pipelined prefix, without
+    /// taking it apart: the stream and the box of its digest (read again from the stream) stay
+    /// where they are, every other field is set as `new` sets it. Serving keep-alive requests so
+    /// saves allocations and the moves of a whole session per request.
+    pub(crate) fn renew(&mut self) {
+        let next_prefix = self.take_pipelined_prefix();
+        *self.digest = stream_digest(&self.underlying_stream);
+        // Every field named, so that one added later is not left out here.
+        let Self {
+            underlying_stream: _,
+            digest: _,
+            buf,
+            raw_header,
+            preread_body,
+            body_reader,
+            body_writer,
+            proxy_task_state,
+            body_write_buf,
+            body_bytes_sent,
+            body_bytes_read,
+            update_resp_headers,
+            keepalive_timeout,
+            read_timeout,
+            request_header_timeout,
+            max_request_header_size,
+            write_timeout,
+            total_drain_timeout,
+            response_written,
+            request_header,
+            retry_buffer,
+            upgraded,
+            min_send_rate,
+            ignore_info_resp,
+            close_on_response_before_downstream_finish,
+            keepalive_reuses_remaining,
+            connection_user_context,
+            half_closed,
+            abort_on_close,
+            proxy_tasks_enabled,
+            pipelining_enabled,
+            pipelined_prefix,
+            pipelined_idle_bytes_stashed,
+        } = self;
+        *buf = Bytes::new();
+        *raw_header = None;
+        *preread_body = None;
+        *body_reader = BodyReader::new(false);
+        body_writer.reset();
+        *proxy_task_state = ProxyTaskState::default();
+        *body_write_buf = BytesMut::new();
+        *body_bytes_sent = 0;
+        *body_bytes_read = 0;
+        *update_resp_headers = true;
+        *keepalive_timeout = KeepaliveStatus::Off;
+        *read_timeout = Some(DEFAULT_READ_TIMEOUT);
+        *request_header_timeout = None;
+        *max_request_header_size = MAX_HEADER_SIZE;
+        *write_timeout = None;
+        *total_drain_timeout = None;
+        *response_written = None;
+        *request_header = None;
+        *retry_buffer = None;
+        *upgraded = false;
+        *min_send_rate = None;
+        *ignore_info_resp = false;
+        *close_on_response_before_downstream_finish = true;
+        *keepalive_reuses_remaining = None;
+        *connection_user_context = None;
+        *half_closed = false;
+        *abort_on_close = true;
+        *proxy_tasks_enabled = false;
+        *pipelining_enabled = false;
+        *pipelined_prefix = next_prefix;
+        *pipelined_idle_bytes_stashed = false;
+    }
+
+    /// The bytes of the next request read with this one's body, when pipelining is on.
+    fn take_pipelined_prefix(&mut self) -> Option<BytesMut> {
+        self.pipelining_enabled
             .then(|| self.take_body_overread())
             .flatten()
-            .filter(|prefix| !prefix.is_empty());
-        ReusableHttpStream::new(self.underlying_stream, pipelined_prefix)
+            .filter(|prefix| !prefix.is_empty())
     }
 
     /// Write a `100 Continue` response to the client.
@@ -4921,5 +5010,128 @@ mod test_pipelining {
         }
 
         assert!(prefix.is_empty());
+    }
+
+    /// ficus patch: every field of a session, told apart as far as a test needs.
+    fn state(session: &HttpSession) -> String {
+        let HttpSession {
+            underlying_stream: _,
+            buf,
+            raw_header,
+            preread_body,
+            body_reader,
+            body_writer,
+            proxy_task_state,
+            body_write_buf,
+            body_bytes_sent,
+            body_bytes_read,
+            update_resp_headers,
+            keepalive_timeout,
+            read_timeout,
+            request_header_timeout,
+            max_request_header_size,
+            write_timeout,
+            total_drain_timeout,
+            response_written,
+            request_header,
+            retry_buffer,
+            upgraded,
+            digest,
+            min_send_rate,
+            ignore_info_resp,
+            close_on_response_before_downstream_finish,
+            keepalive_reuses_remaining,
+            connection_user_context,
+            half_closed,
+            abort_on_close,
+            proxy_tasks_enabled,
+            pipelining_enabled,
+            pipelined_prefix,
+            pipelined_idle_bytes_stashed,
+        } = session;
+        format!(
+            "{buf:?} {:?} {preread_body:?} {:?} {:?} {} {} {} {} {body_write_buf:?} \
+             {body_bytes_sent} {body_bytes_read} {update_resp_headers} {keepalive_timeout:?} \
+             {read_timeout:?} {request_header_timeout:?} {max_request_header_size} \
+             {write_timeout:?} {total_drain_timeout:?} {} {} {} {upgraded} {:?} {:?} \
+             {min_send_rate:?} {ignore_info_resp} {close_on_response_before_downstream_finish} \
+             {keepalive_reuses_remaining:?} {} {half_closed} {abort_on_close} \
+             {proxy_tasks_enabled} {pipelining_enabled} {pipelined_prefix:?} \
+             {pipelined_idle_bytes_stashed}",
+            raw_header.is_some(),
+            (
+                &body_reader.body_state,
+                &body_reader.body_buf,
+                body_reader.body_buf_size,
+                body_reader.has_bytes_overread()
+            ),
+            body_writer.body_mode,
+            proxy_task_state.header_writer.is_some(),
+            proxy_task_state.tasks.len(),
+            proxy_task_state.current_writer.is_some(),
+            body_writer.finished(),
+            response_written.is_some(),
+            request_header.is_some(),
+            retry_buffer.is_some(),
+            digest.timing_digest,
+            digest.socket_digest.is_some(),
+            connection_user_context.is_some(),
+        )
+    }
+
+    /// ficus patch: `renew` leaves the session `new` makes of the stream: every setting and
+    /// piece of request state as `new` sets it, the stream where it was, and with pipelining on
+    /// the next request's bytes already read as its prefix.
+    #[rstest]
+    #[case::next_request_read_later(false)]
+    #[case::next_request_read_with_this_one(true)]
+    #[tokio::test]
+    async fn a_renewed_session_is_the_one_new_makes_of_its_stream(#[case] pipelined: bool) {
+        init_log();
+        let req1 = b"POST /one HTTP/1.1\r\nHost: pingora.org\r\nContent-Length: 3\r\n\r\nabc";
+        let req2 = b"GET /two HTTP/1.1\r\nHost: pingora.org\r\n\r\n";
+        let mock_io = if pipelined {
+            Builder::new().read(&[&req1[..], req2].concat()).build()
+        } else {
+            Builder::new().read(req1).read(req2).build()
+        };
+        let mut session = HttpSession::new(Box::new(mock_io));
+        session.set_pipelining_enabled(pipelined);
+        session.set_server_keepalive(Some(30));
+        session.set_keepalive_reuses_remaining(Some(4));
+        session.set_connection_user_context(Some(Box::new(7u8)));
+        session.set_proxy_tasks_enabled(true);
+        session.set_max_request_header_size(1024);
+        session.set_read_timeout(Some(Duration::from_secs(5)));
+        session.set_request_header_timeout(Some(Duration::from_secs(6)));
+        session.set_write_timeout(Some(Duration::from_secs(7)));
+        session.set_total_drain_timeout(Some(Duration::from_secs(8)));
+        session.set_min_send_rate(Some(100));
+        session.set_ignore_info_resp(true);
+        session.set_close_on_response_before_downstream_finish(false);
+        session.set_abort_on_close(false);
+        session.enable_retry_buffering();
+        session.read_request().await.unwrap().expect("a request");
+        assert_eq!(session.req_header().uri.path(), "/one");
+        assert_eq!(
+            session.read_body_bytes().await.unwrap().unwrap().as_ref(),
+            b"abc"
+        );
+        assert!(session.ready_for_reuse().await.unwrap());
+
+        session.renew();
+
+        let mut fresh = HttpSession::new(Box::new(Builder::new().build()));
+        if pipelined {
+            fresh.set_pipelined_prefix(BytesMut::from(&req2[..]));
+        }
+        assert_eq!(state(&session), state(&fresh));
+        // Read from the stream the session had (or from the bytes it had read).
+        session
+            .read_request()
+            .await
+            .unwrap()
+            .expect("the next request");
+        assert_eq!(session.req_header().uri.path(), "/two");
     }
 }
