@@ -197,7 +197,11 @@ fn is_tls(session: &Session) -> bool {
 impl FicusProxy {
     /// Decides where the request goes, on `active`, the table active right now.
     fn route(&self, session: &Session, active: Arc<ActiveTable>) -> Routing {
-        let view = PingoraRequest { header: session.req_header(), client_ip: client_ip(session) };
+        let view = PingoraRequest {
+            header: session.req_header(),
+            client_ip: client_ip(session),
+            names: &active.header_names,
+        };
         let ramp_threshold = |index: usize| active.ramps[index].as_ref().map(|r| r.threshold());
         let decision = active.table.decide_with(&view, &mut ThreadEntropy, ramp_threshold);
         let route = decision.route.map(|(index, _)| index);

@@ -15,6 +15,7 @@ use prometheus::IntCounter;
 use crate::health::BackendHealth;
 use crate::metrics::{Metrics, SeriesCache};
 use crate::ramp::{Ramps, RouteRamp};
+use crate::request::HeaderNames;
 use crate::shadow::RouteShadow;
 
 /// Why a request went to its route's `from` instead of `to`.
@@ -73,6 +74,8 @@ pub struct ActiveTable {
     /// `table.strip_headers` and the override header, parsed once: removed from every
     /// request before it is forwarded.
     pub removed_headers: Vec<HeaderName>,
+    /// The request headers routing looks up, parsed once.
+    pub header_names: HeaderNames,
 }
 
 impl ActiveTable {
@@ -124,6 +127,7 @@ impl ActiveTable {
                 })
             })
             .collect();
+        let header_names = HeaderNames::new(table.looked_up_headers());
         let loaded_at = SystemTime::now();
         Ok(ActiveTable {
             table,
@@ -134,6 +138,7 @@ impl ActiveTable {
             ramps,
             fallbacks,
             removed_headers,
+            header_names,
         })
     }
 

@@ -292,6 +292,24 @@ impl RouteTable {
         }
     }
 
+    /// Every request header name routing may look up ([`RequestView::header`]): the override
+    /// header, sticky headers and matched headers, lowercase, each once.
+    pub fn looked_up_headers(&self) -> Vec<&str> {
+        let sticky = self.routes.iter().filter_map(|route| match &route.sticky {
+            Sticky::Header(name) => Some(name.as_str()),
+            _ => None,
+        });
+        let matched = self
+            .routes
+            .iter()
+            .flat_map(|route| route.matcher.headers.iter().map(|(n, _)| n.as_str()));
+        let mut names: Vec<&str> =
+            self.override_header.as_deref().into_iter().chain(sticky).chain(matched).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     /// The backend with this name.
     pub fn backend_named(&self, name: &str) -> Option<BackendId> {
         self.backends.iter().position(|b| b.name == name)

@@ -73,6 +73,17 @@ fn host_headers_drop_the_default_port_and_bracket_ipv6() {
 }
 
 #[test]
+fn every_header_routing_looks_up_is_listed_once() {
+    // Override, sticky and matched headers; the default sticky is a cookie.
+    assert_eq!(table(EXAMPLE).looked_up_headers(), ["x-beta", "x-ficus-backend", "x-user-id"]);
+    let twice = with_route(
+        "[[routes]]\nname = \"a\"\nmatch = { path_prefix = \"/a\", headers = { \"X-User\" = \"1\" } }\n\
+         to = \"orders\"\npercent = 5\nsticky = \"header:x-user\"\n",
+    );
+    assert_eq!(table(&twice).looked_up_headers(), ["x-user"]);
+}
+
+#[test]
 fn the_documented_example_parses() {
     let t = table(EXAMPLE);
     assert_eq!(t.routes.len(), 2);

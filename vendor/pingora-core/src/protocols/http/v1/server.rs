@@ -480,7 +480,7 @@ impl HttpSession {
                         if has_both_te_and_cl {
                             self.set_keepalive(None);
                         }
-                        self.validate_request_with(contains_transfer_encoding)?;
+                        self.validate_request_with(framing_fields)?;
 
                         return Ok(Some(s));
                     }
@@ -536,14 +536,18 @@ impl HttpSession {
     /// # Panics
     /// this function and most other functions will panic if called before [`Self::read_request()`]
     pub fn validate_request(&self) -> Result<()> {
-        let has_transfer_encoding = self.req_header().headers.contains_key(TRANSFER_ENCODING);
-        self.validate_request_with(has_transfer_encoding)
+        self.validate_request_with(super::common::FramingFields {
+            transfer_encoding: self.req_header().headers.contains_key(TRANSFER_ENCODING),
+            // Not known here: looked up as it was before.
+            content_length: true,
+        })
     }
 
-    /// ficus patch: [`Self::validate_request`] for a request the caller has just looked for
-    /// `Transfer-Encoding` in, which it looked up twice more.
-    fn validate_request_with(&self, has_transfer_encoding: bool) -> Result<()> {
+    /// ficus patch: [`Self::validate_request`] for a request whose framing fields the caller
+    /// noted as it read them, where they were looked up again (a `Content-Length` twice).
+    fn validate_request_with(&self, framing: super::common::FramingFields) -> Result<()> {
         let req_header = self.req_header();
+        let has_transfer_encoding = framing.transfer_encoding;
 
         // Reject an ambiguous authority before anything routes on it.
         validate_request_authority(req_header)?;
@@ -552,7 +556,9 @@ impl HttpSession {
         // parity): identical duplicates and comma-combined identical values are
         // accepted and collapsed; differing or unparseable values are rejected.
         // This is a no-op when Transfer-Encoding is present (TE overrides CL).
-        super::common::validate_content_length(&req_header.headers, has_transfer_encoding)?;
+        if framing.content_length {
+            super::common::validate_content_length(&req_header.headers, has_transfer_encoding)?;
+        }
 
         if has_transfer_encoding {
             // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
