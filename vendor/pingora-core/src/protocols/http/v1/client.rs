@@ -463,9 +463,11 @@ impl HttpSession {
                         // convert to upgrade body type
                         // https://datatracker.ietf.org/doc/html/rfc9110#status.101
                         // as an "informational" header, this cannot have a body
-                        self.upgraded = self
-                            .is_upgrade(self.response_header.as_deref().expect("init above"))
-                            .unwrap_or(false);
+                        // ficus patch: the request is searched for an `Upgrade` only for a
+                        // response that completes one, not for every response (`is_upgrade`,
+                        // which searched it first, is gone).
+                        let header = self.response_header.as_deref().expect("init above");
+                        self.upgraded = is_upgrade_resp(header) && self.is_upgrade_req();
                         // init body reader if upgrade status has changed body mode
                         // (read_response_task will immediately try to init body afterwards anyways)
                         // informational headers will automatically avoid initializing body reader
@@ -840,17 +842,6 @@ impl HttpSession {
         match self.request_written.as_deref() {
             Some(req) => is_upgrade_req(req),
             None => false,
-        }
-    }
-
-    /// `Some(true)` if the this is a successful upgrade
-    /// `Some(false)` if the request is an upgrade but the response refuses it
-    /// `None` if the request is not an upgrade.
-    fn is_upgrade(&self, header: &ResponseHeader) -> Option<bool> {
-        if self.is_upgrade_req() {
-            Some(is_upgrade_resp(header))
-        } else {
-            None
         }
     }
 

@@ -940,45 +940,50 @@ impl HttpSession {
             self.set_keepalive(None);
         }
 
+        // ficus patch: whether a Content-Length field is present, where the body writer's
+        // framing found out.
+        let mut has_content_length = None;
         // Allow informational header (excluding 101) to pass through without affecting the state
         // of the request
         if header.status == 101 || !header.status.is_informational() {
+            // ficus patch: the request is searched for an `Upgrade` once, and only for a
+            // response that completes one (or to log one refused): it was searched twice for
+            // every response. Same outcome as `is_upgrade`.
+            let upgrade_ok = is_upgrade_resp(header) && self.is_upgrade_req();
             // reset request body to done for incomplete upgrade handshakes
-            if let Some(upgrade_ok) = self.is_upgrade(header) {
-                if upgrade_ok {
-                    debug!("ok upgrade handshake");
-                    // For ws we use HTTP1_0 do_read_body_until_closed
-                    //
-                    // On ws close the initiator sends a close frame and
-                    // then waits for a response from the peer, once it receives
-                    // a response it closes the conn. After receiving a
-                    // control frame indicating the connection should be closed,
-                    // a peer discards any further data received.
-                    // https://www.rfc-editor.org/rfc/rfc6455#section-1.4
-                    self.upgraded = true;
-                    // Now that the upgrade was successful, we need to change
-                    // how we interpret the rest of the body as pass-through.
-                    if self.body_reader.need_init() {
-                        self.init_body_reader();
-                    } else {
-                        // already initialized
-                        // immediately start reading the rest of the body as upgraded
-                        // (in practice most upgraded requests shouldn't have any body)
-                        //
-                        // TODO: https://datatracker.ietf.org/doc/html/rfc9110#name-upgrade
-                        // the most spec-compliant behavior is to switch interpretation
-                        // after sending the former body,
-                        // we immediately switch interpretation to match nginx
-                        self.body_reader.convert_to_close_delimited();
-                    }
+            if upgrade_ok {
+                debug!("ok upgrade handshake");
+                // For ws we use HTTP1_0 do_read_body_until_closed
+                //
+                // On ws close the initiator sends a close frame and
+                // then waits for a response from the peer, once it receives
+                // a response it closes the conn. After receiving a
+                // control frame indicating the connection should be closed,
+                // a peer discards any further data received.
+                // https://www.rfc-editor.org/rfc/rfc6455#section-1.4
+                self.upgraded = true;
+                // Now that the upgrade was successful, we need to change
+                // how we interpret the rest of the body as pass-through.
+                if self.body_reader.need_init() {
+                    self.init_body_reader();
                 } else {
-                    // this was a request that requested Upgrade,
-                    // but upstream did not comply
-                    debug!("bad upgrade handshake!");
-                    // continue to read body as-is, this is now just a regular request
+                    // already initialized
+                    // immediately start reading the rest of the body as upgraded
+                    // (in practice most upgraded requests shouldn't have any body)
+                    //
+                    // TODO: https://datatracker.ietf.org/doc/html/rfc9110#name-upgrade
+                    // the most spec-compliant behavior is to switch interpretation
+                    // after sending the former body,
+                    // we immediately switch interpretation to match nginx
+                    self.body_reader.convert_to_close_delimited();
                 }
+            } else if log::log_enabled!(log::Level::Debug) && self.is_upgrade_req() {
+                // this was a request that requested Upgrade,
+                // but upstream did not comply
+                debug!("bad upgrade handshake!");
+                // continue to read body as-is, this is now just a regular request
             }
-            self.init_body_writer(header);
+            has_content_length = self.init_body_writer(header, upgrade_ok);
         }
 
         // Defense-in-depth: if response body is close-delimited, mark session
@@ -998,12 +1003,16 @@ impl HttpSession {
         // 1. 1xx response: client needs to see it before the rest of response
         // 2. No content length: the response could be generated in real time
         let should_flush = header.status.is_informational()
-            || header.headers.get(header::CONTENT_LENGTH).is_none();
+            || !has_content_length
+                .unwrap_or_else(|| header.headers.contains_key(header::CONTENT_LENGTH));
 
         Ok(Some((write_buf, should_flush)))
     }
 
-    fn init_body_writer(&mut self, header: &ResponseHeader) {
+    /// ficus patch: `upgrade_ok` is whether `header` completes an upgrade (see
+    /// [`Self::is_upgrade`]); returns whether `header` has a `Content-Length` when that was
+    /// looked up.
+    fn init_body_writer(&mut self, header: &ResponseHeader, upgrade_ok: bool) -> Option<bool> {
         use http::StatusCode;
         /* the following responses don't have body 204, 304, and HEAD */
         if matches!(
@@ -1012,18 +1021,19 @@ impl HttpSession {
         ) || self.get_method() == Some(&Method::HEAD)
         {
             self.body_writer.init_content_length(0);
-            return;
+            return None;
         }
 
         if header.status.is_informational() && header.status != StatusCode::SWITCHING_PROTOCOLS {
             // 1xx response, not enough to init body
-            return;
+            return None;
         }
 
-        if self.is_upgrade(header) == Some(true) {
+        if upgrade_ok {
             self.body_writer.init_close_delimited();
+            None
         } else {
-            init_body_writer_comm(&mut self.body_writer, &header.headers);
+            init_body_writer_comm(&mut self.body_writer, &header.headers)
         }
     }
 
@@ -4060,6 +4070,47 @@ mod test_proxy_tasks {
             StatusCode::OK,
             "Final response should be 200 OK, overwriting 100 Continue"
         );
+    }
+
+    /// ficus patch: the response header is flushed at once exactly when it has no
+    /// `Content-Length`, however its body is framed, and an upgrade is completed only by a
+    /// `101` to a request that asked for one.
+    #[rstest::rstest]
+    #[case::length(false, 200, &[("Content-Length", "3")], false, false)]
+    #[case::invalid_length(false, 200, &[("Content-Length", "x")], false, false)]
+    #[case::chunked_and_length(false, 200, &[("Transfer-Encoding", "chunked"), ("Content-Length", "3")], false, false)]
+    #[case::chunked(false, 200, &[("Transfer-Encoding", "chunked")], true, false)]
+    #[case::close_delimited(false, 200, &[], true, false)]
+    #[case::no_content_with_length(false, 204, &[("Content-Length", "3")], false, false)]
+    #[case::upgrade_refused(true, 200, &[("Content-Length", "3")], false, false)]
+    #[case::upgrade(true, 101, &[], true, true)]
+    #[case::switching_without_asking(false, 101, &[], true, false)]
+    #[tokio::test]
+    async fn a_response_header_is_flushed_when_it_has_no_length_and_upgrades_when_asked(
+        #[case] upgrade_asked: bool,
+        #[case] status: u16,
+        #[case] fields: &'static [(&'static str, &'static str)],
+        #[case] flushed: bool,
+        #[case] upgraded: bool,
+    ) {
+        init_log();
+        let request = if upgrade_asked {
+            &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"[..]
+        } else {
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..]
+        };
+        let mut session = HttpSession::new(Box::new(Builder::new().read(request).build()));
+        session.read_request().await.unwrap();
+        let mut header = ResponseHeader::build(status, None).unwrap();
+        for (name, value) in fields {
+            header.append_header(*name, *value).unwrap();
+        }
+        let (_, flush) = session
+            .prepare_response_header(&mut header)
+            .unwrap()
+            .unwrap();
+        assert_eq!(flush, flushed);
+        assert_eq!(session.upgraded, upgraded);
     }
 
     #[tokio::test]
