@@ -74,16 +74,21 @@ struct ResponseFacts {
 }
 
 impl ResponseFacts {
-    fn of(response: &ResponseHeader, transfer_encoding: bool) -> Self {
-        let connection_keepalive = is_buf_keepalive(response.headers.get(header::CONNECTION));
+    /// ficus patch: `fields` are the fields the response was read with: one it does not have
+    /// is not searched for.
+    fn of(response: &ResponseHeader, fields: super::common::FramingFields) -> Self {
+        let connection_keepalive = match fields.connection {
+            true => is_buf_keepalive(response.headers.get(header::CONNECTION)),
+            false => None,
+        };
         let keepalive_values = match connection_keepalive {
-            Some(true) => keepalive_values(response),
+            Some(true) if fields.keep_alive => keepalive_values(response),
             _ => (None, None),
         };
         ResponseFacts {
             status: response.status,
             version: response.version,
-            transfer_encoding,
+            transfer_encoding: fields.transfer_encoding,
             connection_keepalive,
             keepalive_values,
         }
@@ -451,10 +456,8 @@ impl HttpSession {
                         self.raw_header = Some(BufRef(0, s));
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
-                        self.response_facts = Some(ResponseFacts::of(
-                            &response_header,
-                            contains_transfer_encoding,
-                        ));
+                        self.response_facts =
+                            Some(ResponseFacts::of(&response_header, framing_fields));
                         self.response_header = Some(response_header);
                         let framing = match self.validate_response(contains_transfer_encoding) {
                             Ok(framing) => framing,

@@ -411,22 +411,28 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
     }
 }
 
-/// ficus patch: which framing fields a header block has, noted from the field names as the
-/// block is read, where the block's header map was searched for each afterwards. Names are
-/// compared as `HeaderName` does, without regard to case.
+/// ficus patch: which framing and connection fields a header block has, noted from the field
+/// names as the block is read, where the block's header map was searched for each afterwards
+/// (a block without the field skips its search). Names are compared as `HeaderName` does,
+/// without regard to case.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FramingFields {
     pub transfer_encoding: bool,
     pub content_length: bool,
+    pub connection: bool,
+    pub keep_alive: bool,
 }
 
 impl FramingFields {
     /// Notes a field of the block by its name as read.
     pub(crate) fn note(&mut self, name: &[u8]) {
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            self.transfer_encoding = true;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            self.content_length = true;
+        // By length first: most names are none of these, which their length alone tells.
+        match name.len() {
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => self.transfer_encoding = true,
+            14 if name.eq_ignore_ascii_case(b"content-length") => self.content_length = true,
+            10 if name.eq_ignore_ascii_case(b"connection") => self.connection = true,
+            10 if name.eq_ignore_ascii_case(b"keep-alive") => self.keep_alive = true,
+            _ => {}
         }
     }
 }
@@ -543,13 +549,16 @@ mod test {
     // ficus patch: `FramingFields` notes what a lookup in the block's map would find.
     #[test]
     fn framing_fields_noted_from_names_match_the_header_map() {
-        let blocks: [&[&str]; 6] = [
+        let blocks: [&[&str]; 9] = [
             &[],
             &["Host", "Accept"],
             &["Content-Length"],
             &["transfer-encoding", "X-Content-Length"],
             &["CONTENT-LENGTH", "Transfer-Encoding", "Content-Type"],
             &["Content-Length-X", "Transfer-Encodings", "TE"],
+            &["Connection", "Keep-Alive"],
+            &["KEEP-ALIVE", "proxy-connection"],
+            &["connection", "Keep-Alives", "X-Connection"],
         ];
         for names in blocks {
             let mut noted = FramingFields::default();
@@ -562,6 +571,8 @@ mod test {
             let looked_up = FramingFields {
                 transfer_encoding: headers.contains_key(TRANSFER_ENCODING),
                 content_length: headers.contains_key(CONTENT_LENGTH),
+                connection: headers.contains_key(http::header::CONNECTION),
+                keep_alive: headers.contains_key("keep-alive"),
             };
             assert_eq!(noted, looked_up, "{names:?}");
         }

@@ -474,7 +474,13 @@ impl HttpSession {
                         self.body_reader.reinit();
                         self.pipelined_idle_bytes_stashed = false;
                         self.response_written = None;
-                        self.respect_keepalive();
+                        // ficus patch: a request without a `Connection` is not searched for one.
+                        let connection_keepalive = if framing_fields.connection {
+                            self.is_connection_keepalive()
+                        } else {
+                            None
+                        };
+                        self.respect_keepalive_given(connection_keepalive);
 
                         // Disable keepalive if both Transfer-Encoding and Content-Length were present
                         if has_both_te_and_cl {
@@ -540,6 +546,7 @@ impl HttpSession {
             transfer_encoding: self.req_header().headers.contains_key(TRANSFER_ENCODING),
             // Not known here: looked up as it was before.
             content_length: true,
+            ..Default::default()
         })
     }
 
@@ -863,15 +870,20 @@ impl HttpSession {
     /// For HTTP 1.1, assume keepalive as long as there is no `Connection: Close` request header.
     /// For HTTP 1.0, only keepalive if there is an explicit header `Connection: keep-alive`.
     pub fn respect_keepalive(&mut self) {
+        self.respect_keepalive_given(self.is_connection_keepalive());
+    }
+
+    /// ficus patch: [`Self::respect_keepalive`] for a request whose `Connection` says
+    /// `connection_keepalive` (searched for once, where it was searched for twice).
+    fn respect_keepalive_given(&mut self, connection_keepalive: Option<bool>) {
         // ficus patch: a request that keeps the connection alive leaves the server's idle
         // timeout as it is (it used to make it infinite).
-        let wants_keepalive = self
-            .is_connection_keepalive()
-            .unwrap_or(self.req_header().version == Version::HTTP_11);
+        let wants_keepalive =
+            connection_keepalive.unwrap_or(self.req_header().version == Version::HTTP_11);
         if wants_keepalive && matches!(self.keepalive_timeout, KeepaliveStatus::Timeout(_)) {
             return;
         }
-        if let Some(keepalive) = self.is_connection_keepalive() {
+        if let Some(keepalive) = connection_keepalive {
             if keepalive {
                 let (timeout, _max_use) = self.get_keepalive_values();
                 // TODO: respect max_use
