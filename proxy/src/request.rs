@@ -17,7 +17,8 @@ pub struct PingoraRequest<'a> {
 
 /// The request header names a route table looks up ([`RouteTable::looked_up_headers`]),
 /// parsed once per table: looking a header up by text parses the text first, each time, which
-/// cost twice the lookup itself.
+/// cost twice the lookup itself. Sorted by text, so that a table naming thousands of headers
+/// costs a request a binary search, not a scan.
 ///
 /// [`RouteTable::looked_up_headers`]: ficus_routes::RouteTable::looked_up_headers
 #[derive(Debug, Default)]
@@ -26,14 +27,20 @@ pub struct HeaderNames(Vec<(Box<str>, HeaderName)>);
 impl HeaderNames {
     /// The names that are header names (a table's always are).
     pub fn new<'n>(names: impl IntoIterator<Item = &'n str>) -> HeaderNames {
-        let parsed = names.into_iter().filter_map(|name| {
-            HeaderName::from_bytes(name.as_bytes()).ok().map(|parsed| (name.into(), parsed))
-        });
-        HeaderNames(parsed.collect())
+        let mut parsed: Vec<(Box<str>, HeaderName)> = names
+            .into_iter()
+            .filter_map(|name| {
+                HeaderName::from_bytes(name.as_bytes()).ok().map(|parsed| (name.into(), parsed))
+            })
+            .collect();
+        parsed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        parsed.dedup_by(|a, b| a.0 == b.0);
+        HeaderNames(parsed)
     }
 
     fn get(&self, name: &str) -> Option<&HeaderName> {
-        self.0.iter().find(|(text, _)| **text == *name).map(|(_, parsed)| parsed)
+        let at = self.0.binary_search_by(|(text, _)| (**text).cmp(name)).ok()?;
+        Some(&self.0[at].1)
     }
 }
 
@@ -93,8 +100,9 @@ mod tests {
         let mut header = RequestHeader::build("GET", b"/", None).expect("a request");
         header.insert_header("X-User-Id", "7").expect("a field");
         header.insert_header("X-Other", "8").expect("a field");
-        let names = HeaderNames::new(["x-user-id", "not a name"]);
-        assert_eq!(names.0.len(), 1, "only header names are kept");
+        let names = HeaderNames::new(["x-z", "x-user-id", "not a name", "x-a", "x-user-id"]);
+        assert_eq!(names.0.len(), 3, "header names, each once");
+        assert!(names.get("x-a").is_some() && names.get("x-z").is_some());
         let view = PingoraRequest { header: &header, client_ip: None, names: &names };
         assert_eq!(view.header("x-user-id"), Some("7"));
         assert_eq!(view.header("x-other"), Some("8"));
