@@ -86,7 +86,7 @@ impl Released {
 
 /// Whether the peer closed an idle connection or sent on it (either ends its reuse). Reads
 /// only when the runtime has seen the socket readable; otherwise it costs no system call.
-fn peer_closed_or_sent(stream: &mut Stream) -> bool {
+pub(super) fn peer_closed_or_sent(stream: &mut Stream) -> bool {
     let mut buf = [0; 1];
     match tokio::task::unconstrained(stream.read(&mut buf[..])).now_or_never() {
         None => false,

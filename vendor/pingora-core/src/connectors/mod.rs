@@ -17,6 +17,7 @@
 pub mod http;
 mod idle_sweep;
 pub mod l4;
+mod local_pool;
 #[cfg(feature = "any_tls")]
 mod tls;
 
@@ -195,6 +196,9 @@ pub struct TransportConnector {
     keepalive_pool_callback: Option<PoolCallback>,
     /// ficus patch: see [ConnectorOptions::idle_check_interval].
     idle_check_interval: Option<Duration>,
+    /// ficus patch: where idle connections are kept on single-thread runtimes when they are
+    /// checked in sweeps (see `local_pool`).
+    local_pools: Option<local_pool::LocalPools>,
 }
 
 const DEFAULT_POOL_SIZE: usize = 128;
@@ -218,6 +222,10 @@ impl TransportConnector {
             .as_ref()
             .and_then(|o| o.keepalive_pool_callback.clone());
         let idle_check_interval = options.as_ref().and_then(|o| o.idle_check_interval);
+        let local_pools = match (idle_check_interval, &keepalive_pool_callback) {
+            (Some(interval), None) => Some(local_pool::LocalPools::new(pool_size, interval)),
+            _ => None,
+        };
         TransportConnector {
             tls_ctx: tls::Connector::new(options),
             connection_pool: Arc::new(ConnectionPool::new(pool_size)),
@@ -228,7 +236,16 @@ impl TransportConnector {
             unexpected_data_conn_count: Arc::new(AtomicU64::new(0)),
             keepalive_pool_callback,
             idle_check_interval,
+            local_pools,
         }
+    }
+
+    /// ficus patch: the pools idle connections are kept in by the threads that released them,
+    /// when this connector has them and runs on a single-thread runtime.
+    fn local_pools(&self) -> Option<&local_pool::LocalPools> {
+        self.local_pools
+            .as_ref()
+            .filter(|_| crate::utils::on_single_thread_runtime())
     }
 
     /// Connect to the given server [Peer]
@@ -277,17 +294,10 @@ impl TransportConnector {
 
     /// Try to find a reusable connection to the given server [Peer]
     pub async fn reused_stream<P: Peer + Send + Sync>(&self, peer: &P) -> Option<Stream> {
-        let Some(idle) = self.connection_pool.get(&pool_key(peer.reuse_hash())) else {
-            debug!("No reusable connection found for {peer}");
-            return None;
-        };
-        // ficus patch: the idle watch holds the stream only while it polls it, so the stream is
-        // taken here and now; waiting for the watch to run and let go of it cost this request a
-        // trip through the scheduler.
-        let Some(mut stream) = idle.take() else {
-            error!("failed to acquire reusable stream");
-            return None;
-        };
+        let mut stream = match self.local_pools() {
+            Some(local) => local.take(peer.reuse_hash()),
+            None => self.take_from_shared_pool(peer),
+        }?;
         // test_reusable_stream: we assume server would never actively send data
         // first on an idle stream.
         // ficus patch: the peer's address is the one the stream's digest read once for the
@@ -319,6 +329,22 @@ impl TransportConnector {
         }
     }
 
+    /// ficus patch: [Self::reused_stream]'s search of the pool shared by the threads.
+    fn take_from_shared_pool<P: Peer + Send + Sync>(&self, peer: &P) -> Option<Stream> {
+        let Some(idle) = self.connection_pool.get(&pool_key(peer.reuse_hash())) else {
+            debug!("No reusable connection found for {peer}");
+            return None;
+        };
+        // ficus patch: the idle watch holds the stream only while it polls it, so the stream is
+        // taken here and now; waiting for the watch to run and let go of it cost this request a
+        // trip through the scheduler.
+        let stream = idle.take();
+        if stream.is_none() {
+            error!("failed to acquire reusable stream");
+        }
+        stream
+    }
+
     /// Return the [Stream] to the [TransportConnector] for connection reuse.
     ///
     /// Not all TCP/TLS connections can be reused. It is the caller's responsibility to make sure
@@ -333,6 +359,11 @@ impl TransportConnector {
         idle_timeout: Option<Duration>,
     ) {
         if !test_reusable_stream(&mut stream, &self.unexpected_data_conn_count) {
+            return;
+        }
+        if let Some(local) = self.local_pools() {
+            debug!("Try to keepalive client session");
+            local.put(key, stream, idle_timeout);
             return;
         }
         let id = stream.id();
@@ -1129,7 +1160,10 @@ mod tests {
         assert_eq!(tasks.num_alive_tasks(), 1);
     }
 
-    #[tokio::test]
+    // A multi-thread runtime: its connector keeps idle connections in the shared pool and
+    // records them in the releasing thread's list (on a single-thread runtime, see
+    // `local_pool`, there is no list).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn with_sweeps_the_list_of_released_connections_stays_bounded() {
         let connector = sweeping_connector(Duration::from_secs(3600));
         let (peer, mut stream, _server) = loopback_stream(&connector).await;
@@ -1149,9 +1183,76 @@ mod tests {
         drop(server);
         // A sweep closes it and empties the list: the entry is gone, and so is the sweep task.
         let tasks = tokio::runtime::Handle::current().metrics();
-        assert!(eventually(|| idle_sweep::recorded_on_this_thread() == 0).await);
+        assert!(eventually(|| local_pool::idle_on_this_thread() == 0).await);
         assert!(eventually(|| tasks.num_alive_tasks() == 0).await);
         assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn with_sweeps_in_a_shared_pool_an_idle_connection_closed_by_its_peer_is_closed() {
+        let connector = sweeping_connector(Duration::from_millis(20));
+        let (peer, stream, server) = loopback_stream(&connector).await;
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        assert_eq!(idle_sweep::recorded_on_this_thread(), 1);
+        drop(server);
+        assert!(eventually(|| idle_sweep::recorded_on_this_thread() == 0).await);
+        assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn with_sweeps_on_a_single_thread_runtime_the_thread_keeps_its_idle_connections() {
+        let connector = sweeping_connector(Duration::from_secs(3600));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = BasicPeer::new(&listener.local_addr().unwrap().to_string());
+        let first = connector.new_stream(&peer).await.unwrap();
+        let _first_server = listener.accept().await.unwrap();
+        let second = connector.new_stream(&peer).await.unwrap();
+        let _second_server = listener.accept().await.unwrap();
+        let (first_id, second_id) = (first.id(), second.id());
+        connector.release_stream(first, peer.reuse_hash(), None);
+        connector.release_stream(second, peer.reuse_hash(), None);
+        assert_eq!(local_pool::idle_on_this_thread(), 2);
+        assert_eq!(idle_sweep::recorded_on_this_thread(), 0);
+        // The newest first: the older one times out if fewer are needed.
+        let taken = connector.reused_stream(&peer).await.expect("reused");
+        assert_eq!(taken.id(), second_id);
+        let taken = connector.reused_stream(&peer).await.expect("reused");
+        assert_eq!(taken.id(), first_id);
+        assert!(connector.reused_stream(&peer).await.is_none());
+        assert_eq!(local_pool::idle_on_this_thread(), 0);
+    }
+
+    #[test]
+    fn with_sweeps_on_single_thread_runtimes_the_limit_holds_over_all_threads() {
+        let mut options = ConnectorOptions::new(1);
+        options.idle_check_interval = Some(Duration::from_secs(3600));
+        let connector = Arc::new(TransportConnector::new(Some(options)));
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let here = runtime();
+        let (peer, _server) = here.block_on(async {
+            let (peer, stream, server) = loopback_stream(&connector).await;
+            connector.release_stream(stream, peer.reuse_hash(), None);
+            (peer, server)
+        });
+        // The pool of one is full: a thread with no idle connection of its own to close
+        // closes the one it releases.
+        let elsewhere = std::thread::spawn({
+            let connector = connector.clone();
+            move || {
+                runtime().block_on(async {
+                    let (peer, stream, mut server) = loopback_stream(&connector).await;
+                    connector.release_stream(stream, peer.reuse_hash(), None);
+                    closed_by_the_proxy(&mut server).await
+                })
+            }
+        });
+        assert!(elsewhere.join().unwrap());
+        assert!(here.block_on(connector.reused_stream(&peer)).is_some());
     }
 
     #[tokio::test]
