@@ -38,7 +38,6 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 /// One connector's idle connections, kept by the threads that released them.
@@ -83,15 +82,16 @@ impl LocalPools {
             since: Instant::now(),
             timeout,
         };
-        // What is closed here is dropped after the map is let go of.
-        let closed = THREAD.try_with(|thread| {
-            let mut thread = thread.borrow_mut();
+        // What is closed here is dropped, and the sweep spawned, after the map is let go of:
+        // a spawn on a runtime shutting down drops the task (and its guard) at once.
+        let put = THREAD.try_with(|cell| {
+            let mut thread = cell.borrow_mut();
             let closed = if self.idle.fetch_add(1, Ordering::Relaxed) >= self.limit {
                 match thread.oldest_of(self.owner) {
                     Some(group) => group.take_oldest(),
                     None => {
                         self.idle.fetch_sub(1, Ordering::Relaxed);
-                        return Some(entry.stream);
+                        return (Some(entry.stream), None);
                     }
                 }
             } else {
@@ -106,18 +106,20 @@ impl LocalPools {
                     entries: VecDeque::new(),
                 });
             group.entries.push_back(entry);
-            if !thread.sweeping {
-                thread.sweeping = true;
-                // The guard is made here, not in the task: a task dropped before its first
-                // poll (its runtime shut down) must reset `sweeping` too.
-                tokio::spawn(sweep(Sweeping {
-                    thread: std::thread::current().id(),
-                    ended: false,
-                }));
-            }
-            closed
+            // The guard is made here, not in the task: a task dropped before its first poll
+            // (its runtime shut down) must reset `sweeping` too.
+            let sweeping = (!std::mem::replace(&mut thread.sweeping, true)).then(|| Sweeping {
+                thread: thread_tag(cell),
+                ended: false,
+            });
+            (closed, sweeping)
         });
-        drop(closed);
+        if let Ok((closed, sweeping)) = put {
+            drop(closed);
+            if let Some(sweeping) = sweeping {
+                tokio::spawn(sweep(sweeping));
+            }
+        }
     }
 }
 
@@ -198,6 +200,11 @@ thread_local! {
     static THREAD: RefCell<Thread> = RefCell::default();
 }
 
+/// Which thread's map this is: its address, the same for a thread as long as it lives.
+fn thread_tag(cell: &RefCell<Thread>) -> usize {
+    cell as *const RefCell<Thread> as usize
+}
+
 /// Mixes a connector's number and a peer's key (itself a hash) into a map's hash.
 #[derive(Default)]
 struct KeyHasher(u64);
@@ -221,17 +228,23 @@ impl Hasher for KeyHasher {
 /// Resets its thread's `sweeping` when the runtime drops the sweep task, so that the next
 /// release starts another.
 struct Sweeping {
-    thread: ThreadId,
+    /// The thread's [`thread_tag`].
+    thread: usize,
     ended: bool,
 }
 
 impl Drop for Sweeping {
     fn drop(&mut self) {
-        // A runtime dropped from another thread drops its tasks there: that thread's flag is
-        // not this sweep's.
-        if !self.ended && std::thread::current().id() == self.thread {
-            let _ = THREAD.try_with(|thread| thread.borrow_mut().sweeping = false);
+        if self.ended {
+            return;
         }
+        let _ = THREAD.try_with(|cell| {
+            // A runtime dropped from another thread drops its tasks there: that thread's flag
+            // is not this sweep's.
+            if thread_tag(cell) == self.thread {
+                cell.borrow_mut().sweeping = false;
+            }
+        });
     }
 }
 
