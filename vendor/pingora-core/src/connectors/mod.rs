@@ -122,6 +122,11 @@ pub struct ConnectorOptions {
     /// rather than at once, and the idle timeout holds to within the interval; a connection
     /// closed by the peer is never reused either way (taking one checks its socket). Not
     /// used with a `keepalive_pool_callback`, which is told the idle time at eviction.
+    ///
+    /// On a single-thread runtime each thread then keeps the idle connections it released,
+    /// without locks, the newest taken first; the pool's size limit still holds over all
+    /// threads, and a release into a full pool closes that thread's oldest idle connection
+    /// (or the released one, if the thread has none) rather than the oldest of any thread's.
     pub idle_check_interval: Option<Duration>,
 }
 
