@@ -72,11 +72,7 @@ impl Released {
             // Being taken by a request that got it from the pool just now.
             return Found::Gone;
         };
-        if self.timeout.is_some_and(|t| now.duration_since(self.since) >= t) {
-            debug!("Idle connection timed out, close it");
-            return Found::Close;
-        }
-        if peer_closed_or_sent(stream) {
+        if to_close(stream, self.since, self.timeout, now) {
             Found::Close
         } else {
             Found::Idle
@@ -84,9 +80,24 @@ impl Released {
     }
 }
 
+/// Whether an idle connection, idle since `since`, is to be closed at `now`: it outstayed
+/// `timeout`, or the peer closed it or sent on it.
+pub(super) fn to_close(
+    stream: &mut Stream,
+    since: Instant,
+    timeout: Option<Duration>,
+    now: Instant,
+) -> bool {
+    if timeout.is_some_and(|t| now.duration_since(since) >= t) {
+        debug!("Idle connection timed out, close it");
+        return true;
+    }
+    peer_closed_or_sent(stream)
+}
+
 /// Whether the peer closed an idle connection or sent on it (either ends its reuse). Reads
 /// only when the runtime has seen the socket readable; otherwise it costs no system call.
-pub(super) fn peer_closed_or_sent(stream: &mut Stream) -> bool {
+fn peer_closed_or_sent(stream: &mut Stream) -> bool {
     let mut buf = [0; 1];
     match tokio::task::unconstrained(stream.read(&mut buf[..])).now_or_never() {
         None => false,

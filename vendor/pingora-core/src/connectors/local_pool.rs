@@ -31,7 +31,7 @@
 //! closed, that received data, or that stayed idle past their timeout; taking a connection
 //! still checks its socket first, as it always did.
 
-use super::idle_sweep::peer_closed_or_sent;
+use super::idle_sweep::to_close;
 use crate::protocols::Stream;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -155,10 +155,7 @@ impl Group {
     fn sweep(&mut self, now: Instant, closing: &mut Vec<Stream>) {
         let before = self.entries.len();
         for mut entry in std::mem::take(&mut self.entries) {
-            let timed_out = entry
-                .timeout
-                .is_some_and(|t| now.duration_since(entry.since) >= t);
-            if timed_out || peer_closed_or_sent(&mut entry.stream) {
+            if to_close(&mut entry.stream, entry.since, entry.timeout, now) {
                 closing.push(entry.stream);
             } else {
                 self.entries.push_back(entry);
